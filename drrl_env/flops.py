@@ -1,0 +1,115 @@
+"""FLOPs model of one layer's attention core, full and low-rank.
+
+The paper reports "FLOPs" without saying how they are counted. This is the count used
+everywhere in drrl (reward, info, evaluation):
+
+* Only the attention core is counted: the logits, the softmax and the value product. The
+  Q/K/V/O projections of the layer are the same at every rank and are excluded.
+* A multiply-add is 2 FLOPs. The softmax costs ``SOFTMAX_FLOPS_PER_LOGIT`` per logit (max,
+  subtract, exp, sum, divide).
+* Only attended (query, key) pairs are counted: with causal masking a segment of ``m`` queries
+  at the end of ``n`` keys attends ``m n - m (m - 1) / 2`` pairs. Fused kernels skip masked
+  blocks, so this is what a careful implementation costs; it also keeps the ratio honest.
+* Low-rank attention pays ``2 r`` per pair for the logits (instead of ``2 d``) but still ``2 d``
+  for the value product (values are not truncated), so its core cost is at best half of full.
+* Overheads are counted separately: the spectra (Gram matrices ``2 n d^2`` per block and a
+  ``d x d`` eigendecomposition, ``EIGH_FLOPS_FACTOR d^3``), the rank-``r`` projections of Q and
+  K, and in ``joint`` mode the ``d x d`` core product and its SVD (``SVD_FLOPS_FACTOR d^3``).
+  The ``d^3`` factors are the textbook (Golub & Van Loan) operation counts for symmetric
+  eigendecomposition with vectors and for an SVD with both singular-vector sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SOFTMAX_FLOPS_PER_LOGIT = 5
+EIGH_FLOPS_FACTOR = 9
+SVD_FLOPS_FACTOR = 21
+
+
+@dataclass(frozen=True)
+class AttentionFlops:
+    """FLOPs of one layer's attention, by part. ``core`` excludes overheads, ``total`` includes them."""
+
+    logits: float
+    softmax: float
+    values: float
+    projections: float = 0.0
+    spectra: float = 0.0
+
+    @property
+    def core(self) -> float:
+        return self.logits + self.softmax + self.values
+
+    @property
+    def overhead(self) -> float:
+        return self.projections + self.spectra
+
+    @property
+    def total(self) -> float:
+        return self.core + self.overhead
+
+
+def attended_pairs(q_len: int, kv_len: int, causal: bool = True) -> int:
+    """Number of (query, key) pairs attended by ``q_len`` queries at the end of ``kv_len`` keys."""
+    if q_len > kv_len:
+        raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({kv_len})")
+    return q_len * kv_len - (q_len * (q_len - 1)) // 2 if causal else q_len * kv_len
+
+
+def full_attention_flops(
+    batch: int, q_heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = True
+) -> AttentionFlops:
+    """FLOPs of full scaled dot-product attention (Eq. 1) for one layer."""
+    pairs = batch * q_heads * attended_pairs(q_len, kv_len, causal)
+    return AttentionFlops(
+        logits=2.0 * pairs * head_dim,
+        softmax=float(SOFTMAX_FLOPS_PER_LOGIT * pairs),
+        values=2.0 * pairs * head_dim,
+    )
+
+
+def low_rank_attention_flops(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    rank: int | torch.Tensor,
+    mode: str = "separate",
+    causal: bool = True,
+) -> AttentionFlops:
+    """FLOPs of low-rank attention for one layer, with its overheads.
+
+    ``rank`` is a scalar or one rank per key/value head; per-head ranks are summed exactly.
+    """
+    ranks = torch.as_tensor(rank, dtype=torch.float64).flatten()
+    if ranks.numel() == 1:
+        ranks = ranks.expand(kv_heads)
+    groups = q_heads // kv_heads
+    d, m, n = float(head_dim), float(q_len), float(kv_len)
+    pairs = batch * attended_pairs(q_len, kv_len, causal)
+    rank_sum_q = float(ranks.sum()) * groups  # sum of ranks over query heads
+    rank_sq_sum_q = float(ranks.square().sum()) * groups
+    blocks_q, blocks_kv = batch * q_heads, batch * kv_heads
+    spectra = (2 * m * d * d + EIGH_FLOPS_FACTOR * d**3) * blocks_q + (2 * n * d * d + EIGH_FLOPS_FACTOR * d**3) * blocks_kv
+    if mode == "separate":
+        # W_q = P_q (P_q^T P_k): 4 d r^2 per query head; q' = Q W_q; k' = K P_k per kv head.
+        projections = batch * (4 * d * rank_sq_sum_q + 2 * m * d * rank_sum_q + 2 * n * d * float(ranks.sum()))
+    elif mode == "joint":
+        # core R_q R_k^T and its SVD per query head; W_q, W_k (2 d^2 r each); q', k' per query head.
+        spectra += blocks_q * (2 * d**3 + SVD_FLOPS_FACTOR * d**3)
+        projections = batch * (4 * d * d * rank_sum_q + 2 * (m + n) * d * rank_sum_q)
+    else:
+        raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
+    return AttentionFlops(
+        logits=2.0 * pairs * rank_sum_q,
+        softmax=float(SOFTMAX_FLOPS_PER_LOGIT * pairs * q_heads),
+        values=2.0 * pairs * q_heads * d,
+        projections=projections,
+        spectra=spectra,
+    )

@@ -1,0 +1,220 @@
+"""Full and low-rank multi-head attention (Eqs. 1-2), in two spectral modes.
+
+Shapes follow HF's attention interface: ``q`` is ``(B, Hq, m, d)``, ``k`` and ``v`` are
+``(B, Hkv, n, d)`` with ``Hq = G * Hkv`` (GQA; ``G = 1`` is plain multi-head attention). Query
+row ``i`` sits at absolute position ``n - m + i`` (a segment of the last ``m`` queries against
+all ``n`` keys so far; ``m = n`` for a whole sequence), so causal masking is aligned bottom-right.
+
+Ranks are one integer per key/value head, ``(Hkv,)`` (a scalar is broadcast). A query head uses
+the rank of its key/value group.
+
+Spectral modes:
+
+``separate`` (the paper's reading of Eq. 2): ``Q`` and ``K`` of each head are each truncated to
+rank ``r``: ``Q_r = Q P_q P_q^T`` and ``K_r = K P_k P_k^T`` with ``P`` the top-``r`` right singular
+vectors. Then ``Q_r K_r^T = (Q P_q M)(K P_k)^T`` with ``M = P_q^T P_k`` (``r x r``), so the
+scores are computed at width ``r``: ``q' = Q (P_q M)``, ``k' = K P_k``.
+
+``joint``: the optimal rank-``r`` approximation (Eckart-Young) of the logit matrix ``Q K^T``
+itself, without forming it. With square-root factors ``R_q^T R_q = Q^T Q`` and
+``R_k^T R_k = K^T K`` (``Q = U_q R_q``, ``K = U_k R_k``), the core ``C = R_q R_k^T = A S B^T`` has
+the non-zero singular values of ``Q K^T``, and ``(Q K^T)_r = U_q A_r S_r B_r^T U_k^T``. Using
+``U_q A_r S_r = Q R_k^T B_r`` and ``U_k B_r S_r = K R_q^T A_r`` (no inverse of ``R``):
+``q' = Q R_k^T B_r S_r^{-1/2}`` and ``k' = K R_q^T A_r S_r^{-1/2}``. Everything after the two
+Gram matrices is ``d x d`` work.
+
+In both modes the scores use the model's own scale (``1/sqrt(d)``), the values keep width ``d``,
+and ``r = d`` reproduces full attention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from drrl_env.spectra import BlockSpectrum, block_spectrum
+
+SpectralMode = Literal["separate", "joint"]
+SPECTRAL_MODES: tuple[str, ...] = ("separate", "joint")
+# Core singular values below this fraction of the largest are treated as zero in ``joint``.
+JOINT_RELATIVE_CUTOFF = 1e-10
+
+
+def check_mode(mode: str) -> None:
+    """Raise a ``ValueError`` unless ``mode`` is a known spectral mode."""
+    if mode not in SPECTRAL_MODES:
+        raise ValueError(f"spectral mode must be one of {SPECTRAL_MODES}, got {mode!r}")
+
+
+def as_rank_vector(rank: int | torch.Tensor | list[int], kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Normalise a rank to a ``(Hkv,)`` int64 CPU tensor and check ``1 <= r <= d``."""
+    ranks = torch.as_tensor(rank, dtype=torch.int64).flatten().cpu()
+    if ranks.numel() == 1:
+        ranks = ranks.expand(kv_heads).clone()
+    if ranks.numel() != kv_heads:
+        raise ValueError(f"rank must be a scalar or have one entry per key/value head ({kv_heads}), got {ranks.numel()}")
+    if int(ranks.min()) < 1 or int(ranks.max()) > head_dim:
+        raise ValueError(f"ranks must lie in [1, head_dim={head_dim}], got {ranks.tolist()}")
+    return ranks
+
+
+def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Repeat key/value heads for their query heads, HF ``repeat_kv`` order: ``(B, Hkv, ...) -> (B, Hkv*G, ...)``."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Boolean ``(q_len, kv_len)`` mask, True where query ``i`` (position ``kv_len - q_len + i``) may see key ``j``."""
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    return torch.arange(kv_len, device=device).unsqueeze(0) <= query_pos
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` for ``q (B,Hq,m,e)``, ``k (B,Hk,n,e)``, ``v (B,Hv,n,d)`` (Eq. 1).
+
+    ``Hk`` and ``Hv`` each divide ``Hq`` (GQA). ``mask`` is boolean, broadcastable to ``(B, 1, m, n)``,
+    True where attention is allowed; ``None`` means causal, aligned bottom-right. Where ``e == d``
+    this is PyTorch's fused SDPA. Where the widths differ the fused kernels do not apply (PyTorch
+    falls back to its slow unfused path), so the product is written out here, grouping the query
+    heads of one key head so that a shared ``k`` is never copied.
+    """
+    B, Hq, m, e = q.shape
+    n = k.shape[-2]
+    if mask is None:
+        mask = causal_mask(m, n, q.device) if m > 1 or n > 1 else None
+    if e == v.shape[-1] and k.shape[1] == v.shape[1]:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != Hq
+        )
+    Hk, Hv = k.shape[1], v.shape[1]
+    groups = Hq // Hk
+    qg = q.reshape(B, Hk, groups * m, e)  # (B, Hk, G*m, e): the G query heads of each key head
+    scores = (qg @ k.transpose(-1, -2)).mul_(scale)  # (B, Hk, G*m, n)
+    scores = scores.view(B, Hk, groups, m, n)
+    if mask is not None:
+        allowed = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (m,n) or (B,1,1,m,n)
+        scores.masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(B, Hq, m, n)  # (B, Hq, m, n)
+    if mask is not None:
+        probs = probs.nan_to_num_(0.0)  # a fully masked (padding) row attends to nothing
+    out = probs.view(B, Hv, Hq // Hv * m, n) @ v  # (B, Hv, (Hq/Hv)*m, d)
+    return out.view(B, Hq, m, v.shape[-1])
+
+
+def truncate_to_rank(x: torch.Tensor, spectrum: BlockSpectrum, rank: int) -> torch.Tensor:
+    """Rank-``r`` truncated SVD of each block (Eq. 2): ``X_r = sum_{i<=r} sigma_i u_i v_i^T = X V_r V_r^T``."""
+    basis = spectrum.right_vectors[..., :rank].to(x.dtype)  # (..., d, r)
+    return x @ basis @ basis.transpose(-1, -2)
+
+
+def _rank_column_mask(ranks: torch.Tensor, groups: int, width: int, device: torch.device) -> torch.Tensor:
+    """``(Hq, width)`` 0/1 mask keeping the first ``r_h`` columns for each query head ``h``."""
+    per_query_head = expand_kv_heads(ranks.unsqueeze(0), groups).squeeze(0).to(device)  # (Hq,)
+    return (torch.arange(width, device=device).unsqueeze(0) < per_query_head.unsqueeze(1)).to(torch.float64)
+
+
+def separate_projections(
+    q_spec: BlockSpectrum, k_spec: BlockSpectrum, ranks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections for ``separate`` mode: ``W_q = P_q (P_q^T P_k)`` ``(B,Hq,d,R)`` and ``W_k = P_k`` ``(B,Hkv,d,R)``.
+
+    ``R = max(ranks)``; columns beyond a head's own rank are zero, so they add nothing to the scores.
+    """
+    Hq, Hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
+    groups, width = Hq // Hkv, int(ranks.max())
+    device = q_spec.right_vectors.device
+    p_k = k_spec.right_vectors[..., :width] * _rank_column_mask(ranks, 1, width, device)[:, None, :]
+    p_q = q_spec.right_vectors[..., :width] * _rank_column_mask(ranks, groups, width, device)[:, None, :]
+    overlap = p_q.transpose(-1, -2) @ expand_kv_heads(p_k, groups)  # M = P_q^T P_k, (B, Hq, R, R)
+    return p_q @ overlap, p_k
+
+
+def joint_projections(
+    q_spec: BlockSpectrum, k_spec: BlockSpectrum, ranks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projections for ``joint`` mode, and the logit core's singular values.
+
+    Returns ``W_q = R_k^T B_r S_r^{-1/2}`` and ``W_k = R_q^T A_r S_r^{-1/2}``, both ``(B, Hq, d, R)``
+    (``k'`` depends on the query head, so it is per query head), and the singular values of
+    ``Q K^T`` per query head, ``(B, Hq, d)`` descending.
+    """
+    Hq, Hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
+    groups, width = Hq // Hkv, int(ranks.max())
+    core_u, core_s, core_vh = logit_core_svd(q_spec, k_spec)
+    r_q = q_spec.root_factor()  # (B, Hq, d, d)
+    r_k = expand_kv_heads(k_spec.root_factor(), groups)  # (B, Hq, d, d)
+    top = core_s[..., :width]
+    inv_sqrt = torch.where(
+        top > JOINT_RELATIVE_CUTOFF * core_s[..., :1], top.clamp_min(torch.finfo(top.dtype).tiny).rsqrt(), 0.0
+    )
+    keep = inv_sqrt * _rank_column_mask(ranks, groups, width, top.device)  # (B, Hq, R)
+    w_q = r_k.transpose(-1, -2) @ core_vh.transpose(-1, -2)[..., :width] * keep.unsqueeze(-2)
+    w_k = r_q.transpose(-1, -2) @ core_u[..., :width] * keep.unsqueeze(-2)
+    return w_q, w_k, core_s
+
+
+def logit_core_svd(
+    q_spec: BlockSpectrum, k_spec: BlockSpectrum
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD ``A, S, B^T`` of the ``d x d`` core ``C = R_q R_k^T`` per query head, ``(B, Hq, ...)``.
+
+    ``S`` are exactly the non-zero singular values of the unscaled logits ``Q K^T`` (padded
+    with zeros to ``d``), so the tail energies of ``Q K^T`` are tails of ``S`` (Eckart-Young).
+    """
+    groups = q_spec.singular_values.shape[1] // k_spec.singular_values.shape[1]
+    core = q_spec.root_factor() @ expand_kv_heads(k_spec.root_factor(), groups).transpose(-1, -2)
+    return torch.linalg.svd(core, full_matrices=False)
+
+
+def low_rank_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rank: int | torch.Tensor,
+    mode: SpectralMode = "separate",
+    q_spec: BlockSpectrum | None = None,
+    k_spec: BlockSpectrum | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width-``r`` queries and keys ``q' (B,Hq,m,R)``, ``k' (B,Hk,n,R)`` with ``q' k'^T`` the rank-``r`` logits.
+
+    ``Hk = Hkv`` in ``separate`` mode and ``Hq`` in ``joint`` mode. Spectra are computed when
+    not given (pass them to reuse one decomposition across several ranks).
+    """
+    check_mode(mode)
+    ranks = as_rank_vector(rank, k.shape[1], q.shape[-1])
+    q_spec = block_spectrum(q) if q_spec is None else q_spec
+    k_spec = block_spectrum(k) if k_spec is None else k_spec
+    if mode == "separate":
+        w_q, w_k = separate_projections(q_spec, k_spec, ranks)
+        return q @ w_q.to(q.dtype), k @ w_k.to(k.dtype)
+    w_q, w_k, _ = joint_projections(q_spec, k_spec, ranks)
+    groups = q.shape[1] // k.shape[1]
+    return q @ w_q.to(q.dtype), expand_kv_heads(k, groups) @ w_k.to(k.dtype)
+
+
+def low_rank_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rank: int | torch.Tensor,
+    mode: SpectralMode = "separate",
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    q_spec: BlockSpectrum | None = None,
+    k_spec: BlockSpectrum | None = None,
+) -> torch.Tensor:
+    """Low-rank attention output ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_low, k_low = low_rank_qk(q, k, rank, mode, q_spec, k_spec)
+    return attend(q_low, k_low, v, scale, mask)
+
+
+def full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full-rank scaled dot-product attention (Eq. 1), ``(B, Hq, m, d)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attend(q, k, v, scale, mask)

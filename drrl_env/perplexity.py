@@ -1,0 +1,129 @@
+"""Perplexity of a causal LM with its attention routed through a drrl handler.
+
+``python -m drrl_env.perplexity`` compares full attention with fixed-rank low-rank attention in
+both spectral modes on held-out text, and prints PPL and the attention FLOPs ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from drrl_env.corpora import BUILTIN_CORPORA, DEFAULT_CORPUS, corpus_tokens, sequential_chunks
+from drrl_env.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.hook import AttentionCall, Handler, install
+from drrl_env.lowrank import SPECTRAL_MODES, SpectralMode
+from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
+
+
+@dataclass(frozen=True)
+class FixedRank:
+    """Handler that runs every layer and segment at one rank in one spectral mode."""
+
+    rank: int
+    mode: SpectralMode = "separate"
+
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        return call.low_rank(self.rank, self.mode)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Summed next-token negative log-likelihood (nats) over ``tokens`` predicted tokens."""
+
+    nll_sum: float
+    tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+@torch.no_grad()
+def sequence_nll(loaded: LoadedModel, input_ids: torch.Tensor, handler: Handler | None = None,
+                 segment_len: int | None = None) -> torch.Tensor:
+    """Per-sequence summed next-token NLL ``(B,)`` of ``input_ids (B, n)`` with attention through ``handler``."""
+    hook = install(loaded.model)
+    input_ids = input_ids.to(loaded.device)
+    with hook.use(handler, segment_len):
+        logits = loaded.model(input_ids=input_ids).logits  # (B, n, V)
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
+    )
+    return losses.view(input_ids.shape[0], -1).sum(dim=1)
+
+
+def evaluate_perplexity(
+    loaded: LoadedModel,
+    chunks: torch.Tensor,
+    handler: Handler | None = None,
+    batch_size: int = 4,
+    segment_len: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity over ``chunks (N, n)``, each chunk its own context (no carry-over between chunks)."""
+    nll, count = 0.0, 0
+    starts = range(0, chunks.shape[0], batch_size)
+    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        batch = chunks[start : start + batch_size]
+        nll += float(sequence_nll(loaded, batch, handler, segment_len).sum())
+        count += batch.numel() - batch.shape[0]
+    return PerplexityResult(nll_sum=nll, tokens=count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m drrl_env.perplexity",
+        description="Perplexity of a causal LM with full attention and with fixed-rank low-rank attention "
+        "(every layer at one rank), in both spectral modes, on held-out text.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model: the offline default, a local folder, or a hub id")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"corpus: one of {BUILTIN_CORPORA}, a local file, or a hub dataset")
+    parser.add_argument("--split", default="test", help="corpus split to evaluate on (train, validation, test)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence (its whole context)")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="evaluate on at most this many tokens of the split")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="fixed ranks to evaluate")
+    parser.add_argument("--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu' or 'cuda'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    loaded = load_causal_lm(args.model, device=str(_device(args.device)))
+    chunks = sequential_chunks(corpus_tokens(args.corpus, args.split, loaded.tokenizer), args.seq_len, args.max_tokens)
+    config = loaded.model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    full_flops = full_attention_flops(1, heads, args.seq_len, args.seq_len, head_dim).total
+    rows = [("full", "-", evaluate_perplexity(loaded, chunks, None, args.batch_size, progress=True), 1.0, 1.0)]
+    for mode in args.modes:
+        for rank in args.ranks:
+            flops = low_rank_attention_flops(1, heads, kv_heads, args.seq_len, args.seq_len, head_dim, rank, mode)
+            result = evaluate_perplexity(loaded, chunks, FixedRank(rank, mode), args.batch_size, progress=True)
+            rows.append((f"r={rank}", mode, result, flops.core / full_flops, flops.total / full_flops))
+    print(f"model={args.model} corpus={args.corpus}/{args.split} tokens={chunks.numel()} seq_len={args.seq_len}")
+    print(f"{'attention':<10} {'mode':<9} {'PPL':>8} {'FLOPs core':>11} {'FLOPs +overhead':>16}")
+    for name, mode, result, core, total in rows:
+        print(f"{name:<10} {mode:<9} {result.perplexity:>8.2f} {core:>11.3f} {total:>16.3f}")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    from drrl_env.models import resolve_device
+
+    return resolve_device(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

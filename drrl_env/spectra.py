@@ -1,0 +1,83 @@
+"""Batched spectra of per-head Q/K blocks, and power iteration (Eq. 16).
+
+Method (chosen by measurement, see ``benchmarks/attention.py``): for an ``n x d`` block ``X``
+with ``d <= 128`` the right singular vectors and singular values come from the ``d x d`` Gram
+matrix ``G = X^T X``. ``G`` is formed in the input dtype (one batched GEMM, ``2 n d^2`` FLOPs
+per block) and diagonalised by ``torch.linalg.eigh`` in float64 (``d x d`` work, cheap). The
+eigenvalues are the squared singular values, clamped at zero, so rank-deficient or all-zero
+blocks give exact zeros and never NaN. Squared singular values (energies) carry an absolute
+error of order ``eps * sigma_1^2``; that is the quantity every bound and NER uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EIGH_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class BlockSpectrum:
+    """Right singular structure of a batch of ``n x d`` blocks ``X``.
+
+    Attributes:
+        singular_values: ``(..., d)`` in descending order, ``>= 0``, in ``EIGH_DTYPE``.
+        right_vectors: ``(..., d, d)``; column ``i`` is the right singular vector of
+            ``singular_values[..., i]``, in ``EIGH_DTYPE``.
+    """
+
+    singular_values: torch.Tensor
+    right_vectors: torch.Tensor
+
+    @property
+    def energies(self) -> torch.Tensor:
+        """Squared singular values ``sigma_i^2``, ``(..., d)``, descending."""
+        return self.singular_values.square()
+
+    @property
+    def spectral_norm(self) -> torch.Tensor:
+        """``||X||_2 = sigma_1``, ``(...)``."""
+        return self.singular_values[..., 0]
+
+    def root_factor(self) -> torch.Tensor:
+        """``R = diag(sigma) V^T`` with ``R^T R = X^T X``: a square-root factor, ``(..., d, d)``."""
+        return self.singular_values.unsqueeze(-1) * self.right_vectors.transpose(-1, -2)
+
+
+def block_spectrum(x: torch.Tensor) -> BlockSpectrum:
+    """Batched partial SVD (right side) of the blocks ``x``: ``(..., n, d) -> BlockSpectrum``.
+
+    All ``d`` singular values and right singular vectors are returned at once, so the
+    truncation at every candidate rank reads slices of one result. Only the right side is
+    needed: the low-rank attention projects onto right singular subspaces (see ``lowrank``).
+    """
+    gram = x.transpose(-1, -2) @ x  # (..., d, d)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(EIGH_DTYPE))  # ascending
+    singular_values = eigenvalues.flip(-1).clamp_min(0.0).sqrt()  # (..., d) descending
+    right_vectors = eigenvectors.flip(-1)  # (..., d, d), columns match singular_values
+    return BlockSpectrum(singular_values=singular_values, right_vectors=right_vectors)
+
+
+def power_iteration_spectral_norm(
+    matrix: torch.Tensor, iterations: int = 3, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Spectral norm ``||M||_2`` of ``(..., a, b)`` matrices by power iteration (Eq. 16).
+
+    ``v_{k+1} = M^T M v_k / ||M^T M v_k||_2``, started from a seeded Gaussian vector; the
+    estimate after ``iterations`` steps is ``||M v_K||_2``. It is a lower bound of the true
+    norm that converges from below (the paper uses K = 3); callers that need a guaranteed
+    upper bound must not use it for that. Computed in float64.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    m = matrix.to(torch.float64)
+    v = torch.randn(
+        (*m.shape[:-2], m.shape[-1], 1), dtype=torch.float64, generator=generator, device="cpu"
+    ).to(m.device)
+    v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    for _ in range(iterations):
+        w = m.transpose(-1, -2) @ (m @ v)
+        v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return (m @ v).norm(dim=-2).squeeze(-1)

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama with GQA (4 query heads over 2 key/value heads, head_dim 16)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 (plain multi-head attention: 4 heads, head_dim 16)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    return TINY_MODELS[request.param]()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from drrl_env.models import load_causal_lm
+
+    return load_causal_lm()
