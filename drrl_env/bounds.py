@@ -95,8 +95,9 @@ def logit_perturbation_bound(
     Args:
         q_sigma: ``(B, Hq, d)`` singular values of the query blocks.
         k_sigma: ``(B, Hkv, d)`` singular values of the key blocks; expanded to the query heads.
-        rank_from, rank_to: ranks per query head, broadcastable to ``(B, Hq)`` (a leading
-            candidate axis, ``(K, 1, 1)``, evaluates many transitions at once).
+        rank_from: rank before the transition, per query head, broadcastable to ``(B, Hq)``.
+        rank_to: rank after it, likewise (a leading candidate axis ``(K, 1, 1)`` evaluates many
+            transitions at once).
         scale: the logit scale, ``1/sqrt(d)``.
         norm: ``"fro"`` or ``"2"``.
     """

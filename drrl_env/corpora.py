@@ -166,7 +166,9 @@ def sequential_chunks(tokens: torch.Tensor, seq_len: int, max_tokens: int | None
     usable = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
     count = usable // seq_len
     if count == 0:
-        raise ValueError(f"the token stream ({tokens.numel()} tokens, max_tokens={max_tokens}) is shorter than seq_len={seq_len}")
+        raise ValueError(
+            f"the token stream ({tokens.numel()} tokens, max_tokens={max_tokens}) is shorter than seq_len={seq_len}"
+        )
     return tokens[: count * seq_len].view(count, seq_len)
 
 

@@ -96,7 +96,9 @@ def low_rank_attention_flops(
     rank_sum_q = float(ranks.sum()) * groups  # sum of ranks over query heads
     rank_sq_sum_q = float(ranks.square().sum()) * groups
     blocks_q, blocks_kv = batch * q_heads, batch * kv_heads
-    spectra = (2 * m * d * d + EIGH_FLOPS_FACTOR * d**3) * blocks_q + (2 * n * d * d + EIGH_FLOPS_FACTOR * d**3) * blocks_kv
+    spectra = (2 * m * d * d + EIGH_FLOPS_FACTOR * d**3) * blocks_q + (
+        2 * n * d * d + EIGH_FLOPS_FACTOR * d**3
+    ) * blocks_kv
     if mode == "separate":
         # W_q = P_q (P_q^T P_k): 4 d r^2 per query head; q' = Q W_q; k' = K P_k per kv head.
         projections = batch * (4 * d * rank_sq_sum_q + 2 * m * d * rank_sum_q + 2 * n * d * float(ranks.sum()))

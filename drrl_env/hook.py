@@ -1,5 +1,7 @@
-"""The seam between a HF causal LM and drrl: an attention function registered in transformers'
-``AttentionInterface`` under the name ``"drrl"``.
+"""The seam between a HF causal LM and drrl: an attention function registered as ``"drrl"``.
+
+The function is registered in transformers' ``AttentionInterface`` (and a boolean mask builder
+in its ``AttentionMaskInterface``) under that name.
 
 ``install(model)`` routes every attention layer of ``model`` through ``drrl_attention``. For each
 layer call, the attention is split into segments of ``segment_len`` queries (one segment when
@@ -192,7 +194,9 @@ def install(model: PreTrainedModel) -> AttentionHook:
     num_layers = int(model.config.num_hidden_layers)
     hook = AttentionHook(num_layers)
     attention_modules = [
-        module for module in model.modules() if isinstance(getattr(module, "layer_idx", None), int) and "Attention" in type(module).__name__
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "layer_idx", None), int) and "Attention" in type(module).__name__
     ]
     if len(attention_modules) != num_layers:
         raise UnsupportedModelError(

@@ -54,7 +54,9 @@ def as_rank_vector(rank: int | torch.Tensor | list[int], kv_heads: int, head_dim
     if ranks.numel() == 1:
         ranks = ranks.expand(kv_heads).clone()
     if ranks.numel() != kv_heads:
-        raise ValueError(f"rank must be a scalar or have one entry per key/value head ({kv_heads}), got {ranks.numel()}")
+        raise ValueError(
+            f"rank must be a scalar or have one entry per key/value head ({kv_heads}), got {ranks.numel()}"
+        )
     if int(ranks.min()) < 1 or int(ranks.max()) > head_dim:
         raise ValueError(f"ranks must lie in [1, head_dim={head_dim}], got {ranks.tolist()}")
     return ranks
@@ -87,9 +89,7 @@ def attend(
     if mask is None:
         mask = causal_mask(m, n, q.device) if m > 1 or n > 1 else None
     if e == v.shape[-1] and k.shape[1] == v.shape[1]:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != Hq
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != Hq)
     Hk, Hv = k.shape[1], v.shape[1]
     groups = Hq // Hk
     qg = q.reshape(B, Hk, groups * m, e)  # (B, Hk, G*m, e): the G query heads of each key head
@@ -157,9 +157,7 @@ def joint_projections(
     return w_q, w_k, core_s
 
 
-def logit_core_svd(
-    q_spec: BlockSpectrum, k_spec: BlockSpectrum
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logit_core_svd(q_spec: BlockSpectrum, k_spec: BlockSpectrum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD ``A, S, B^T`` of the ``d x d`` core ``C = R_q R_k^T`` per query head, ``(B, Hq, ...)``.
 
     ``S`` are exactly the non-zero singular values of the unscaled logits ``Q K^T`` (padded

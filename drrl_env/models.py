@@ -97,9 +97,7 @@ def default_model_path() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_causal_lm(
-    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> LoadedModel:
+def load_causal_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM once per process (cached on ``(name, device, dtype)``), in eval mode.
 
     Args:

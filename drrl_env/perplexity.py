@@ -49,8 +49,9 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def sequence_nll(loaded: LoadedModel, input_ids: torch.Tensor, handler: Handler | None = None,
-                 segment_len: int | None = None) -> torch.Tensor:
+def sequence_nll(
+    loaded: LoadedModel, input_ids: torch.Tensor, handler: Handler | None = None, segment_len: int | None = None
+) -> torch.Tensor:
     """Per-sequence summed next-token NLL ``(B,)`` of ``input_ids (B, n)`` with attention through ``handler``."""
     hook = install(loaded.model)
     input_ids = input_ids.to(loaded.device)
@@ -86,14 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity of a causal LM with full attention and with fixed-rank low-rank attention "
         "(every layer at one rank), in both spectral modes, on held-out text.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model: the offline default, a local folder, or a hub id")
-    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"corpus: one of {BUILTIN_CORPORA}, a local file, or a hub dataset")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model: the offline default, a local folder, or a hub id"
+    )
+    parser.add_argument(
+        "--corpus", default=DEFAULT_CORPUS, help=f"corpus: one of {BUILTIN_CORPORA}, a local file, or a hub dataset"
+    )
     parser.add_argument("--split", default="test", help="corpus split to evaluate on (train, validation, test)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence (its whole context)")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="evaluate on at most this many tokens of the split")
+    parser.add_argument(
+        "--max-tokens", type=int, default=8192, help="evaluate on at most this many tokens of the split"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="fixed ranks to evaluate")
-    parser.add_argument("--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes")
+    parser.add_argument(
+        "--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     return parser
 

@@ -73,9 +73,9 @@ def power_iteration_spectral_norm(
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     m = matrix.to(torch.float64)
-    v = torch.randn(
-        (*m.shape[:-2], m.shape[-1], 1), dtype=torch.float64, generator=generator, device="cpu"
-    ).to(m.device)
+    v = torch.randn((*m.shape[:-2], m.shape[-1], 1), dtype=torch.float64, generator=generator, device="cpu").to(
+        m.device
+    )
     v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     for _ in range(iterations):
         w = m.transpose(-1, -2) @ (m @ v)

@@ -12,8 +12,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised Llama with GQA (4 query heads over 2 key/value heads, head_dim 16)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
