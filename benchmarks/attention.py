@@ -1,0 +1,90 @@
+"""Full vs low-rank attention on SmolLM2's layer shape, measured side by side in one run.
+
+Prints one table: for n in {256, 1024, 4096} and r in {16, 32, 48, 64}, both spectral modes,
+the wall-clock ratio low-rank / full (SDPA), the FLOPs ratio (core and with overheads, from
+``drrl_env.flops``) and the share of the low-rank time spent on the spectra. A second table
+compares spectrum methods (Gram + eigh, ``torch.linalg.svd``, ``torch.svd_lowrank``).
+
+    python benchmarks/attention.py [--device cpu|cuda] [--lengths 256 1024 4096] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from drrl_env.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.lowrank import full_attention, low_rank_attention
+from drrl_env.spectra import block_spectrum
+
+HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="sequence lengths n")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48, 64], help="ranks r")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cell (median)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; B={args.batch} Hq={HQ} Hkv={HKV} d={D}; median of {args.repeats}")
+    print()
+    print(f"{'n':>5} {'mode':<9} {'r':>3} {'full ms':>9} {'low ms':>9} {'wall ratio':>10} "
+          f"{'FLOPs core':>10} {'FLOPs total':>11} {'spectra share':>13}")
+    generator = torch.Generator(device=device).manual_seed(0)
+    for n in args.lengths:
+        q = torch.randn(args.batch, HQ, n, D, device=device, generator=generator)
+        k = torch.randn(args.batch, HKV, n, D, device=device, generator=generator)
+        v = torch.randn(args.batch, HKV, n, D, device=device, generator=generator)
+        full_ms = 1e3 * timed(lambda: full_attention(q, k, v), device, args.repeats)
+        spectra_ms = 1e3 * timed(lambda: (block_spectrum(q), block_spectrum(k)), device, args.repeats)
+        full_flops = full_attention_flops(args.batch, HQ, n, n, D)
+        for mode in ("separate", "joint"):
+            for r in args.ranks:
+                low_ms = 1e3 * timed(lambda: low_rank_attention(q, k, v, r, mode), device, args.repeats)
+                flops = low_rank_attention_flops(args.batch, HQ, HKV, n, n, D, r, mode)
+                print(f"{n:>5} {mode:<9} {r:>3} {full_ms:>9.2f} {low_ms:>9.2f} {low_ms / full_ms:>10.2f} "
+                      f"{flops.core / full_flops.total:>10.3f} {flops.total / full_flops.total:>11.3f} "
+                      f"{spectra_ms / low_ms:>13.2f}")
+    print()
+    print("spectrum of (B, Hq, n, d) query blocks, ms (share of one full attention)")
+    print(f"{'n':>5} {'gram+eigh':>16} {'linalg.svd':>16} {'svd_lowrank q=64':>18}")
+    for n in args.lengths:
+        q = torch.randn(args.batch, HQ, n, D, device=device, generator=generator)
+        k = torch.randn(args.batch, HKV, n, D, device=device, generator=generator)
+        v = torch.randn(args.batch, HKV, n, D, device=device, generator=generator)
+        full_ms = 1e3 * timed(lambda: full_attention(q, k, v), device, args.repeats)
+        cells = []
+        for fn in (
+            lambda: block_spectrum(q),
+            lambda: torch.linalg.svd(q, full_matrices=False),
+            lambda: torch.svd_lowrank(q.flatten(0, 1), q=D, niter=2),
+        ):
+            ms = 1e3 * timed(fn, device, args.repeats)
+            cells.append(f"{ms:8.2f} ({ms / full_ms:4.2f}x)")
+        print(f"{n:>5} {cells[0]:>16} {cells[1]:>16} {cells[2]:>18}")
+
+
+if __name__ == "__main__":
+    main()
