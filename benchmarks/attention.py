@@ -48,10 +48,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; B={args.batch} Hq={HQ} Hkv={HKV} d={D}; median of {args.repeats}")
+    print(
+        f"device: {name}; torch {torch.__version__}; B={args.batch} Hq={HQ} Hkv={HKV} d={D}; median of {args.repeats}"
+    )
     print()
-    print(f"{'n':>5} {'mode':<9} {'r':>3} {'full ms':>9} {'low ms':>9} {'wall ratio':>10} "
-          f"{'FLOPs core':>10} {'FLOPs total':>11} {'spectra share':>13}")
+    print(
+        f"{'n':>5} {'mode':<9} {'r':>3} {'full ms':>9} {'low ms':>9} {'wall ratio':>10} "
+        f"{'FLOPs core':>10} {'FLOPs total':>11} {'spectra share':>13}"
+    )
     generator = torch.Generator(device=device).manual_seed(0)
     for n in args.lengths:
         q = torch.randn(args.batch, HQ, n, D, device=device, generator=generator)
@@ -64,9 +68,11 @@ def main() -> None:
             for r in args.ranks:
                 low_ms = 1e3 * timed(lambda: low_rank_attention(q, k, v, r, mode), device, args.repeats)
                 flops = low_rank_attention_flops(args.batch, HQ, HKV, n, n, D, r, mode)
-                print(f"{n:>5} {mode:<9} {r:>3} {full_ms:>9.2f} {low_ms:>9.2f} {low_ms / full_ms:>10.2f} "
-                      f"{flops.core / full_flops.total:>10.3f} {flops.total / full_flops.total:>11.3f} "
-                      f"{spectra_ms / low_ms:>13.2f}")
+                print(
+                    f"{n:>5} {mode:<9} {r:>3} {full_ms:>9.2f} {low_ms:>9.2f} {low_ms / full_ms:>10.2f} "
+                    f"{flops.core / full_flops.total:>10.3f} {flops.total / full_flops.total:>11.3f} "
+                    f"{spectra_ms / low_ms:>13.2f}"
+                )
     print()
     print("spectrum of (B, Hq, n, d) query blocks, ms (share of one full attention)")
     print(f"{'n':>5} {'gram+eigh':>16} {'linalg.svd':>16} {'svd_lowrank q=64':>18}")

@@ -17,3 +17,9 @@ __all__ = [
     "load_causal_lm",
     "low_rank_attention",
 ]
+
+import gymnasium as _gym
+
+ENV_ID = "DRRL-Attention-v0"
+if ENV_ID not in _gym.registry:
+    _gym.register(id=ENV_ID, entry_point="drrl_env.env:DRRLAttentionEnv")

@@ -49,6 +49,8 @@ class AttentionCall:
         value: ``(B, Hkv, n, d)`` values visible to the segment.
         mask: boolean ``(B, 1, m, n)`` (True = attend), or None for plain causal attention.
         scale: the model's logit scale (``1/sqrt(d)`` for standard models).
+        hidden_states: ``(B, m, hidden)`` input of the attention module for the segment's tokens
+            (after the layer's input norm), or None where the module was called without it.
     """
 
     layer: int
@@ -59,6 +61,7 @@ class AttentionCall:
     value: torch.Tensor
     mask: torch.Tensor | None
     scale: float
+    hidden_states: torch.Tensor | None = None
 
     @cached_property
     def query_spectrum(self) -> BlockSpectrum:
@@ -105,6 +108,11 @@ class AttentionHook:
         finally:
             self._local.handler, self._local.segment_len = previous
 
+    def capture_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of attention modules: keep this thread's attention input for the handler."""
+        if self.handler is not None:
+            self._local.attention_input = args[0] if args else kwargs.get("hidden_states")
+
     def segments(self, q_len: int) -> list[tuple[int, int]]:
         """Query row ranges ``[start, stop)`` of the segments of a layer call with ``q_len`` queries."""
         length = getattr(self._local, "segment_len", None) or q_len
@@ -127,6 +135,9 @@ class AttentionHook:
         handler = self.handler
         if handler is None:
             return full_attention(query, key, value, scale, mask)
+        hidden = getattr(self._local, "attention_input", None)
+        if hidden is not None and hidden.shape[-2] != m:
+            hidden = None
         spans = self.segments(m)
         outputs = []
         for index, (start, stop) in enumerate(spans):
@@ -140,6 +151,7 @@ class AttentionHook:
                 value=value[:, :, :visible],
                 mask=None if mask is None else mask[:, :, start:stop, :visible],
                 scale=scale,
+                hidden_states=None if hidden is None else hidden[:, start:stop],
             )
             outputs.append(handler(call))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
@@ -205,6 +217,7 @@ def install(model: PreTrainedModel) -> AttentionHook:
         )
     for module in attention_modules:
         module._drrl_hook = hook
+        module.register_forward_pre_hook(hook.capture_input, with_kwargs=True)
     model.set_attn_implementation(ATTENTION_NAME)
     model._drrl_hook = hook
     return hook

@@ -1,0 +1,92 @@
+"""State features of the rank-selection MDP (Eq. 6): sequence dynamics and layer statistics."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from drrl_env.hook import UnsupportedModelError
+from drrl_env.spectra import power_iteration_spectral_norm
+
+CONV_CHANNELS = 8
+CONV_KERNEL = 3
+CONV_SEED = 0
+FEATURE_CLIP = 10.0
+WEIGHT_STATISTICS = ("mean", "variance", "spectral_norm")
+
+
+class SequenceDynamics:
+    """``h_t``: a fixed 1-D convolution over the layer's input hidden states (Eq. 6).
+
+    The paper names "a lightweight 1D-convolutional layer over the input embeddings" and does
+    not say whether it is learned. Here it is a *fixed* random-feature extractor: ``CONV_CHANNELS``
+    filters of width ``CONV_KERNEL`` with weights drawn once from a Gaussian seeded by
+    ``CONV_SEED`` (scaled by ``1/sqrt(hidden * kernel)``), applied to each token vector divided by
+    its RMS (the residual stream's scale grows with depth). The feature is the mean and standard
+    deviation of each channel over batch and time, ``2 * CONV_CHANNELS`` numbers. Fixed weights
+    keep observations reproducible across runs and algorithms; whatever must be learned on top
+    of them is the policy's job.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        generator = torch.Generator().manual_seed(CONV_SEED)
+        weight = torch.randn(CONV_CHANNELS, hidden_size, CONV_KERNEL, generator=generator)
+        self.weight = weight / (hidden_size * CONV_KERNEL) ** 0.5  # (C, hidden, kernel)
+
+    @property
+    def size(self) -> int:
+        return 2 * CONV_CHANNELS
+
+    def __call__(self, hidden_states: torch.Tensor | None) -> np.ndarray:
+        """``(B, m, hidden) -> (2C,)`` float32; zeros when the hidden states are not available."""
+        if hidden_states is None:
+            return np.zeros(self.size, dtype=np.float32)
+        x = hidden_states.float()
+        x = x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()  # (B, m, hidden), unit RMS tokens
+        weight = self.weight.to(x.device)
+        y = torch.nn.functional.conv1d(x.transpose(1, 2), weight, padding=CONV_KERNEL // 2)  # (B, C, m)
+        features = torch.cat([y.mean(dim=(0, 2)), y.std(dim=(0, 2), unbiased=False)])
+        return features.clamp(-FEATURE_CLIP, FEATURE_CLIP).cpu().numpy().astype(np.float32)
+
+
+def attention_weight_matrices(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_Q, W_K, W_V`` of an attention module as ``(out, in)`` matrices (Llama-style or GPT-2)."""
+    if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+        return module.q_proj.weight, module.k_proj.weight, module.v_proj.weight
+    if hasattr(module, "c_attn"):  # GPT-2 Conv1D: weight (in, 3 * out)
+        q, k, v = module.c_attn.weight.t().chunk(3, dim=0)
+        return q, k, v
+    raise UnsupportedModelError(
+        f"cannot find W_Q, W_K, W_V in {type(module).__name__} (expected q_proj/k_proj/v_proj or c_attn)"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def layer_weight_statistics(model: PreTrainedModel) -> np.ndarray:
+    """``w_t`` for every layer, ``(L, 9)`` float32: mean, variance and spectral norm of W_Q, W_K, W_V.
+
+    Spectral norms by power iteration (Eq. 16, ``K = 3`` as in the paper, seeded). Each of the 9
+    statistics is standardised across layers (z-score) so that observations are scale-free, and
+    clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``. Computed once per model.
+    """
+    modules = sorted(
+        (m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "_drrl_hook")),
+        key=lambda m: m.layer_idx,
+    )
+    if not modules:
+        raise RuntimeError("install the drrl hook on the model before computing layer statistics")
+    rows = []
+    for module in modules:
+        row = []
+        for weight in attention_weight_matrices(module):
+            w = weight.detach().double().cpu()
+            norm = power_iteration_spectral_norm(w, 3, torch.Generator().manual_seed(CONV_SEED))
+            row += [float(w.mean()), float(w.var()), float(norm)]
+        rows.append(row)
+    stats = np.asarray(rows, dtype=np.float64)
+    spread = stats.std(axis=0)
+    z = (stats - stats.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    return np.clip(z, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
