@@ -1,7 +1,8 @@
 """Full vs low-rank attention on SmolLM2's layer shape, measured side by side in one run.
 
 Prints one table: for n in {256, 1024, 4096} and r in {16, 32, 48, 64}, both spectral modes,
-the wall-clock ratio low-rank / full (SDPA), the FLOPs ratio (core and with overheads, from
+the wall-clock ratio low-rank / full (SDPA) for the default path (zero-padded to width d, fused
+SDPA) and for the width-r reference path (``fused=False``), the FLOPs ratio (core and with overheads, from
 ``drrl_env.flops``) and the share of the low-rank time spent on the spectra. A second table
 compares spectrum methods (Gram + eigh, ``torch.linalg.svd``, ``torch.svd_lowrank``).
 
@@ -67,9 +68,13 @@ def main() -> None:
         for mode in ("separate", "joint"):
             for r in args.ranks:
                 low_ms = 1e3 * timed(lambda: low_rank_attention(q, k, v, r, mode), device, args.repeats)
+                unfused_ms = 1e3 * timed(
+                    lambda: low_rank_attention(q, k, v, r, mode, fused=False), device, args.repeats
+                )
                 flops = low_rank_attention_flops(args.batch, HQ, HKV, n, n, D, r, mode)
                 print(
                     f"{n:>5} {mode:<9} {r:>3} {full_ms:>9.2f} {low_ms:>9.2f} {low_ms / full_ms:>10.2f} "
+                    f"{unfused_ms:>10.2f} {unfused_ms / full_ms:>6.2f} "
                     f"{flops.core / full_flops.total:>10.3f} {flops.total / full_flops.total:>11.3f} "
                     f"{spectra_ms / low_ms:>13.2f}"
                 )

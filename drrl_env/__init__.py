@@ -18,7 +18,15 @@ __all__ = [
     "low_rank_attention",
 ]
 
+import os as _os
+
 import gymnasium as _gym
+import torch as _torch
+
+# A process forked after torch has used its OpenMP/LAPACK thread pools deadlocks in its first
+# parallel op (seen with gym.make_vec(..., "async"), whose default start method on Linux is fork).
+# One intra-op thread per forked worker avoids the pools, and is what one env per process wants.
+_os.register_at_fork(after_in_child=lambda: _torch.set_num_threads(1))
 
 ENV_ID = "DRRL-Attention-v0"
 if ENV_ID not in _gym.registry:

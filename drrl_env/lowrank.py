@@ -74,21 +74,35 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str) -> torch.Te
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` for ``q (B,Hq,m,e)``, ``k (B,Hk,n,e)``, ``v (B,Hv,n,d)`` (Eq. 1).
 
     ``Hk`` and ``Hv`` each divide ``Hq`` (GQA). ``mask`` is boolean, broadcastable to ``(B, 1, m, n)``,
-    True where attention is allowed; ``None`` means causal, aligned bottom-right. Where ``e == d``
-    this is PyTorch's fused SDPA. Where the widths differ the fused kernels do not apply (PyTorch
-    falls back to its slow unfused path), so the product is written out here, grouping the query
-    heads of one key head so that a shared ``k`` is never copied.
+    True where attention is allowed; ``None`` means causal, aligned bottom-right.
+
+    PyTorch's fused SDPA kernels need ``e == d`` and one head count for ``k`` and ``v``; with
+    other widths SDPA falls back to a slow unfused path. ``fused=True`` (the default, fastest in
+    ``benchmarks/attention.py`` on CPU) zero-pads ``q`` and ``k`` to width ``d`` and runs fused
+    SDPA: the result is identical, the wall-clock is that of full attention, and the FLOPs model
+    still counts width ``e``. ``fused=False`` is the readable reference path that really
+    multiplies at width ``e`` (grouping the query heads of one key head, so a shared ``k`` is not
+    copied).
     """
     B, Hq, m, e = q.shape
-    n = k.shape[-2]
+    n, d = k.shape[-2], v.shape[-1]
     if mask is None:
         mask = causal_mask(m, n, q.device) if m > 1 or n > 1 else None
-    if e == v.shape[-1] and k.shape[1] == v.shape[1]:
+    if fused or (e == d and k.shape[1] == v.shape[1]):
+        if e < d:
+            q, k = F.pad(q, (0, d - e)), F.pad(k, (0, d - e))
+        if k.shape[1] != v.shape[1]:
+            v = expand_kv_heads(v, k.shape[1] // v.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != Hq)
     Hk, Hv = k.shape[1], v.shape[1]
     groups = Hq // Hk
@@ -102,7 +116,7 @@ def attend(
     if mask is not None:
         probs = probs.nan_to_num_(0.0)  # a fully masked (padding) row attends to nothing
     out = probs.view(B, Hv, Hq // Hv * m, n) @ v  # (B, Hv, (Hq/Hv)*m, d)
-    return out.view(B, Hq, m, v.shape[-1])
+    return out.view(B, Hq, m, d)
 
 
 def truncate_to_rank(x: torch.Tensor, spectrum: BlockSpectrum, rank: int) -> torch.Tensor:
@@ -203,11 +217,15 @@ def low_rank_attention(
     mask: torch.Tensor | None = None,
     q_spec: BlockSpectrum | None = None,
     k_spec: BlockSpectrum | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Low-rank attention output ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``."""
+    """Low-rank attention output ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``.
+
+    ``fused`` selects the execution path of :func:`attend` (same result).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_low, k_low = low_rank_qk(q, k, rank, mode, q_spec, k_spec)
-    return attend(q_low, k_low, v, scale, mask)
+    return attend(q_low, k_low, v, scale, mask, fused)
 
 
 def full_attention(

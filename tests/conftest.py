@@ -1,10 +1,11 @@
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -44,3 +45,32 @@ def default_model():
     from drrl_env.models import load_causal_lm
 
     return load_causal_lm()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (GQA, head_dim 16, 2 layers) saved with SmolLM2's tokenizer, as a local model."""
+    from transformers import AutoTokenizer
+
+    from drrl_env.models import default_model_path
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_env_kwargs(tiny_model_dir):
+    return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)

@@ -113,11 +113,18 @@ def test_padding_mask_is_respected(qkv):
     assert torch.allclose(low_rank_attention(q, k, v, D, "joint", mask=mask).double(), expected, atol=1e-4)
 
 
-def test_unequal_width_attend_matches_sdpa_math():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("k_heads", [2, 4])
+def test_unequal_width_attend_matches_reference(fused, k_heads):
     torch.manual_seed(3)
-    q, k, v = torch.randn(1, 4, 20, 5), torch.randn(1, 2, 20, 5), torch.randn(1, 2, 20, 8)
+    q, k, v = torch.randn(1, 4, 20, 5), torch.randn(1, k_heads, 20, 5), torch.randn(1, 2, 20, 8)
     ref = reference_attention(q, k, v, 0.3)
-    assert torch.allclose(attend(q, k, v, 0.3).double(), ref, atol=1e-5)
+    assert torch.allclose(attend(q, k, v, 0.3, fused=fused).double(), ref, atol=1e-5)
+    mask = causal_mask(20, 20, "cpu").expand(1, 1, 20, 20).clone()
+    mask[..., :3] = False
+    mask[..., :3, 0] = True
+    ref = reference_attention(q, k, v, 0.3, mask)
+    assert torch.allclose(attend(q, k, v, 0.3, mask, fused=fused).double(), ref, atol=1e-5)
 
 
 def test_bad_rank_is_rejected(qkv):
