@@ -18,7 +18,7 @@ from drrl_env.features import FEATURE_CLIP, SequenceDynamics, layer_weight_stati
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.guardrail import TransitionEnergies, guardrail_mask, guardrail_threshold, transition_energies
 from drrl_env.hook import AttentionCall, install
-from drrl_env.lowrank import SPECTRAL_MODES, logit_core_svd
+from drrl_env.lowrank import SPECTRAL_MODES
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm, resolve_device
 from drrl_env.reward import attention_output_similarity, rank_reward
 from drrl_env.runner import SteppedForward
@@ -367,7 +367,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         cfg, call = self.config, self._call
         candidates = self.candidate_ranks.view(-1, 1, 1)  # (K, 1, 1) against (B, H, d)
         if cfg.spectral_mode == "joint":
-            _, core_s, _ = logit_core_svd(call.query_spectrum, call.key_spectrum)
+            _, core_s, _ = call.logit_core
             ner_q = normalized_energy_ratio(core_s, candidates.to(core_s.device))  # (K, B, Hq)
             ner_k = ner_q
         else:

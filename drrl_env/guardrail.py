@@ -22,7 +22,7 @@ import torch
 
 from drrl_env.bounds import logit_perturbation_bound, transition_norm
 from drrl_env.hook import AttentionCall
-from drrl_env.lowrank import expand_kv_heads, logit_core_svd
+from drrl_env.lowrank import expand_kv_heads, logit_core
 
 
 def guardrail_threshold(eps0: float, decay: float, step: int) -> float:
@@ -72,15 +72,17 @@ def transition_energies(
     device = q_sigma.device
     frm = expand_kv_heads(rank_from.view(1, hkv).to(device), groups)  # (1, Hq)
     to = expand_kv_heads(candidates.view(-1, 1).expand(-1, hkv).to(device), groups)  # (K, Hq)
-    _, core_s, _ = logit_core_svd(call.query_spectrum, call.key_spectrum)  # (B, Hq, d)
     if mode == "separate":
         change = logit_perturbation_bound(q_sigma, k_sigma, frm[:, None, :], to[:, None, :], call.scale, "fro")
+        logit_energy = logit_core(call.query_spectrum, call.key_spectrum).square().sum(dim=(-1, -2))  # (B, Hq)
     elif mode == "joint":
+        _, core_s, _ = call.logit_core  # (B, Hq, d)
         change = transition_norm(core_s, frm[:, None, :], to[:, None, :]) * call.scale
+        logit_energy = core_s.square().sum(-1)  # (B, Hq)
     else:
         raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
-    # change: (K, B, Hq); the logits' energy per block comes from the core: ||S||_F^2 = sum core_s^2
-    logit_energy = core_s.square().sum(-1) * call.scale**2  # (B, Hq)
+    # change: (K, B, Hq); ||S||_F^2 of the unscaled logits per block, from the d x d core
+    logit_energy = logit_energy * call.scale**2
     change_energy = change.square().view(change.shape[0], -1, hkv, groups).sum(dim=(1, 3))  # (K, Hkv)
     total_energy = logit_energy.view(-1, hkv, groups).sum(dim=(0, 2))  # (Hkv,)
     return TransitionEnergies(change=change_energy, total=total_energy)

@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from drrl_env.lowrank import SpectralMode, full_attention, low_rank_attention
+from drrl_env.lowrank import LogitCore, SpectralMode, full_attention, logit_core_svd, low_rank_attention
 from drrl_env.spectra import BlockSpectrum, block_spectrum
 
 ATTENTION_NAME = "drrl"
@@ -73,14 +73,29 @@ class AttentionCall:
         """Spectra of the per-head key blocks, ``(B, Hkv, d)``, computed once."""
         return block_spectrum(self.key)
 
+    @cached_property
+    def logit_core(self) -> LogitCore:
+        """SVD of the logits' ``d x d`` core per query head (``lowrank.logit_core_svd``), computed once."""
+        return logit_core_svd(self.query_spectrum, self.key_spectrum)
+
     def full(self) -> torch.Tensor:
         """Full attention output of the segment, ``(B, Hq, m, d)``."""
         return full_attention(self.query, self.key, self.value, self.scale, self.mask)
 
     def low_rank(self, rank: int | torch.Tensor, mode: SpectralMode = "separate") -> torch.Tensor:
         """Low-rank attention output of the segment at ``rank`` (scalar or per key/value head)."""
+        core = self.logit_core if mode == "joint" else None
         return low_rank_attention(
-            self.query, self.key, self.value, rank, mode, self.scale, self.mask, self.query_spectrum, self.key_spectrum
+            self.query,
+            self.key,
+            self.value,
+            rank,
+            mode,
+            self.scale,
+            self.mask,
+            self.query_spectrum,
+            self.key_spectrum,
+            core=core,
         )
 
 
