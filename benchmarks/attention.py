@@ -54,8 +54,8 @@ def main() -> None:
     )
     print()
     print(
-        f"{'n':>5} {'mode':<9} {'r':>3} {'full ms':>9} {'low ms':>9} {'wall ratio':>10} "
-        f"{'FLOPs core':>10} {'FLOPs total':>11} {'spectra share':>13}"
+        f"{'n':>5} {'mode':<9} {'r':>3} {'full ms':>9} {'low ms':>9} {'wall ratio':>10} {'width-r ms':>10} "
+        f"{'ratio':>6} {'FLOPs core':>10} {'FLOPs total':>11} {'spectra share':>13}"
     )
     generator = torch.Generator(device=device).manual_seed(0)
     for n in args.lengths:

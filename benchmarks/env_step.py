@@ -5,7 +5,7 @@ attention. This prints, measured in one run on the same batch:
 
 * steps/s over whole episodes (a fixed action);
 * per step: the wall time, and the time of full + low-rank attention of that step's call
-  (timed again on the captured Q, K, V), and their ratio;
+  (timed again on the captured Q, K, V, spectra included), and their ratio;
 * where a step's time goes (cProfile, cumulative seconds per part).
 
     python benchmarks/env_step.py [--seq-len 256] [--batch-size 2] [--episodes 3] [--device cpu]
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import drrl_env  # noqa: F401
+from drrl_env.lowrank import full_attention, low_rank_attention
 
 PARTS = {  # label: (file, function) as cProfile names them
     "rest of the layer (forward pass between attention calls)": ("runner.py", "send"),
@@ -70,9 +71,9 @@ def main() -> None:
             profiler.disable()
             sync()
             step_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            call.full()
-            call.low_rank(info["rank"], args.mode)
+            start = time.perf_counter()  # fresh spectra: no cached decompositions of the step
+            full_attention(call.query, call.key, call.value, call.scale, call.mask)
+            low_rank_attention(call.query, call.key, call.value, info["rank"], args.mode, call.scale, call.mask)
             sync()
             attention_times.append(time.perf_counter() - start)
     total = time.perf_counter() - start_all - sum(attention_times)
