@@ -9,14 +9,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 3) -> LlamaForCausalLM:
     """A randomly initialised Llama with GQA (4 query heads over 2 key/value heads, head_dim 16)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=3,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -54,19 +54,8 @@ def tiny_model_dir(tmp_path_factory):
 
     from drrl_env.models import default_model_path
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(vocab_size=49152, num_layers=2).save_pretrained(path)
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
     return str(path)
 
