@@ -268,12 +268,6 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "violation": -cfg.violation_penalty if violation else 0.0,
             "terminal": 0.0,
         }
-        assert math.isclose(
-            terms["fidelity"] + terms["flops"] + terms["perturbation"],
-            rank_reward(fidelity, flops_ratio, perturbation, cfg.alpha, cfg.beta, cfg.gamma),
-            rel_tol=1e-12,
-            abs_tol=1e-12,
-        ), "the reward terms are Eq. 13's"
         rank_value: int | list[int] = int(ranks[0]) if not cfg.per_head else [int(r) for r in ranks]
         info: dict[str, Any] = {
             "rank": rank_value,
@@ -306,7 +300,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             self._prepare_step()
             observation = self._observation()
         info["reward_terms"] = terms
-        return observation, float(sum(terms.values())), terminated, False, info
+        reward = rank_reward(fidelity, flops_ratio, perturbation, cfg.alpha, cfg.beta, cfg.gamma)
+        return observation, reward + terms["violation"] + terms["terminal"], terminated, False, info
 
     def action_masks(self) -> np.ndarray:
         """Boolean mask of allowed actions: ``(K,)``, or ``(Hkv * K,)`` group-major with ``per_head``."""
@@ -365,20 +360,18 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def _observation(self) -> np.ndarray:
         cfg, call = self.config, self._call
-        candidates = self.candidate_ranks.view(-1, 1, 1)  # (K, 1, 1) against (B, H, d)
+        candidates = self.candidate_ranks.view(-1, 1, 1).to(self.device)  # (K, 1, 1) against (B, H, d)
+
+        def per_group(ner: torch.Tensor) -> torch.Tensor:  # (K, B, H) -> (K, Hkv), H = Hq or Hkv
+            return ner.reshape(len(cfg.ranks), -1, self.kv_heads, ner.shape[-1] // self.kv_heads).mean(dim=(1, 3))
+
         if cfg.spectral_mode == "joint":
             _, core_s, _ = call.logit_core
-            ner_q = normalized_energy_ratio(core_s, candidates.to(core_s.device))  # (K, B, Hq)
-            ner_k = ner_q
+            ner = per_group(normalized_energy_ratio(core_s, candidates))  # NER of the logits
         else:
-            ner_q = normalized_energy_ratio(call.query_spectrum.singular_values, candidates.to(self.device))
-            ner_k = normalized_energy_ratio(call.key_spectrum.singular_values, candidates.to(self.device))
-        groups = self.q_heads // self.kv_heads
-        per_group_q = ner_q.reshape(len(cfg.ranks), -1, self.kv_heads, groups).mean(dim=(1, 3))  # (K, Hkv)
-        per_group_k = ner_k.reshape(len(cfg.ranks), -1, self.kv_heads, ner_k.shape[-1] // self.kv_heads).mean(
-            dim=(1, 3)
-        )
-        ner = 0.5 * (per_group_q + per_group_k)  # (K, Hkv)
+            ner_q = normalized_energy_ratio(call.query_spectrum.singular_values, candidates)
+            ner_k = normalized_energy_ratio(call.key_spectrum.singular_values, candidates)
+            ner = 0.5 * (per_group(ner_q) + per_group(ner_k))
         ner_feature = ner.T.reshape(-1) if cfg.per_head else ner.mean(-1)
         prev = self._prev_ranks.double() / self.head_dim
         prev_feature = prev if cfg.per_head else prev.mean().view(1)
@@ -431,6 +424,4 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             distance = (ranks - ranks[requested[group]]).abs() - 1e-3 * ranks  # ties toward larger
             distance[~column] = float("inf")
             chosen[group] = int(distance.argmin())
-        if not self.config.per_head:
-            chosen[:] = chosen[0] if not violation else chosen.max()  # one rank for the layer
-        return chosen, violation
+        return chosen, violation  # without per_head all columns of the mask are equal: one rank

@@ -18,7 +18,7 @@ from drrl_env.corpora import BUILTIN_CORPORA, DEFAULT_CORPUS, corpus_tokens, seq
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.hook import AttentionCall, Handler, install
 from drrl_env.lowrank import SPECTRAL_MODES, SpectralMode
-from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
+from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm, resolve_device
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    loaded = load_causal_lm(args.model, device=str(_device(args.device)))
+    loaded = load_causal_lm(args.model, device=str(resolve_device(args.device)))
     chunks = sequential_chunks(corpus_tokens(args.corpus, args.split, loaded.tokenizer), args.seq_len, args.max_tokens)
     config = loaded.model.config
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -126,12 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, mode, result, core, total in rows:
         print(f"{name:<10} {mode:<9} {result.perplexity:>8.2f} {core:>11.3f} {total:>16.3f}")
     return 0
-
-
-def _device(name: str) -> torch.device:
-    from drrl_env.models import resolve_device
-
-    return resolve_device(name)
 
 
 if __name__ == "__main__":

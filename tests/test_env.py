@@ -114,7 +114,8 @@ def test_reward_terms_equal_an_independent_recomputation(tiny_env_kwargs, mode):
     env.step(1)  # rank 8 at layer 0; layer 1 is next
     call = inner._call
     q, k, v = call.query.double(), call.key.double(), call.value.double()
-    _, _, _, _, info = env.step(2)  # rank 12 at layer 1
+    _, reward, _, _, info = env.step(2)  # rank 12 at layer 1
+    assert reward == pytest.approx(sum(info["reward_terms"].values()))
     rank, prev, d = 12, 8, 16
     # fidelity: cosine of full vs low-rank outputs, recomputed in float64 from Q, K, V
     q_low, k_low = low_rank_qk(q, k, rank, mode)
