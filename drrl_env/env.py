@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -66,7 +66,6 @@ class EnvConfig:
     """weight of the terminal reward: LM loss at full rank minus LM loss with the chosen ranks"""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu' or 'cuda'"""
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -97,7 +96,7 @@ class EnvConfig:
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> EnvConfig:
         """Build from ``gym.make`` keywords; unknown keywords get an error listing the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(f"DRRL-Attention-v0 got unknown argument(s) {unknown}; valid arguments: {names}")
@@ -194,10 +193,13 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self.loaded: LoadedModel = load_causal_lm(cfg.model, device=str(self.device))
         model_config = self.loaded.model.config
         self.hook = install(self.loaded.model)
-        self.num_layers = int(model_config.num_hidden_layers)
-        self.q_heads = int(model_config.num_attention_heads)
-        self.kv_heads = int(getattr(model_config, "num_key_value_heads", None) or self.q_heads)
-        self.head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // self.q_heads)
+        shape = self.loaded.attention_shape
+        self.num_layers, self.q_heads, self.kv_heads, self.head_dim = (
+            shape.num_layers,
+            shape.q_heads,
+            shape.kv_heads,
+            shape.head_dim,
+        )
         if max(cfg.ranks) > self.head_dim:
             raise ValueError(f"ranks must not exceed the model's head_dim ({self.head_dim}), got {list(cfg.ranks)}")
         self._tokens = corpus_tokens(cfg.corpus, cfg.split, self.loaded.tokenizer)
@@ -356,7 +358,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             return
         relative = self._energies.relative(per_group=self.config.per_head).cpu()
         relative = relative if self.config.per_head else relative.unsqueeze(-1).expand(-1, self.kv_heads)
-        self._mask = guardrail_mask(relative.clone(), self._epsilon)
+        self._mask = guardrail_mask(relative, self._epsilon)
 
     def _observation(self) -> np.ndarray:
         cfg, call = self.config, self._call

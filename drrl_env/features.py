@@ -15,7 +15,6 @@ CONV_CHANNELS = 8
 CONV_KERNEL = 3
 CONV_SEED = 0
 FEATURE_CLIP = 10.0
-WEIGHT_STATISTICS = ("mean", "variance", "spectral_norm")
 
 
 class SequenceDynamics:

@@ -40,6 +40,16 @@ def cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """Attention geometry of a model: layers, query heads, key/value heads, head width."""
+
+    num_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A causal LM in eval mode with its tokenizer and the name it was asked for."""
 
@@ -50,6 +60,18 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """Read from the config; models without GQA have as many key/value heads as query heads."""
+        config = self.model.config
+        q_heads = int(config.num_attention_heads)
+        return AttentionShape(
+            num_layers=int(config.num_hidden_layers),
+            q_heads=q_heads,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or q_heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // q_heads),
+        )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

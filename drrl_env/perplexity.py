@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loaded = load_causal_lm(args.model, device=str(resolve_device(args.device)))
     chunks = sequential_chunks(corpus_tokens(args.corpus, args.split, loaded.tokenizer), args.seq_len, args.max_tokens)
-    config = loaded.model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = loaded.attention_shape
+    heads, kv_heads, head_dim = shape.q_heads, shape.kv_heads, shape.head_dim
     full_flops = full_attention_flops(1, heads, args.seq_len, args.seq_len, head_dim).total
     rows = [("full", "-", evaluate_perplexity(loaded, chunks, None, args.batch_size, progress=True), 1.0, 1.0)]
     for mode in args.modes:
