@@ -15,7 +15,7 @@ from gymnasium import spaces
 from drrl_env.bounds import normalized_energy_ratio
 from drrl_env.corpora import DEFAULT_CORPUS, corpus_tokens, sample_batch
 from drrl_env.features import FEATURE_CLIP, SequenceDynamics, layer_weight_statistics
-from drrl_env.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.flops import AttentionFlops, full_attention_flops, low_rank_attention_flops
 from drrl_env.guardrail import TransitionEnergies, guardrail_mask, guardrail_threshold, transition_energies
 from drrl_env.hook import AttentionCall, install
 from drrl_env.lowrank import SPECTRAL_MODES
@@ -24,6 +24,39 @@ from drrl_env.reward import attention_output_similarity, rank_reward
 from drrl_env.runner import SteppedForward
 
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
+
+
+@dataclass(frozen=True)
+class CandidateRewards:
+    """Eq. 13 reward and its terms for every candidate rank of one step, each ``(K,)``.
+
+    Attributes:
+        ranks: the candidate ranks (the action ``k`` is ``ranks[k]``).
+        allowed: the guardrail mask (for every key/value group).
+        reward: ``alpha * fidelity - beta * flops_ratio - gamma * perturbation``.
+        fidelity: Eq. 8 output similarity.
+        flops_ratio: low-rank attention FLOPs (overheads included) over full attention's.
+        perturbation: relative logit perturbation of the transition from the previous rank.
+    """
+
+    ranks: np.ndarray
+    allowed: np.ndarray
+    reward: np.ndarray
+    fidelity: np.ndarray
+    flops_ratio: np.ndarray
+    perturbation: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What ``K`` rank choices of one step give: outputs ``(K, B, Hq, m, d)`` and per-choice terms ``(K,)``."""
+
+    output: torch.Tensor
+    fidelity: torch.Tensor
+    flops: list[AttentionFlops]
+    flops_full: AttentionFlops
+    flops_ratio: torch.Tensor
+    perturbation: torch.Tensor
 
 
 @dataclass
@@ -252,17 +285,13 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         requested = self._action_indices(action)  # (Hkv,)
         chosen, violation = self._nearest_allowed(requested)
         ranks = self.candidate_ranks[chosen]  # (Hkv,)
-        full = call.full()
-        low = call.low_rank(ranks, cfg.spectral_mode)
-        fidelity = attention_output_similarity(full, low)
-        batch, _, m, _ = call.query.shape
-        n = call.key.shape[-2]
-        flops = low_rank_attention_flops(
-            batch, self.q_heads, self.kv_heads, m, n, self.head_dim, ranks, cfg.spectral_mode
+        outcome = self._evaluate(chosen.unsqueeze(0))
+        low = outcome.output[0]
+        fidelity, flops_ratio, perturbation = (
+            float(outcome.fidelity[0]),
+            float(outcome.flops_ratio[0]),
+            float(outcome.perturbation[0]),
         )
-        flops_full = full_attention_flops(batch, self.q_heads, m, n, self.head_dim)
-        flops_ratio = flops.total / flops_full.total
-        perturbation = self._energies.relative_of(chosen)
         terms = {
             "fidelity": cfg.alpha * fidelity,
             "flops": -cfg.beta * flops_ratio,
@@ -278,9 +307,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             else [int(self.candidate_ranks[i]) for i in requested],
             "layer": call.layer,
             "segment": call.segment,
-            "flops": flops.total,
-            "flops_core": flops.core,
-            "flops_full": flops_full.total,
+            "flops": outcome.flops[0].total,
+            "flops_core": outcome.flops[0].core,
+            "flops_full": outcome.flops_full.total,
             "fidelity": fidelity,
             "perturbation": perturbation,
             "epsilon": self._epsilon,
@@ -304,6 +333,38 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         info["reward_terms"] = terms
         reward = rank_reward(fidelity, flops_ratio, perturbation, cfg.alpha, cfg.beta, cfg.gamma)
         return observation, reward + terms["violation"] + terms["terminal"], terminated, False, info
+
+    def candidate_rewards(self) -> CandidateRewards:
+        """Eq. 13 reward of every candidate rank at the current step, without taking the step.
+
+        All ``K`` candidates are evaluated in one batched low-rank attention pass that shares the
+        step's spectra (``low_rank_attention`` with a ``(K, Hkv)`` rank table); nothing in the
+        episode changes. Candidate ``k`` means the action ``k`` (every key/value group at rank
+        ``ranks[k]`` with ``per_head``). ``reward[k]`` equals the reward ``step(k)`` returns
+        when ``k`` is allowed (a masked ``k`` would be executed as another rank and penalised);
+        the terminal LM-loss term, known only at the episode's end, is not included.
+        """
+        if self._call is None:
+            raise RuntimeError("DRRL-Attention-v0: call reset() before candidate_rewards()")
+        cfg = self.config
+        num_candidates = len(cfg.ranks)
+        table = torch.arange(num_candidates).unsqueeze(1).expand(-1, self.kv_heads)  # (K, Hkv) candidate indices
+        outcome = self._evaluate(table)
+        reward = np.array(
+            [
+                rank_reward(float(f), float(c), float(p), cfg.alpha, cfg.beta, cfg.gamma)
+                for f, c, p in zip(outcome.fidelity, outcome.flops_ratio, outcome.perturbation, strict=True)
+            ]
+        )
+        mask = self._mask.all(dim=1).numpy()  # (K,): allowed for every group
+        return CandidateRewards(
+            ranks=np.asarray(cfg.ranks),
+            allowed=mask,
+            reward=reward,
+            fidelity=outcome.fidelity.numpy(),
+            flops_ratio=outcome.flops_ratio.numpy(),
+            perturbation=outcome.perturbation.numpy(),
+        )
 
     def action_masks(self) -> np.ndarray:
         """Boolean mask of allowed actions: ``(K,)``, or ``(Hkv * K,)`` group-major with ``per_head``."""
@@ -359,6 +420,23 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         relative = self._energies.relative(per_group=self.config.per_head).cpu()
         relative = relative if self.config.per_head else relative.unsqueeze(-1).expand(-1, self.kv_heads)
         self._mask = guardrail_mask(relative, self._epsilon)
+
+    def _evaluate(self, choices: torch.Tensor) -> _Outcome:
+        """Low-rank outputs and reward terms of ``choices (K, Hkv)`` (candidate indices), batched over ``K``."""
+        cfg, call = self.config, self._call
+        ranks = self.candidate_ranks[choices]  # (K, Hkv)
+        low = call.low_rank(ranks, cfg.spectral_mode)  # (K, B, Hq, m, d)
+        fidelity = attention_output_similarity(call.full(), low)  # (K,)
+        batch, _, m, _ = call.query.shape
+        n = call.key.shape[-2]
+        flops = [
+            low_rank_attention_flops(batch, self.q_heads, self.kv_heads, m, n, self.head_dim, row, cfg.spectral_mode)
+            for row in ranks
+        ]
+        flops_full = full_attention_flops(batch, self.q_heads, m, n, self.head_dim)
+        flops_ratio = torch.tensor([f.total / flops_full.total for f in flops], dtype=torch.float64)
+        perturbation = torch.tensor([self._energies.relative_of(row) for row in choices], dtype=torch.float64)
+        return _Outcome(low, fidelity, flops, flops_full, flops_ratio, perturbation)
 
     def _observation(self) -> np.ndarray:
         cfg, call = self.config, self._call

@@ -50,17 +50,24 @@ def check_mode(mode: str) -> None:
 
 
 def as_rank_vector(rank: int | torch.Tensor | list[int], kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Normalise a rank to a ``(Hkv,)`` int64 CPU tensor and check ``1 <= r <= d``."""
-    ranks = torch.as_tensor(rank, dtype=torch.int64).flatten().cpu()
-    if ranks.numel() == 1:
-        ranks = ranks.expand(kv_heads).clone()
-    if ranks.numel() != kv_heads:
+    """Normalise a rank to ``(Hkv,)`` int64 on the CPU, or a table of candidates to ``(K, Hkv)``; check ``1 <= r <= d``.
+
+    A scalar applies to every key/value head. A 2-D ``(K, Hkv)`` (or ``(K, 1)``) table gives ``K``
+    candidate rank assignments, evaluated side by side by :func:`low_rank_attention`.
+    """
+    ranks = torch.as_tensor(rank, dtype=torch.int64).cpu()
+    if ranks.dim() > 2:
+        raise ValueError(f"rank must be a scalar, (Hkv,) or a (K, Hkv) table, got shape {tuple(ranks.shape)}")
+    table = ranks if ranks.dim() == 2 else ranks.flatten().unsqueeze(0)  # (K, Hkv or 1)
+    if table.shape[-1] == 1:
+        table = table.expand(-1, kv_heads).clone()
+    if table.shape[-1] != kv_heads or table.numel() == 0:
         raise ValueError(
-            f"rank must be a scalar or have one entry per key/value head ({kv_heads}), got {ranks.numel()}"
+            f"rank must be a scalar or have one entry per key/value head ({kv_heads}), got shape {tuple(ranks.shape)}"
         )
-    if int(ranks.min()) < 1 or int(ranks.max()) > head_dim:
+    if int(table.min()) < 1 or int(table.max()) > head_dim:
         raise ValueError(f"ranks must lie in [1, head_dim={head_dim}], got {ranks.tolist()}")
-    return ranks
+    return table if ranks.dim() == 2 else table[0]
 
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -127,9 +134,14 @@ def truncate_to_rank(x: torch.Tensor, spectrum: BlockSpectrum, rank: int) -> tor
 
 
 def _rank_column_mask(ranks: torch.Tensor, groups: int, width: int, device: torch.device) -> torch.Tensor:
-    """``(Hq, width)`` 0/1 mask keeping the first ``r_h`` columns for each query head ``h``."""
-    per_query_head = expand_kv_heads(ranks.unsqueeze(0), groups).squeeze(0).to(device)  # (Hq,)
-    return (torch.arange(width, device=device).unsqueeze(0) < per_query_head.unsqueeze(1)).to(torch.float64)
+    """0/1 mask keeping the first ``r_h`` columns of each query head ``h``: ranks ``(..., Hkv)`` -> ``(..., Hq, W)``.
+
+    The leading dimensions (candidates) are placed so the mask broadcasts against ``(B, Hq, *, width)``:
+    the result is ``(..., 1, Hq, width)`` when ``ranks`` has a leading candidate dimension.
+    """
+    per_query_head = ranks.repeat_interleave(groups, dim=-1).to(device)  # (..., Hq)
+    mask = (torch.arange(width, device=device) < per_query_head.unsqueeze(-1)).to(torch.float64)  # (..., Hq, W)
+    return mask if ranks.dim() == 1 else mask.unsqueeze(-3)  # (K, 1, Hq, W) against the batch dimension
 
 
 def separate_projections(
@@ -138,13 +150,16 @@ def separate_projections(
     """Projections for ``separate`` mode: ``W_q = P_q (P_q^T P_k)`` ``(B,Hq,d,R)`` and ``W_k = P_k`` ``(B,Hkv,d,R)``.
 
     ``R = max(ranks)``; columns beyond a head's own rank are zero, so they add nothing to the scores.
+    With a ``(K, Hkv)`` table of candidate ranks both get a leading ``K`` dimension.
     """
     Hq, Hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
     groups, width = Hq // Hkv, int(ranks.max())
     device = q_spec.right_vectors.device
-    p_k = k_spec.right_vectors[..., :width] * _rank_column_mask(ranks, 1, width, device)[:, None, :]
-    p_q = q_spec.right_vectors[..., :width] * _rank_column_mask(ranks, groups, width, device)[:, None, :]
-    overlap = p_q.transpose(-1, -2) @ expand_kv_heads(p_k, groups)  # M = P_q^T P_k, (B, Hq, R, R)
+    keep_k = _rank_column_mask(ranks, 1, width, device).unsqueeze(-2)  # (..., Hkv, 1, R)
+    keep_q = _rank_column_mask(ranks, groups, width, device).unsqueeze(-2)  # (..., Hq, 1, R)
+    p_k = k_spec.right_vectors[..., :width] * keep_k  # (..., B, Hkv, d, R)
+    p_q = q_spec.right_vectors[..., :width] * keep_q  # (..., B, Hq, d, R)
+    overlap = p_q.transpose(-1, -2) @ p_k.repeat_interleave(groups, dim=-3)  # M = P_q^T P_k, (..., B, Hq, R, R)
     return p_q @ overlap, p_k
 
 
@@ -157,7 +172,8 @@ def joint_projections(
     """Projections for ``joint`` mode: ``W_q = R_k^T B_r S_r^{-1/2}`` and ``W_k = R_q^T A_r S_r^{-1/2}``.
 
     Both are ``(B, Hq, d, R)``: ``k'`` depends on the query head. ``core`` is the result of
-    :func:`logit_core_svd`, computed when not given.
+    :func:`logit_core_svd`, computed when not given. With a ``(K, Hkv)`` table of candidate ranks
+    both get a leading ``K`` dimension.
     """
     Hq, Hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
     groups, width = Hq // Hkv, int(ranks.max())
@@ -167,9 +183,9 @@ def joint_projections(
     top = core_s[..., :width]
     kept = top > JOINT_RELATIVE_CUTOFF * core_s[..., :1]
     inv_sqrt = torch.where(kept, top.clamp_min(torch.finfo(top.dtype).tiny).rsqrt(), 0.0)
-    keep = inv_sqrt * _rank_column_mask(ranks, groups, width, top.device)  # (B, Hq, R)
-    w_q = r_k.transpose(-1, -2) @ core_vh.transpose(-1, -2)[..., :width] * keep.unsqueeze(-2)
-    w_k = r_q.transpose(-1, -2) @ core_u[..., :width] * keep.unsqueeze(-2)
+    keep = inv_sqrt * _rank_column_mask(ranks, groups, width, top.device)  # (..., B, Hq, R)
+    w_q = (r_k.transpose(-1, -2) @ core_vh.transpose(-1, -2)[..., :width]) * keep.unsqueeze(-2)  # (..., B,Hq,d,R)
+    w_k = (r_q.transpose(-1, -2) @ core_u[..., :width]) * keep.unsqueeze(-2)
     return w_q, w_k
 
 
@@ -212,9 +228,10 @@ def low_rank_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Width-``r`` queries and keys ``q' (B,Hq,m,R)``, ``k' (B,Hk,n,R)`` with ``q' k'^T`` the rank-``r`` logits.
 
-    ``Hk = Hkv`` in ``separate`` mode and ``Hq`` in ``joint`` mode. Spectra are computed when
-    not given (pass them, and in ``joint`` mode the :func:`logit_core_svd` ``core``, to reuse one
-    decomposition across several ranks).
+    ``Hk = Hkv`` in ``separate`` mode and ``Hq`` in ``joint`` mode. A ``(K, Hkv)`` table of
+    candidate ranks (see :func:`as_rank_vector`) gives ``(K, B, ...)`` outputs, one per candidate.
+    Spectra are computed when not given (pass them, and in ``joint`` mode the
+    :func:`logit_core_svd` ``core``, to reuse one decomposition across several ranks).
     """
     check_mode(mode)
     ranks = as_rank_vector(rank, k.shape[1], q.shape[-1])
@@ -243,11 +260,20 @@ def low_rank_attention(
 ) -> torch.Tensor:
     """Low-rank attention output ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``.
 
-    ``fused`` selects the execution path of :func:`attend` (same result).
+    ``fused`` selects the execution path of :func:`attend` (same result). With a ``(K, Hkv)`` table
+    of candidate ranks the output is ``(K, B, Hq, m, d)``: the ``K`` candidates run as one batched
+    attention over ``K * B`` sequences, sharing the spectra (the greedy oracle's batched pass).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_low, k_low = low_rank_qk(q, k, rank, mode, q_spec, k_spec, core)
-    return attend(q_low, k_low, v, scale, mask, fused)
+    if q_low.dim() == 4:
+        return attend(q_low, k_low, v, scale, mask, fused)
+    K, B = q_low.shape[:2]
+    v_all = v.expand(K, *v.shape).flatten(0, 1)  # (K*B, Hkv, n, d)
+    if mask is not None and mask.dim() == 4:  # (B or 1, 1, m, n) -> (K*B, 1, m, n); lower ranks broadcast as they are
+        mask = mask.expand(K, B, *mask.shape[1:]).flatten(0, 1)
+    out = attend(q_low.flatten(0, 1), k_low.flatten(0, 1), v_all, scale, mask, fused)  # (K*B, Hq, m, d)
+    return out.view(K, B, *out.shape[1:])
 
 
 def full_attention(
