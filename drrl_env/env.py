@@ -212,7 +212,20 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self.action_space = (
             spaces.MultiDiscrete([num_candidates] * self.kv_heads) if cfg.per_head else spaces.Discrete(num_candidates)
         )
-        size = self._sequence_dynamics.size + 9 + heads + num_candidates * heads + 3
+        widths = {
+            "sequence_dynamics": self._sequence_dynamics.size,
+            "weight_statistics": 9,
+            "previous_rank": heads,
+            "ner": num_candidates * heads,
+            "context": 3,
+        }
+        bounds = np.cumsum([0, *widths.values()])
+        self.observation_slices: dict[str, slice] = {
+            name: slice(int(start), int(stop))
+            for name, start, stop in zip(widths, bounds[:-1], bounds[1:], strict=True)
+        }
+        """Where each part of the observation lies (see Observation Space), e.g. ``obs[slices["ner"]]``."""
+        size = int(bounds[-1])
         self.observation_space = spaces.Box(-FEATURE_CLIP, FEATURE_CLIP, (size,), np.float32)
         self._call: AttentionCall | None = None
         self._runner: SteppedForward | None = None

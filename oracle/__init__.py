@@ -1,1 +1,16 @@
-"""oracle: the greedy oracle over DRRL-Attention-v0 and its trajectory datasets (issue 5; not built yet)."""
+"""oracle: the greedy oracle of DR-RL and trajectory datasets of any rank policy (HF ``datasets``).
+
+Uses only the public API of ``drrl_env``.
+"""
+
+from oracle.dataset import DatasetMismatchError, load_trajectories, read_metadata, record_trajectories
+from oracle.policy import GreedyOracle, RankPolicy
+
+__all__ = [
+    "DatasetMismatchError",
+    "GreedyOracle",
+    "RankPolicy",
+    "load_trajectories",
+    "read_metadata",
+    "record_trajectories",
+]

@@ -1,0 +1,48 @@
+"""``python -m oracle``: record greedy-oracle trajectories of DRRL-Attention-v0 as an HF dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from drrl_env.cli import add_env_arguments, env_kwargs
+from oracle.dataset import DatasetMismatchError, record_trajectories
+from oracle.policy import GreedyOracle
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m oracle",
+        description="Roll out the greedy oracle (at each step the allowed rank with the highest Eq. 13 reward, "
+        "all candidates scored in one batched pass) and write its trajectories to DIR as parquet shards of an "
+        "HF dataset (load with oracle.dataset.load_trajectories or datasets.load_dataset('parquet', ...)). "
+        "An interrupted run resumes when started again with the same options.",
+    )
+    parser.add_argument("--episodes", type=int, required=True, help="number of episodes the dataset should hold")
+    parser.add_argument("--out", required=True, help="dataset folder (DIR); resumed if it holds this setup's data")
+    parser.add_argument("--seed", type=int, default=0, help="episode i is seeded with seed + i (default: 0)")
+    parser.add_argument(
+        "--episodes-per-shard",
+        type=int,
+        default=8,
+        help="episodes per parquet shard, the unit of resuming (default: 8)",
+    )
+    add_env_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dataset = record_trajectories(
+            args.out, GreedyOracle(), args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
+        )
+    except DatasetMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {dataset.num_rows} steps, mean reward {sum(dataset['reward']) / dataset.num_rows:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

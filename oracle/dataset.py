@@ -1,0 +1,254 @@
+"""Trajectory datasets of rank policies: HF ``datasets`` parquet shards on disk, resumable.
+
+Layout of a dataset folder ``DIR``::
+
+    DIR/metadata.json            env config, policy, seed, shard size, episodes written
+    DIR/data/shard-00000.parquet episodes 0 .. episodes_per_shard - 1, one row per env step
+    ...
+
+Load it with :func:`load_trajectories` (a ``datasets.Dataset``), or with plain
+``datasets.load_dataset("parquet", data_dir=DIR + "/data", split="train")``.
+
+Episode ``i`` always runs with seed ``seed + i`` (the env's ``reset`` and the policy's), and the
+env's guardrail clock is set to ``i * steps_per_episode`` before it, so a run that is interrupted
+and resumed writes exactly the rows of an uninterrupted run. Each shard and the metadata are
+written to a temporary file and renamed into place: an interrupted run never leaves a partial
+shard, and resuming recomputes at most the one shard it was writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import gymnasium as gym
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from drrl_env import ENV_ID
+from drrl_env.env import DRRLAttentionEnv, EnvConfig
+from oracle.policy import RankPolicy
+
+FORMAT = "drrl-trajectories"
+VERSION = 1
+METADATA_FILE = "metadata.json"
+DATA_DIR = "data"
+REWARD_TERMS = ("fidelity", "flops", "perturbation", "violation", "terminal")
+
+
+class DatasetMismatchError(ValueError):
+    """``DIR`` already holds trajectories made with another env configuration, policy or seed."""
+
+
+def trajectory_features(observation_size: int) -> datasets.Features:
+    """Columns of a trajectory dataset (one row per env step)."""
+    value = datasets.Value
+    columns = {
+        "observation": datasets.Sequence(value("float32"), length=observation_size),
+        "action": value("int64"),
+        "rank": value("int64"),
+        "action_mask": datasets.Sequence(value("bool")),
+        "reward": value("float64"),
+        **{f"reward_{term}": value("float64") for term in REWARD_TERMS},
+        "fidelity": value("float64"),
+        "flops_ratio": value("float64"),
+        "perturbation": value("float64"),
+        "layer": value("int32"),
+        "segment": value("int32"),
+        "step": value("int32"),
+        "episode": value("int64"),
+        "seed": value("int64"),
+    }
+    return datasets.Features(columns)
+
+
+def dataset_metadata(config: EnvConfig, policy: str, seed: int, episodes_per_shard: int) -> dict[str, Any]:
+    """What identifies a trajectory dataset: rows of two runs with equal metadata are equal."""
+    env_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "env_id": ENV_ID,
+        "env_config": env_config,
+        "policy": policy,
+        "seed": seed,
+        "episodes_per_shard": episodes_per_shard,
+    }
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the dataset in ``directory``; ``FileNotFoundError`` names the folder if there is none."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no trajectory dataset (no {METADATA_FILE}); make one with python -m oracle"
+        )
+    metadata = json.loads(path.read_text())
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a drrl trajectory dataset (format {metadata.get('format')!r})")
+    return metadata
+
+
+def env_config_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The ``gym.make`` keywords of the env a dataset was recorded with."""
+    config = dict(metadata["env_config"])
+    config["ranks"] = tuple(config["ranks"])
+    return config
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, then rename the file to ``path`` (atomic on one file system)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _shard_path(directory: Path, index: int) -> Path:
+    return directory / DATA_DIR / f"shard-{index:05d}.parquet"
+
+
+def shard_files(directory: str | os.PathLike) -> list[Path]:
+    """The complete shards of a dataset, in order."""
+    return sorted((Path(directory) / DATA_DIR).glob("shard-*.parquet"))
+
+
+def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
+    """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order)."""
+    read_metadata(directory)
+    files = shard_files(directory)
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no complete shard yet")
+    return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
+
+
+def _flatten(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``env_config`` fields lifted to the top level, for error messages that name the differing field."""
+    flat = {k: v for k, v in metadata.items() if k != "env_config"}
+    return {**flat, **metadata.get("env_config", {})}
+
+
+def _check_resumable(directory: Path, metadata: dict[str, Any]) -> int:
+    """Raise ``DatasetMismatchError`` if ``directory`` holds another setup's dataset; return its episode count."""
+    if not (directory / METADATA_FILE).exists():
+        return 0
+    stored = read_metadata(directory)
+    stored_id = {k: v for k, v in stored.items() if k not in ("episodes", "steps_per_episode")}
+    if stored_id != metadata:
+        flat_stored, flat_requested = _flatten(stored_id), _flatten(metadata)
+        differing = sorted(k for k in {*flat_stored, *flat_requested} if flat_stored.get(k) != flat_requested.get(k))
+        details = "; ".join(
+            f"{k}: stored {flat_stored.get(k)!r}, requested {flat_requested.get(k)!r}" for k in differing
+        )
+        raise DatasetMismatchError(
+            f"{directory} holds trajectories made with a different setup ({details}); "
+            "nothing was written: choose another output folder, or the options it was made with"
+        )
+    return int(stored.get("episodes", 0))
+
+
+def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Roll out one seeded episode of ``policy`` on ``env`` (unwrapped); yield one row per step."""
+    observation, info = env.reset(seed=seed)
+    policy.reset(seed)
+    step, terminated = 0, False
+    while not terminated:
+        mask = env.action_masks()
+        action = policy.act(observation, mask, env)
+        next_observation, reward, terminated, _, info = env.step(action)
+        terms = info["reward_terms"]
+        yield {
+            "observation": observation,
+            "action": int(np.asarray(action).reshape(())),
+            "rank": int(info["rank"]),
+            "action_mask": mask,
+            "reward": float(reward),
+            **{f"reward_{term}": float(terms[term]) for term in REWARD_TERMS},
+            "fidelity": float(info["fidelity"]),
+            "flops_ratio": float(info["flops"] / info["flops_full"]),
+            "perturbation": float(info["perturbation"]),
+            "layer": info["layer"],
+            "segment": info["segment"],
+            "step": step,
+            "episode": episode,
+            "seed": seed,
+        }
+        observation, step = next_observation, step + 1
+
+
+def record_trajectories(
+    directory: str | os.PathLike,
+    policy: RankPolicy,
+    episodes: int,
+    env_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    episodes_per_shard: int = 8,
+    progress: bool = True,
+) -> datasets.Dataset:
+    """Roll out ``episodes`` episodes of ``policy`` and write them to ``directory``, resuming what is there.
+
+    Args:
+        directory: the dataset folder; created if missing. If it already holds a dataset, it
+            must have been made with the same env configuration, policy, seed and shard size
+            (``DatasetMismatchError`` otherwise, and nothing is written); its complete shards
+            are kept and the run continues from the first missing one.
+        policy: a :class:`~oracle.policy.RankPolicy`.
+        episodes: the total number of episodes the dataset should hold.
+        env_kwargs: ``gym.make("DRRL-Attention-v0", ...)`` keywords (``per_head`` must be False).
+        seed: episode ``i`` runs with seed ``seed + i``.
+        episodes_per_shard: episodes per parquet shard (the unit of resumption).
+        progress: show a progress bar (episodes/s and the mean episode return).
+
+    Returns:
+        The whole dataset, loaded back from disk.
+    """
+    if episodes < 1 or episodes_per_shard < 1:
+        raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {episodes} and {episodes_per_shard}")
+    directory = Path(directory)
+    env: DRRLAttentionEnv = gym.make(ENV_ID, **(env_kwargs or {})).unwrapped
+    try:
+        if env.config.per_head:
+            raise ValueError("record_trajectories supports per_head=False only (one rank index per step)")
+        metadata = dataset_metadata(env.config, policy.name, seed, episodes_per_shard)
+        stored_episodes = _check_resumable(directory, metadata)
+        steps_per_episode = env.num_layers * env.num_segments
+        metadata.update(steps_per_episode=steps_per_episode, episodes=max(episodes, stored_episodes))
+        _write_atomic(directory / METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        features = trajectory_features(env.observation_space.shape[0])
+        bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
+        returns: list[float] = []
+        for first in range(0, episodes, episodes_per_shard):
+            shard_episodes = range(first, min(first + episodes_per_shard, episodes))
+            path = _shard_path(directory, first // episodes_per_shard)
+            if path.exists() and pq.read_metadata(path).num_rows == len(shard_episodes) * steps_per_episode:
+                bar.update(len(shard_episodes))  # complete from an earlier run
+                continue
+            rows: list[dict[str, Any]] = []
+            for episode in shard_episodes:
+                env.total_steps = episode * steps_per_episode  # the guardrail clock of an uninterrupted run
+                episode_rows = list(run_episode(env, policy, episode, seed + episode))
+                rows.extend(episode_rows)
+                returns.append(sum(row["reward"] for row in episode_rows))
+                bar.update(1)
+                bar.set_postfix(mean_return=f"{np.mean(returns):.3f}")
+            columns = {name: [row[name] for row in rows] for name in features}
+            _write_atomic(path, datasets.Dataset.from_dict(columns, features=features).to_parquet)
+        bar.close()
+    finally:
+        env.close()
+    return load_trajectories(directory)

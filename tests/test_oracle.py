@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import drrl_env  # noqa: F401  (registers the env)
+from oracle import DatasetMismatchError, GreedyOracle, load_trajectories, read_metadata, record_trajectories
+
+
+class RandomAllowed:
+    """A seeded stochastic policy, to check that resuming reseeds episodes exactly."""
+
+    name = "random-allowed"
+
+    def reset(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observation, action_mask, env):
+        return int(self.rng.choice(np.flatnonzero(action_mask)))
+
+
+class Interrupting(RandomAllowed):
+    """Raises KeyboardInterrupt at its ``stop_after``-th action (a run killed mid-shard)."""
+
+    def __init__(self, stop_after):
+        self.calls, self.stop_after = 0, stop_after
+
+    def act(self, observation, action_mask, env):
+        self.calls += 1
+        if self.calls == self.stop_after:
+            raise KeyboardInterrupt
+        return super().act(observation, action_mask, env)
+
+
+@pytest.fixture
+def oracle_env_kwargs(tiny_env_kwargs):
+    # eps0 small enough that the guardrail masks some ranks; no annealing, so a replay sees the same mask
+    return {**tiny_env_kwargs, "eps0": 0.3, "eps_decay": 0.0, "segment_len": 16}
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_batched_candidate_rewards_equal_the_step_reward_and_the_oracle_is_best(oracle_env_kwargs, mode):
+    """Replay each step's prefix in a second env and take every allowed rank: the batched estimate is the reward."""
+    kwargs = {**oracle_env_kwargs, "spectral_mode": mode}
+    env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    replay = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    oracle = GreedyOracle()
+    obs, _ = env.reset(seed=3)
+    prefix, terminated, masked_seen = [], False, False
+    while not terminated:
+        mask = env.action_masks()
+        masked_seen |= not mask.all()
+        candidates = env.candidate_rewards()
+        np.testing.assert_array_equal(candidates.allowed, mask)
+        choice = oracle.act(obs, mask, env)
+        assert mask[choice]
+        for action in np.flatnonzero(mask):
+            replay.reset(seed=3)
+            for earlier in prefix:
+                replay.step(earlier)
+            _, reward, _, _, info = replay.step(action)
+            assert not info["masked_violation"]
+            assert reward == pytest.approx(candidates.reward[action], abs=1e-6)
+            assert candidates.reward[choice] >= reward - 1e-6
+        obs, _, terminated, _, _ = env.step(choice)
+        prefix.append(choice)
+    assert masked_seen, "the test should exercise the mask; lower eps0"
+    assert len(prefix) == 2 * 2  # 2 layers x 2 segments
+
+
+def test_dataset_round_trip_and_oracle_actions_are_allowed(tmp_path, oracle_env_kwargs):
+    dataset = record_trajectories(tmp_path / "ds", GreedyOracle(), 3, oracle_env_kwargs, seed=5, progress=False)
+    assert dataset.num_rows == 3 * 4
+    assert dataset["episode"] == [e for e in range(3) for _ in range(4)]
+    assert dataset["seed"] == [5 + e for e in range(3) for _ in range(4)]
+    for row in dataset:
+        assert row["action_mask"][row["action"]]
+        assert row["rank"] == oracle_env_kwargs["ranks"][row["action"]]
+        terms = sum(row[f"reward_{t}"] for t in ("fidelity", "flops", "perturbation", "violation", "terminal"))
+        assert row["reward"] == pytest.approx(terms)
+        assert row["reward_violation"] == 0.0
+    metadata = read_metadata(tmp_path / "ds")
+    assert metadata["env_config"]["ranks"] == [4, 8, 12, 16] and metadata["policy"] == "greedy"
+    from datasets import load_dataset
+
+    same = load_dataset("parquet", data_dir=str(tmp_path / "ds" / "data"), split="train")
+    assert same["reward"] == dataset["reward"]
+    assert load_trajectories(tmp_path / "ds")["observation"] == dataset["observation"]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, oracle_env_kwargs):
+    kwargs = {**oracle_env_kwargs, "eps_decay": 0.05}  # the guardrail clock matters across episodes
+    whole = record_trajectories(tmp_path / "whole", RandomAllowed(), 5, kwargs, 1, episodes_per_shard=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        record_trajectories(tmp_path / "cut", Interrupting(stop_after=11), 5, kwargs, 1, 2, progress=False)
+    assert len(list((tmp_path / "cut" / "data").glob("*.parquet"))) == 1  # shard 1 was cut, no partial file
+    assert not list((tmp_path / "cut").rglob("*.tmp"))
+    record_trajectories(tmp_path / "cut", RandomAllowed(), 3, kwargs, 1, 2, progress=False)  # resume, short
+    resumed = record_trajectories(tmp_path / "cut", RandomAllowed(), 5, kwargs, 1, 2, progress=False)  # and grow
+    assert resumed.to_dict() == whole.to_dict()
+
+
+def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path, oracle_env_kwargs):
+    record_trajectories(tmp_path / "ds", GreedyOracle(), 1, oracle_env_kwargs, progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    with pytest.raises(DatasetMismatchError, match="beta: stored 0.5, requested 0.9"):
+        record_trajectories(tmp_path / "ds", GreedyOracle(), 2, {**oracle_env_kwargs, "beta": 0.9}, progress=False)
+    with pytest.raises(DatasetMismatchError, match="policy"):
+        record_trajectories(tmp_path / "ds", RandomAllowed(), 1, oracle_env_kwargs, progress=False)
+    after = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_oracle_command(tmp_path, tiny_model_dir):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "oracle", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--episodes" in help_text and "--out" in help_text and "--no-guardrail" in help_text
+    out = tmp_path / "ds"
+    common = [sys.executable, "-m", "oracle", "--out", str(out), "--model", tiny_model_dir, "--seq-len", "32"]
+    ranks = ["--ranks", "4", "8", "16"]
+    done = subprocess.run([*common, *ranks, "--episodes", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "metadata.json").read_text())["episodes"] == 2
+    refused = subprocess.run([*common, "--ranks", "4", "8", "--episodes", "2"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "ranks: stored [4, 8, 16], requested [4, 8]" in refused.stderr
