@@ -63,3 +63,22 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_env_kwargs(tiny_model_dir):
     return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_layered_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama of ``tiny_model_dir`` with layer 0's W_Q, W_K scaled by 8: sharp attention there, flat in layer 1.
+
+    A random tiny model attends almost uniformly, so every rank is as good as another; here the
+    best rank depends on the layer and the segment, which a policy can learn from the state.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-layered")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    attention = model.model.layers[0].self_attn
+    attention.q_proj.weight.data.mul_(8.0)
+    attention.k_proj.weight.data.mul_(8.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)

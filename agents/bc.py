@@ -1,0 +1,237 @@
+"""Behaviour cloning of a rank policy on a trajectory dataset (paper IV.E.3, stage one).
+
+The policy is the one MaskablePPO trains (:mod:`agents.policies`), and the loss is the masked
+cross-entropy of its own action distribution: ``-log pi(a_oracle | s, mask)``, where sb3-contrib's
+masking gives masked ranks zero probability. The dataset's last ``validation_fraction`` of
+episodes (held-out text) is kept for validation; each epoch logs ``bc/train_loss``,
+``bc/val_loss``, ``bc/train_accuracy`` and ``bc/val_accuracy`` (top-1 agreement with the
+recorded actions, under the masks) to TensorBoard through SB3's logger. The result is saved as
+a MaskablePPO model file, so ``MaskablePPO.load(path, env=...)`` continues with PPO (the env
+wrapped as :func:`agents.policies.policy_setup` says).
+
+    python -m agents.bc --dataset DIR --out FILE [--policy mlp|transformer] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.logger import configure
+from tqdm.auto import tqdm
+
+from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
+from drrl_env import ENV_ID
+from oracle.dataset import env_config_of, load_trajectories, read_metadata
+
+
+@dataclass
+class BCConfig:
+    """Behaviour-cloning hyperparameters."""
+
+    policy: str = "mlp"
+    """policy network: 'mlp' or 'transformer'"""
+    history: int = DEFAULT_HISTORY
+    """states in the Transformer's window"""
+    epochs: int = 30
+    """passes over the training episodes"""
+    batch_size: int = 64
+    """steps per gradient step"""
+    learning_rate: float = 1e-3
+    """Adam learning rate"""
+    validation_fraction: float = 0.2
+    """fraction of episodes held out (the last ones), at least one"""
+    seed: int = 0
+    """seed of the policy's initialisation and of the shuffling"""
+
+
+@dataclass
+class BCResult:
+    """Per-epoch curves of a behaviour-cloning run."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Demonstrations:
+    """Arrays of a trajectory dataset as the policy sees them."""
+
+    observations: np.ndarray  # (N, D) or (N, W, D + 1)
+    masks: np.ndarray  # (N, K) bool
+    actions: np.ndarray  # (N,) int64
+    episodes: np.ndarray  # (N,) int64
+
+
+def load_demonstrations(directory: str | os.PathLike, history: int = 0) -> Demonstrations:
+    """Load a dataset; with ``history > 0`` each observation becomes the window of its episode's last states."""
+    data = load_trajectories(directory).with_format("numpy")
+    observations = np.stack(data["observation"]).astype(np.float32)
+    episodes, steps = np.asarray(data["episode"]), np.asarray(data["step"])
+    if history:
+        windows = []
+        for index in range(len(observations)):
+            first = index - int(steps[index])  # rows of an episode are consecutive, step 0 first
+            windows.append(stack_states(list(observations[first : index + 1]), history))
+        observations = np.stack(windows)
+    masks = np.stack(data["action_mask"]).astype(bool)
+    return Demonstrations(observations, masks, np.asarray(data["action"], dtype=np.int64), episodes)
+
+
+def _evaluate(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """Mean masked cross-entropy and top-1 agreement on ``rows``."""
+    losses, hits = [], 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            loss, correct = _batch_loss(model, demos, batch)
+            losses.append(float(loss) * len(batch))
+            hits += correct
+    return sum(losses) / len(rows), hits / len(rows)
+
+
+def _batch_loss(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+    policy = model.policy
+    observations = torch.as_tensor(demos.observations[rows], device=policy.device)
+    actions = torch.as_tensor(demos.actions[rows], device=policy.device)
+    distribution = policy.get_distribution(observations, action_masks=demos.masks[rows])
+    loss = -distribution.log_prob(actions).mean()
+    predicted = distribution.distribution.probs.argmax(dim=-1)
+    return loss, int((predicted == actions).sum())
+
+
+def behaviour_clone(
+    dataset: str | os.PathLike,
+    config: BCConfig | None = None,
+    logdir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[MaskablePPO, BCResult]:
+    """Fit a MaskablePPO policy's action distribution to the actions of a trajectory dataset.
+
+    Args:
+        dataset: a folder written by ``python -m oracle`` (or any :func:`oracle.record_trajectories`).
+        config: hyperparameters (defaults: :class:`BCConfig`).
+        logdir: TensorBoard folder for the ``bc/*`` curves (None: no logging).
+        progress: show a progress bar over epochs.
+
+    Returns:
+        The model (a MaskablePPO whose env is the dataset's env configuration) and the curves.
+    """
+    config = config or BCConfig()
+    setup = policy_setup(config.policy, config.history)
+    metadata = read_metadata(dataset)
+    demos = load_demonstrations(dataset, setup.history)
+    env = setup.wrap(gym.make(ENV_ID, **env_config_of(metadata)))
+    model = MaskablePPO("MlpPolicy", env, policy_kwargs=setup.policy_kwargs, seed=config.seed, device="cpu")
+    episode_ids = np.unique(demos.episodes)
+    if len(episode_ids) < 2:
+        raise ValueError(f"{dataset} holds {len(episode_ids)} episode(s); behaviour cloning needs at least 2")
+    held_out = episode_ids[-max(1, math.ceil(config.validation_fraction * len(episode_ids))) :]
+    val_rows = np.flatnonzero(np.isin(demos.episodes, held_out))
+    train_rows = np.flatnonzero(~np.isin(demos.episodes, held_out))
+    logger = configure(str(logdir), ["tensorboard"]) if logdir is not None else None
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=config.learning_rate)
+    rng = np.random.default_rng(config.seed)
+    result = BCResult()
+    bar = tqdm(range(config.epochs), desc="behaviour cloning", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.policy.set_training_mode(True)
+        order = rng.permutation(train_rows)
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss, _ = _batch_loss(model, demos, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.policy.set_training_mode(False)
+        train_loss, train_accuracy = _evaluate(model, demos, train_rows, 256)
+        val_loss, val_accuracy = _evaluate(model, demos, val_rows, 256)
+        for name, value in (
+            ("train_loss", train_loss),
+            ("val_loss", val_loss),
+            ("train_accuracy", train_accuracy),
+            ("val_accuracy", val_accuracy),
+        ):
+            getattr(result, name).append(value)
+            if logger is not None:
+                logger.record(f"bc/{name}", value)
+        if logger is not None:
+            logger.dump(step=epoch)
+        bar.set_postfix(val_loss=f"{val_loss:.3f}", val_accuracy=f"{val_accuracy:.3f}")
+    if logger is not None:
+        logger.close()
+    return model, result
+
+
+def save_model_atomic(model: MaskablePPO, path: str | os.PathLike) -> Path:
+    """``model.save`` to a temporary file, then rename it to ``path`` (``.zip`` added as SB3 does)."""
+    path = Path(path)
+    path = path if path.suffix == ".zip" else path.with_name(path.name + ".zip")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".zip")
+    os.close(handle)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = BCConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.bc",
+        description="Behaviour cloning: fit a MaskablePPO policy to a trajectory dataset by masked cross-entropy "
+        "and save it as a MaskablePPO model file (continue with train_agent.py --bc-model FILE).",
+    )
+    parser.add_argument("--dataset", required=True, help="trajectory dataset folder (from python -m oracle)")
+    parser.add_argument("--out", required=True, help="model file to write (.zip added if missing)")
+    parser.add_argument("--policy", choices=POLICIES, default=defaults.policy, help="policy network (default: mlp)")
+    parser.add_argument("--history", type=int, default=defaults.history, help="Transformer window (default: 8)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (default: 30)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="minibatch size (default: 64)")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam lr (default: 1e-3)")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=defaults.validation_fraction,
+        help="fraction of episodes held out for validation (default: 0.2)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: 0)")
+    parser.add_argument("--logdir", default="runs/bc", help="TensorBoard folder of the bc/* curves (default: runs/bc)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = BCConfig(
+        args.policy, args.history, args.epochs, args.batch_size, args.learning_rate, args.validation_fraction, args.seed
+    )
+    try:
+        model, result = behaviour_clone(args.dataset, config, args.logdir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    path = save_model_atomic(model, args.out)
+    print(
+        f"saved {path}: held-out agreement with the dataset's actions {result.val_accuracy[-1]:.3f}, "
+        f"loss {result.val_loss[-1]:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Policy networks for SB3 algorithms on DRRL-Attention-v0: an MLP, and the paper's Transformer (Eq. 7).
+
+The Transformer policy attends over the recent states of the episode. The history reaches it
+through :class:`StateHistory`, an observation wrapper that turns the env's ``(D,)`` state into a
+window ``(W, D + 1)`` of the last ``W`` states, oldest first, with a last column that is 1 for a
+real state and 0 for the zero padding before the episode's first step. :class:`TransformerExtractor`
+(an SB3 features extractor) embeds each state, adds a learned position embedding, runs a
+Transformer encoder with the padding masked out, and returns the encoding of the current (last)
+state; SB3's policy then applies its MLP (``net_arch``) and the softmax over ranks (Eq. 7), with
+sb3-contrib's masking for MaskablePPO. Use :func:`policy_setup` to get both pieces by name.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+POLICIES = ("mlp", "transformer")
+DEFAULT_HISTORY = 8
+
+
+def stack_states(states: list[np.ndarray], window: int) -> np.ndarray:
+    """The last ``window`` of ``states`` (each ``(D,)``, most recent last) as ``(window, D + 1)``, zero-padded.
+
+    The last column is 1 for a real state, 0 for padding (at the top, before the first state).
+    """
+    recent = states[-window:]
+    width = recent[0].shape[0]
+    stacked = np.zeros((window, width + 1), dtype=np.float32)
+    stacked[window - len(recent) :, :width] = np.stack(recent)
+    stacked[window - len(recent) :, width] = 1.0
+    return stacked
+
+
+class StateHistory(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Observation wrapper: the last ``window`` states of the episode, ``Box(-10, 10, (window, D + 1))``.
+
+    See :func:`stack_states`. ``action_masks()`` is passed through, so MaskablePPO works unchanged.
+    """
+
+    def __init__(self, env: gym.Env, window: int = DEFAULT_HISTORY) -> None:
+        super().__init__(env)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        gym.utils.RecordConstructorArgs.__init__(self, window=window)
+        box = env.observation_space
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise ValueError(f"StateHistory needs a 1-D Box observation space, got {box}")
+        self.window = window
+        low = np.concatenate([box.low, [0.0]]).astype(np.float32)
+        high = np.concatenate([box.high, [1.0]]).astype(np.float32)
+        self.observation_space = spaces.Box(np.tile(low, (window, 1)), np.tile(high, (window, 1)), dtype=np.float32)
+        self._states: deque[np.ndarray] = deque(maxlen=window)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
+        observation, info = self.env.reset(**kwargs)
+        self._states.clear()
+        self._states.append(observation)
+        return stack_states(list(self._states), self.window), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self._states.append(observation)
+        return stack_states(list(self._states), self.window), reward, terminated, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        return self.env.get_wrapper_attr("action_masks")()
+
+
+class TransformerExtractor(BaseFeaturesExtractor):
+    """Transformer encoder over a window of states (Eq. 7's state encoder), as an SB3 features extractor.
+
+    Takes ``(batch, W, D + 1)`` windows from :class:`StateHistory` (or plain ``(batch, D)`` states,
+    a window of one) and returns ``(batch, d_model)``: the encoding of the current state.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        dim_feedforward: int = 128,
+    ) -> None:
+        super().__init__(observation_space, features_dim=d_model)
+        shape = observation_space.shape
+        self.windowed = len(shape) == 2
+        window, width = shape if self.windowed else (1, shape[0])
+        self.embed = nn.Linear(width, d_model)
+        self.position = nn.Parameter(torch.zeros(window, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        windows = observations if self.windowed else observations.unsqueeze(1)  # (batch, W, width)
+        padding = windows[..., -1] < 0.5 if self.windowed else torch.zeros(windows.shape[:2], dtype=torch.bool)
+        padding = padding.to(windows.device)
+        encoded = self.encoder(self.embed(windows) + self.position, src_key_padding_mask=padding)  # (batch, W, d)
+        return self.norm(encoded[:, -1])  # the current state's encoding
+
+
+@dataclass(frozen=True)
+class PolicySetup:
+    """What a named policy needs: SB3 ``policy_kwargs`` and the history window (0: no wrapper)."""
+
+    name: str
+    policy_kwargs: dict[str, Any]
+    history: int
+
+    def wrap(self, env: gym.Env) -> gym.Env:
+        """Wrap ``env`` as this policy expects (with :class:`StateHistory` for the Transformer)."""
+        return StateHistory(env, self.history) if self.history else env
+
+
+def policy_setup(name: str, history: int = DEFAULT_HISTORY) -> PolicySetup:
+    """The ``policy_kwargs`` and env wrapping of a policy by name: ``mlp`` or ``transformer``."""
+    if name == "mlp":
+        return PolicySetup(name, {"net_arch": [64, 64]}, 0)
+    if name == "transformer":
+        if history < 1:
+            raise ValueError(f"history must be >= 1 for the transformer policy, got {history}")
+        kwargs = {"features_extractor_class": TransformerExtractor, "net_arch": [64]}
+        return PolicySetup(name, kwargs, history)
+    raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+
+
+def setup_of_observation_space(space: spaces.Space) -> PolicySetup:
+    """The setup a saved model was trained with, read off its observation space (a window means Transformer)."""
+    if isinstance(space, spaces.Box) and len(space.shape) == 2:
+        return policy_setup("transformer", space.shape[0])
+    return policy_setup("mlp")

@@ -1,0 +1,134 @@
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from sb3_contrib import MaskablePPO
+
+import drrl_env  # noqa: F401  (registers the env)
+from agents.bc import BCConfig, behaviour_clone, load_demonstrations, save_model_atomic
+from agents.policies import StateHistory, TransformerExtractor, policy_setup, stack_states
+from oracle import GreedyOracle, record_trajectories
+
+
+@pytest.fixture(scope="module")
+def oracle_dataset(tmp_path_factory, tiny_layered_model_dir):
+    """24 greedy-oracle episodes (2 layers x 4 segments) whose best rank depends on layer, segment and text."""
+    kwargs = dict(
+        model=tiny_layered_model_dir,
+        ranks=(2, 4, 6, 8, 10, 12, 14, 16),
+        seq_len=32,
+        segment_len=8,
+        beta=0.2,
+        gamma=0.0,
+        guardrail=False,
+    )
+    directory = tmp_path_factory.mktemp("oracle") / "ds"
+    record_trajectories(directory, GreedyOracle(), 24, kwargs, progress=False)
+    return directory, kwargs
+
+
+def test_stack_states_pads_and_flags():
+    states = [np.full(3, float(i)) for i in range(1, 3)]
+    window = stack_states(states, 4)
+    assert window.shape == (4, 4)
+    np.testing.assert_array_equal(window[:, -1], [0, 0, 1, 1])
+    np.testing.assert_array_equal(window[2:, :3], [[1, 1, 1], [2, 2, 2]])
+    assert not window[:2].any()
+    np.testing.assert_array_equal(stack_states([np.ones(3)] * 6, 4)[:, -1], [1, 1, 1, 1])
+
+
+def test_state_history_wrapper_and_transformer_extractor(tiny_env_kwargs):
+    env = StateHistory(gym.make("DRRL-Attention-v0", **{**tiny_env_kwargs, "eps_decay": 0.0}), window=3)
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    first = obs.copy()
+    assert obs.shape == env.observation_space.shape == (3, env.unwrapped.observation_space.shape[0] + 1)
+    np.testing.assert_array_equal(obs[:, -1], [0, 0, 1])
+    assert env.action_masks().shape == (4,)
+    obs, *_ = env.step(3)
+    np.testing.assert_array_equal(obs[1], first[2])  # the window slides
+    extractor = TransformerExtractor(env.observation_space)
+    features = extractor(torch.as_tensor(np.stack([first, obs])))
+    assert features.shape == (2, extractor.features_dim)
+    # the padding is masked: changing a padded row does not change the encoding
+    altered = first.copy()
+    altered[0, :-1] = 5.0
+    torch.testing.assert_close(extractor(torch.as_tensor(altered[None])), extractor(torch.as_tensor(first[None])))
+    # but an earlier real state does: the extractor attends over the history
+    changed = obs.copy()
+    changed[1, :-1] += 1.0
+    assert not torch.allclose(extractor(torch.as_tensor(changed[None])), extractor(torch.as_tensor(obs[None])))
+
+
+@pytest.mark.parametrize("policy", ["mlp", "transformer"])
+def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
+    directory, _ = oracle_dataset
+    demos = load_demonstrations(directory)
+    held_out = demos.actions[demos.episodes >= 19]
+    majority = np.bincount(held_out).max() / len(held_out)
+    config = BCConfig(policy=policy, epochs=60, validation_fraction=0.2)
+    _, untrained = behaviour_clone(directory, BCConfig(policy=policy, epochs=1, learning_rate=0.0), progress=False)
+    _, result = behaviour_clone(directory, config, progress=False)
+    assert result.train_loss[-1] < 0.5 * result.train_loss[0]
+    assert result.train_accuracy[-1] >= 0.9
+    # held-out text: the oracle's choice depends partly on the text, which 19 training episodes do not pin down
+    assert result.val_accuracy[-1] >= max(0.75, majority + 0.1), (result.val_accuracy, majority)
+    assert untrained.val_accuracy[-1] < 0.5
+
+
+def test_bc_model_loads_into_maskable_ppo_and_trains_on(oracle_dataset, tmp_path):
+    directory, kwargs = oracle_dataset
+    model, _ = behaviour_clone(
+        directory, BCConfig(policy="transformer", epochs=5), logdir=tmp_path / "tb", progress=False
+    )
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    path = save_model_atomic(model, tmp_path / "bc")
+    assert path.name == "bc.zip" and not list(tmp_path.glob(".*.zip"))
+    env = policy_setup("transformer").wrap(gym.make("DRRL-Attention-v0", **kwargs))
+    loaded = MaskablePPO.load(path, env=env, n_steps=64, batch_size=32)
+    observations = torch.as_tensor(load_demonstrations(directory, history=8).observations[:16])
+    torch.testing.assert_close(
+        loaded.policy.get_distribution(observations).distribution.logits,
+        model.policy.get_distribution(observations).distribution.logits,
+    )
+    loaded.learn(256)
+    assert loaded.num_timesteps >= 256
+
+
+def test_bc_command(oracle_dataset, tmp_path):
+    directory, _ = oracle_dataset
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agents.bc", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--dataset", "--out", "--policy", "--epochs"):
+        assert flag in help_text
+    out = tmp_path / "model"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agents.bc",
+            "--dataset",
+            str(directory),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--logdir",
+            str(tmp_path / "tb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "model.zip").is_file() and "held-out agreement" in done.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "agents.bc", "--dataset", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "holds no trajectory dataset" in missing.stderr
