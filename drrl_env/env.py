@@ -379,6 +379,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             perturbation=outcome.perturbation.numpy(),
         )
 
+    @property
+    def attention_call(self) -> AttentionCall:
+        """The current step's attention call: post-RoPE Q, K, V of the layer/segment and their cached spectra.
+
+        For policies that read the spectra directly (the stable-rank and threshold baselines).
+        """
+        if self._call is None:
+            raise RuntimeError("DRRL-Attention-v0: call reset() before attention_call")
+        return self._call
+
     def action_masks(self) -> np.ndarray:
         """Boolean mask of allowed actions: ``(K,)``, or ``(Hkv * K,)`` group-major with ``per_head``."""
         if self._call is None:

@@ -33,6 +33,23 @@ class FixedRank:
 
 
 @dataclass(frozen=True)
+class LayerRanks:
+    """Handler that runs layer ``l`` at ``ranks[l]`` (segment ``s`` at ``ranks[l][s]`` if a sequence); None: full.
+
+    Replays a policy's rank choices in a plain forward pass (no env), e.g. to time them.
+    """
+
+    ranks: tuple
+    mode: SpectralMode = "separate"
+
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        rank = self.ranks[call.layer]
+        if isinstance(rank, (tuple, list)):
+            rank = rank[call.segment]
+        return call.full() if rank is None else call.low_rank(rank, self.mode)
+
+
+@dataclass(frozen=True)
 class PerplexityResult:
     """Summed next-token negative log-likelihood (nats) over ``tokens`` predicted tokens."""
 

@@ -1,0 +1,119 @@
+"""RL algorithms by name: one registry entry per SB3-compatible algorithm.
+
+``maskable_ppo`` (sb3-contrib, the default) uses the env's ``action_masks()``. The others do not
+see the mask: a masked rank they pick is executed as the nearest allowed one, with
+``info["masked_violation"]`` set and ``violation_penalty`` subtracted (see the env's docs), and
+their violation rate is reported by training and evaluation. To add an algorithm, add one
+:class:`Algorithm` to ``ALGORITHMS``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from sb3_contrib import QRDQN, TRPO, MaskablePPO, RecurrentPPO
+from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from agents.policies import PolicySetup
+from drrl_env.env import DRRLAttentionEnv
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An SB3-compatible algorithm as train_agent.py uses it."""
+
+    name: str
+    cls: type[BaseAlgorithm]
+    masked: bool = False
+    """uses the env's action masks"""
+    recurrent: bool = False
+    """an LSTM policy: predict() carries a hidden state through the episode"""
+    policy: str = "MlpPolicy"
+    on_policy: bool = True
+    """rollout length is n_steps (on-policy) rather than a replay buffer"""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def make(
+        self, env: gym.Env | Any, setup: PolicySetup, seed: int, logdir: str | None, **kwargs: Any
+    ) -> BaseAlgorithm:
+        """A new model on ``env`` with the policy network of ``setup``; ``kwargs`` override the defaults."""
+        arguments = {**self.defaults, **kwargs}
+        if not self.on_policy:
+            arguments.pop("n_steps", None)
+        policy_kwargs = dict(setup.policy_kwargs)
+        if self.recurrent and "features_extractor_class" in policy_kwargs:
+            raise ValueError("recurrent_ppo carries its own memory (an LSTM): use --policy mlp with it")
+        return self.cls(
+            self.policy, env, policy_kwargs=policy_kwargs, seed=seed, tensorboard_log=logdir, device="cpu", **arguments
+        )
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    algorithm.name: algorithm
+    for algorithm in (
+        Algorithm("maskable_ppo", MaskablePPO, masked=True),
+        Algorithm("ppo", PPO),
+        Algorithm("a2c", A2C),
+        Algorithm("trpo", TRPO),
+        Algorithm("recurrent_ppo", RecurrentPPO, recurrent=True, policy="MlpLstmPolicy"),
+        Algorithm("dqn", DQN, on_policy=False, defaults={"learning_starts": 100, "buffer_size": 50_000}),
+        Algorithm("qrdqn", QRDQN, on_policy=False, defaults={"learning_starts": 100, "buffer_size": 50_000}),
+    )
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The registry entry ``name``; the error lists the registered names."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; registered: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+class ModelPolicy:
+    """A saved SB3 model as a :class:`~oracle.policy.RankPolicy` (deterministic actions).
+
+    MaskablePPO gets the action mask; other algorithms act without it (the env then executes the
+    nearest allowed rank, a violation). Recurrent policies carry their LSTM state through the
+    episode. ``wrap`` is the observation wrapping the model was trained with (the Transformer's
+    state window), applied to the env's observations here.
+    """
+
+    def __init__(self, model: BaseAlgorithm, algorithm: Algorithm, setup: PolicySetup, name: str) -> None:
+        self.model, self.algorithm, self.setup, self.name = model, algorithm, setup, name
+        self._states: list[np.ndarray] = []
+        self._lstm: Any = None
+
+    @classmethod
+    def load(cls, spec: str) -> ModelPolicy:
+        """From ``PATH.zip`` (a MaskablePPO model) or ``ALGO:PATH.zip``."""
+        from agents.policies import setup_of_observation_space
+
+        algo_name, _, path = spec.rpartition(":") if spec.count(":") and not os.path.exists(spec) else ("", "", spec)
+        algorithm = get_algorithm(algo_name or "maskable_ppo")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model file {path!r} does not exist (policy spec {spec!r})")
+        model = algorithm.cls.load(path, device="cpu")
+        return cls(model, algorithm, setup_of_observation_space(model.observation_space), f"{algorithm.name}:{path}")
+
+    def reset(self, seed: int) -> None:
+        del seed
+        self._states, self._lstm = [], None
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        from agents.policies import stack_states
+
+        self._states.append(np.asarray(observation, dtype=np.float32))
+        obs = stack_states(self._states, self.setup.history) if self.setup.history else self._states[-1]
+        if self.algorithm.masked:
+            action, _ = self.model.predict(obs, action_masks=action_mask, deterministic=True)
+        elif self.algorithm.recurrent:
+            start = np.array([self._lstm is None])
+            action, self._lstm = self.model.predict(obs, state=self._lstm, episode_start=start, deterministic=True)
+        else:
+            action, _ = self.model.predict(obs, deterministic=True)
+        return int(np.asarray(action).reshape(()))

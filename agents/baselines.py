@@ -1,0 +1,230 @@
+"""Heuristic and reference rank policies, all with the :class:`oracle.policy.RankPolicy` interface.
+
+Every policy here only picks ranks the guardrail allows: where its preferred rank is masked, it
+takes the allowed candidate nearest to it (ties: the larger), which is also what the env would
+execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, ``energy:0.9``):
+
+============== ===================================================================================
+``full``        the largest candidate rank (for ``ranks`` up to ``head_dim``: full rank)
+``fixed:R``     the candidate nearest to ``R`` (the paper's static baseline uses 32)
+``energy:T``    "Adaptive SVD": the smallest candidate whose NER (Eq. 14) reaches ``T``
+``random``      a uniformly random allowed candidate (seeded per episode)
+``stable_rank`` seed 003's controller: stable rank ``||X||_F^2 / sigma_max^2`` (power iteration,
+                Eq. 16) of the Q and K blocks, times a safety factor, smoothed by an EMA over the
+                episode's steps, with hysteresis (the rank moves only when the target leaves a
+                band around it); ``stable_rank:SAFETY``
+``threshold:D`` seed 004's thresholding: the number of singular values above ``D * sigma_max``
+``gumbel:TAU``  seed 004's Gumbel-softmax selection at temperature ``TAU`` over the scores
+                ``NER(r) - r / d`` (energy kept minus width used), a seeded Gumbel-max sample
+``static:F``    static per-layer allocation under a FLOPs budget ``F`` (see :mod:`agents.static`)
+``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
+============== ===================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from drrl_env.env import DRRLAttentionEnv
+from drrl_env.spectra import power_iteration_spectral_norm
+from oracle.policy import GreedyOracle, RankPolicy
+
+
+def nearest_allowed(target_rank: float, action_mask: np.ndarray, ranks: np.ndarray | tuple) -> int:
+    """Index of the allowed candidate nearest to ``target_rank`` (ties: the larger)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    distance = np.abs(ranks - target_rank) - 1e-6 * ranks
+    distance[~np.asarray(action_mask, dtype=bool)] = np.inf
+    return int(np.argmin(distance))
+
+
+def smallest_allowed_at_least(target_rank: float, action_mask: np.ndarray, ranks: np.ndarray | tuple) -> int:
+    """Index of the smallest allowed candidate ``>= target_rank``; the largest allowed one if none is."""
+    ranks = np.asarray(ranks)
+    allowed = np.asarray(action_mask, dtype=bool)
+    above = np.flatnonzero(allowed & (ranks >= target_rank))
+    return int(above[0]) if len(above) else int(np.flatnonzero(allowed)[-1])
+
+
+class _Deterministic:
+    def reset(self, seed: int) -> None:
+        del seed
+
+
+class FullRank(_Deterministic):
+    """The largest candidate rank."""
+
+    name = "full"
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        return len(env.config.ranks) - 1
+
+
+@dataclass
+class FixedRank(_Deterministic):
+    """The candidate nearest to ``rank`` (the allowed one nearest to it where the guardrail masks it)."""
+
+    rank: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"fixed:{self.rank}"
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        return nearest_allowed(self.rank, action_mask, env.config.ranks)
+
+
+@dataclass
+class EnergyThreshold(_Deterministic):
+    """Adaptive SVD: the smallest candidate whose NER (Eq. 14, in the observation) reaches ``threshold``."""
+
+    threshold: float = 0.9
+
+    @property
+    def name(self) -> str:
+        return f"energy:{self.threshold:g}"
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        ner = np.asarray(observation)[env.observation_slices["ner"]]  # (K,)
+        reaching = np.flatnonzero(ner >= self.threshold)
+        target = env.config.ranks[reaching[0]] if len(reaching) else env.config.ranks[-1]
+        return smallest_allowed_at_least(target, action_mask, env.config.ranks)
+
+
+class RandomRank:
+    """A uniformly random allowed candidate, from a generator reseeded at each episode."""
+
+    name = "random"
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        return int(self.rng.choice(np.flatnonzero(action_mask)))
+
+
+def stable_rank(x: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Stable rank ``||X||_F^2 / sigma_max^2`` of each ``(..., n, d)`` block, sigma_max by power iteration (Eq. 16).
+
+    Power iteration converges from below, so this slightly overestimates the stable rank.
+    """
+    generator = torch.Generator().manual_seed(0)
+    sigma_max = power_iteration_spectral_norm(x, iterations, generator)
+    frobenius = x.to(torch.float64).square().sum(dim=(-1, -2))
+    return (frobenius / sigma_max.square().clamp_min(torch.finfo(torch.float64).tiny)).cpu()
+
+
+@dataclass
+class StableRankController:
+    """Seed 003's rank controller, adapted to attention: stable rank, safety factor, EMA and hysteresis.
+
+    Per step, the target is ``safety * max(mean stable rank of the Q blocks, of the K blocks)``;
+    ``ema = smoothing * ema + (1 - smoothing) * target`` over the episode's steps (started at
+    the first target); the current rank moves to the smallest allowed candidate ``>= ema`` only
+    when ``|ema - current| > hysteresis * current``, and otherwise stays (or the nearest allowed).
+    """
+
+    safety: float = 2.0
+    smoothing: float = 0.5
+    hysteresis: float = 0.1
+    iterations: int = 3
+    _ema: float | None = field(default=None, repr=False)
+    _current: float | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"stable_rank:{self.safety:g}"
+
+    def reset(self, seed: int) -> None:
+        self._ema, self._current = None, None
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        call = env.attention_call
+        target = self.safety * max(
+            float(stable_rank(call.query, self.iterations).mean()), float(stable_rank(call.key, self.iterations).mean())
+        )
+        self._ema = target if self._ema is None else self.smoothing * self._ema + (1 - self.smoothing) * target
+        if self._current is None or abs(self._ema - self._current) > self.hysteresis * self._current:
+            index = smallest_allowed_at_least(self._ema, action_mask, env.config.ranks)
+        else:
+            index = nearest_allowed(self._current, action_mask, env.config.ranks)
+        self._current = float(env.config.ranks[index])
+        return index
+
+
+@dataclass
+class SpectralThreshold(_Deterministic):
+    """Seed 004's thresholding: rank = number of singular values above ``delta * sigma_max`` (mean over Q, K blocks)."""
+
+    delta: float = 0.1
+
+    @property
+    def name(self) -> str:
+        return f"threshold:{self.delta:g}"
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        call = env.attention_call
+        counts = [
+            (sigma > self.delta * sigma[..., :1]).sum(-1).double().mean()
+            for sigma in (call.query_spectrum.singular_values, call.key_spectrum.singular_values)
+        ]
+        return smallest_allowed_at_least(float(max(counts)), action_mask, env.config.ranks)
+
+
+@dataclass
+class GumbelRank:
+    """Seed 004's Gumbel-softmax selection: a Gumbel-max sample of ``softmax((NER(r) - r/d) / temperature)``."""
+
+    temperature: float = 0.05
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"gumbel:{self.temperature:g}"
+
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        ner = np.asarray(observation, dtype=np.float64)[env.observation_slices["ner"]]
+        scores = (ner - np.asarray(env.config.ranks) / env.head_dim) / self.temperature
+        noisy = scores + self.rng.gumbel(size=scores.shape)
+        return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
+
+
+BASELINES = ("full", "fixed", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle")
+
+
+def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
+    """A baseline from ``NAME[:PARAM]`` (see the module docstring); ``static`` profiles on ``env_kwargs``'s model."""
+    name, _, param = spec.partition(":")
+    try:
+        if name == "full" and not param:
+            return FullRank()
+        if name == "fixed":
+            return FixedRank(int(param or 32))
+        if name == "energy":
+            return EnergyThreshold(float(param or 0.9))
+        if name == "random" and not param:
+            return RandomRank()
+        if name == "stable_rank":
+            return StableRankController(float(param or 2.0))
+        if name == "threshold":
+            return SpectralThreshold(float(param or 0.1))
+        if name == "gumbel":
+            return GumbelRank(float(param or 0.05))
+        if name == "oracle" and not param:
+            return GreedyOracle()
+        if name == "static":
+            from agents.static import StaticAllocation
+
+            return StaticAllocation.profile(float(param or 0.7), env_kwargs or {})
+    except ValueError as error:
+        raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
+    raise ValueError(f"unknown baseline {spec!r}; expected one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)")
