@@ -93,7 +93,7 @@ class ModelPolicy:
         """From ``PATH.zip`` (a MaskablePPO model) or ``ALGO:PATH.zip``."""
         from agents.policies import setup_of_observation_space
 
-        algo_name, _, path = spec.rpartition(":") if spec.count(":") and not os.path.exists(spec) else ("", "", spec)
+        algo_name, _, path = spec.rpartition(":") if spec.count(":") and not os.path.isfile(spec) else ("", "", spec)
         algorithm = get_algorithm(algo_name or "maskable_ppo")
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file {path!r} does not exist (policy spec {spec!r})")

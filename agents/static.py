@@ -10,12 +10,13 @@ agent has to beat this at equal FLOPs for adaptivity to mean anything.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from drrl_env.corpora import corpus_tokens, sequential_chunks
+from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.models import load_causal_lm, resolve_device
@@ -76,33 +77,57 @@ class StaticAllocation:
     def profile(
         cls, budget: float, env_kwargs: dict, max_tokens: int = 2048, progress: bool = True
     ) -> StaticAllocation:
-        """Profile each layer's loss at each candidate rank on the validation split, then allocate for ``budget``."""
+        """Profile each layer's loss at each candidate rank on validation text, then allocate for ``budget``.
+
+        The validation split of the env's corpus is used, or of the default corpus for an
+        evaluation-only corpus (news, shakespeare): the allocation is chosen on text other than
+        the text it is evaluated on. Profiles are cached per process.
+        """
         if not 0 < budget:
             raise ValueError(f"budget (mean attention FLOPs ratio) must be > 0, got {budget}")
         config = EnvConfig(**env_kwargs)
-        loaded = load_causal_lm(config.model, device=str(resolve_device(config.device)))
-        chunks = sequential_chunks(
-            corpus_tokens(config.corpus, "validation", loaded.tokenizer), config.seq_len, max_tokens
-        )
-        shape = loaded.attention_shape
-        base = evaluate_perplexity(loaded, chunks, None, segment_len=config.segment_len).mean_nll
-        cost = np.zeros((shape.num_layers, len(config.ranks)))
-        cells = [(layer, k) for layer in range(shape.num_layers) for k in range(len(config.ranks))]
-        for layer, k in tqdm(cells, desc="static allocation: profiling layers x ranks", disable=not progress):
-            ranks = [None] * shape.num_layers
-            ranks[layer] = config.ranks[k]
-            handler = LayerRanks(tuple(ranks), config.spectral_mode)
-            nll = evaluate_perplexity(loaded, chunks, handler, segment_len=config.segment_len).mean_nll
-            cost[layer, k] = nll - base
-        n = config.seq_len
-        full = full_attention_flops(1, shape.q_heads, n, n, shape.head_dim).total
-        flops = np.array(
-            [
-                low_rank_attention_flops(
-                    1, shape.q_heads, shape.kv_heads, n, n, shape.head_dim, r, config.spectral_mode
-                ).total
-                / full
-                for r in config.ranks
-            ]
+        corpus = DEFAULT_CORPUS if config.corpus in EVALUATION_ONLY else config.corpus
+        cost, flops = _layer_profile(
+            config.model,
+            corpus,
+            config.seq_len,
+            config.segment_len,
+            config.ranks,
+            config.spectral_mode,
+            config.device,
+            max_tokens,
+            progress,
         )
         return cls(budget, tuple(allocate_ranks(cost, flops, budget)), config.ranks)
+
+
+@functools.cache
+def _layer_profile(
+    model: str,
+    corpus: str,
+    seq_len: int,
+    segment_len: int | None,
+    ranks: tuple[int, ...],
+    mode: str,
+    device: str,
+    max_tokens: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cost (L, K)``: loss increase of each layer alone at each rank; ``flops (K,)``: FLOPs ratio per rank."""
+    loaded = load_causal_lm(model, device=str(resolve_device(device)))
+    chunks = sequential_chunks(corpus_tokens(corpus, "validation", loaded.tokenizer), seq_len, max_tokens)
+    shape = loaded.attention_shape
+    base = evaluate_perplexity(loaded, chunks, None, segment_len=segment_len).mean_nll
+    cost = np.zeros((shape.num_layers, len(ranks)))
+    cells = [(layer, k) for layer in range(shape.num_layers) for k in range(len(ranks))]
+    for layer, k in tqdm(cells, desc="static allocation: profiling layers x ranks", disable=not progress):
+        layer_ranks: list[int | None] = [None] * shape.num_layers
+        layer_ranks[layer] = ranks[k]
+        handler = LayerRanks(tuple(layer_ranks), mode)
+        cost[layer, k] = evaluate_perplexity(loaded, chunks, handler, segment_len=segment_len).mean_nll - base
+    full = full_attention_flops(1, shape.q_heads, seq_len, seq_len, shape.head_dim).total
+    flops = [
+        low_rank_attention_flops(1, shape.q_heads, shape.kv_heads, seq_len, seq_len, shape.head_dim, r, mode).total
+        for r in ranks
+    ]
+    return cost, np.asarray(flops) / full

@@ -1,0 +1,322 @@
+"""``python -m agents.evaluate``: every policy over held-out text, with its ranks really in place.
+
+For each policy (baseline specs such as ``fixed:32`` and ``energy:0.9``, and saved model files),
+corpus and spectral mode, it runs seeded episodes of DRRL-Attention-v0 on the test split. Each
+episode is one forward pass of the LM over a batch with the policy's ranks replacing the
+attention of every layer (and segment), so the LM loss is measured, not estimated. Reported:
+
+* PPL of the policy and, on the same batches, of the model without the hook (``PPL full``);
+* attention FLOPs over full attention's, with and without the SVD and projection overheads
+  (``drrl_env.flops``; the policy network's own cost is not counted);
+* wall-clock per token of a forward pass that replays the policy's ranks (spectra included,
+  the policy's decision excluded), against the plain model timed in the same run;
+* the mean rank, per layer, and the guardrail violation rate (for algorithms without masks).
+
+It writes ``results/`` (``table.md``, ``results.csv`` and PNG figures: the Pareto front, rank
+heatmaps (Fig. 3), FLOPs and wall-clock against sequence length (Fig. 4), the perturbation bound
+over (r, r') (Fig. 5), and training curves (Fig. 2) from ``--runs``), and the same scalars and
+figures to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.algorithms import ModelPolicy
+from agents.baselines import make_baseline
+from drrl_env import ENV_ID
+from drrl_env.cli import add_env_arguments, env_kwargs
+from drrl_env.corpora import corpus_tokens, sequential_chunks
+from drrl_env.env import DRRLAttentionEnv
+from drrl_env.lowrank import SPECTRAL_MODES
+from drrl_env.perplexity import LayerRanks, sequence_nll
+from oracle.policy import RankPolicy
+
+DEFAULT_POLICIES = ("full", "fixed:32", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "oracle")
+DEFAULT_CORPORA = ("wiki", "news", "shakespeare")
+
+
+def make_policy(spec: str, env_kwargs: dict[str, Any]) -> RankPolicy:
+    """A policy from a spec: a saved model (``PATH.zip`` or ``ALGO:PATH.zip``) or a baseline (``fixed:32``)."""
+    if spec.endswith(".zip") or os.path.isfile(spec):
+        return ModelPolicy.load(spec)
+    return make_baseline(spec, env_kwargs)
+
+
+@dataclass
+class EvaluationRow:
+    """One policy on one corpus in one spectral mode (means over the evaluated episodes)."""
+
+    policy: str
+    corpus: str
+    mode: str
+    episodes: int
+    tokens: int
+    nll: float
+    nll_full: float
+    flops_ratio: float
+    flops_core_ratio: float
+    mean_rank: float
+    violation_rate: float
+    ms_per_token: float
+    ms_per_token_full: float
+    rank_per_layer: list[float]
+    rank_grid: list[list[float]]
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def ppl_full(self) -> float:
+        return math.exp(self.nll_full)
+
+
+def time_forward(env: DRRLAttentionEnv, ranks: tuple | None, repeats: int, tokens: torch.Tensor) -> float:
+    """Milliseconds per token of a forward pass over ``tokens (B, n)`` with ``ranks`` replayed (None: plain model)."""
+    handler = None if ranks is None else LayerRanks(ranks, env.config.spectral_mode)
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first run warms up
+        sync()
+        start = time.perf_counter()
+        sequence_nll(env.loaded, tokens, handler, env.config.segment_len)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / tokens.numel()
+
+
+def evaluate_policy(
+    policy: RankPolicy, env_kwargs: dict[str, Any], episodes: int = 4, seed: int = 10_000, timing_repeats: int = 2
+) -> EvaluationRow:
+    """Run ``policy`` over ``episodes`` seeded test-split episodes; see the module docstring for what is measured."""
+    env: DRRLAttentionEnv = gym.make(ENV_ID, **{**env_kwargs, "split": "test", "terminal_lm_weight": 1.0}).unwrapped
+    cfg = env.config
+    grid = np.zeros((env.num_layers, env.num_segments))
+    losses, full_losses, ranks, violations = [], [], [], []
+    flops = flops_core = flops_full = 0.0
+    try:
+        for episode in range(episodes):
+            observation, _ = env.reset(seed=seed + episode)
+            policy.reset(seed + episode)
+            terminated = False
+            while not terminated:
+                action = policy.act(observation, env.action_masks(), env)
+                observation, _, terminated, _, info = env.step(action)
+                rank = float(np.mean(info["rank"]))
+                grid[info["layer"], info["segment"]] += rank / episodes
+                ranks.append(rank)
+                violations.append(info["masked_violation"])
+                flops, flops_core, flops_full = (
+                    flops + info["flops"],
+                    flops_core + info["flops_core"],
+                    flops_full + info["flops_full"],
+                )
+            losses.append(info["lm_loss"])
+            full_losses.append(info["lm_loss_full"])
+        timing_tokens = sequential_chunks(corpus_tokens(cfg.corpus, "test", env.loaded.tokenizer), cfg.seq_len)
+        timing_tokens = timing_tokens[: cfg.batch_size]
+        replay = tuple(tuple(int(round(r)) for r in row) for row in grid)
+        ms = time_forward(env, replay, timing_repeats, timing_tokens) if timing_repeats else float("nan")
+        ms_full = time_forward(env, None, timing_repeats, timing_tokens) if timing_repeats else float("nan")
+    finally:
+        env.close()
+    return EvaluationRow(
+        policy=policy.name,
+        corpus=cfg.corpus,
+        mode=cfg.spectral_mode,
+        episodes=episodes,
+        tokens=episodes * cfg.batch_size * (cfg.seq_len - 1),
+        nll=float(np.mean(losses)),
+        nll_full=float(np.mean(full_losses)),
+        flops_ratio=flops / flops_full,
+        flops_core_ratio=flops_core / flops_full,
+        mean_rank=float(np.mean(ranks)),
+        violation_rate=float(np.mean(violations)),
+        ms_per_token=ms,
+        ms_per_token_full=ms_full,
+        rank_per_layer=grid.mean(axis=1).round(2).tolist(),
+        rank_grid=grid.round(2).tolist(),
+    )
+
+
+TABLE_COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("corpus", "corpus", "{}"),
+    ("mode", "mode", "{}"),
+    ("ppl", "PPL", "{:.2f}"),
+    ("ppl_full", "PPL full (no hook)", "{:.2f}"),
+    ("flops_ratio", "FLOPs (+overhead)", "{:.3f}"),
+    ("flops_core_ratio", "FLOPs (core)", "{:.3f}"),
+    ("ms_per_token", "ms/token", "{:.3f}"),
+    ("ms_per_token_full", "ms/token full", "{:.3f}"),
+    ("mean_rank", "mean rank", "{:.1f}"),
+    ("violation_rate", "violations", "{:.3f}"),
+)
+
+
+def markdown_table(rows: list[EvaluationRow]) -> str:
+    """The Table I analogue as markdown."""
+    header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(getattr(row, key)) for key, _, fmt in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[EvaluationRow], path: Path) -> None:
+    """All fields of every row (per-layer ranks as a space-separated list)."""
+    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"] + ["ppl", "ppl_full"]
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        for row in rows:
+            values = [getattr(row, name) for name in fields]
+            writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
+    os.replace(temporary, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_POLICIES),
+        help="policy specs: baselines (full, fixed:R, energy:T, random, stable_rank[:SAFETY], threshold:D, "
+        "gumbel:TAU, static:FLOPS_BUDGET, oracle) and saved models (PATH.zip, or ALGO:PATH.zip for algorithms "
+        f"other than maskable_ppo) (default: {' '.join(DEFAULT_POLICIES)})",
+    )
+    parser.add_argument(
+        "--corpora",
+        nargs="+",
+        default=list(DEFAULT_CORPORA),
+        help="held-out corpora (test splits) (default: all three)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=SPECTRAL_MODES,
+        default=list(SPECTRAL_MODES),
+        help="spectral modes (default: both)",
+    )
+    parser.add_argument(
+        "--episodes", type=int, default=4, help="test episodes per policy, corpus and mode (default: 4)"
+    )
+    parser.add_argument("--seed", type=int, default=10_000, help="episode i is seeded with seed + i (default: 10000)")
+    parser.add_argument(
+        "--timing-repeats", type=int, default=2, help="timed replays per row for ms/token, 0 to skip (default: 2)"
+    )
+    parser.add_argument("--ablations", action="store_true", help="add Table II rows: every policy with --no-guardrail")
+    parser.add_argument(
+        "--out", default="results", help="folder of table.md, results.csv and the PNGs (default: results)"
+    )
+    parser.add_argument(
+        "--runs", default=None, help="TensorBoard runs folder to draw training curves from (Fig. 2), e.g. runs"
+    )
+    parser.add_argument(
+        "--logdir", default="runs", help="TensorBoard folder for the evaluation's scalars and figures (default: runs)"
+    )
+    parser.add_argument(
+        "--fig4-lengths",
+        type=int,
+        nargs="*",
+        default=[256, 512, 1024, 2048, 4096],
+        help="sequence lengths of Fig. 4 (none: skip it) (default: 256 512 1024 2048 4096)",
+    )
+    add_env_arguments(parser, batch_size=2, seq_len=256)
+    return parser
+
+
+def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
+    """Evaluate every (policy, corpus, mode[, ablation]) cell of ``args``."""
+    base = env_kwargs(args)
+    settings = [(corpus, mode, True) for corpus in args.corpora for mode in args.modes]
+    if args.ablations:
+        settings += [(corpus, mode, False) for corpus in args.corpora for mode in args.modes]
+    cells = [(spec, *setting) for setting in settings for spec in args.policies]
+    rows = []
+    for spec, corpus, mode, guardrail in tqdm(cells, desc="evaluating policies", unit="cell"):
+        kwargs = {**base, "corpus": corpus, "spectral_mode": mode, "guardrail": guardrail and base["guardrail"]}
+        policy = make_policy(spec, kwargs)
+        row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
+        if not kwargs["guardrail"] and base["guardrail"]:
+            row.policy += " (no guardrail)"
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from agents import figures
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = run_evaluation(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    write_csv(rows, out / "results.csv")
+    writer = SummaryWriter(str(Path(args.logdir) / f"evaluate__{int(time.time())}"))
+    for row in rows:
+        for key in ("ppl", "flops_ratio", "flops_core_ratio", "mean_rank", "ms_per_token", "violation_rate"):
+            writer.add_scalar(f"eval/{row.corpus}/{row.mode}/{key}/{row.policy}", getattr(row, key))
+    pictures = {"pareto": figures.pareto_figure(rows)}
+    for row in rows:
+        if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
+            safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
+            pictures[f"fig3_ranks_{safe}_{row.mode}"] = figures.rank_heatmap_figure(row)
+    call = figures.captured_call(args.model, args.corpora[0], args.seq_len, rows and len(rows[0].rank_per_layer) // 2)
+    pictures["fig5_perturbation"] = figures.perturbation_figure(call, tuple(sorted(args.ranks)))
+    if args.fig4_lengths:
+        rank = min(args.ranks, key=lambda r: abs(r - 32))
+        figure, points = figures.sequence_length_figure(
+            args.model, args.corpora[0], args.fig4_lengths, rank, args.modes[0], args.device
+        )
+        pictures["fig4_sequence_length"] = figure
+        lines = ["| n | FLOPs full | FLOPs low-rank (+overhead) | s full | s low-rank |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {p['seq_len']} | {p['flops_full']:.3g} | {p['flops_low_rank']:.3g} | {p['seconds_full']:.3f} | "
+            f"{p['seconds_low_rank']:.3f} |"
+            for p in points
+        ]
+        (out / "fig4_sequence_length.md").write_text("\n".join(lines) + "\n")
+    if args.runs:
+        curves = figures.training_curves_figure(Path(args.runs))
+        if curves is not None:
+            pictures["fig2_training"] = curves
+    for name, figure in pictures.items():
+        figure.savefig(out / f"{name}.png", dpi=110)
+        writer.add_figure(f"eval/{name}", figure)
+    writer.close()
+    print(table)
+    print(f"\nwrote {out}/table.md, {out}/results.csv and {len(pictures)} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The evaluation's figures (matplotlib, headless): Pareto front, Figs. 2-5 of the paper, measured."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from drrl_env.corpora import corpus_tokens, sequential_chunks  # noqa: E402
+from drrl_env.flops import full_attention_flops, low_rank_attention_flops  # noqa: E402
+from drrl_env.guardrail import transition_energies  # noqa: E402
+from drrl_env.hook import AttentionCall, install  # noqa: E402
+from drrl_env.models import load_causal_lm, resolve_device  # noqa: E402
+from drrl_env.perplexity import FixedRank, sequence_nll  # noqa: E402
+
+if TYPE_CHECKING:
+    from agents.evaluate import EvaluationRow
+
+
+def pareto_figure(rows: list[EvaluationRow]) -> Figure:
+    """PPL against attention FLOPs (overheads included) for every policy, one panel per corpus."""
+    corpora = sorted({row.corpus for row in rows})
+    figure, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.5), squeeze=False)
+    markers = {"separate": "o", "joint": "s"}
+    policies = sorted({row.policy for row in rows})
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(policies)}
+    for axis, corpus in zip(axes[0], corpora, strict=True):
+        subset = [row for row in rows if row.corpus == corpus]
+        for row in subset:
+            axis.scatter(row.flops_ratio, row.ppl, marker=markers.get(row.mode, "x"), color=colours[row.policy])
+            axis.annotate(row.policy, (row.flops_ratio, row.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.axhline(np.mean([row.ppl_full for row in subset]), color="grey", ls="--", lw=1, label="full attention")
+        axis.set(xlabel="attention FLOPs / full (overheads included)", ylabel="PPL", title=corpus)
+        axis.set_yscale("log")
+    handles = [plt.Line2D([], [], marker=m, ls="", color="k", label=mode) for mode, m in markers.items()]
+    axes[0][0].legend(handles=[*handles, plt.Line2D([], [], ls="--", color="grey", label="full attention")])
+    figure.tight_layout()
+    return figure
+
+
+def rank_heatmap_figure(row: EvaluationRow) -> Figure:
+    """Fig. 3: the mean rank chosen per layer and segment."""
+    grid = np.asarray(row.rank_grid)
+    figure, axis = plt.subplots(figsize=(2.5 + 0.6 * grid.shape[1], 0.25 * grid.shape[0] + 1.5))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    axis.set(xlabel="segment", ylabel="layer", title=f"{row.policy} ({row.mode}, {row.corpus})")
+    figure.colorbar(image, ax=axis, label="mean rank")
+    figure.tight_layout()
+    return figure
+
+
+def sequence_length_figure(
+    model: str, corpus: str, lengths: list[int], rank: int, mode: str, device: str = "auto", repeats: int = 2
+) -> tuple[Figure, list[dict[str, Any]]]:
+    """Fig. 4: attention FLOPs and measured forward wall-clock against sequence length, full vs rank ``rank``."""
+    loaded = load_causal_lm(model, device=str(resolve_device(device)))
+    shape = loaded.attention_shape
+    tokens = corpus_tokens(corpus, "test", loaded.tokenizer)
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    points = []
+    for n in lengths:
+        if tokens.numel() < n:
+            continue
+        batch = sequential_chunks(tokens, n)[:1]
+        times = {}
+        for name, handler in (("full", None), ("low-rank", FixedRank(rank, mode))):
+            best = math.inf
+            for _ in range(repeats + 1):
+                sync()
+                start = time.perf_counter()
+                sequence_nll(loaded, batch, handler)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+        full = full_attention_flops(1, shape.q_heads, n, n, shape.head_dim)
+        low = low_rank_attention_flops(1, shape.q_heads, shape.kv_heads, n, n, shape.head_dim, rank, mode)
+        points.append(
+            {
+                "seq_len": n,
+                "flops_full": full.total,
+                "flops_low_rank": low.total,
+                "flops_low_rank_core": low.core,
+                "seconds_full": times["full"],
+                "seconds_low_rank": times["low-rank"],
+            }
+        )
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    n = [p["seq_len"] for p in points]
+    left.plot(n, [p["flops_full"] for p in points], "o-", label="full")
+    left.plot(n, [p["flops_low_rank"] for p in points], "s-", label=f"r={rank} (+overhead)")
+    left.plot(n, [p["flops_low_rank_core"] for p in points], "s--", label=f"r={rank} (core)")
+    left.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="attention FLOPs per layer")
+    right.plot(n, [p["seconds_full"] for p in points], "o-", label="full")
+    right.plot(n, [p["seconds_low_rank"] for p in points], "s-", label=f"r={rank}, {mode}")
+    right.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="forward wall-clock (s)")
+    for axis in (left, right):
+        axis.legend()
+    figure.suptitle(f"{model} on {loaded.device.type}: attention cost against sequence length")
+    figure.tight_layout()
+    return figure, points
+
+
+def captured_call(model: str, corpus: str, seq_len: int, layer: int, device: str = "auto") -> AttentionCall:
+    """The attention call of ``layer`` on the first test chunk of ``corpus`` (full attention everywhere)."""
+    loaded = load_causal_lm(model, device=str(resolve_device(device)))
+    batch = sequential_chunks(corpus_tokens(corpus, "test", loaded.tokenizer), seq_len)[:1].to(loaded.device)
+    captured: list[AttentionCall] = []
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        if call.layer == layer:
+            captured.append(call)
+        return call.full()
+
+    with torch.no_grad(), install(loaded.model).use(handler):
+        loaded.model(input_ids=batch, logits_to_keep=1)
+    return captured[0]
+
+
+def perturbation_figure(call: AttentionCall, ranks: tuple[int, ...]) -> Figure:
+    """Fig. 5: relative logit perturbation of every transition r -> r', Eq. 9 bound and exact, side by side."""
+    candidates = torch.as_tensor(ranks)
+    kv_heads = call.key.shape[1]
+    panels = {}
+    for mode, title in (("separate", "Eq. 9 bound (separate mode)"), ("joint", "exact, optimal truncation (joint)")):
+        grid = torch.stack(
+            [
+                transition_energies(call, torch.full((kv_heads,), r), candidates, mode).relative(per_group=False)
+                for r in ranks
+            ]
+        )  # (from, to)
+        panels[title] = grid.cpu().numpy()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    vmax = max(p.max() for p in panels.values())
+    for axis, (title, grid) in zip(axes, panels.items(), strict=True):
+        image = axis.imshow(grid, origin="lower", cmap="magma", vmin=0, vmax=vmax)
+        axis.set_xticks(range(len(ranks)), ranks)
+        axis.set_yticks(range(len(ranks)), ranks)
+        axis.set(xlabel="r' (to)", ylabel="r (from)", title=title)
+        figure.colorbar(image, ax=axis, label="||dA||_F / ||A||_F")
+    figure.suptitle(f"logit perturbation of rank transitions, layer {call.layer}")
+    figure.tight_layout()
+    return figure
+
+
+def training_curves_figure(runs: Path) -> Figure | None:
+    """Fig. 2: training curves (episode return and reward terms) of every TensorBoard run under ``runs``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = ("rollout/ep_rew_mean", "drrl/fidelity", "drrl/flops_saved", "drrl/perturbation")
+    runs_found = sorted({p.parent for p in Path(runs).rglob("events.out.tfevents.*")})
+    curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for run in runs_found:
+        events = EventAccumulator(str(run)).Reload()
+        available = set(events.Tags().get("scalars", []))
+        curves[run.name] = {
+            tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in tags
+            if tag in available
+        }
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return None
+    figure, axes = plt.subplots(1, len(tags), figsize=(4.5 * len(tags), 3.8))
+    for axis, tag in zip(axes, tags, strict=True):
+        for name, run_curves in curves.items():
+            if tag in run_curves:
+                axis.plot(*run_curves[tag], label=name[:40])
+        axis.set(title=tag, xlabel="env steps")
+    axes[0].legend(fontsize=6)
+    figure.tight_layout()
+    return figure
