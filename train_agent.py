@@ -1,156 +1,191 @@
-"""Train a MaskablePPO agent on DRRL-Attention-v0, then compare it with fixed ranks on held-out text.
+"""Train an RL agent on DRRL-Attention-v0, then compare it with baselines on held-out text.
 
-    python train_agent.py [--total-timesteps 1500] [--seed 0] [env options]   (--help lists all)
+    python train_agent.py [--algo maskable_ppo] [--total-timesteps 6000] [--seed 0] [env options]
 
-The comparison runs every policy over the same seeded episodes of the test split: each episode is
-one forward pass of the LM over a batch with the policy's ranks really in place, so the LM loss
-and perplexity are measured, not estimated. Attention FLOPs are ``drrl_env.flops`` (overheads
-included), relative to full attention.
+Training logs to TensorBoard under ``--logdir/RUN`` (``RUN = DRRL-Attention-v0__ALGO__SEED__TIME``):
+the hyperparameters, every reward term, FLOPs saved, fidelity, mask and violation rates, the
+ranks per layer (histogram and heatmap), and the test PPL every ``--eval-every`` steps. It saves
+checkpoints every ``--checkpoint-every`` steps and ``RUN/model.zip`` at the end; ``--resume RUN``
+continues a run (same curves, and on CPU the same final model as an uninterrupted run).
 
-The agent zoo, BC warm start, checkpoints/resume and the full evaluation are the subject of later
-issues; this command is the first end-to-end path.
+Then every policy of ``--compare`` and the agent run over the same seeded test-split episodes
+with their ranks really in place (``agents.evaluate``): the LM's perplexity is measured, FLOPs
+are ``drrl_env.flops`` relative to full attention (overheads included). ``python -m
+agents.evaluate`` runs the full comparison (all baselines, corpora, both modes, figures).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import gymnasium as gym
-import numpy as np
+from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
+from agents.evaluate import evaluate_policy, make_policy, markdown_table
+from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
+from agents.training import (
+    CheckpointCallback,
+    RankLoggingCallback,
+    latest_checkpoint,
+    make_vec_env,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from drrl_env import ENV_ID
+from drrl_env.cli import add_env_arguments, env_kwargs
 
-import drrl_env
-from drrl_env.env import DEFAULT_RANKS, EnvConfig
-
-
-@dataclass
-class EpisodeSummary:
-    """Means over evaluation episodes of one policy."""
-
-    name: str
-    rank: float
-    flops_ratio: float
-    fidelity: float
-    lm_loss: float
-    reward: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.lm_loss)
+DEFAULT_COMPARE = ("full", "fixed:32", "energy:0.9")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--total-timesteps", type=int, default=1500, help="environment steps of PPO training")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the agent and of the episodes")
-    parser.add_argument("--n-steps", type=int, default=150, help="PPO rollout length per update")
-    parser.add_argument("--eval-episodes", type=int, default=4, help="test-split episodes per compared policy")
-    parser.add_argument("--logdir", default="runs", help="TensorBoard logs and the saved model go under this folder")
-    defaults = EnvConfig()
-    parser.add_argument("--model", default=defaults.model, help="causal LM: offline default, local folder or hub id")
-    parser.add_argument("--corpus", default=defaults.corpus, help="corpus of the episodes (train split for training)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per episode")
-    parser.add_argument("--segment-len", type=int, default=None, help="queries per segment (default: whole sequence)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
-    parser.add_argument("--spectral-mode", choices=drrl_env.SPECTRAL_MODES, default="separate", help="spectral mode")
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="fidelity weight (Eq. 13)")
-    parser.add_argument("--beta", type=float, default=defaults.beta, help="FLOPs weight (Eq. 13)")
-    parser.add_argument("--gamma", type=float, default=defaults.gamma, help="perturbation weight (Eq. 13)")
-    parser.add_argument("--eps0", type=float, default=defaults.eps0, help="initial guardrail threshold (Eq. 11)")
-    parser.add_argument("--eps-decay", type=float, default=defaults.eps_decay, help="guardrail decay per step")
-    parser.add_argument("--no-guardrail", action="store_true", help="disable the action mask (ablation)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--algo", default="maskable_ppo", choices=sorted(ALGORITHMS), help="RL algorithm (default: maskable_ppo)"
+    )
+    training.add_argument("--total-timesteps", type=int, default=6000, help="env steps of training (default: 6000)")
+    training.add_argument("--seed", type=int, default=0, help="seed of the agent and of the episodes (default: 0)")
+    training.add_argument("--n-envs", type=int, default=1, help="parallel envs (default: 1)")
+    training.add_argument(
+        "--vec", choices=("sync", "subproc"), default="sync", help="vector env: in-process or one process per env"
+    )
+    training.add_argument(
+        "--n-steps",
+        type=int,
+        default=150,
+        help="rollout length per env and update for on-policy algorithms; a multiple of the episode length "
+        "(layers x segments) keeps checkpoints at episode boundaries, which --resume needs (default: 150)",
+    )
+    training.add_argument("--policy", choices=POLICIES, default="mlp", help="policy network (default: mlp)")
+    training.add_argument(
+        "--history", type=int, default=DEFAULT_HISTORY, help="states the transformer policy attends over (default: 8)"
+    )
+    training.add_argument("--bc-dataset", help="oracle dataset (python -m oracle): behaviour-clone on it first")
+    training.add_argument("--bc-model", help="start from this behaviour-cloned model (python -m agents.bc)")
+    training.add_argument("--bc-epochs", type=int, default=30, help="behaviour-cloning epochs with --bc-dataset")
+    training.add_argument("--logdir", default="runs", help="folder of the runs (default: runs)")
+    training.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N env steps (default: 0, only at the end)"
+    )
+    training.add_argument(
+        "--resume", help="run folder to continue (its newest checkpoint); --total-timesteps is the total"
+    )
+    training.add_argument(
+        "--eval-every", type=int, default=0, help="log the test PPL of the agent every N env steps (default: 0, never)"
+    )
+    comparison = parser.add_argument_group("comparison after training")
+    comparison.add_argument(
+        "--compare",
+        nargs="*",
+        default=list(DEFAULT_COMPARE),
+        help=f"baselines to compare the agent with (default: {' '.join(DEFAULT_COMPARE)}); none: skip",
+    )
+    comparison.add_argument("--eval-episodes", type=int, default=4, help="test episodes per policy (default: 4)")
+    add_env_arguments(parser, seq_len=128, batch_size=1)
     return parser
 
 
-def env_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        model=args.model,
-        corpus=args.corpus,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        segment_len=args.segment_len,
-        ranks=tuple(args.ranks),
-        spectral_mode=args.spectral_mode,
-        alpha=args.alpha,
-        beta=args.beta,
-        gamma=args.gamma,
-        eps0=args.eps0,
-        eps_decay=args.eps_decay,
-        guardrail=not args.no_guardrail,
-        device=args.device,
-    )
+def check_arguments(args: argparse.Namespace) -> None:
+    algorithm = get_algorithm(args.algo)
+    if (args.bc_dataset or args.bc_model) and not algorithm.masked:
+        raise ValueError(f"--bc-dataset/--bc-model warm-start maskable_ppo only, not --algo {args.algo}")
+    if args.bc_dataset and args.bc_model:
+        raise ValueError("give --bc-dataset or --bc-model, not both")
+    for name in ("total_timesteps", "n_envs", "n_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.resume and not Path(args.resume, "config.json").is_file():
+        raise ValueError(f"--resume {args.resume}: not a run folder of train_agent.py (no config.json)")
 
 
-def evaluate(name: str, choose, kwargs: dict, episodes: int, seed: int) -> EpisodeSummary:
-    """Run ``choose(obs, mask) -> action`` over ``episodes`` seeded test-split episodes."""
-    env = gym.make("DRRL-Attention-v0", **{**kwargs, "split": "test", "terminal_lm_weight": 1.0})
-    ranks, flops, flops_full, fidelity, losses, rewards = [], 0.0, 0.0, [], [], []
-    for episode in range(episodes):
-        obs, info = env.reset(seed=seed + episode)
-        terminated = False
-        while not terminated:
-            obs, reward, terminated, _, info = env.step(choose(obs, env.unwrapped.action_masks()))
-            ranks.append(np.mean(info["rank"]))
-            flops, flops_full = flops + info["flops"], flops_full + info["flops_full"]
-            fidelity.append(info["fidelity"])
-            rewards.append(reward)
-        losses.append(info["lm_loss"])
-    env.close()
-    return EpisodeSummary(
-        name,
-        float(np.mean(ranks)),
-        flops / flops_full,
-        float(np.mean(fidelity)),
-        float(np.mean(losses)),
-        float(np.sum(rewards) / episodes),
-    )
+def build_model(args: argparse.Namespace, run_dir: Path):
+    """A new, behaviour-cloned, or resumed model on fresh vector envs, logging to ``run_dir``."""
+    from stable_baselines3.common.logger import configure
+
+    algorithm = get_algorithm(args.algo)
+    kwargs = env_kwargs(args)
+    extra: dict[str, Any] = {"n_steps": args.n_steps, "batch_size": min(64, args.n_steps * args.n_envs)}
+    if not algorithm.on_policy or args.algo in ("a2c",):
+        extra.pop("batch_size")
+    if args.algo == "a2c":
+        extra["n_steps"] = args.n_steps
+    if args.resume:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+        setup = setup_of_observation_space(algorithm.cls.load(checkpoint, device="cpu").observation_space)
+        env = make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec)
+        model = algorithm.cls.load(checkpoint, env=env, device="cpu")
+        restore_checkpoint(model, checkpoint)
+        print(f"resuming {run_dir} from {checkpoint.name} ({model.num_timesteps} steps done)")
+    else:
+        setup = policy_setup(args.policy, args.history)
+        env = make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec)
+        bc_model = args.bc_model
+        if args.bc_dataset:
+            from agents.bc import BCConfig, behaviour_clone, save_model_atomic
+
+            bc, result = behaviour_clone(
+                args.bc_dataset, BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed), run_dir / "bc"
+            )
+            bc_model = save_model_atomic(bc, run_dir / "bc_model.zip")
+            print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
+        if bc_model:
+            model = algorithm.cls.load(bc_model, env=env, device="cpu", seed=args.seed, **extra)
+            if setup_of_observation_space(model.observation_space).name != setup.name:
+                raise ValueError(f"--bc-model {bc_model} was trained with another --policy than {args.policy!r}")
+        else:
+            model = algorithm.make(env, setup, args.seed, None, **extra)
+    model.set_logger(configure(str(run_dir), ["tensorboard"]))
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sb3_contrib import MaskablePPO
-
     args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     kwargs = env_kwargs(args)
-    run_name = f"DRRL-Attention-v0__maskable_ppo__{args.seed}__{int(time.time())}"
-    env = gym.make("DRRL-Attention-v0", **kwargs)
-    agent = MaskablePPO(
-        "MlpPolicy",
-        env,
-        n_steps=args.n_steps,
-        batch_size=min(64, args.n_steps),
-        seed=args.seed,
-        tensorboard_log=args.logdir,
-        verbose=0,
-        device="cpu",
-    )
-    agent.learn(args.total_timesteps, tb_log_name=run_name, progress_bar=True)
-    path = Path(args.logdir) / f"{run_name}.zip"
-    agent.save(path)
-    print(f"saved {path}")
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.logdir) / f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    model = build_model(args, run_dir)
+    algorithm = get_algorithm(args.algo)
 
-    ranks = sorted(args.ranks)
-    fixed32 = ranks.index(min(ranks, key=lambda r: abs(r - 32)))
-    policies = {
-        "full rank (largest candidate)": lambda obs, mask: len(ranks) - 1,
-        f"fixed r={ranks[fixed32]}": lambda obs, mask: fixed32,
-        "MaskablePPO (this run)": lambda obs, mask: int(agent.predict(obs, action_masks=mask, deterministic=True)[0]),
-    }
-    rows = [evaluate(name, choose, kwargs, args.eval_episodes, 10_000) for name, choose in policies.items()]
-    print(
-        f"\ntest split, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
-        f"mode={args.spectral_mode}, guardrail={'off' if args.no_guardrail else 'on'}"
-    )
-    print(f"{'policy':<30} {'mean rank':>9} {'FLOPs':>6} {'fidelity':>8} {'PPL':>8} {'return':>8}")
-    for row in rows:
+    def evaluate_now(current) -> dict[str, float]:
+        policy = ModelPolicy(current, algorithm, setup_of_observation_space(current.observation_space), "agent")
+        row = evaluate_policy(policy, kwargs, episodes=1, timing_repeats=0)
+        return {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
+
+    callbacks = [RankLoggingCallback(vars(args), evaluate_now, args.eval_every)]
+    if args.checkpoint_every:
+        callbacks.append(CheckpointCallback(run_dir / "checkpoints", args.checkpoint_every))
+    remaining = args.total_timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
+    save_checkpoint(model, run_dir / "checkpoints")
+    model.save(run_dir / "model.zip")
+    model.get_env().close()
+    print(f"saved {run_dir / 'model.zip'} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
+
+    if args.compare:
+        setup = setup_of_observation_space(model.observation_space)
+        policies = [make_policy(spec, kwargs) for spec in args.compare]
+        policies.append(ModelPolicy(model, algorithm, setup, f"{args.algo} (this run)"))
+        rows = [evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=0) for policy in policies]
         print(
-            f"{row.name:<30} {row.rank:>9.1f} {row.flops_ratio:>6.3f} {row.fidelity:>8.4f} "
-            f"{row.perplexity:>8.2f} {row.reward:>8.3f}"
+            f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
+            f"mode={args.spectral_mode}, guardrail={'on' if args.guardrail else 'off'}"
         )
+        print(markdown_table(rows))
     return 0
 
 

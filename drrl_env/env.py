@@ -26,6 +26,17 @@ from drrl_env.runner import SteppedForward
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 
 
+def rank_heatmap_rgb(grid: np.ndarray, low: float, high: float, cell: tuple[int, int] = (16, 32)) -> np.ndarray:
+    """A ``(L, S)`` grid of ranks as an RGB ``uint8`` image: dark blue at ``low``, yellow at ``high``, grey for NaN."""
+    level = np.nan_to_num((grid - low) / max(high - low, 1), nan=-1.0)
+    image = np.zeros((*grid.shape, 3), dtype=np.uint8)
+    known = level >= 0
+    image[..., 0] = np.where(known, 255 * level, 40).astype(np.uint8)
+    image[..., 1] = np.where(known, 200 * level, 40).astype(np.uint8)
+    image[..., 2] = np.where(known, 255 * (1 - level), 40).astype(np.uint8)
+    return np.kron(image, np.ones((*cell, 1), dtype=np.uint8))
+
+
 @dataclass(frozen=True)
 class CandidateRewards:
     """Eq. 13 reward and its terms for every candidate rank of one step, each ``(K,)``.
@@ -408,14 +419,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             grid = np.array(
                 [[np.nan if r is None else float(np.mean(r)) for r in ranks] for ranks in self._history]
             )  # (L, S)
-            lo, hi = min(self.config.ranks), max(self.config.ranks)
-            level = np.nan_to_num((grid - lo) / max(hi - lo, 1), nan=-1.0)
-            image = np.zeros((*grid.shape, 3), dtype=np.uint8)
-            known = level >= 0
-            image[..., 0] = np.where(known, 255 * level, 40).astype(np.uint8)  # low rank: dark blue,
-            image[..., 1] = np.where(known, 200 * level, 40).astype(np.uint8)  # high rank: yellow
-            image[..., 2] = np.where(known, 255 * (1 - level), 40).astype(np.uint8)
-            return np.kron(image, np.ones((16, 32, 1), dtype=np.uint8))
+            return rank_heatmap_rgb(grid, min(self.config.ranks), max(self.config.ranks))
         return None
 
     def close(self) -> None:

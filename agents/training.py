@@ -1,0 +1,214 @@
+"""Training plumbing for train_agent.py: seeded vector envs, TensorBoard callbacks, checkpoints and resume.
+
+Checkpoints are taken between PPO-style updates (at the start of a rollout, after ``train()``)
+every ``checkpoint_every`` env steps, and at the end. Each is a model file plus a state file with
+the RNG states (torch, numpy, random) and every env's position (episode index and guardrail
+clock). Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
+checkpoint taken at an episode boundary (``n_steps`` a multiple of the episode length) replays
+exactly the episodes, actions and updates of an uninterrupted run: on CPU with the same seed the
+final model is the same. Off-policy algorithms (dqn, qrdqn) also save their replay buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HParam, Image
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from agents.policies import PolicySetup
+from drrl_env import ENV_ID
+from drrl_env.env import rank_heatmap_rgb
+
+
+class EpisodeSeeds(gym.Wrapper):
+    """Seeds episode ``k`` of this env with ``base_seed + k * stride``, whatever seed ``reset`` is given.
+
+    With ``n`` envs, env ``i`` uses ``base_seed = seed + i`` and ``stride = n``: every episode of a
+    run has its own seed, and a resumed run can restart at episode ``k`` (``set_position``).
+    """
+
+    def __init__(self, env: gym.Env, base_seed: int, stride: int = 1) -> None:
+        super().__init__(env)
+        self.base_seed, self.stride, self.episode = base_seed, stride, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        del seed  # the episode index decides
+        result = self.env.reset(seed=self.base_seed + self.episode * self.stride, options=options)
+        self.episode += 1
+        return result
+
+    def get_position(self) -> tuple[int, int]:
+        """(episodes started, the env's guardrail clock ``total_steps``)."""
+        return self.episode, self.env.unwrapped.total_steps
+
+    def set_position(self, episode: int, total_steps: int) -> None:
+        self.episode = episode
+        self.env.unwrapped.total_steps = total_steps
+
+
+def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
+    """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in a Dummy/SubprocVecEnv."""
+
+    def factory(index: int):
+        def make() -> gym.Env:
+            env = EpisodeSeeds(gym.make(ENV_ID, **env_kwargs), seed + index, n_envs)
+            return Monitor(setup.wrap(env))
+
+        return make
+
+    if vec not in ("sync", "subproc"):
+        raise ValueError(f"vec must be 'sync' or 'subproc', got {vec!r}")
+    factories = [factory(i) for i in range(n_envs)]
+    return DummyVecEnv(factories) if vec == "sync" else SubprocVecEnv(factories, start_method="spawn")
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: BaseAlgorithm, directory: Path) -> Path:
+    """Write ``step_N.zip`` and ``step_N.state.pt`` (and the replay buffer if any) under ``directory``."""
+    stem = directory / f"step_{model.num_timesteps:09d}"
+    positions = model.get_env().env_method("get_position")
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+        "positions": positions,
+        "episode_starts": np.asarray(getattr(model, "_last_episode_starts", np.ones(len(positions), dtype=bool))),
+    }
+    if hasattr(model, "replay_buffer") and model.replay_buffer is not None:
+        _atomic(stem.with_suffix(".replay.pkl"), model.save_replay_buffer)
+    _atomic(stem.with_suffix(".state.pt"), lambda path: torch.save(state, path))
+    _atomic(stem.with_suffix(".zip"), model.save)  # last: a checkpoint counts once its model file exists
+    return stem.with_suffix(".zip")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint (model and state files) under ``directory``."""
+    complete = [p for p in sorted(directory.glob("step_*.zip")) if p.with_suffix(".state.pt").exists()]
+    return complete[-1] if complete else None
+
+
+def restore_checkpoint(model: BaseAlgorithm, checkpoint: Path) -> None:
+    """Put the envs and RNGs of ``model`` (just loaded from ``checkpoint``) where the checkpoint left them."""
+    state = torch.load(checkpoint.with_suffix(".state.pt"), weights_only=False)
+    env = model.get_env()
+    if not np.all(state["episode_starts"]):
+        raise RuntimeError(
+            f"{checkpoint} was taken mid-episode; resume needs checkpoints at episode boundaries "
+            "(n_steps a multiple of the episode length)"
+        )
+    for index, (episode, total_steps) in enumerate(state["positions"]):
+        env.env_method("set_position", episode - 1, total_steps, indices=[index])  # re-run the pending reset
+    model._last_obs = env.reset()  # the first observation of the pending episodes, as before the stop
+    model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
+    replay = checkpoint.with_suffix(".replay.pkl")
+    if replay.exists():
+        model.load_replay_buffer(replay)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+
+class CheckpointCallback(BaseCallback):
+    """Checkpoint every ``every`` env steps, between updates (see the module docstring)."""
+
+    def __init__(self, directory: Path, every: int) -> None:
+        super().__init__()
+        self.directory, self.every = directory, every
+        self._next = None
+
+    def _on_training_start(self) -> None:
+        self._next = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps >= self._next:
+            save_checkpoint(self.model, self.directory)
+            self._next = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class RankLoggingCallback(BaseCallback):
+    """TensorBoard: reward terms, FLOPs saved, fidelity, mask and violation rates, ranks per layer; evaluation PPL.
+
+    Scalars are means over each rollout under ``drrl/``; the ranks go out as a histogram and as a
+    layers x segments heatmap image. With ``evaluate`` (a function of the model returning
+    ``{"ppl": ..., ...}``) and ``eval_every``, those numbers are logged under ``eval/``.
+    """
+
+    def __init__(self, hparams: dict[str, Any], evaluate=None, eval_every: int = 0) -> None:
+        super().__init__()
+        self.hparams, self.evaluate, self.eval_every = hparams, evaluate, eval_every
+        self._values: dict[str, list[float]] = defaultdict(list)
+        self._ranks: dict[tuple[int, int], list[float]] = defaultdict(list)
+        self._next_eval = eval_every
+
+    def _on_training_start(self) -> None:
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.hparams.items()}
+        self.logger.record(
+            "hparams",
+            HParam(hparams, {"rollout/ep_rew_mean": 0.0, "eval/ppl": 0.0}),
+            exclude=("stdout", "log", "json", "csv"),
+        )
+        if self.eval_every:
+            self._next_eval = (self.num_timesteps // self.eval_every + 1) * self.eval_every
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            if "reward_terms" not in info:
+                continue
+            for term, value in info["reward_terms"].items():
+                self._values[f"reward_terms/{term}"].append(value)
+            self._values["flops_saved"].append(1.0 - info["flops"] / info["flops_full"])
+            self._values["fidelity"].append(info["fidelity"])
+            self._values["perturbation"].append(info["perturbation"])
+            self._values["violation_rate"].append(float(info["masked_violation"]))
+            self._values["mask_rate"].append(1.0 - float(np.mean(info["action_mask"])))
+            self._ranks[(info["layer"], info["segment"])].append(float(np.mean(info["rank"])))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        for name, values in self._values.items():
+            self.logger.record(f"drrl/{name}", float(np.mean(values)))
+        if self._ranks:
+            all_ranks = torch.tensor([r for values in self._ranks.values() for r in values])
+            self.logger.record("drrl/rank_histogram", all_ranks, exclude=("stdout", "log", "json", "csv"))
+            layers = 1 + max(layer for layer, _ in self._ranks)
+            segments = 1 + max(segment for _, segment in self._ranks)
+            grid = np.full((layers, segments), np.nan)
+            for (layer, segment), values in self._ranks.items():
+                grid[layer, segment] = np.mean(values)
+            self.logger.record(
+                "drrl/rank_heatmap",
+                Image(rank_heatmap_rgb(grid, np.nanmin(grid), np.nanmax(grid), (12, 48)), "HWC"),
+                exclude=("stdout", "log", "json", "csv"),
+            )
+        self._values.clear()
+        self._ranks.clear()
+        if self.evaluate is not None and self.eval_every and self.num_timesteps >= self._next_eval:
+            for name, value in self.evaluate(self.model).items():
+                self.logger.record(f"eval/{name}", value)
+            self._next_eval = (self.num_timesteps // self.eval_every + 1) * self.eval_every
