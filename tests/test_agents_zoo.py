@@ -1,0 +1,129 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.seeding import np_random
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import drrl_env  # noqa: F401  (registers the env)
+from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
+from agents.baselines import BASELINES, FullRank, make_baseline
+from agents.evaluate import evaluate_policy
+from agents.policies import policy_setup
+from agents.static import allocate_ranks
+from drrl_env.corpora import corpus_tokens, sample_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def zoo_env_kwargs(tiny_layered_model_dir):
+    return dict(model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, segment_len=8, batch_size=2)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_registered_algorithm_trains_and_acts(name, zoo_env_kwargs):
+    algorithm = get_algorithm(name)
+    env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
+    extra = {"n_steps": 32} if algorithm.on_policy else {"learning_starts": 64, "train_freq": 8}
+    if name in ("ppo", "maskable_ppo", "trpo", "recurrent_ppo"):
+        extra["batch_size"] = 32
+    model = algorithm.make(env, policy_setup("mlp"), seed=0, logdir=None, **extra)
+    model.learn(256)
+    assert model.num_timesteps >= 256
+    row = evaluate_policy(ModelPolicy(model, algorithm, policy_setup("mlp"), name), zoo_env_kwargs, 1, timing_repeats=0)
+    assert 0.0 <= row.violation_rate <= 1.0
+    if algorithm.masked:
+        assert row.violation_rate == 0.0
+
+
+def test_unknown_algorithm_lists_the_registry():
+    with pytest.raises(ValueError, match="maskable_ppo"):
+        get_algorithm("sac")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["full", "fixed:8", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "static:9", "oracle"],
+)
+def test_heuristic_policies_only_pick_allowed_ranks(spec, zoo_env_kwargs):
+    assert spec.partition(":")[0] in BASELINES
+    kwargs = {**zoo_env_kwargs, "eps0": 0.3, "eps_decay": 0.0}
+    policy = make_baseline(spec, kwargs)
+    env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    masked_steps, chosen = 0, set()
+    for episode in range(3):
+        obs, _ = env.reset(seed=episode)
+        policy.reset(episode)
+        terminated = False
+        while not terminated:
+            mask = env.action_masks()
+            masked_steps += not mask.all()
+            action = policy.act(obs, mask, env)
+            assert mask[action], (spec, action, mask)
+            chosen.add(action)
+            obs, _, terminated, _, info = env.step(action)
+            assert not info["masked_violation"]
+    assert masked_steps > 0  # the guardrail was active
+
+
+def test_baseline_specs_are_checked():
+    with pytest.raises(ValueError, match="unknown baseline 'fixd:3'"):
+        make_baseline("fixd:3")
+    with pytest.raises(ValueError, match="bad parameter in policy spec 'energy:x'"):
+        make_baseline("energy:x")
+
+
+def test_static_allocation_spreads_cuts_where_they_are_cheapest():
+    flops = np.array([0.55, 0.7, 0.85, 1.0])
+    # layer 0 is insensitive, layer 1 very sensitive; both convex in rank
+    cost = np.array([[0.30, 0.05, 0.01, 0.0], [8.0, 2.0, 0.5, 0.0], [1.0, 0.2, 0.05, 0.0]])
+    chosen = allocate_ranks(cost, flops, budget=0.8)
+    assert np.mean(flops[chosen]) <= 0.8
+    naive = [0, 3, 2]  # the least sensitive layer straight to the minimum, the rest to fit the same budget
+    assert np.mean(flops[naive]) <= 0.8
+    assert cost[range(3), chosen].sum() < cost[range(3), naive].sum()
+    assert chosen[1] == 3  # the sensitive layer keeps full rank
+    assert allocate_ranks(cost, flops, budget=0.1) == [0, 0, 0]  # unreachable budget: all at the minimum
+
+
+def test_full_rank_row_equals_the_models_own_perplexity(zoo_env_kwargs):
+    """The largest candidate is the head width: low-rank attention at r = d is full attention."""
+    kwargs = {**zoo_env_kwargs, "ranks": (4, 16)}
+    row = evaluate_policy(FullRank(), kwargs, episodes=2, seed=7, timing_repeats=0)
+    model = AutoModelForCausalLM.from_pretrained(kwargs["model"]).eval()  # plain SDPA, no drrl hook
+    tokens = corpus_tokens("wiki", "test", AutoTokenizer.from_pretrained(kwargs["model"]))
+    losses = [
+        float(model(input_ids=(batch := sample_batch(tokens, 2, 32, np_random(seed)[0])), labels=batch).loss)
+        for seed in (7, 8)
+    ]
+    assert row.ppl == pytest.approx(np.exp(np.mean(losses)), rel=1e-4)
+    assert row.ppl_full == pytest.approx(np.exp(np.mean(losses)), rel=1e-5)
+    assert row.flops_core_ratio == pytest.approx(1.0)
+
+
+def test_evaluate_command(tiny_layered_model_dir, tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agents.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    for flag in ("--policies", "--corpora", "--modes", "--ablations", "--out", "--fig4-lengths"):
+        assert flag in help_text
+    out = subprocess.run(
+        [sys.executable, "-m", "agents.evaluate", "--model", tiny_layered_model_dir, "--ranks", "4", "8", "16",
+         "--seq-len", "32", "--episodes", "1", "--policies", "full", "fixed:8", "energy:0.9",
+         "--corpora", "wiki", "shakespeare", "--ablations", "--fig4-lengths", "64", "--timing-repeats", "1",
+         "--out", str(tmp_path / "results"), "--logdir", str(tmp_path / "tb")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = tmp_path / "results"
+    table = (results / "table.md").read_text()
+    assert table.count("\n") == 2 + 3 * 2 * 2 * 2  # header + policies x corpora x modes x (guardrail on/off)
+    assert "energy:0.9 (no guardrail)" in table and "| shakespeare | joint |" in table
+    for png in ("pareto", "fig4_sequence_length", "fig5_perturbation", "fig3_ranks_energy_0.9_separate"):
+        assert (results / f"{png}.png").stat().st_size > 1000
+    assert (results / "results.csv").read_text().startswith("policy,corpus,mode")
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
