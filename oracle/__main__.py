@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="episodes per parquet shard, the unit of resuming (default: 8)",
     )
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=0,
+        help="score each candidate by its reward plus the next K greedy rewards (replays the episode prefix: "
+        "about K x t extra env steps at step t) (default: 0, plain greedy)",
+    )
     add_env_arguments(parser)
     return parser
 
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dataset = record_trajectories(
-            args.out, GreedyOracle(), args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
+            args.out, GreedyOracle(args.lookahead), args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
         )
     except DatasetMismatchError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ API, as the oracle does. Heuristic baselines and learned agents (``agents``) sha
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,19 +37,67 @@ class GreedyOracle:
     (:meth:`DRRLAttentionEnv.candidate_rewards`), so a step of the oracle costs one layer of the
     LM plus ``K`` attention evaluations that share one set of spectra, not ``K`` forwards. Ties go
     to the lower rank (cheaper). The terminal LM-loss reward, which only the end of the episode
-    reveals, is not part of the greedy choice. Supports ``per_head=False`` (one rank per layer).
+    reveals, is not part of the choice. Supports ``per_head=False`` (one rank per layer).
+
+    With ``lookahead = k > 0`` each allowed candidate is scored by its reward plus the rewards of
+    the next ``k`` greedy steps after it (later layers see its low-rank output, the guardrail and
+    the perturbation term see the transition). The env's state cannot be copied (the forward pass
+    is paused in a thread), so this replays the episode's prefix in a scratch env of the same
+    configuration, sharing the loaded model: about ``K * (t + k)`` extra env steps at step ``t``,
+    meant for short episodes and small ``k``. The episode must be started with ``reset(seed)``
+    and the env's ``reset(seed=seed)`` with the same seed (as :func:`oracle.dataset.run_episode` does).
     """
 
-    name = "greedy"
+    def __init__(self, lookahead: int = 0) -> None:
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.lookahead = lookahead
+        self._seed: int | None = None
+        self._prefix: list[int] = []
+        self._scratch: DRRLAttentionEnv | None = None
 
-    def reset(self, seed: int) -> None:  # deterministic: nothing to reseed
-        del seed
+    @property
+    def name(self) -> str:
+        return "greedy" if not self.lookahead else f"greedy:lookahead={self.lookahead}"
+
+    def reset(self, seed: int) -> None:
+        self._seed, self._prefix = seed, []
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
         if env.config.per_head:
             raise ValueError(
                 "GreedyOracle supports per_head=False only: with per_head the action space is K^Hkv joint ranks"
             )
-        candidates = env.candidate_rewards()
-        scores = np.where(np.asarray(action_mask, dtype=bool), candidates.reward, -np.inf)
-        return int(np.argmax(scores))
+        allowed = np.asarray(action_mask, dtype=bool)
+        scores = np.where(allowed, env.candidate_rewards().reward, -np.inf)
+        if self.lookahead:
+            for candidate in np.flatnonzero(allowed):
+                scores[candidate] = self._value_with_lookahead(env, int(candidate))
+        choice = int(np.argmax(scores))
+        self._prefix.append(choice)
+        return choice
+
+    def _value_with_lookahead(self, env: DRRLAttentionEnv, candidate: int) -> float:
+        """Reward of ``candidate`` now plus ``lookahead`` greedy rewards after it, replayed in the scratch env."""
+        if self._seed is None:
+            raise RuntimeError("GreedyOracle with lookahead: call reset(seed) with the episode's seed first")
+        if self._scratch is None or self._scratch.config != env.config:
+            import gymnasium as gym
+
+            from drrl_env import ENV_ID
+
+            self._scratch = gym.make(ENV_ID, **dataclasses.asdict(env.config)).unwrapped
+        scratch = self._scratch
+        scratch.total_steps = env.total_steps - len(self._prefix)  # the same guardrail clock
+        scratch.reset(seed=self._seed)
+        for action in self._prefix:
+            scratch.step(action)
+        _, value, terminated, _, _ = scratch.step(candidate)
+        for _ in range(self.lookahead):
+            if terminated:
+                break
+            mask = scratch.action_masks()
+            best = int(np.argmax(np.where(mask, scratch.candidate_rewards().reward, -np.inf)))
+            _, reward, terminated, _, _ = scratch.step(best)
+            value += reward
+        return float(value)

@@ -127,3 +127,26 @@ def test_oracle_command(tmp_path, tiny_model_dir):
     assert json.loads((out / "metadata.json").read_text())["episodes"] == 2
     refused = subprocess.run([*common, "--ranks", "4", "8", "--episodes", "2"], capture_output=True, text=True)
     assert refused.returncode == 2 and "ranks: stored [4, 8, 16], requested [4, 8]" in refused.stderr
+
+
+def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
+    """Brute force over every allowed (a_t, a_t+1) at step 1: lookahead=1 picks the a_t with the best r_t + greedy r_t+1."""
+    env = gym.make("DRRL-Attention-v0", **oracle_env_kwargs).unwrapped
+    brute = gym.make("DRRL-Attention-v0", **oracle_env_kwargs).unwrapped
+    oracle = GreedyOracle(lookahead=1)
+    assert oracle.name == "greedy:lookahead=1"
+    obs, _ = env.reset(seed=4)
+    oracle.reset(4)
+    first = oracle.act(obs, env.action_masks(), env)
+    obs, *_ = env.step(first)
+    mask = env.action_masks()
+    second = oracle.act(obs, mask, env)
+    assert mask[second]
+    values = {}
+    for candidate in np.flatnonzero(mask):
+        brute.reset(seed=4)
+        brute.step(first)
+        _, reward, *_ = brute.step(candidate)
+        greedy_next = brute.candidate_rewards()
+        values[candidate] = reward + np.max(np.where(brute.action_masks(), greedy_next.reward, -np.inf))
+    assert values[second] == pytest.approx(max(values.values()), abs=1e-9)
