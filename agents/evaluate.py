@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(DEFAULT_POLICIES),
         help="policy specs: baselines (full, fixed:R, energy:T, random, stable_rank[:SAFETY], threshold:D, "
-        "gumbel:TAU, static:FLOPS_BUDGET, oracle) and saved models (PATH.zip, or ALGO:PATH.zip for algorithms "
+        "gumbel:TAU, static:FLOPS_BUDGET, static:match (the FLOPs of the saved model before it), oracle) "
+        "and saved models (PATH.zip, or ALGO:PATH.zip for algorithms "
         f"other than maskable_ppo) (default: {' '.join(DEFAULT_POLICIES)})",
     )
     parser.add_argument(
@@ -248,17 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
-    """Evaluate every (policy, corpus, mode[, ablation]) cell of ``args``."""
+    """Evaluate every (policy, corpus, mode[, ablation]) cell of ``args``.
+
+    ``static:match`` takes as its FLOPs budget the FLOPs ratio measured for the first saved model
+    listed before it, in the same corpus, mode and guardrail setting: the static allocation at
+    the agent's FLOPs, the comparison that says whether adapting to the input pays.
+    """
     base = env_kwargs(args)
     settings = [(corpus, mode, True) for corpus in args.corpora for mode in args.modes]
     if args.ablations:
         settings += [(corpus, mode, False) for corpus in args.corpora for mode in args.modes]
     cells = [(spec, *setting) for setting in settings for spec in args.policies]
-    rows = []
+    rows: list[EvaluationRow] = []
+    matched: dict[tuple[str, str, bool], float] = {}
     for spec, corpus, mode, guardrail in tqdm(cells, desc="evaluating policies", unit="cell"):
         kwargs = {**base, "corpus": corpus, "spectral_mode": mode, "guardrail": guardrail and base["guardrail"]}
+        if spec == "static:match":
+            if (corpus, mode, guardrail) not in matched:
+                raise ValueError("static:match needs a saved model (PATH.zip) listed before it in --policies")
+            spec = f"static:{matched[(corpus, mode, guardrail)]:.4f}"
         policy = make_policy(spec, kwargs)
         row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
+        if isinstance(policy, ModelPolicy):
+            matched.setdefault((corpus, mode, guardrail), row.flops_ratio)
         if not kwargs["guardrail"] and base["guardrail"]:
             row.policy += " (no guardrail)"
         rows.append(row)

@@ -127,3 +127,23 @@ def test_evaluate_command(tiny_layered_model_dir, tmp_path):
         assert (results / f"{png}.png").stat().st_size > 1000
     assert (results / "results.csv").read_text().startswith("policy,corpus,mode")
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path):
+    from sb3_contrib import MaskablePPO
+
+    from agents.evaluate import build_parser, run_evaluation
+
+    env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
+    path = tmp_path / "agent.zip"
+    MaskablePPO("MlpPolicy", env, seed=0).save(path)
+    common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
+              "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0"]  # fmt: skip
+    rows = run_evaluation(build_parser().parse_args([*common, "--policies", str(path), "static:match"]))
+    agent, static = rows
+    assert static.policy.startswith("static:") and float(static.policy.split(":")[1]) == pytest.approx(
+        agent.flops_ratio, abs=1e-4
+    )
+    assert static.flops_ratio <= agent.flops_ratio + 1e-3
+    with pytest.raises(ValueError, match="static:match needs a saved model"):
+        run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))

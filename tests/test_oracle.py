@@ -130,7 +130,7 @@ def test_oracle_command(tmp_path, tiny_model_dir):
 
 
 def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
-    """Brute force over every allowed (a_t, a_t+1) at step 1: lookahead=1 picks the a_t with the best r_t + greedy r_t+1."""
+    """Brute force at step 1: lookahead=1 picks the allowed a_t with the best r_t + greedy r_t+1."""
     env = gym.make("DRRL-Attention-v0", **oracle_env_kwargs).unwrapped
     brute = gym.make("DRRL-Attention-v0", **oracle_env_kwargs).unwrapped
     oracle = GreedyOracle(lookahead=1)
