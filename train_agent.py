@@ -1,6 +1,6 @@
 """Train an RL agent on DRRL-Attention-v0, then compare it with baselines on held-out text.
 
-    python train_agent.py [--algo maskable_ppo] [--total-timesteps 6000] [--seed 0] [env options]
+    python train_agent.py [--algo maskable_ppo] [--total-timesteps 15000] [--seed 0] [env options]
 
 Training logs to TensorBoard under ``--logdir/RUN`` (``RUN = DRRL-Attention-v0__ALGO__SEED__TIME``):
 the hyperparameters, every reward term, FLOPs saved, fidelity, mask and violation rates, the
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
 from agents.evaluate import evaluate_policy, make_policy, markdown_table
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
@@ -37,7 +39,7 @@ from agents.training import (
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 
-DEFAULT_COMPARE = ("full", "fixed:32", "energy:0.9")
+DEFAULT_COMPARE = ("full", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--algo", default="maskable_ppo", choices=sorted(ALGORITHMS), help="RL algorithm (default: maskable_ppo)"
     )
-    training.add_argument("--total-timesteps", type=int, default=6000, help="env steps of training (default: 6000)")
+    training.add_argument("--total-timesteps", type=int, default=15000, help="env steps of training (default: 15000)")
     training.add_argument("--seed", type=int, default=0, help="seed of the agent and of the episodes (default: 0)")
     training.add_argument("--n-envs", type=int, default=1, help="parallel envs (default: 1)")
     training.add_argument(
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"baselines to compare the agent with (default: {' '.join(DEFAULT_COMPARE)}); none: skip",
     )
     comparison.add_argument("--eval-episodes", type=int, default=4, help="test episodes per policy (default: 4)")
+    comparison.add_argument(
+        "--timing-repeats", type=int, default=2, help="timed forward replays per policy for ms/token (default: 2)"
+    )
     add_env_arguments(parser, seq_len=128, batch_size=1)
     return parser
 
@@ -180,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         setup = setup_of_observation_space(model.observation_space)
         policies = [make_policy(spec, kwargs) for spec in args.compare]
         policies.append(ModelPolicy(model, algorithm, setup, f"{args.algo} (this run)"))
-        rows = [evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=0) for policy in policies]
+        rows = [
+            evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=args.timing_repeats)
+            for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
+        ]
         print(
             f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
             f"mode={args.spectral_mode}, guardrail={'on' if args.guardrail else 'off'}"
