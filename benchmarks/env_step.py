@@ -13,16 +13,14 @@ attention. This prints, measured in one run on the same batch:
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import time
 
-import gymnasium as gym
 import numpy as np
 import torch
+from _common import benchmark_env, env_benchmark_parser
 
-import drrl_env  # noqa: F401
 from drrl_env.lowrank import full_attention, low_rank_attention
 
 PARTS = {  # label: (file, function) as cProfile names them
@@ -35,23 +33,9 @@ PARTS = {  # label: (file, function) as cProfile names them
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per episode")
-    parser.add_argument("--episodes", type=int, default=3, help="timed episodes")
-    parser.add_argument("--mode", default="separate", help="spectral mode")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    args = parser.parse_args()
-    env = gym.make(
-        "DRRL-Attention-v0",
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        spectral_mode=args.mode,
-        device=args.device,
-        guardrail=False,
-    )
+    args = env_benchmark_parser(__doc__, episodes=3).parse_args()
+    env, sync = benchmark_env(args)
     inner = env.unwrapped
-    sync = torch.cuda.synchronize if inner.device.type == "cuda" else (lambda: None)
     action = 2  # rank 32
     env.reset(seed=0)
     for _ in range(inner.num_layers):  # warm-up episode

@@ -9,14 +9,12 @@ Both are averaged over whole episodes after a warm-up episode.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import gymnasium as gym
 import numpy as np
-import torch
+from _common import benchmark_env, env_benchmark_parser
 
-import drrl_env  # noqa: F401
 from oracle import GreedyOracle
 
 
@@ -36,23 +34,9 @@ def seconds_per_step(env: gym.Env, act, episodes: int, sync) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per episode")
-    parser.add_argument("--episodes", type=int, default=2, help="timed episodes per policy")
-    parser.add_argument("--mode", default="separate", help="spectral mode")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    args = parser.parse_args()
-    env = gym.make(
-        "DRRL-Attention-v0",
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        spectral_mode=args.mode,
-        device=args.device,
-        guardrail=False,
-    )
+    args = env_benchmark_parser(__doc__, episodes=2).parse_args()
+    env, sync = benchmark_env(args)
     inner = env.unwrapped
-    sync = torch.cuda.synchronize if inner.device.type == "cuda" else (lambda: None)
     num_candidates = len(inner.config.ranks)
     oracle = GreedyOracle()
     env_step = seconds_per_step(env, lambda obs, mask: 2, args.episodes, sync)
