@@ -7,17 +7,17 @@ import sys
 
 from drrl_env.cli import add_env_arguments, env_kwargs
 from oracle.dataset import DatasetMismatchError, record_trajectories
-from oracle.policy import GreedyOracle
+from oracle.policy import GreedyOracle, RankPolicy
+
+DATASET_HELP = (
+    "Trajectories go to DIR as parquet shards of an HF dataset (load with oracle.load_trajectories or "
+    "datasets.load_dataset('parquet', data_dir='DIR/data')); the env configuration is in DIR/metadata.json. "
+    "An interrupted run resumes when started again with the same options."
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m oracle",
-        description="Roll out the greedy oracle (at each step the allowed rank with the highest Eq. 13 reward, "
-        "all candidates scored in one batched pass) and write its trajectories to DIR as parquet shards of an "
-        "HF dataset (load with oracle.dataset.load_trajectories or datasets.load_dataset('parquet', ...)). "
-        "An interrupted run resumes when started again with the same options.",
-    )
+def add_record_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a trajectory-recording command: episodes, output, seeding, sharding, env options."""
     parser.add_argument("--episodes", type=int, required=True, help="number of episodes the dataset should hold")
     parser.add_argument("--out", required=True, help="dataset folder (DIR); resumed if it holds this setup's data")
     parser.add_argument("--seed", type=int, default=0, help="episode i is seeded with seed + i (default: 0)")
@@ -27,6 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="episodes per parquet shard, the unit of resuming (default: 8)",
     )
+    add_env_arguments(parser)
+
+
+def record_command(args: argparse.Namespace, policy: RankPolicy) -> int:
+    """Record ``policy`` as ``args`` say; print a summary; exit status 2 with a one-line error on a mismatch."""
+    try:
+        dataset = record_trajectories(
+            args.out, policy, args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
+        )
+    except (DatasetMismatchError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {dataset.num_rows} steps, mean reward {sum(dataset['reward']) / dataset.num_rows:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m oracle",
+        description="Roll out the greedy oracle (at each step the allowed rank with the highest Eq. 13 reward, "
+        "all candidates scored in one batched pass). " + DATASET_HELP,
+    )
     parser.add_argument(
         "--lookahead",
         type=int,
@@ -34,21 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score each candidate by its reward plus the next K greedy rewards (replays the episode prefix: "
         "about K x t extra env steps at step t) (default: 0, plain greedy)",
     )
-    add_env_arguments(parser)
+    add_record_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        dataset = record_trajectories(
-            args.out, GreedyOracle(args.lookahead), args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
-        )
-    except DatasetMismatchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {dataset.num_rows} steps, mean reward {sum(dataset['reward']) / dataset.num_rows:.4f}")
-    return 0
+    return record_command(args, GreedyOracle(args.lookahead))
 
 
 if __name__ == "__main__":

@@ -150,3 +150,26 @@ def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
         greedy_next = brute.candidate_rewards()
         values[candidate] = reward + np.max(np.where(brute.action_masks(), greedy_next.reward, -np.inf))
     assert values[second] == pytest.approx(max(values.values()), abs=1e-9)
+
+
+def test_baselines_record_through_the_same_writer(tmp_path, tiny_model_dir):
+    common = ["--model", tiny_model_dir, "--seq-len", "32", "--ranks", "4", "8", "16", "--episodes", "2"]
+    for spec in ("fixed:8", "energy:0.9", "random"):
+        out = tmp_path / spec.replace(":", "_")
+        done = subprocess.run(
+            [sys.executable, "-m", "agents.record", "--policy", spec, "--out", str(out), *common],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert read_metadata(out)["policy"] == spec
+        dataset = load_trajectories(out)
+        assert dataset.num_rows == 2 * 2 and all(row["action_mask"][row["action"]] for row in dataset)
+        if spec == "fixed:8":
+            assert set(dataset["rank"]) <= {8, 16}  # 8, or the guardrail's nearest allowed rank
+    bad = subprocess.run(
+        [sys.executable, "-m", "agents.record", "--policy", "fixd:8", "--out", str(tmp_path / "x"), *common],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown baseline" in bad.stderr

@@ -1,0 +1,45 @@
+"""``python -m agents.record``: trajectories of any policy (a baseline or a saved model) through the oracle's writer.
+
+    python -m agents.record --policy fixed:32 --episodes 16 --out data/fixed32 [env options]
+
+The dataset has the format of ``python -m oracle`` (see :mod:`oracle.dataset`), so trajectories
+of every policy can be kept and compared, or used for behaviour cloning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agents.evaluate import make_policy
+from drrl_env.cli import env_kwargs
+from oracle.__main__ import DATASET_HELP, add_record_arguments, record_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.record",
+        description="Roll out a policy on DRRL-Attention-v0 and record its trajectories. " + DATASET_HELP,
+    )
+    parser.add_argument(
+        "--policy",
+        required=True,
+        help="a baseline spec (fixed:32, energy:0.9, random, stable_rank, ...; see agents.baselines) or a saved "
+        "model (PATH.zip, ALGO:PATH.zip)",
+    )
+    add_record_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        policy = make_policy(args.policy, env_kwargs(args))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return record_command(args, policy)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
