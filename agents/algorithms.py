@@ -88,6 +88,27 @@ class ModelPolicy:
         self._states: list[np.ndarray] = []
         self._lstm: Any = None
 
+    @property
+    def flops_per_decision(self) -> float:
+        """Estimated FLOPs of one action: 2 per weight of the actor path (features, policy MLP, action head).
+
+        A Transformer extractor runs every state of its window, so its weights count once per
+        window position. Biases, norms and activations are left out (an estimate, not a count).
+        """
+
+        def weights(module: Any) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters() if p.dim() > 1)
+
+        policy = self.model.policy
+        value_net = getattr(policy, "q_net", None) or getattr(policy, "quantile_net", None)
+        if value_net is not None:  # dqn, qrdqn: the Q (quantile) network, with its own features extractor
+            return 2.0 * weights(value_net)
+        extractor = getattr(policy, "pi_features_extractor", None) or getattr(policy, "features_extractor", None)
+        mlp = getattr(policy, "mlp_extractor", None)
+        heads = [getattr(mlp, "policy_net", None), getattr(policy, "action_net", None)]
+        heads.append(getattr(policy, "lstm_actor", None))
+        return 2.0 * (weights(extractor) * max(self.setup.history, 1) + sum(weights(head) for head in heads))
+
     @classmethod
     def load(cls, spec: str) -> ModelPolicy:
         """From ``PATH.zip`` (a MaskablePPO model) or ``ALGO:PATH.zip``."""

@@ -76,6 +76,14 @@ class EvaluationRow:
     ms_per_token_full: float
     rank_per_layer: list[float]
     rank_grid: list[list[float]]
+    flops_policy_ratio: float = 0.0
+    """the policy network's own FLOPs (``ModelPolicy.flops_per_decision`` per step) over full attention's"""
+    matched_to: str | None = None
+    """for ``static:match``: the policy whose measured FLOPs set this row's budget"""
+
+    @property
+    def flops_with_policy_ratio(self) -> float:
+        return self.flops_ratio + self.flops_policy_ratio
 
     @property
     def ppl(self) -> float:
@@ -107,6 +115,7 @@ def evaluate_policy(
     env: DRRLAttentionEnv = gym.make(ENV_ID, **{**env_kwargs, "split": "test", "terminal_lm_weight": 1.0}).unwrapped
     cfg = env.config
     grid = np.zeros((env.num_layers, env.num_segments))
+    decision_flops = float(getattr(policy, "flops_per_decision", 0.0))
     losses, full_losses, ranks, violations = [], [], [], []
     flops = flops_core = flops_full = 0.0
     try:
@@ -151,6 +160,7 @@ def evaluate_policy(
         ms_per_token_full=ms_full,
         rank_per_layer=grid.mean(axis=1).round(2).tolist(),
         rank_grid=grid.round(2).tolist(),
+        flops_policy_ratio=decision_flops * len(ranks) / flops_full,
     )
 
 
@@ -162,6 +172,7 @@ TABLE_COLUMNS = (
     ("ppl_full", "PPL full (no hook)", "{:.2f}"),
     ("flops_ratio", "FLOPs (+overhead)", "{:.3f}"),
     ("flops_core_ratio", "FLOPs (core)", "{:.3f}"),
+    ("flops_with_policy_ratio", "FLOPs (+overhead +policy)", "{:.3f}"),
     ("ms_per_token", "ms/token", "{:.3f}"),
     ("ms_per_token_full", "ms/token full", "{:.3f}"),
     ("mean_rank", "mean rank", "{:.1f}"),
@@ -179,9 +190,28 @@ def markdown_table(rows: list[EvaluationRow]) -> str:
     return "\n".join(lines)
 
 
+def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
+    """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each."""
+    lines = []
+    for static in (row for row in rows if row.matched_to):
+        agent = next(
+            row
+            for row in rows
+            if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
+        )
+        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
+        lines.append(
+            f"{static.corpus}/{static.mode}: the agent {verdict} the static per-layer allocation at its FLOPs "
+            f"(agent PPL {agent.ppl:.2f} at FLOPs {agent.flops_ratio:.3f}; static PPL {static.ppl:.2f} at "
+            f"{static.flops_ratio:.3f})"
+        )
+    return lines
+
+
 def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
-    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"] + ["ppl", "ppl_full"]
+    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
+    fields += ["ppl", "ppl_full", "flops_with_policy_ratio"]
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -261,17 +291,20 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
         settings += [(corpus, mode, False) for corpus in args.corpora for mode in args.modes]
     cells = [(spec, *setting) for setting in settings for spec in args.policies]
     rows: list[EvaluationRow] = []
-    matched: dict[tuple[str, str, bool], float] = {}
+    matched: dict[tuple[str, str, bool], tuple[str, float]] = {}
     for spec, corpus, mode, guardrail in tqdm(cells, desc="evaluating policies", unit="cell"):
         kwargs = {**base, "corpus": corpus, "spectral_mode": mode, "guardrail": guardrail and base["guardrail"]}
+        matched_to = None
         if spec == "static:match":
             if (corpus, mode, guardrail) not in matched:
                 raise ValueError("static:match needs a saved model (PATH.zip) listed before it in --policies")
-            spec = f"static:{matched[(corpus, mode, guardrail)]:.4f}"
+            matched_to, budget = matched[(corpus, mode, guardrail)]
+            spec = f"static:{budget:.4f}"
         policy = make_policy(spec, kwargs)
         row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
+        row.matched_to = matched_to
         if isinstance(policy, ModelPolicy):
-            matched.setdefault((corpus, mode, guardrail), row.flops_ratio)
+            matched.setdefault((corpus, mode, guardrail), (row.policy, row.flops_ratio))
         if not kwargs["guardrail"] and base["guardrail"]:
             row.policy += " (no guardrail)"
         rows.append(row)
@@ -291,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = markdown_table(rows)
+    verdicts = adaptivity_verdicts(rows)
+    table = markdown_table(rows) + "".join(f"\n\n{line}" for line in verdicts)
     (out / "table.md").write_text(table + "\n")
     write_csv(rows, out / "results.csv")
     writer = SummaryWriter(str(Path(args.logdir) / f"evaluate__{int(time.time())}"))

@@ -36,6 +36,7 @@ def test_every_registered_algorithm_trains_and_acts(name, zoo_env_kwargs):
     assert model.num_timesteps >= 256
     row = evaluate_policy(ModelPolicy(model, algorithm, policy_setup("mlp"), name), zoo_env_kwargs, 1, timing_repeats=0)
     assert 0.0 <= row.violation_rate <= 1.0
+    assert row.flops_policy_ratio > 0.0 and row.flops_with_policy_ratio > row.flops_ratio
     if algorithm.masked:
         assert row.violation_rate == 0.0
 
@@ -132,7 +133,7 @@ def test_evaluate_command(tiny_layered_model_dir, tmp_path):
 def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path):
     from sb3_contrib import MaskablePPO
 
-    from agents.evaluate import build_parser, run_evaluation
+    from agents.evaluate import adaptivity_verdicts, build_parser, run_evaluation
 
     env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
     path = tmp_path / "agent.zip"
@@ -145,5 +146,9 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
         agent.flops_ratio, abs=1e-4
     )
     assert static.flops_ratio <= agent.flops_ratio + 1e-3
+    assert static.matched_to == agent.policy
+    (verdict,) = adaptivity_verdicts(rows)
+    assert verdict.startswith("wiki/separate: the agent ") and "static per-layer allocation at its FLOPs" in verdict
+    assert ("does NOT beat" in verdict) == (agent.ppl >= static.ppl)
     with pytest.raises(ValueError, match="static:match needs a saved model"):
         run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))
