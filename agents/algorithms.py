@@ -125,7 +125,7 @@ class ModelPolicy:
         del seed
         self._states, self._lstm = [], None
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
         from agents.policies import stack_states
 
         self._states.append(np.asarray(observation, dtype=np.float32))
@@ -137,4 +137,5 @@ class ModelPolicy:
             action, self._lstm = self.model.predict(obs, state=self._lstm, episode_start=start, deterministic=True)
         else:
             action, _ = self.model.predict(obs, deterministic=True)
-        return int(np.asarray(action).reshape(()))
+        action = np.asarray(action)
+        return int(action.reshape(())) if action.size == 1 else action  # MultiDiscrete with per_head

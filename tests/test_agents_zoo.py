@@ -152,3 +152,15 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     assert ("does NOT beat" in verdict) == (agent.ppl >= static.ppl)
     with pytest.raises(ValueError, match="static:match needs a saved model"):
         run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))
+
+
+def test_per_head_model_is_evaluated(zoo_env_kwargs):
+    from sb3_contrib import MaskablePPO
+
+    kwargs = {**zoo_env_kwargs, "per_head": True}
+    model = MaskablePPO("MlpPolicy", gym.make("DRRL-Attention-v0", **kwargs), n_steps=32, batch_size=32, seed=0)
+    model.learn(64)
+    policy = ModelPolicy(model, get_algorithm("maskable_ppo"), policy_setup("mlp"), "per-head")
+    row = evaluate_policy(policy, kwargs, episodes=1, timing_repeats=1)
+    assert min(kwargs["ranks"]) <= row.mean_rank <= max(kwargs["ranks"]) and row.violation_rate == 0.0
+    assert np.isfinite(row.ppl) and row.ms_per_token > 0
