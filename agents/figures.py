@@ -27,23 +27,39 @@ if TYPE_CHECKING:
 
 
 def pareto_figure(rows: list[EvaluationRow]) -> Figure:
-    """PPL against attention FLOPs (overheads included) for every policy, one panel per corpus."""
-    corpora = sorted({row.corpus for row in rows})
-    figure, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.5), squeeze=False)
+    """PPL against attention FLOPs (overheads included) for every policy, one panel per corpus.
+
+    Colour: the policy; marker: the spectral mode (hollow: without the guardrail); dashed line:
+    the model without the hook on the same text.
+    """
+    corpora = list(dict.fromkeys(row.corpus for row in rows))
+    figure, axes = plt.subplots(1, len(corpora), figsize=(4.8 * len(corpora) + 2.5, 4.4), squeeze=False)
     markers = {"separate": "o", "joint": "s"}
-    policies = sorted({row.policy for row in rows})
-    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(policies)}
+    policies = list(dict.fromkeys(row.policy.removesuffix(" (no guardrail)") for row in rows))
+    colours = {name: plt.cm.tab20(i % 20) for i, name in enumerate(policies)}
     for axis, corpus in zip(axes[0], corpora, strict=True):
         subset = [row for row in rows if row.corpus == corpus]
         for row in subset:
-            axis.scatter(row.flops_ratio, row.ppl, marker=markers.get(row.mode, "x"), color=colours[row.policy])
-            axis.annotate(row.policy, (row.flops_ratio, row.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.axhline(np.mean([row.ppl_full for row in subset]), color="grey", ls="--", lw=1, label="full attention")
+            name = row.policy.removesuffix(" (no guardrail)")
+            hollow = row.policy.endswith("(no guardrail)")
+            axis.scatter(
+                row.flops_ratio,
+                row.ppl,
+                marker=markers.get(row.mode, "x"),
+                s=40,
+                facecolors="none" if hollow else colours[name],
+                edgecolors=colours[name],
+            )
+        axis.axhline(np.mean([row.ppl_full for row in subset]), color="grey", ls="--", lw=1)
         axis.set(xlabel="attention FLOPs / full (overheads included)", ylabel="PPL", title=corpus)
-        axis.set_yscale("log")
-    handles = [plt.Line2D([], [], marker=m, ls="", color="k", label=mode) for mode, m in markers.items()]
-    axes[0][0].legend(handles=[*handles, plt.Line2D([], [], ls="--", color="grey", label="full attention")])
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[name], label=name[:32]) for name in policies]
+    handles += [plt.Line2D([], [], marker=m, ls="", color="k", label=f"{mode} mode") for mode, m in markers.items()]
+    handles += [
+        plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", color="k", label="no guardrail"),
+        plt.Line2D([], [], ls="--", color="grey", label="model without hook"),
+    ]
+    figure.legend(handles=handles, loc="center right", fontsize=7)
+    figure.tight_layout(rect=(0, 0, 1 - 2.3 / figure.get_figwidth(), 1))
     return figure
 
 
