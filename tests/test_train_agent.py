@@ -48,6 +48,10 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
                 "drrl/reward_terms/perturbation"):  # fmt: skip
         assert tag in tags["scalars"], tag
     assert "drrl/rank_histogram" in tags["histograms"] and "drrl/rank_heatmap" in tags["images"]
+    from agents.figures import training_curves_figure
+
+    figure = training_curves_figure(tmp_path)  # Fig. 2 from the run's event files
+    assert figure is not None and any(axis.lines for axis in figure.axes)
 
 
 def test_bad_arguments_get_a_clear_error(tmp_path):
