@@ -64,6 +64,10 @@ def test_power_iteration_converges_from_below(rows, cols, seed):
     estimate_3 = power_iteration_spectral_norm(m, 3, torch.Generator().manual_seed(seed))
     estimate_200 = power_iteration_spectral_norm(m, 200, torch.Generator().manual_seed(seed))
     assert float(estimate_3) <= float(exact) * (1 + 1e-12)
+    # convergence goes as (sigma_2 / sigma_1)^(2k): only claim it where the top gap is not tiny
+    sigma = torch.linalg.svdvals(m)
+    if len(sigma) > 1 and float(sigma[1]) > 0.95 * float(sigma[0]):
+        return
     assert abs(float(estimate_200) - float(exact)) <= 1e-6 * float(exact)
 
 
