@@ -52,6 +52,8 @@ class BCConfig:
     """fraction of episodes held out (the last ones), at least one"""
     seed: int = 0
     """seed of the policy's initialisation and of the shuffling"""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus: > 0 keeps the cloned policy stochastic, so PPO can still explore from it"""
 
 
 @dataclass
@@ -101,12 +103,17 @@ def _evaluate(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, batch
     return sum(losses) / len(rows), hits / len(rows)
 
 
-def _batch_loss(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+def _batch_loss(
+    model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, entropy_coef: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Masked cross-entropy ``-log pi(a | s, mask)`` (minus ``entropy_coef`` times the entropy) and the hits."""
     policy = model.policy
     observations = torch.as_tensor(demos.observations[rows], device=policy.device)
     actions = torch.as_tensor(demos.actions[rows], device=policy.device)
     distribution = policy.get_distribution(observations, action_masks=demos.masks[rows])
     loss = -distribution.log_prob(actions).mean()
+    if entropy_coef:
+        loss = loss - entropy_coef * distribution.entropy().mean()
     predicted = distribution.distribution.probs.argmax(dim=-1)
     return loss, int((predicted == actions).sum())
 
@@ -150,7 +157,7 @@ def behaviour_clone(
         order = rng.permutation(train_rows)
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss, _ = _batch_loss(model, demos, batch)
+            loss, _ = _batch_loss(model, demos, batch, config.entropy_coef)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -211,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of episodes held out for validation (default: 0.2)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: 0)")
+    parser.add_argument(
+        "--entropy-coef",
+        type=float,
+        default=defaults.entropy_coef,
+        help="entropy bonus weight; > 0 keeps the policy stochastic for PPO to explore from (default: 0)",
+    )
     parser.add_argument("--logdir", default="runs/bc", help="TensorBoard folder of the bc/* curves (default: runs/bc)")
     return parser
 
@@ -218,7 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = BCConfig(
-        args.policy, args.history, args.epochs, args.batch_size, args.learning_rate, args.validation_fraction, args.seed
+        args.policy,
+        args.history,
+        args.epochs,
+        args.batch_size,
+        args.learning_rate,
+        args.validation_fraction,
+        args.seed,
+        args.entropy_coef,
     )
     try:
         model, result = behaviour_clone(args.dataset, config, args.logdir)

@@ -132,3 +132,15 @@ def test_bc_command(oracle_dataset, tmp_path):
         text=True,
     )
     assert missing.returncode == 2 and "holds no trajectory dataset" in missing.stderr
+
+
+def test_entropy_bonus_keeps_the_cloned_policy_stochastic(oracle_dataset):
+    directory, _ = oracle_dataset
+    observations = torch.as_tensor(load_demonstrations(directory).observations)
+
+    def entropy(coef):
+        model, _ = behaviour_clone(directory, BCConfig(epochs=30, entropy_coef=coef), progress=False)
+        with torch.no_grad():
+            return float(model.policy.get_distribution(observations).entropy().mean())
+
+    assert entropy(0.5) > 1.5 * entropy(0.0)
