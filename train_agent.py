@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--bc-dataset", help="oracle dataset (python -m oracle): behaviour-clone on it first")
     training.add_argument("--bc-model", help="start from this behaviour-cloned model (python -m agents.bc)")
     training.add_argument("--bc-epochs", type=int, default=30, help="behaviour-cloning epochs with --bc-dataset")
+    training.add_argument(
+        "--bc-entropy-coef",
+        type=float,
+        default=0.0,
+        help="entropy bonus of behaviour cloning with --bc-dataset; > 0 leaves PPO room to explore (default: 0)",
+    )
     training.add_argument("--logdir", default="runs", help="folder of the runs (default: runs)")
     training.add_argument(
         "--checkpoint-every", type=int, default=0, help="checkpoint every N env steps (default: 0, only at the end)"
@@ -134,7 +140,9 @@ def build_model(args: argparse.Namespace, run_dir: Path):
             from agents.bc import BCConfig, behaviour_clone, save_model_atomic
 
             bc, result = behaviour_clone(
-                args.bc_dataset, BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed), run_dir / "bc"
+                args.bc_dataset,
+                BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed, entropy_coef=args.bc_entropy_coef),
+                run_dir / "bc",
             )
             bc_model = save_model_atomic(bc, run_dir / "bc_model.zip")
             print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
