@@ -332,19 +332,27 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         for key in ("ppl", "flops_ratio", "flops_core_ratio", "mean_rank", "ms_per_token", "violation_rate"):
             writer.add_scalar(f"eval/{row.corpus}/{row.mode}/{key}/{row.policy}", getattr(row, key))
-    pictures = {"pareto": figures.pareto_figure(rows)}
+    written: list[str] = []
+
+    def emit(name: str, figure) -> None:
+        """Save ``figure`` as ``out/name.png`` and send it to TensorBoard (which closes it)."""
+        figure.savefig(out / f"{name}.png", dpi=110)
+        writer.add_figure(f"eval/{name}", figure)
+        written.append(name)
+
+    emit("pareto", figures.pareto_figure(rows))
     for row in rows:
         if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
             safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
-            pictures[f"fig3_ranks_{safe}_{row.mode}"] = figures.rank_heatmap_figure(row)
+            emit(f"fig3_ranks_{safe}_{row.mode}", figures.rank_heatmap_figure(row))
     call = figures.captured_call(args.model, args.corpora[0], args.seq_len, rows and len(rows[0].rank_per_layer) // 2)
-    pictures["fig5_perturbation"] = figures.perturbation_figure(call, tuple(sorted(args.ranks)))
+    emit("fig5_perturbation", figures.perturbation_figure(call, tuple(sorted(args.ranks))))
     if args.fig4_lengths:
         rank = min(args.ranks, key=lambda r: abs(r - 32))
         figure, points = figures.sequence_length_figure(
             args.model, args.corpora[0], args.fig4_lengths, rank, args.modes[0], args.device
         )
-        pictures["fig4_sequence_length"] = figure
+        emit("fig4_sequence_length", figure)
         lines = ["| n | FLOPs full | FLOPs low-rank (+overhead) | s full | s low-rank |", "|---|---|---|---|---|"]
         lines += [
             f"| {p['seq_len']} | {p['flops_full']:.3g} | {p['flops_low_rank']:.3g} | {p['seconds_full']:.3f} | "
@@ -355,13 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         curves = figures.training_curves_figure(Path(args.runs))
         if curves is not None:
-            pictures["fig2_training"] = curves
-    for name, figure in pictures.items():
-        figure.savefig(out / f"{name}.png", dpi=110)
-        writer.add_figure(f"eval/{name}", figure)
+            emit("fig2_training", curves)
     writer.close()
     print(table)
-    print(f"\nwrote {out}/table.md, {out}/results.csv and {len(pictures)} figures")
+    print(f"\nwrote {out}/table.md, {out}/results.csv and {len(written)} figures")
     return 0
 
 
