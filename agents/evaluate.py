@@ -191,7 +191,11 @@ def markdown_table(rows: list[EvaluationRow]) -> str:
 
 
 def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
-    """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each."""
+    """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each.
+
+    Where the static row's measured FLOPs differ from the agent's by more than 1 % (the guardrail
+    raised some of its ranks), the line says that there is no equal-FLOPs comparison.
+    """
     lines = []
     for static in (row for row in rows if row.matched_to):
         agent = next(
@@ -199,12 +203,19 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
             for row in rows
             if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
         )
-        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
-        lines.append(
-            f"{static.corpus}/{static.mode}: the agent {verdict} the static per-layer allocation at its FLOPs "
-            f"(agent PPL {agent.ppl:.2f} at FLOPs {agent.flops_ratio:.3f}; static PPL {static.ppl:.2f} at "
-            f"{static.flops_ratio:.3f})"
+        numbers = (
+            f"agent PPL {agent.ppl:.2f} at FLOPs {agent.flops_ratio:.3f}; "
+            f"static PPL {static.ppl:.2f} at {static.flops_ratio:.3f}"
         )
+        if abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio:
+            lines.append(
+                f"{static.corpus}/{static.mode}: no equal-FLOPs comparison: the static allocation ran at other "
+                f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
+            )
+            continue
+        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
+        setting = f"{static.corpus}/{static.mode}"
+        lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
     return lines
 
 
