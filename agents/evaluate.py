@@ -203,18 +203,18 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
             for row in rows
             if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
         )
+        setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
         numbers = (
             f"agent PPL {agent.ppl:.2f} at FLOPs {agent.flops_ratio:.3f}; "
             f"static PPL {static.ppl:.2f} at {static.flops_ratio:.3f}"
         )
         if abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio:
             lines.append(
-                f"{static.corpus}/{static.mode}: no equal-FLOPs comparison: the static allocation ran at other "
+                f"{setting}: no equal-FLOPs comparison: the static allocation ran at other "
                 f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
             )
             continue
         verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
-        setting = f"{static.corpus}/{static.mode}"
         lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
     return lines
 
@@ -313,11 +313,12 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
             spec = f"static:{budget:.4f}"
         policy = make_policy(spec, kwargs)
         row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
-        row.matched_to = matched_to
-        if isinstance(policy, ModelPolicy):
-            matched.setdefault((corpus, mode, guardrail), (row.policy, row.flops_ratio))
         if not kwargs["guardrail"] and base["guardrail"]:
             row.policy += " (no guardrail)"
+            matched_to = matched_to and matched_to + " (no guardrail)"
+        row.matched_to = matched_to
+        if isinstance(policy, ModelPolicy):
+            matched.setdefault((corpus, mode, guardrail), (row.policy.removesuffix(" (no guardrail)"), row.flops_ratio))
         rows.append(row)
     return rows
 

@@ -140,14 +140,16 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     MaskablePPO("MlpPolicy", env, seed=0).save(path)
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
               "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0"]  # fmt: skip
-    rows = run_evaluation(build_parser().parse_args([*common, "--policies", str(path), "static:match"]))
-    agent, static = rows
+    rows = run_evaluation(build_parser().parse_args([*common, "--policies", str(path), "static:match", "--ablations"]))
+    agent, static, agent_unmasked, static_unmasked = rows
+    assert static_unmasked.matched_to == agent_unmasked.policy and agent_unmasked.policy.endswith("(no guardrail)")
     assert static.policy.startswith("static:") and float(static.policy.split(":")[1]) == pytest.approx(
         agent.flops_ratio, abs=1e-4
     )
     assert static.flops_ratio <= agent.flops_ratio + 1e-3
     assert static.matched_to == agent.policy
-    (verdict,) = adaptivity_verdicts(rows)
+    verdict, verdict_unmasked = adaptivity_verdicts(rows)
+    assert verdict_unmasked.startswith("wiki/separate without guardrail: ")
     assert verdict.startswith("wiki/separate: ")
     if "no equal-FLOPs comparison" in verdict:
         assert abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio
