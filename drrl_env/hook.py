@@ -78,9 +78,13 @@ class AttentionCall:
         """SVD of the logits' ``d x d`` core per query head (``lowrank.logit_core_svd``), computed once."""
         return logit_core_svd(self.query_spectrum, self.key_spectrum)
 
-    def full(self) -> torch.Tensor:
-        """Full attention output of the segment, ``(B, Hq, m, d)``."""
+    @cached_property
+    def _full_output(self) -> torch.Tensor:
         return full_attention(self.query, self.key, self.value, self.scale, self.mask)
+
+    def full(self) -> torch.Tensor:
+        """Full attention output of the segment, ``(B, Hq, m, d)``, computed once (the oracle and the step share it)."""
+        return self._full_output
 
     def low_rank(self, rank: int | torch.Tensor, mode: SpectralMode = "separate") -> torch.Tensor:
         """Low-rank attention output of the segment at ``rank`` (scalar or per key/value head)."""
