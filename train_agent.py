@@ -121,15 +121,13 @@ def build_model(args: argparse.Namespace, run_dir: Path):
     extra: dict[str, Any] = {"n_steps": args.n_steps, "batch_size": min(64, args.n_steps * args.n_envs)}
     if not algorithm.on_policy or args.algo in ("a2c",):
         extra.pop("batch_size")
-    if args.algo == "a2c":
-        extra["n_steps"] = args.n_steps
     if args.resume:
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-        setup = setup_of_observation_space(algorithm.cls.load(checkpoint, device="cpu").observation_space)
-        env = make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec)
-        model = algorithm.cls.load(checkpoint, env=env, device="cpu")
+        model = algorithm.cls.load(checkpoint, device="cpu")
+        setup = setup_of_observation_space(model.observation_space)
+        model.set_env(make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec))
         restore_checkpoint(model, checkpoint)
         print(f"resuming {run_dir} from {checkpoint.name} ({model.num_timesteps} steps done)")
     else:

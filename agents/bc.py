@@ -18,7 +18,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
 from drrl_env import ENV_ID
-from oracle.dataset import env_config_of, load_trajectories, read_metadata
+from oracle.dataset import env_config_of, load_trajectories, read_metadata, write_atomic
 
 
 @dataclass
@@ -182,19 +181,9 @@ def behaviour_clone(
 
 
 def save_model_atomic(model: MaskablePPO, path: str | os.PathLike) -> Path:
-    """``model.save`` to a temporary file, then rename it to ``path`` (``.zip`` added as SB3 does)."""
+    """``model.save`` to ``path`` atomically (``.zip`` added as SB3 does)."""
     path = Path(path)
-    path = path if path.suffix == ".zip" else path.with_name(path.name + ".zip")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".zip")
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path if path.suffix == ".zip" else path.with_name(path.name + ".zip"), model.save)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,8 @@ from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.lowrank import SPECTRAL_MODES
-from drrl_env.perplexity import LayerRanks, sequence_nll
+from drrl_env.perplexity import LayerRanks, forward_seconds
+from oracle.dataset import write_atomic
 from oracle.policy import RankPolicy
 
 DEFAULT_POLICIES = ("full", "fixed:32", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "oracle")
@@ -97,15 +98,7 @@ class EvaluationRow:
 def time_forward(env: DRRLAttentionEnv, ranks: tuple | None, repeats: int, tokens: torch.Tensor) -> float:
     """Milliseconds per token of a forward pass over ``tokens (B, n)`` with ``ranks`` replayed (None: plain model)."""
     handler = None if ranks is None else LayerRanks(ranks, env.config.spectral_mode)
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first run warms up
-        sync()
-        start = time.perf_counter()
-        sequence_nll(env.loaded, tokens, handler, env.config.segment_len)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best / tokens.numel()
+    return 1e3 * forward_seconds(env.loaded, tokens, handler, env.config.segment_len, repeats) / tokens.numel()
 
 
 def evaluate_policy(
@@ -223,14 +216,16 @@ def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
     fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
     fields += ["ppl", "ppl_full", "flops_with_policy_ratio"]
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(fields)
-        for row in rows:
-            values = [getattr(row, name) for name in fields]
-            writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
-    os.replace(temporary, path)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            for row in rows:
+                values = [getattr(row, name) for name in fields]
+                writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
+
+    write_atomic(path, write)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +18,7 @@ from drrl_env.flops import full_attention_flops, low_rank_attention_flops  # noq
 from drrl_env.guardrail import transition_energies  # noqa: E402
 from drrl_env.hook import AttentionCall, install  # noqa: E402
 from drrl_env.models import load_causal_lm, resolve_device  # noqa: E402
-from drrl_env.perplexity import FixedRank, sequence_nll  # noqa: E402
+from drrl_env.perplexity import FixedRank, forward_seconds  # noqa: E402
 
 if TYPE_CHECKING:
     from agents.evaluate import EvaluationRow
@@ -81,22 +79,15 @@ def sequence_length_figure(
     loaded = load_causal_lm(model, device=str(resolve_device(device)))
     shape = loaded.attention_shape
     tokens = corpus_tokens(corpus, "test", loaded.tokenizer)
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     points = []
     for n in lengths:
         if tokens.numel() < n:
             continue
         batch = sequential_chunks(tokens, n)[:1]
-        times = {}
-        for name, handler in (("full", None), ("low-rank", FixedRank(rank, mode))):
-            best = math.inf
-            for _ in range(repeats + 1):
-                sync()
-                start = time.perf_counter()
-                sequence_nll(loaded, batch, handler)
-                sync()
-                best = min(best, time.perf_counter() - start)
-            times[name] = best
+        times = {
+            name: forward_seconds(loaded, batch, handler, repeats=repeats)
+            for name, handler in (("full", None), ("low-rank", FixedRank(rank, mode)))
+        }
         full = full_attention_flops(1, shape.q_heads, n, n, shape.head_dim)
         low = low_rank_attention_flops(1, shape.q_heads, shape.kv_heads, n, n, shape.head_dim, rank, mode)
         points.append(

@@ -11,9 +11,7 @@ final model is the same. Off-policy algorithms (dqn, qrdqn) also save their repl
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from agents.policies import PolicySetup
 from drrl_env import ENV_ID
 from drrl_env.env import rank_heatmap_rgb
+from oracle.dataset import write_atomic
 
 
 class EpisodeSeeds(gym.Wrapper):
@@ -74,18 +73,6 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
     return DummyVecEnv(factories) if vec == "sync" else SubprocVecEnv(factories, start_method="spawn")
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: BaseAlgorithm, directory: Path) -> Path:
     """Write ``step_N.zip`` and ``step_N.state.pt`` (and the replay buffer if any) under ``directory``."""
     stem = directory / f"step_{model.num_timesteps:09d}"
@@ -98,9 +85,9 @@ def save_checkpoint(model: BaseAlgorithm, directory: Path) -> Path:
         "episode_starts": np.asarray(getattr(model, "_last_episode_starts", np.ones(len(positions), dtype=bool))),
     }
     if hasattr(model, "replay_buffer") and model.replay_buffer is not None:
-        _atomic(stem.with_suffix(".replay.pkl"), model.save_replay_buffer)
-    _atomic(stem.with_suffix(".state.pt"), lambda path: torch.save(state, path))
-    _atomic(stem.with_suffix(".zip"), model.save)  # last: a checkpoint counts once its model file exists
+        write_atomic(stem.with_suffix(".replay.pkl"), model.save_replay_buffer)
+    write_atomic(stem.with_suffix(".state.pt"), lambda path: torch.save(state, path))
+    write_atomic(stem.with_suffix(".zip"), model.save)  # last: a checkpoint counts once its model file exists
     return stem.with_suffix(".zip")
 
 

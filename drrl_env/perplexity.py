@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,25 @@ def sequence_nll(
         logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
     )
     return losses.view(input_ids.shape[0], -1).sum(dim=1)
+
+
+def forward_seconds(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    handler: Handler | None = None,
+    segment_len: int | None = None,
+    repeats: int = 2,
+) -> float:
+    """Best wall-clock seconds of :func:`sequence_nll` over ``repeats`` runs, after one warm-up run."""
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    best = math.inf
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        sequence_nll(loaded, input_ids, handler, segment_len)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def evaluate_perplexity(

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,15 @@ def env_config_of(metadata: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename the file to ``path`` (atomic on one file system)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(temporary_path)``, then rename the file to ``path`` (atomic on one file system).
+
+    The temporary file sits beside ``path`` and ends with the same suffix, so writers that add a
+    missing suffix (SB3's ``save``) keep its name. Returns ``path``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     os.close(handle)
     try:
         write(temporary)
@@ -117,6 +122,7 @@ def _write_atomic(path: Path, write) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return path
 
 
 def _shard_path(directory: Path, index: int) -> Path:
@@ -228,7 +234,7 @@ def record_trajectories(
         stored_episodes = _check_resumable(directory, metadata)
         steps_per_episode = env.num_layers * env.num_segments
         metadata.update(steps_per_episode=steps_per_episode, episodes=max(episodes, stored_episodes))
-        _write_atomic(directory / METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        write_atomic(directory / METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
         features = trajectory_features(env.observation_space.shape[0])
         bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
         returns: list[float] = []
@@ -247,7 +253,7 @@ def record_trajectories(
                 bar.update(1)
                 bar.set_postfix(mean_return=f"{np.mean(returns):.3f}")
             columns = {name: [row[name] for row in rows] for name in features}
-            _write_atomic(path, datasets.Dataset.from_dict(columns, features=features).to_parquet)
+            write_atomic(path, datasets.Dataset.from_dict(columns, features=features).to_parquet)
         bar.close()
     finally:
         env.close()
