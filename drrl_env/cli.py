@@ -15,10 +15,25 @@ import types
 import typing
 from typing import Any
 
-from drrl_env.env import EnvConfig
+import numpy as np
+
+from drrl_env.config import GUARDRAILS, REWARDS, SPLITS, EnvConfig
 from drrl_env.lowrank import SPECTRAL_MODES
 
-_CHOICES = {"spectral_mode": SPECTRAL_MODES, "split": ("train", "validation", "test")}
+_CHOICES = {"spectral_mode": SPECTRAL_MODES, "split": SPLITS, "reward": REWARDS, "guardrail": GUARDRAILS}
+
+
+def parse_budget(values: list[str]) -> float | tuple[float, float] | None:
+    """``--flops-budget`` values: ``none``, one share, or ``LO HI``."""
+    if len(values) == 1 and values[0].lower() == "none":
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--flops-budget takes 'none', a share or 'LO HI', got {values}") from None
+    if len(numbers) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"--flops-budget takes 'none', a share or 'LO HI', got {values}")
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 
 
 @functools.cache
@@ -43,7 +58,13 @@ def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         name, flag = field.name, "--" + field.name.replace("_", "-")
         default = defaults.get(name, field.default)
         hint = hints[name]
-        help_text = docs.get(name, "")
+        help_text = " ".join(docs.get(name, "").split())
+        if name == "flops_budget":
+            shown = "none" if default is None else " ".join(f"{v:g}" for v in np.atleast_1d(default))
+            group.add_argument(
+                flag, dest=name, nargs="+", metavar="SHARE", default=default, help=f"{help_text} (default: {shown})"
+            )
+            continue
         if hint is bool:
             if default:
                 group.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=f"turn off: {help_text}")
@@ -72,4 +93,9 @@ def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``gym.make`` keywords of the ``EnvConfig`` options parsed into ``args``."""
     kwargs = {field.name: getattr(args, field.name) for field in dataclasses.fields(EnvConfig)}
     kwargs["ranks"] = tuple(kwargs["ranks"])
+    budget = kwargs["flops_budget"]
+    if isinstance(budget, list) and budget and isinstance(budget[0], str):
+        kwargs["flops_budget"] = parse_budget(budget)
+    elif isinstance(budget, list):
+        kwargs["flops_budget"] = tuple(budget)
     return kwargs

@@ -1,14 +1,23 @@
-"""State features of the rank-selection MDP (Eq. 6): sequence dynamics and layer statistics."""
+"""State of the rank-selection MDP (Eq. 6): the observation vector, its parts and their widths.
+
+:class:`ObservationLayout` owns the observation: which parts it has, how wide each is, where
+each lies (``slices``), its space, and how the parts are joined. The parts are computed here:
+sequence dynamics (:class:`SequenceDynamics`), weight statistics (:func:`layer_weight_statistics`)
+and the NER of every candidate rank (:func:`candidate_ner`, Eq. 14).
+"""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from transformers import PreTrainedModel
 
-from drrl_env.hook import UnsupportedModelError
+from drrl_env.bounds import normalized_energy_ratio
+from drrl_env.hook import AttentionCall, UnsupportedModelError
 from drrl_env.spectra import power_iteration_spectral_norm
 
 CONV_CHANNELS = 8
@@ -89,3 +98,75 @@ def layer_weight_statistics(model: PreTrainedModel) -> np.ndarray:
     spread = stats.std(axis=0)
     z = (stats - stats.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
     return np.clip(z, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
+
+
+def candidate_ner(call: AttentionCall, ranks: torch.Tensor, mode: str, kv_heads: int) -> torch.Tensor:
+    """NER (Eq. 14) of every candidate rank per key/value group, ``(K, Hkv)``, averaged over the step's blocks.
+
+    ``separate`` mode: the mean of the Q and K NERs; ``joint`` mode: the NER of the logits.
+    """
+    candidates = ranks.view(-1, 1, 1).to(call.query.device)  # (K, 1, 1) against (B, H, d)
+
+    def per_group(ner: torch.Tensor) -> torch.Tensor:  # (K, B, H) -> (K, Hkv), H = Hq or Hkv
+        return ner.reshape(len(ranks), -1, kv_heads, ner.shape[-1] // kv_heads).mean(dim=(1, 3))
+
+    if mode == "joint":
+        _, core_s, _ = call.logit_core
+        return per_group(normalized_energy_ratio(core_s, candidates)).cpu()
+    ner_q = normalized_energy_ratio(call.query_spectrum.singular_values, candidates)
+    ner_k = normalized_energy_ratio(call.key_spectrum.singular_values, candidates)
+    return (0.5 * (per_group(ner_q) + per_group(ner_k))).cpu()
+
+
+@dataclass(frozen=True)
+class ObservationLayout:
+    """The observation of DRRL-Attention-v0 (Eq. 6, Eq. 14, budget and context).
+
+    Its parts, in this order:
+
+    * ``sequence_dynamics`` (16): :class:`SequenceDynamics` of the layer's input hidden states (``h_t``);
+    * ``weight_statistics`` (9): :func:`layer_weight_statistics` of the layer (``w_t``);
+    * ``previous_rank`` (1, or Hkv with per-head ranks): ``r_{t-1} / d`` (``d`` at the first step);
+    * ``ner`` (K, or K * Hkv group-major): :func:`candidate_ner` of every candidate rank;
+    * ``budget`` (2): the episode's budget (a share of full logit FLOPs; 1 without budget) and the
+      share left: the budget not yet spent over the full cost of the remaining steps, i.e. the
+      mean rank share the rest of the episode may use;
+    * ``context`` (3): depth ``l / (L - 1)``, segment ``s / (S - 1)`` (0 with one segment) and ``eps_t / eps0``.
+
+    Every entry is clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``.
+    """
+
+    num_candidates: int
+    groups: int
+    """1, or Hkv with per-head ranks"""
+    conv_width: int = 2 * CONV_CHANNELS
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {
+            "sequence_dynamics": self.conv_width,
+            "weight_statistics": 9,
+            "previous_rank": self.groups,
+            "ner": self.num_candidates * self.groups,
+            "budget": 2,
+            "context": 3,
+        }
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        """Where each part lies, e.g. ``obs[layout.slices["ner"]]``."""
+        bounds = np.cumsum([0, *self.widths.values()])
+        return {name: slice(int(a), int(b)) for name, a, b in zip(self.widths, bounds[:-1], bounds[1:], strict=True)}
+
+    @property
+    def space(self) -> spaces.Box:
+        return spaces.Box(-FEATURE_CLIP, FEATURE_CLIP, (sum(self.widths.values()),), np.float32)
+
+    def build(self, **parts: np.ndarray | list[float]) -> np.ndarray:
+        """Join the named parts (each of its width) into one clipped float32 vector."""
+        if set(parts) != set(self.widths):
+            raise ValueError(f"observation parts must be {sorted(self.widths)}, got {sorted(parts)}")
+        vectors = [np.asarray(parts[name], dtype=np.float64).ravel() for name in self.widths]
+        for name, vector in zip(self.widths, vectors, strict=True):
+            assert vector.size == self.widths[name], f"{name}: width {vector.size}, expected {self.widths[name]}"
+        return np.clip(np.concatenate(vectors), -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)

@@ -1,38 +1,49 @@
-"""The perturbation guardrail (Eqs. 9, 11): per-candidate transition perturbations and masks.
+"""Masks of the rank-selection MDP: the perturbation guardrail (Eqs. 9, 11) and the FLOPs budget.
 
-The perturbation of a transition ``r_{t-1} -> r'`` is measured on the current layer's (and
-segment's) logits ``S = Q K^T * scale`` and reported *relative* to ``||S||_F``, so one threshold
-means the same at every layer, model and sequence length. Per block (batch element x query head)
-the numerator is:
+Logit errors are measured on the current layer's (and segment's) logits ``S = Q K^T * scale``
+and reported *relative* to ``||S||_F``, so one threshold means the same at every layer, model and
+sequence length. Per block (batch element x query head) the numerator is one of:
 
-* ``separate`` mode: the Frobenius form of the Eq. 9 bound (an upper bound on ``||dS||_F``);
-* ``joint`` mode: the exact ``||dS||_F``, the Eq. 4 transition norm of the logit spectrum.
+* ``exact`` guardrail (:func:`truncation_errors`): ``||S - S_r||_F``, the error of rank ``r``
+  against *full* attention. In ``joint`` mode it is the tail of the logit core's spectrum
+  (Eckart-Young, Eq. 3). In ``separate`` mode ``S - S_r = Q (I - P_q P_q^T P_k P_k^T) K^T``, whose
+  squared Frobenius norm is ``tr(B^T G_q B G_k)`` with ``B = I - P_q P_q^T P_k P_k^T`` and the
+  ``d x d`` Gram matrices ``G = X^T X`` the spectra already hold. The error shrinks as ``r``
+  grows, so this mask is monotone: if ``r`` is allowed, so is every larger rank.
+* ``eq9`` guardrail (:func:`transition_energies`): the change of the transition
+  ``r_{t-1} -> r'``: the Frobenius form of the Eq. 9 bound in ``separate`` mode, the exact
+  Eq. 4 transition norm in ``joint`` mode. This is the paper's guardrail; it also masks moves up.
 
-Blocks are aggregated as stacked matrices: ``sqrt(sum_b num_b^2) / sqrt(sum_b ||S_b||_F^2)``,
-which (Frobenius norms add in squares) bounds, or in ``joint`` mode equals, the relative change of
-all the step's logits taken together. With per-head ranks the aggregation is per key/value group.
+Both are on the unmasked ``m x n`` logits (a causal mask only removes entries). Blocks are
+aggregated as stacked matrices: ``sqrt(sum_b num_b^2) / sqrt(sum_b ||S_b||_F^2)``; with per-head
+ranks the aggregation is per key/value group.
+
+The budget (:class:`FlopsBudget`) is hard and the guardrail yields to it: where no rank
+satisfies both, only the largest rank the budget allows stays (:func:`combine_masks`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 
+import numpy as np
 import torch
 
-from drrl_env.bounds import logit_perturbation_bound, transition_norm
+from drrl_env.bounds import logit_perturbation_bound, tail_energy_norm, transition_norm
 from drrl_env.hook import AttentionCall
 from drrl_env.lowrank import expand_kv_heads, logit_core
 
 
 def guardrail_threshold(eps0: float, decay: float, step: int) -> float:
-    """Annealed threshold (Eq. 11): ``eps_t = eps0 * exp(-decay * t)``, ``t`` counted in env steps."""
+    """Annealed threshold (Eq. 11): ``eps_t = eps0 * exp(-decay * t)``, ``t`` the trainer's step count."""
     return eps0 * math.exp(-decay * step)
 
 
 @dataclass(frozen=True)
-class TransitionEnergies:
-    """Squared logit changes of every candidate transition, per key/value group.
+class LogitErrors:
+    """Squared logit errors of every candidate rank, per key/value group.
 
     Attributes:
         change: ``(K, Hkv)``: ``sum_b num_b^2`` over the blocks of each group, per candidate.
@@ -43,56 +54,195 @@ class TransitionEnergies:
     total: torch.Tensor
 
     def relative(self, per_group: bool) -> torch.Tensor:
-        """Relative perturbation per candidate: ``(K, Hkv)`` per group, or ``(K,)`` over all groups."""
+        """Relative error per candidate: ``(K, Hkv)`` per group, or ``(K,)`` over all groups."""
         tiny = torch.finfo(self.total.dtype).tiny
         if per_group:
             return (self.change / self.total.clamp_min(tiny)).sqrt()
         return (self.change.sum(-1) / self.total.sum().clamp_min(tiny)).sqrt()
 
     def relative_of(self, choice: torch.Tensor) -> float:
-        """Relative perturbation of one chosen candidate index per group, ``choice (Hkv,)``, all groups together."""
+        """Relative error of one chosen candidate index per group, ``choice (Hkv,)``, all groups together."""
         picked = self.change.gather(0, choice.view(1, -1).to(self.change.device)).sum()
         return float((picked / self.total.sum().clamp_min(torch.finfo(self.total.dtype).tiny)).sqrt())
 
 
+def _per_group(change: torch.Tensor, logit_energy: torch.Tensor, hkv: int, scale: float) -> LogitErrors:
+    """Sum ``change (K, B, Hq)`` (unscaled norms) and ``logit_energy (B, Hq)`` (unscaled squares) per group."""
+    groups = change.shape[-1] // hkv
+    change_energy = change.square().view(change.shape[0], -1, hkv, groups).sum(dim=(1, 3)) * scale**2  # (K, Hkv)
+    total_energy = logit_energy.reshape(-1, hkv, groups).sum(dim=(0, 2)) * scale**2  # (Hkv,)
+    return LogitErrors(change=change_energy, total=total_energy)
+
+
 def transition_energies(
     call: AttentionCall, rank_from: torch.Tensor, candidates: torch.Tensor, mode: str
-) -> TransitionEnergies:
-    """Logit perturbation energies of moving from ``rank_from`` to each candidate rank.
-
-    Args:
-        call: the step's attention call (its cached spectra are reused).
-        rank_from: ``(Hkv,)`` ranks of the previous step.
-        candidates: ``(K,)`` candidate ranks.
-        mode: ``"separate"`` (Eq. 9 bound) or ``"joint"`` (exact).
-    """
+) -> LogitErrors:
+    """Logit change of moving from ``rank_from (Hkv,)`` to each candidate rank ``(K,)`` (Eq. 9 / Eq. 4)."""
     q_sigma, k_sigma = call.query_spectrum.singular_values, call.key_spectrum.singular_values  # (B,Hq,d),(B,Hkv,d)
     hq, hkv = q_sigma.shape[1], k_sigma.shape[1]
-    groups = hq // hkv
     device = q_sigma.device
-    frm = expand_kv_heads(rank_from.view(1, hkv).to(device), groups)  # (1, Hq)
-    to = expand_kv_heads(candidates.view(-1, 1).expand(-1, hkv).to(device), groups)  # (K, Hq)
+    frm = expand_kv_heads(rank_from.view(1, hkv).to(device), hq // hkv)  # (1, Hq)
+    to = expand_kv_heads(candidates.view(-1, 1).expand(-1, hkv).to(device), hq // hkv)  # (K, Hq)
     if mode == "separate":
-        change = logit_perturbation_bound(q_sigma, k_sigma, frm[:, None, :], to[:, None, :], call.scale, "fro")
+        change = logit_perturbation_bound(q_sigma, k_sigma, frm[:, None, :], to[:, None, :], 1.0, "fro")
         logit_energy = logit_core(call.query_spectrum, call.key_spectrum).square().sum(dim=(-1, -2))  # (B, Hq)
     elif mode == "joint":
         _, core_s, _ = call.logit_core  # (B, Hq, d)
-        change = transition_norm(core_s, frm[:, None, :], to[:, None, :]) * call.scale
+        change = transition_norm(core_s, frm[:, None, :], to[:, None, :])
         logit_energy = core_s.square().sum(-1)  # (B, Hq)
     else:
         raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
-    # change: (K, B, Hq); ||S||_F^2 of the unscaled logits per block, from the d x d core
-    logit_energy = logit_energy * call.scale**2
-    change_energy = change.square().view(change.shape[0], -1, hkv, groups).sum(dim=(1, 3))  # (K, Hkv)
-    total_energy = logit_energy.view(-1, hkv, groups).sum(dim=(0, 2))  # (Hkv,)
-    return TransitionEnergies(change=change_energy, total=total_energy)
+    return _per_group(change, logit_energy, hkv, call.scale)  # change: (K, B, Hq)
 
 
-def guardrail_mask(perturbations: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Boolean mask, ``(K,)`` or ``(K, Hkv)``: True where the perturbation is within ``epsilon``.
+def separate_truncation_error(call: AttentionCall, candidates: torch.Tensor) -> torch.Tensor:
+    """``||Q K^T - Q_r K_r^T||_F`` per candidate and block, ``(K, B, Hq)``, from the ``d x d`` Gram matrices.
+
+    ``Q_r K_r^T = Q P_q P_q^T P_k P_k^T K^T``, so the error is ``||Q B K^T||_F`` with
+    ``B = I - P_q P_q^T P_k P_k^T``, and ``||Q B K^T||_F^2 = tr(B^T G_q B G_k)``. Unscaled; float64.
+    """
+    q_spec, k_spec = call.query_spectrum, call.key_spectrum
+    hq, hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
+    v_q = q_spec.right_vectors  # (B, Hq, d, d)
+    v_k = expand_kv_heads(k_spec.right_vectors, hq // hkv)  # (B, Hq, d, d)
+    gram_q = v_q @ torch.diag_embed(q_spec.energies) @ v_q.transpose(-1, -2)  # (B, Hq, d, d)
+    gram_k = v_k @ torch.diag_embed(expand_kv_heads(k_spec.energies, hq // hkv)) @ v_k.transpose(-1, -2)
+    d = v_q.shape[-1]
+    errors = []
+    for rank in candidates.tolist():
+        p_q, p_k = v_q[..., :rank], v_k[..., :rank]  # (B, Hq, d, r)
+        eye = torch.eye(d, dtype=v_q.dtype, device=v_q.device)
+        residual = eye - p_q @ (p_q.transpose(-1, -2) @ p_k) @ p_k.transpose(-1, -2)  # B = I - P_q P_q^T P_k P_k^T
+        # residual: (B, Hq, d, d)
+        energy = (residual.transpose(-1, -2) @ gram_q @ residual * gram_k).sum(dim=(-1, -2))  # tr(B^T G_q B G_k)
+        errors.append(energy.clamp_min(0.0).sqrt())
+    return torch.stack(errors)  # (K, B, Hq)
+
+
+def truncation_errors(call: AttentionCall, candidates: torch.Tensor, mode: str) -> LogitErrors:
+    """Logit error of each candidate rank ``(K,)`` against full attention (the ``exact`` guardrail)."""
+    if mode == "separate":
+        change = separate_truncation_error(call, candidates)
+        logit_energy = logit_core(call.query_spectrum, call.key_spectrum).square().sum(dim=(-1, -2))  # (B, Hq)
+    elif mode == "joint":
+        _, core_s, _ = call.logit_core  # (B, Hq, d)
+        change = tail_energy_norm(core_s, candidates.view(-1, 1, 1).to(core_s.device))  # (K, B, Hq)
+        logit_energy = core_s.square().sum(-1)
+    else:
+        raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
+    return _per_group(change, logit_energy, call.key_spectrum.singular_values.shape[1], call.scale)
+
+
+def guardrail_mask(errors: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Boolean mask, ``(K,)`` or ``(K, Hkv)``: True where the relative error is within ``epsilon``.
 
     The largest candidate rank always stays allowed, so the mask is never all False.
     """
-    allowed = perturbations <= epsilon
+    allowed = errors <= epsilon
     allowed[-1] = True
     return allowed
+
+
+@dataclass
+class FlopsBudget:
+    """An episode's budget on logit FLOPs (the ``Q K^T`` product), enforced AMC-style through the mask.
+
+    Costs are counted exactly in integer *units*: attended (query, key) pairs times the ranks
+    summed over query heads (one unit is ``2 B`` FLOPs, see ``drrl_env.flops``). Full attention
+    costs ``sum_t pairs_t * Hq * d`` units. A candidate is allowed only if the episode can still
+    end within ``share`` of that with every remaining step at the smallest rank, so every
+    episode ends at or under budget, whatever the policy does.
+
+    Attributes:
+        step_pairs: attended pairs of each step of the episode, in step order.
+        share: the budget, a share of full attention's logit FLOPs, in ``[r_min / d, 1]``.
+        ranks: the sorted candidate ranks.
+        kv_heads, groups, head_dim: the model's key/value heads, query heads per group, ``d``.
+        per_head: one rank per key/value group (the mask of a group assumes the others at the
+            smallest rank) instead of one rank for all.
+        spent: units spent by the steps taken so far.
+    """
+
+    step_pairs: tuple[int, ...]
+    share: float
+    ranks: tuple[int, ...]
+    kv_heads: int
+    groups: int
+    head_dim: int
+    per_head: bool = False
+    spent: int = 0
+    _allowance: Fraction = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        smallest = Fraction(min(self.ranks), self.head_dim)
+        if Fraction(self.share) < smallest:
+            raise ValueError(
+                f"flops_budget {self.share} is below the smallest candidate's share {min(self.ranks)}/{self.head_dim} "
+                f"= {float(smallest):.4f}: no episode could meet it"
+            )
+        self._allowance = Fraction(self.share) * self.full_units
+
+    @property
+    def full_units(self) -> int:
+        return sum(self.step_pairs) * self.kv_heads * self.groups * self.head_dim
+
+    def cost(self, step: int, ranks: torch.Tensor | np.ndarray) -> int:
+        """Units of step ``step`` with ``ranks (Hkv,)``."""
+        return self.step_pairs[step] * self.groups * int(np.asarray(ranks).sum())
+
+    def left_share(self, step: int) -> float:
+        """Budget left over the full cost of the steps from ``step`` on: the mean rank share the rest may use."""
+        rest = sum(self.step_pairs[step:]) * self.kv_heads * self.groups * self.head_dim
+        return float((self._allowance - self.spent) / rest) if rest else 0.0
+
+    def mask(self, step: int) -> torch.Tensor:
+        """``(K, Hkv)``: True where a group's candidate keeps the episode within budget.
+
+        That is, with the other groups and every later step at the smallest rank.
+        """
+        r_min = min(self.ranks)
+        later = sum(self.step_pairs[step + 1 :]) * self.kv_heads * self.groups * r_min
+        fits = [
+            self.spent + self.step_pairs[step] * self.groups * self._step_rank_sum(rank) + later <= self._allowance
+            for rank in self.ranks
+        ]
+        return torch.tensor(fits).unsqueeze(1).expand(-1, self.kv_heads).clone()
+
+    def _step_rank_sum(self, rank: int) -> int:
+        """Sum of the ranks of the key/value groups when one group takes ``rank``.
+
+        With per-head ranks the others are at the smallest rank; without, all are at ``rank``.
+        """
+        return rank + (self.kv_heads - 1) * (min(self.ranks) if self.per_head else rank)
+
+    def fits(self, step: int, ranks: torch.Tensor) -> bool:
+        """Whether ``ranks (Hkv,)`` at ``step`` keeps the episode within budget (later steps at the smallest rank)."""
+        later = sum(self.step_pairs[step + 1 :]) * self.kv_heads * self.groups * min(self.ranks)
+        return self.spent + self.cost(step, ranks) + later <= self._allowance
+
+    @property
+    def used_share(self) -> float:
+        """Units spent so far over the episode's full-attention units."""
+        return self.spent / self.full_units
+
+
+def combine_masks(guard: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Guardrail and budget masks ``(K, Hkv)`` together; where none is left, the largest rank the budget allows."""
+    both = guard & budget
+    for group in torch.nonzero(~both.any(dim=0)).flatten().tolist():
+        both[int(torch.nonzero(budget[:, group]).max()), group] = True
+    return both
+
+
+def nearest_allowed(target_rank: float, action_mask: np.ndarray, ranks: np.ndarray | tuple) -> int:
+    """Index of the allowed candidate nearest to ``target_rank`` (ties: the larger).
+
+    The one rule by which the env executes a masked action and by which baselines pick a rank.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    allowed = np.flatnonzero(np.asarray(action_mask, dtype=bool))
+    if not len(allowed):
+        raise ValueError("action_mask allows no candidate")
+    distance = np.abs(ranks[allowed] - target_rank)
+    best = np.flatnonzero(distance == distance.min())
+    return int(allowed[best[-1]])  # ranks are sorted: the last of the tied is the larger

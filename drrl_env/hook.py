@@ -87,9 +87,20 @@ class AttentionCall:
         return self._full_output
 
     def low_rank(self, rank: int | torch.Tensor, mode: SpectralMode = "separate") -> torch.Tensor:
-        """Low-rank attention output of the segment at ``rank`` (scalar or per key/value head)."""
+        """Low-rank attention output of the segment at ``rank``.
+
+        ``(B, Hq, m, d)`` for a scalar or per key/value head ranks, ``(K, B, Hq, m, d)`` for a
+        ``(K, Hkv)`` table of candidates.
+
+        Rank ``d`` in every head is full attention, and is computed as such (no projection): the
+        output is then exactly :meth:`full`'s.
+        """
+        d = self.query.shape[-1]
+        ranks = torch.as_tensor(rank)
+        if ranks.dim() < 2 and bool((ranks == d).all()):
+            return self.full()
         core = self.logit_core if mode == "joint" else None
-        return low_rank_attention(
+        output = low_rank_attention(
             self.query,
             self.key,
             self.value,
@@ -101,6 +112,10 @@ class AttentionCall:
             self.key_spectrum,
             core=core,
         )
+        if ranks.dim() == 2:  # rows with every head at rank d: full attention, exactly
+            full_rows = (ranks == d).all(dim=1)
+            output[full_rows.to(output.device)] = self.full().to(output.dtype)
+        return output
 
 
 Handler = Callable[[AttentionCall], torch.Tensor]

@@ -29,7 +29,8 @@ class SteppedForward:
     """A forward pass of ``model`` on ``input_ids`` that yields control at every attention call.
 
     Use: ``call = runner.start()``, then ``call = runner.send(output)`` until it returns None;
-    ``runner.loss`` is then the mean next-token loss of the batch (when ``compute_loss``).
+    ``runner.logits`` is then the model's ``(B, n, V)`` logits (when ``keep_logits``; otherwise only
+    the last position's are computed and nothing is kept).
     """
 
     def __init__(
@@ -38,14 +39,14 @@ class SteppedForward:
         hook: AttentionHook,
         input_ids: torch.Tensor,
         segment_len: int | None = None,
-        compute_loss: bool = False,
+        keep_logits: bool = False,
     ) -> None:
         self._model, self._hook, self._ids = model, hook, input_ids
-        self._segment_len, self._compute_loss = segment_len, compute_loss
+        self._segment_len, self._keep_logits = segment_len, keep_logits
         self._calls: queue.Queue = queue.Queue(maxsize=1)
         self._outputs: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="drrl-forward", daemon=True)
-        self.loss: float | None = None
+        self.logits: torch.Tensor | None = None
 
     def _handler(self, call: AttentionCall) -> torch.Tensor:
         self._calls.put(call)
@@ -57,8 +58,8 @@ class SteppedForward:
     def _run(self) -> None:
         try:
             with torch.no_grad(), self._hook.use(self._handler, self._segment_len):
-                if self._compute_loss:
-                    self.loss = float(self._model(input_ids=self._ids, labels=self._ids).loss)
+                if self._keep_logits:
+                    self.logits = self._model(input_ids=self._ids).logits
                 else:
                     self._model(input_ids=self._ids, logits_to_keep=1)
             self._calls.put(_FINISHED)

@@ -1,0 +1,146 @@
+"""``EnvConfig``: every argument of DRRL-Attention-v0, validated, with the defaults and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drrl_env.corpora import DEFAULT_CORPUS
+from drrl_env.lowrank import SPECTRAL_MODES
+from drrl_env.models import DEFAULT_MODEL
+
+DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
+REWARDS = ("auto", "kl", "eq13")
+GUARDRAILS = ("exact", "eq9", "off")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class EnvConfig:
+    """Arguments of DRRL-Attention-v0 (every field is a ``gym.make`` keyword)."""
+
+    model: str = DEFAULT_MODEL
+    """causal LM: the offline default, a local folder, or a hub id"""
+    corpus: str = DEFAULT_CORPUS
+    """corpus the episodes' text is drawn from"""
+    split: str = "train"
+    """corpus split: train, validation or test"""
+    batch_size: int = 2
+    """sequences per episode (B)"""
+    seq_len: int = 256
+    """tokens per sequence (n)"""
+    segment_len: int | None = None
+    """queries per segment (T); None: one segment per layer"""
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    """candidate ranks; the action is an index into this sorted list"""
+    per_head: bool = False
+    """one rank per key/value head group (MultiDiscrete) instead of one per layer"""
+    spectral_mode: str = "separate"
+    """'separate' (the paper's Q/K truncation) or 'joint' (optimal logit truncation)"""
+    flops_budget: float | tuple[float, float] | None = 0.625
+    """episode logit FLOPs over full attention's (0.625: mean rank 40 of 64), enforced by the mask; (lo, hi): drawn per
+    episode; None: no budget (the paper's MDP)"""
+    reward: str = "auto"
+    """'kl' (end-to-end: -KL to the full model, with potential-based shaping), 'eq13' (the paper's per-step reward),
+    or 'auto' (kl with a budget, eq13 without)"""
+    kl_shaping_weight: float = 1.0
+    """weight w of the shaping potential -w * (relative residual-stream deviation) of the kl reward; 0: terminal only"""
+    alpha: float = 1.0
+    """weight of the fidelity term of Eq. 13"""
+    beta: float = 0.5
+    """weight of the FLOPs term of Eq. 13"""
+    gamma: float = 0.1
+    """weight of the perturbation term of Eq. 13"""
+    guardrail: str = "exact"
+    """'exact' (mask ranks whose relative logit error vs full attention exceeds eps_t), 'eq9' (the paper's
+    transition bound), or 'off'"""
+    eps0: float = 0.3
+    """initial guardrail threshold on the relative logit error (Eq. 11)"""
+    eps_decay: float = 1e-5
+    """guardrail annealing rate lambda per training step t (Eq. 11); t is set by the trainer, not counted by the env"""
+    violation_penalty: float = 0.1
+    """reward penalty when a masked action arrives (it is executed as the nearest allowed rank)"""
+    terminal_lm_weight: float = 0.0
+    """eq13 only: weight of a terminal reward, LM loss at full rank minus LM loss with the chosen ranks"""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'"""
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        positive_int("batch_size", self.batch_size)
+        positive_int("seq_len", self.seq_len, 2)
+        if self.segment_len is not None:
+            positive_int("segment_len", self.segment_len)
+            if self.segment_len > self.seq_len:
+                raise ValueError(f"segment_len ({self.segment_len}) must not exceed seq_len ({self.seq_len})")
+        ranks = tuple(int(r) for r in np.asarray(self.ranks).ravel())
+        if not ranks or any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
+            raise ValueError(f"ranks must be distinct positive integers, got {self.ranks!r}")
+        self.ranks = tuple(sorted(ranks))
+        if self.guardrail is True or self.guardrail is False:  # the boolean of earlier versions
+            self.guardrail = "exact" if self.guardrail else "off"
+        choice("spectral_mode", SPECTRAL_MODES)
+        choice("split", SPLITS)
+        choice("reward", REWARDS)
+        choice("guardrail", GUARDRAILS)
+        for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "eps_decay"):
+            _check_number(name, getattr(self, name), minimum=0.0)
+        _check_number("kl_shaping_weight", self.kl_shaping_weight, minimum=0.0)
+        _check_number("eps0", self.eps0, minimum=0.0, strict=True)
+        self.flops_budget = _budget_range(self.flops_budget)
+
+    @property
+    def reward_kind(self) -> str:
+        """The reward in force: ``reward``, with ``'auto'`` resolved (kl under a budget, eq13 without)."""
+        if self.reward != "auto":
+            return self.reward
+        return "eq13" if self.flops_budget is None else "kl"
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> EnvConfig:
+        """Build from ``gym.make`` keywords; unknown keywords get an error listing the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"DRRL-Attention-v0 got unknown argument(s) {unknown}; valid arguments: {names}")
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as JSON-ready ``gym.make`` keywords (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def _budget_range(budget: Any) -> tuple[float, float] | None:
+    """``flops_budget`` as ``(lo, hi)`` (a single budget is ``(b, b)``), checked to lie in ``(0, 1]``."""
+    if budget is None:
+        return None
+    values = [budget] if np.ndim(budget) == 0 else list(np.asarray(budget, dtype=object).ravel())
+    if len(values) not in (1, 2):
+        raise ValueError(f"flops_budget must be a number, a (lo, hi) pair or None, got {budget!r}")
+    for value in values:
+        _check_number("flops_budget", value, minimum=0.0, strict=True)
+        if value > 1:
+            raise ValueError(
+                f"flops_budget must lie in (0, 1] (a share of full attention's logit FLOPs), got {budget!r}"
+            )
+    lo, hi = float(values[0]), float(values[-1])
+    if lo > hi:
+        raise ValueError(f"flops_budget range must have lo <= hi, got {budget!r}")
+    return lo, hi
