@@ -30,6 +30,7 @@ from agents.evaluate import evaluate_policy, make_policy, markdown_table
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
 from agents.training import (
     CheckpointCallback,
+    GuardrailScheduleCallback,
     RankLoggingCallback,
     latest_checkpoint,
     make_vec_env,
@@ -177,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
 
     callbacks = [RankLoggingCallback(vars(args), evaluate_now, args.eval_every)]
-    if args.checkpoint_every:
+    if args.checkpoint_every:  # before the schedule: a checkpoint keeps the eps_t its pending episode was reset with
         callbacks.append(CheckpointCallback(run_dir / "checkpoints", args.checkpoint_every))
+    callbacks.append(GuardrailScheduleCallback())
     remaining = args.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(
             f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
-            f"mode={args.spectral_mode}, guardrail={'on' if args.guardrail else 'off'}"
+            f"mode={args.spectral_mode}, guardrail={args.guardrail}, flops_budget={kwargs['flops_budget']}"
         )
         print(markdown_table(rows))
     return 0

@@ -29,16 +29,9 @@ import numpy as np
 import torch
 
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
 from oracle.policy import GreedyOracle, RankPolicy
-
-
-def nearest_allowed(target_rank: float, action_mask: np.ndarray, ranks: np.ndarray | tuple) -> int:
-    """Index of the allowed candidate nearest to ``target_rank`` (ties: the larger)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    distance = np.abs(ranks - target_rank) - 1e-6 * ranks
-    distance[~np.asarray(action_mask, dtype=bool)] = np.inf
-    return int(np.argmin(distance))
 
 
 def smallest_allowed_at_least(target_rank: float, action_mask: np.ndarray, ranks: np.ndarray | tuple) -> int:

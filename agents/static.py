@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.guardrail import nearest_allowed
 from drrl_env.models import load_causal_lm, resolve_device
 from drrl_env.perplexity import LayerRanks, evaluate_perplexity
 
@@ -68,8 +69,6 @@ class StaticAllocation:
         del seed
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        from agents.baselines import nearest_allowed
-
         index = self.layer_choices[env.attention_call.layer]
         return nearest_allowed(self.ranks[index], action_mask, env.config.ranks)
 

@@ -2,8 +2,8 @@
 
 Checkpoints are taken between PPO-style updates (at the start of a rollout, after ``train()``)
 every ``checkpoint_every`` env steps, and at the end. Each is a model file plus a state file with
-the RNG states (torch, numpy, random) and every env's position (episode index and guardrail
-clock). Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
+the RNG states (torch, numpy, random) and every env's position (episode index and Eq. 11's
+guardrail step, which :class:`GuardrailScheduleCallback` sets from the training step count). Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
 checkpoint taken at an episode boundary (``n_steps`` a multiple of the episode length) replays
 exactly the episodes, actions and updates of an uninterrupted run: on CPU with the same seed the
 final model is the same. Off-policy algorithms (dqn, qrdqn) also save their replay buffer.
@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from agents.policies import PolicySetup
 from drrl_env import ENV_ID
-from drrl_env.env import rank_heatmap_rgb
+from drrl_env.render import rank_heatmap_rgb
 from oracle.dataset import write_atomic
 
 
@@ -49,12 +49,26 @@ class EpisodeSeeds(gym.Wrapper):
         return result
 
     def get_position(self) -> tuple[int, int]:
-        """(episodes started, the env's guardrail clock ``total_steps``)."""
-        return self.episode, self.env.unwrapped.total_steps
+        """(episodes started, the env's Eq. 11 guardrail step)."""
+        return self.episode, self.env.unwrapped.guardrail_step
 
-    def set_position(self, episode: int, total_steps: int) -> None:
+    def set_position(self, episode: int, guardrail_step: int) -> None:
         self.episode = episode
-        self.env.unwrapped.total_steps = total_steps
+        self.env.unwrapped.set_guardrail_step(guardrail_step)
+
+
+class GuardrailScheduleCallback(BaseCallback):
+    """Eq. 11's clock: sets every env's ``guardrail_step`` to the training step count at each rollout's start.
+
+    The annealed threshold ``eps_t`` is training state, so the trainer owns ``t``; the envs only
+    read it (``set_guardrail_step``), which keeps one seed one episode.
+    """
+
+    def _on_rollout_start(self) -> None:
+        self.training_env.env_method("set_guardrail_step", int(self.num_timesteps))
+
+    def _on_step(self) -> bool:
+        return True
 
 
 def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
@@ -106,8 +120,8 @@ def restore_checkpoint(model: BaseAlgorithm, checkpoint: Path) -> None:
             f"{checkpoint} was taken mid-episode; resume needs checkpoints at episode boundaries "
             "(n_steps a multiple of the episode length)"
         )
-    for index, (episode, total_steps) in enumerate(state["positions"]):
-        env.env_method("set_position", episode - 1, total_steps, indices=[index])  # re-run the pending reset
+    for index, (episode, guardrail_step) in enumerate(state["positions"]):
+        env.env_method("set_position", episode - 1, guardrail_step, indices=[index])  # re-run the pending reset
     model._last_obs = env.reset()  # the first observation of the pending episodes, as before the stop
     model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
     replay = checkpoint.with_suffix(".replay.pkl")
@@ -170,6 +184,11 @@ class RankLoggingCallback(BaseCallback):
             for term, value in info["reward_terms"].items():
                 self._values[f"reward_terms/{term}"].append(value)
             self._values["flops_saved"].append(1.0 - info["flops"] / info["flops_full"])
+            self._values["flops_logits_ratio"].append(info["flops_logits"] / info["flops_logits_full"])
+            self._values["guardrail_mask_rate"].append(info["guardrail_mask_rate"])
+            self._values["budget_mask_rate"].append(info["budget_mask_rate"])
+            if "kl" in info:
+                self._values["kl"].append(info["kl"])
             self._values["fidelity"].append(info["fidelity"])
             self._values["perturbation"].append(info["perturbation"])
             self._values["violation_rate"].append(float(info["masked_violation"]))

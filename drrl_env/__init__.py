@@ -3,6 +3,7 @@
 from drrl_env.hook import AttentionCall, AttentionHook, UnsupportedModelError, install
 from drrl_env.lowrank import SPECTRAL_MODES, full_attention, low_rank_attention
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm
+from drrl_env.replay import ReplayResult, replay
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -11,11 +12,13 @@ __all__ = [
     "AttentionHook",
     "LoadedModel",
     "ModelNotAvailableError",
+    "ReplayResult",
     "UnsupportedModelError",
     "full_attention",
     "install",
     "load_causal_lm",
     "low_rank_attention",
+    "replay",
 ]
 
 import os as _os

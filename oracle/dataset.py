@@ -246,7 +246,7 @@ def record_trajectories(
                 continue
             rows: list[dict[str, Any]] = []
             for episode in shard_episodes:
-                env.total_steps = episode * steps_per_episode  # the guardrail clock of an uninterrupted run
+                env.set_guardrail_step(episode * steps_per_episode)  # Eq. 11's t as if trained on this data
                 episode_rows = list(run_episode(env, policy, episode, seed + episode))
                 rows.extend(episode_rows)
                 returns.append(sum(row["reward"] for row in episode_rows))

@@ -88,8 +88,7 @@ class GreedyOracle:
 
             self._scratch = gym.make(ENV_ID, **dataclasses.asdict(env.config)).unwrapped
         scratch = self._scratch
-        scratch.total_steps = env.total_steps - len(self._prefix)  # the same guardrail clock
-        scratch.reset(seed=self._seed)
+        scratch.reset(seed=self._seed, options={"guardrail_step": env.guardrail_step})  # the same eps_t
         for action in self._prefix:
             scratch.step(action)
         _, value, terminated, _, _ = scratch.step(candidate)

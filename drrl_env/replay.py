@@ -1,0 +1,116 @@
+"""Replay an episode record and check that it gives the same ranks and rewards.
+
+A record is what ``env.unwrapped.episode_record()`` returns (JSON): the env configuration, the
+episode seed (which draws the batch and the budget), the guardrail step (Eq. 11's ``t``), the
+actions, and per step the executed rank, the reward and its terms; at the end the budget used,
+the KL and the LM losses. :func:`replay` makes the env anew, resets it to the same episode,
+takes the same actions and compares step by step, reporting the first step that diverges.
+
+    python -m drrl_env.replay RECORD.json [--atol 1e-9] [--device cpu]
+
+Rewards are compared with an absolute tolerance (``atol``): on the same machine and device a
+replay is exact; another BLAS or device may differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+
+FINAL_KEYS = ("budget_used", "kl", "lm_loss", "lm_loss_full")
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Whether a replay matched; where and how it diverged if not (``step`` is 0-based, None at the end)."""
+
+    matches: bool
+    steps: int
+    step: int | None = None
+    message: str = "the replay gives the same ranks and rewards"
+
+
+def _close(a: Any, b: Any, atol: float) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
+    return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=atol)
+
+
+def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> ReplayResult:
+    """Re-run ``record``'s episode and compare; ``overrides`` change env arguments (e.g. ``device``)."""
+    import drrl_env  # noqa: F401  (registers the env)
+
+    for key in ("config", "episode_seed", "guardrail_step", "steps"):
+        if key not in record:
+            raise ValueError(f"not an episode record: the key {key!r} is missing")
+    env = gym.make(record.get("env_id", "DRRL-Attention-v0"), **{**record["config"], **overrides}).unwrapped
+    try:
+        options = {"episode_seed": int(record["episode_seed"]), "guardrail_step": int(record["guardrail_step"])}
+        _, info = env.reset(options=options)
+        if not _close(info["budget"], record.get("budget", info["budget"]), atol):
+            return ReplayResult(False, 0, 0, f"budget: recorded {record['budget']}, replayed {info['budget']}")
+        for index, recorded in enumerate(record["steps"]):
+            action = recorded["action"] if env.config.per_head else recorded["action"][0]
+            _, reward, terminated, _, info = env.step(action)
+            if info["rank"] != recorded["rank"]:
+                return ReplayResult(
+                    False, index + 1, index, f"step {index}: rank recorded {recorded['rank']}, replayed {info['rank']}"
+                )
+            for term, value in recorded["reward_terms"].items():
+                replayed = info["reward_terms"].get(term, float("nan"))
+                if not _close(value, replayed, atol):
+                    return ReplayResult(
+                        False,
+                        index + 1,
+                        index,
+                        f"step {index}: reward term {term!r} recorded {value}, replayed {replayed}",
+                    )
+            if not _close(recorded["reward"], reward, atol):
+                return ReplayResult(
+                    False, index + 1, index, f"step {index}: reward recorded {recorded['reward']}, replayed {reward}"
+                )
+            if terminated and index + 1 < len(record["steps"]):
+                return ReplayResult(False, index + 1, index, f"step {index}: the replayed episode ended early")
+        for key in FINAL_KEYS:
+            if key in record and not _close(record[key], info.get(key, float("nan")), atol):
+                return ReplayResult(
+                    False, len(record["steps"]), None, f"{key}: recorded {record[key]}, replayed {info.get(key)}"
+                )
+        return ReplayResult(True, len(record["steps"]))
+    finally:
+        env.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record", type=Path, help="an episode record (JSON from env.unwrapped.episode_record())")
+    parser.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance on rewards (default: 1e-9)")
+    parser.add_argument("--device", help="run the replay on this device instead of the recorded one")
+    args = parser.parse_args(argv)
+    try:
+        record = json.loads(args.record.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"error: cannot read the record {args.record}: {error}", file=sys.stderr)
+        return 2
+    if not isinstance(record, dict):
+        print(f"error: {args.record} is not an episode record (a JSON object)", file=sys.stderr)
+        return 2
+    try:
+        result = replay(record, args.atol, **({"device": args.device} if args.device else {}))
+    except (ValueError, TypeError) as error:
+        print(f"error: {args.record}: {error}", file=sys.stderr)
+        return 2
+    where = "" if result.matches else " (diverged)"
+    print(f"{args.record}: {result.message}{where}; {result.steps} step(s) replayed")
+    return 0 if result.matches else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
