@@ -3,7 +3,8 @@
 Checkpoints are taken between PPO-style updates (at the start of a rollout, after ``train()``)
 every ``checkpoint_every`` env steps, and at the end. Each is a model file plus a state file with
 the RNG states (torch, numpy, random) and every env's position (episode index and Eq. 11's
-guardrail step, which :class:`GuardrailScheduleCallback` sets from the training step count). Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
+guardrail step, which :class:`GuardrailScheduleCallback` sets from the training step count).
+Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
 checkpoint taken at an episode boundary (``n_steps`` a multiple of the episode length) replays
 exactly the episodes, actions and updates of an uninterrupted run: on CPU with the same seed the
 final model is the same. Off-policy algorithms (dqn, qrdqn) also save their replay buffer.

@@ -27,7 +27,7 @@ def add_record_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="episodes per parquet shard, the unit of resuming (default: 8)",
     )
-    add_env_arguments(parser)
+    add_env_arguments(parser, reward="eq13")  # the greedy oracle scores the per-step Eq. 13 reward
 
 
 def record_command(args: argparse.Namespace, policy: RankPolicy) -> int:

@@ -60,6 +60,10 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+PAPER_MDP = dict(flops_budget=None, reward="eq13", guardrail="eq9", eps0=0.5)
+"""The paper's MDP (no budget, the per-step Eq. 13 reward, the Eq. 9 guardrail): what the greedy oracle scores."""
+
+
 @pytest.fixture
 def tiny_env_kwargs(tiny_model_dir):
     return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)

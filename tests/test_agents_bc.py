@@ -12,6 +12,7 @@ import drrl_env  # noqa: F401  (registers the env)
 from agents.bc import BCConfig, behaviour_clone, load_demonstrations, save_model_atomic
 from agents.policies import StateHistory, TransformerExtractor, policy_setup, stack_states
 from oracle import GreedyOracle, record_trajectories
+from tests.conftest import PAPER_MDP
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def oracle_dataset(tmp_path_factory, tiny_layered_model_dir):
         segment_len=8,
         beta=0.2,
         gamma=0.0,
-        guardrail=False,
+        **{**PAPER_MDP, "guardrail": "off"},
     )
     directory = tmp_path_factory.mktemp("oracle") / "ds"
     record_trajectories(directory, GreedyOracle(), 24, kwargs, progress=False)

@@ -15,6 +15,7 @@ from agents.evaluate import evaluate_policy
 from agents.policies import policy_setup
 from agents.static import allocate_ranks
 from drrl_env.corpora import corpus_tokens, sample_batch
+from tests.conftest import PAPER_MDP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def test_unknown_algorithm_lists_the_registry():
 )
 def test_heuristic_policies_only_pick_allowed_ranks(spec, zoo_env_kwargs):
     assert spec.partition(":")[0] in BASELINES
-    kwargs = {**zoo_env_kwargs, "eps0": 0.3, "eps_decay": 0.0}
+    kwargs = {**zoo_env_kwargs, **PAPER_MDP, "eps0": 0.3, "eps_decay": 0.0}
     policy = make_baseline(spec, kwargs)
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     masked_steps, chosen = 0, set()
@@ -93,7 +94,7 @@ def test_static_allocation_spreads_cuts_where_they_are_cheapest():
 
 def test_full_rank_row_equals_the_models_own_perplexity(zoo_env_kwargs):
     """The largest candidate is the head width: low-rank attention at r = d is full attention."""
-    kwargs = {**zoo_env_kwargs, "ranks": (4, 16)}
+    kwargs = {**zoo_env_kwargs, "ranks": (4, 16), "flops_budget": None}
     row = evaluate_policy(FullRank(), kwargs, episodes=2, seed=7, timing_repeats=0)
     model = AutoModelForCausalLM.from_pretrained(kwargs["model"]).eval()  # plain SDPA, no drrl hook
     tokens = corpus_tokens("wiki", "test", AutoTokenizer.from_pretrained(kwargs["model"]))
@@ -139,7 +140,8 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     path = tmp_path / "agent.zip"
     MaskablePPO("MlpPolicy", env, seed=0).save(path)
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
-              "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0"]  # fmt: skip
+              "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0",
+              "--flops-budget", "none", "--reward", "eq13", "--guardrail", "eq9", "--eps0", "0.5"]  # fmt: skip
     rows = run_evaluation(build_parser().parse_args([*common, "--policies", str(path), "static:match", "--ablations"]))
     agent, static, agent_unmasked, static_unmasked = rows
     assert static_unmasked.matched_to == agent_unmasked.policy and agent_unmasked.policy.endswith("(no guardrail)")
@@ -175,8 +177,8 @@ def test_adaptivity_verdicts_say_plainly_who_wins():
     from agents.evaluate import EvaluationRow, adaptivity_verdicts
 
     def row(policy, nll, flops, matched_to=None):
-        return EvaluationRow(policy, "wiki", "joint", 1, 1, nll, 3.0, flops, flops, 32, 0, 1, 1, [32], [[32]],
-                             matched_to=matched_to)  # fmt: skip
+        return EvaluationRow(policy, "wiki", "joint", 1, 1, nll, 3.0, flops, flops, flops, 0.1, 32, 0, 1, 1,
+                             [32], [[32]], matched_to=matched_to)  # fmt: skip
 
     agent = row("agent", 3.2, 1.5)
     assert "the agent beats" in adaptivity_verdicts([agent, row("static:1.5", 3.3, 1.5, "agent")])[0]

@@ -10,6 +10,7 @@ import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.bounds import logit_perturbation_bound, normalized_energy_ratio, transition_norm
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.lowrank import attend, expand_kv_heads, full_attention, low_rank_qk
+from tests.conftest import PAPER_MDP
 
 
 def make(tiny_env_kwargs, **overrides):
@@ -28,13 +29,17 @@ def rollout(env, seed, steps, policy):
     return record
 
 
-@pytest.mark.parametrize("overrides", [{}, {"per_head": True}, {"segment_len": 12, "spectral_mode": "joint"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"per_head": True}, {"segment_len": 12, "spectral_mode": "joint"}, PAPER_MDP, {"flops_budget": (0.3, 0.9)}],
+)
 def test_check_env_passes(tiny_env_kwargs, overrides):
-    # eps_decay=0: Eq. 11 anneals eps_t over env steps *across* episodes by design, so check_env's
-    # "same seed, same episode" check would see a different eps_t in its second episode otherwise.
     # skip_render_check: check_env renders without a render_mode; both modes are tested below.
-    env = make(tiny_env_kwargs, eps_decay=0.0, **overrides)
+    env = make(tiny_env_kwargs, **overrides)
     check_env(env.unwrapped, skip_render_check=True)
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    sb3_check_env(env.unwrapped)
 
 
 def test_registered_by_module_prefix_and_spaces(tiny_env_kwargs):
@@ -71,7 +76,7 @@ def test_episode_walks_layers_and_segments_then_terminates(tiny_env_kwargs):
 
 def test_mask_never_all_false_under_random_and_masked_actions(tiny_env_kwargs):
     rng = np.random.default_rng(0)
-    for overrides in ({"eps0": 1e-6}, {"per_head": True, "eps0": 1e-3, "segment_len": 8}):
+    for overrides in ({**PAPER_MDP, "eps0": 1e-6}, {**PAPER_MDP, "per_head": True, "eps0": 1e-3, "segment_len": 8}):
         env = make(tiny_env_kwargs, **overrides)
         env.reset(seed=1)
         violations = 0
@@ -89,7 +94,7 @@ def test_mask_never_all_false_under_random_and_masked_actions(tiny_env_kwargs):
 
 
 def test_masked_action_runs_nearest_allowed_rank_with_penalty(tiny_env_kwargs):
-    env = make(tiny_env_kwargs, eps0=1e-9, violation_penalty=0.25)
+    env = make(tiny_env_kwargs, **{**PAPER_MDP, "eps0": 1e-9}, violation_penalty=0.25)
     env.reset(seed=0)
     env.step(3)  # previous rank 16 = d: only rank 16 stays within a tiny threshold
     mask = env.unwrapped.action_masks()
@@ -100,7 +105,7 @@ def test_masked_action_runs_nearest_allowed_rank_with_penalty(tiny_env_kwargs):
 
 
 def test_guardrail_off_allows_everything(tiny_env_kwargs):
-    env = make(tiny_env_kwargs, eps0=1e-9, guardrail=False)
+    env = make(tiny_env_kwargs, eps0=1e-9, guardrail="off", flops_budget=None)
     env.reset(seed=0)
     assert env.unwrapped.action_masks().all()
 
@@ -108,11 +113,13 @@ def test_guardrail_off_allows_everything(tiny_env_kwargs):
 @pytest.mark.parametrize("mode", ["separate", "joint"])
 def test_reward_terms_equal_an_independent_recomputation(tiny_env_kwargs, mode):
     alpha, beta, gamma = 1.3, 0.7, 0.4
-    env = make(tiny_env_kwargs, spectral_mode=mode, alpha=alpha, beta=beta, gamma=gamma, guardrail=False)
+    env = make(
+        tiny_env_kwargs, **{**PAPER_MDP, "guardrail": "off"}, spectral_mode=mode, alpha=alpha, beta=beta, gamma=gamma
+    )
     env.reset(seed=3)
     inner = env.unwrapped
     env.step(1)  # rank 8 at layer 0; layer 1 is next
-    call = inner._call
+    call = inner.attention_call
     q, k, v = call.query.double(), call.key.double(), call.value.double()
     _, reward, _, _, info = env.step(2)  # rank 12 at layer 1
     assert reward == pytest.approx(sum(info["reward_terms"].values()))
@@ -143,7 +150,7 @@ def test_reward_terms_equal_an_independent_recomputation(tiny_env_kwargs, mode):
 def test_observation_contains_ner_and_context(tiny_env_kwargs):
     env = make(tiny_env_kwargs)
     obs, _ = env.reset(seed=0)
-    call = env.unwrapped._call
+    call = env.unwrapped.attention_call
     ranks = torch.tensor([4, 8, 12, 16]).view(-1, 1, 1)
     ner = 0.5 * (
         normalized_energy_ratio(torch.linalg.svdvals(call.query.double()), ranks).mean(dim=(1, 2))
@@ -154,7 +161,7 @@ def test_observation_contains_ner_and_context(tiny_env_kwargs):
 
 
 def test_terminal_lm_reward(tiny_env_kwargs):
-    env = make(tiny_env_kwargs, terminal_lm_weight=2.0, guardrail=False)
+    env = make(tiny_env_kwargs, **{**PAPER_MDP, "guardrail": "off"}, terminal_lm_weight=2.0)
     env.reset(seed=0)
     terminated = False
     while not terminated:
@@ -175,6 +182,11 @@ def test_bad_kwargs_and_actions_get_clear_errors(tiny_env_kwargs):
         ({"segment_len": 64}, "segment_len"),
         ({"beta": float("nan")}, "beta"),
         ({"eps0": 0.0}, "eps0"),
+        ({"flops_budget": 0.2}, r"below the smallest candidate's share 4/16"),
+        ({"flops_budget": 1.5}, r"flops_budget must lie in \(0, 1\]"),
+        ({"flops_budget": (0.8, 0.5)}, "lo <= hi"),
+        ({"reward": "ppl"}, "reward must be one of"),
+        ({"guardrail": "on"}, "guardrail must be one of"),
         ({"split": "dev"}, "split"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -201,7 +213,7 @@ def test_bad_kwargs_and_actions_get_clear_errors(tiny_env_kwargs):
 
 
 def test_render_modes(tiny_env_kwargs):
-    env = make(tiny_env_kwargs, render_mode="ansi", segment_len=16, guardrail=False)
+    env = make(tiny_env_kwargs, render_mode="ansi", segment_len=16, guardrail="off")
     env.reset(seed=0)
     env.step(1)
     text = env.render()
@@ -216,10 +228,10 @@ def test_render_modes(tiny_env_kwargs):
 def test_pickle_keeps_the_guardrail_clock(tiny_env_kwargs):
     env = make(tiny_env_kwargs).unwrapped
     env.reset(seed=0)
-    env.step(0)
+    env.set_guardrail_step(2)
     env.step(0)
     clone = pickle.loads(pickle.dumps(env))
-    assert clone.total_steps == 2 and clone.loaded is env.loaded  # model loaded once per process
+    assert clone.guardrail_step == 2 and clone.loaded is env.loaded  # model loaded once per process
     obs, _ = clone.reset(seed=0)
     assert clone.observation_space.contains(obs)
 

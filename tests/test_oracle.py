@@ -8,6 +8,7 @@ import pytest
 
 import drrl_env  # noqa: F401  (registers the env)
 from oracle import DatasetMismatchError, GreedyOracle, load_trajectories, read_metadata, record_trajectories
+from tests.conftest import PAPER_MDP
 
 
 class RandomAllowed:
@@ -38,7 +39,7 @@ class Interrupting(RandomAllowed):
 @pytest.fixture
 def oracle_env_kwargs(tiny_env_kwargs):
     # eps0 small enough that the guardrail masks some ranks; no annealing, so a replay sees the same mask
-    return {**tiny_env_kwargs, "eps0": 0.3, "eps_decay": 0.0, "segment_len": 16}
+    return {**tiny_env_kwargs, **PAPER_MDP, "eps0": 0.3, "eps_decay": 0.0, "segment_len": 16}
 
 
 @pytest.mark.parametrize("mode", ["separate", "joint"])
@@ -118,7 +119,7 @@ def test_oracle_command(tmp_path, tiny_model_dir):
     help_text = subprocess.run(
         [sys.executable, "-m", "oracle", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "--episodes" in help_text and "--out" in help_text and "--no-guardrail" in help_text
+    assert "--episodes" in help_text and "--out" in help_text and "--guardrail" in help_text
     out = tmp_path / "ds"
     common = [sys.executable, "-m", "oracle", "--out", str(out), "--model", tiny_model_dir, "--seq-len", "32"]
     ranks = ["--ranks", "4", "8", "16"]

@@ -20,7 +20,8 @@ def test_help_explains_every_option():
     flags = (
         "--algo", "--total-timesteps", "--seed", "--n-envs", "--vec", "--bc-dataset", "--bc-model", "--policy",
         "--model", "--corpus", "--seq-len", "--segment-len", "--ranks", "--alpha", "--beta", "--gamma", "--eps0",
-        "--eps-decay", "--no-guardrail", "--terminal-lm-weight", "--per-head", "--logdir", "--checkpoint-every",
+        "--eps-decay", "--guardrail", "--flops-budget", "--reward", "--kl-shaping-weight",
+        "--terminal-lm-weight", "--per-head", "--logdir", "--checkpoint-every",
         "--resume", "--spectral-mode",
     )  # fmt: skip
     for flag in flags:
@@ -45,7 +46,8 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
 
     tags = EventAccumulator(str(run_dir)).Reload().Tags()
     for tag in ("drrl/fidelity", "drrl/flops_saved", "drrl/mask_rate", "drrl/violation_rate", "eval/ppl",
-                "drrl/reward_terms/perturbation"):  # fmt: skip
+                "drrl/reward_terms/shaping", "drrl/kl", "drrl/flops_logits_ratio",
+                "drrl/guardrail_mask_rate"):  # fmt: skip
         assert tag in tags["scalars"], tag
     assert "drrl/rank_histogram" in tags["histograms"] and "drrl/rank_heatmap" in tags["images"]
     from agents.figures import training_curves_figure

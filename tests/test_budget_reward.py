@@ -1,0 +1,170 @@
+"""FLOPs budgets, the kl reward and its shaping, and the externally set Eq. 11 clock."""
+
+from fractions import Fraction
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import data_equivalence
+
+import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+from drrl_env.corpora import corpus_tokens, sample_batch
+from drrl_env.perplexity import LayerRanks
+from drrl_env.reward import lm_loss, next_token_kl
+
+
+def make(kwargs, **overrides):
+    return gym.make("DRRL-Attention-v0", **{**kwargs, **overrides}).unwrapped
+
+
+def run_episode(env, choose, seed=None, options=None):
+    obs, info = env.reset(seed=seed, options=options)
+    infos, terminated = [], False
+    while not terminated:
+        obs, reward, terminated, _, info = env.step(choose(env))
+        info["reward"] = reward
+        infos.append(info)
+    return infos
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"flops_budget": 0.4}, {"flops_budget": (0.3, 0.8), "segment_len": 8}, {"per_head": True}]
+)
+def test_random_actions_never_end_an_episode_over_budget(tiny_env_kwargs, overrides):
+    env = make(tiny_env_kwargs, **overrides)
+    rng = np.random.default_rng(0)
+
+    def choose(env):  # half the time honour the mask, half the time anything (executed as the nearest allowed)
+        if rng.random() < 0.5:
+            return env.action_space.sample()
+        mask = env.action_masks().reshape(-1, 4)
+        return (
+            np.array([rng.choice(np.flatnonzero(row)) for row in mask])
+            if env.config.per_head
+            else (int(rng.choice(np.flatnonzero(mask[0]))))
+        )
+
+    steps, budgets = 0, set()
+    while steps < 700:
+        infos = run_episode(env, choose, seed=steps)
+        steps += len(infos)
+        spent = sum(int(i["flops_logits"]) for i in infos)  # integers: exact in float64
+        full = sum(int(i["flops_logits_full"]) for i in infos)
+        assert Fraction(spent) <= Fraction(infos[-1]["budget"]) * full
+        assert infos[-1]["budget_used"] == pytest.approx(spent / full, rel=1e-12)
+        budgets.add(infos[-1]["budget"])
+    lo, hi = env.config.flops_budget
+    assert all(lo <= b <= hi for b in budgets) and (len(budgets) > 1) == (lo < hi)
+
+
+def test_budget_at_the_smallest_share_allows_only_the_smallest_rank(tiny_env_kwargs):
+    env = make(tiny_env_kwargs, flops_budget=4 / 16, guardrail="off")
+    infos = run_episode(env, lambda env: env.action_space.n - 1, seed=0)
+    assert all(i["mask_before"].tolist() == [True, False, False, False] for i in infos)
+    assert {i["rank"] for i in infos} == {4} and all(i["masked_violation"] for i in infos)
+
+
+def test_observation_carries_the_budget_and_the_share_left(tiny_env_kwargs):
+    env = make(tiny_env_kwargs, flops_budget=0.5, guardrail="off")
+    obs, _ = env.reset(seed=0)
+    budget = env.observation_slices["budget"]
+    assert obs[budget].tolist() == [0.5, 0.5]
+    obs, *_ = env.step(0)  # rank 4 = 1/4 of full at layer 0: the last layer may use 3/4
+    assert obs[budget] == pytest.approx([0.5, 0.75])
+
+
+def test_kl_is_zero_at_full_rank_and_the_shaping_sums_to_zero(tiny_env_kwargs):
+    env = make(tiny_env_kwargs, flops_budget=None, reward="kl", guardrail="off", segment_len=8)
+    infos = run_episode(env, lambda env: 3, seed=1)
+    assert infos[-1]["kl"] == 0.0 and all(i["reward"] == 0.0 for i in infos)
+    infos = run_episode(env, lambda env: 0, seed=1)
+    assert infos[-1]["kl"] > 0
+    shaping = [i["reward_terms"]["shaping"] for i in infos]
+    deviations = [0.0] + [i["deviation"] for i in infos]  # D_0 = 0; D after the last step is 0 (terminal)
+    assert deviations[-1] == 0.0 and max(deviations) > 0
+    for t, term in enumerate(shaping):  # F_t = Phi(s_t+1) - Phi(s_t), Phi = -w D
+        assert term == pytest.approx(env.config.kl_shaping_weight * (deviations[t] - deviations[t + 1]), abs=1e-15)
+    assert sum(shaping) == pytest.approx(0.0, abs=1e-12)
+    assert sum(i["reward"] for i in infos) == pytest.approx(-infos[-1]["kl"], abs=1e-12)
+
+
+def test_kl_equals_two_plain_forward_passes(tiny_env_kwargs):
+    env = make(tiny_env_kwargs, flops_budget=0.6, segment_len=16, spectral_mode="joint")
+    rng = np.random.default_rng(3)
+    infos = run_episode(env, lambda env: int(rng.choice(np.flatnonzero(env.action_masks()))), seed=5)
+    record = env.episode_record()
+    batch = sample_batch(
+        corpus_tokens(env.config.corpus, "train", env.loaded.tokenizer),
+        env.config.batch_size,
+        env.config.seq_len,
+        np.random.default_rng(record["episode_seed"]),
+    )
+    grid = [[None] * env.num_segments for _ in range(env.num_layers)]
+    for info in infos:
+        grid[info["layer"]][info["segment"]] = info["rank"]
+    model = env.loaded.model
+    with torch.no_grad():
+        plain = model(input_ids=batch).logits  # no handler: the model's own attention
+        with env.hook.use(LayerRanks(tuple(tuple(row) for row in grid), "joint"), 16):
+            replayed = model(input_ids=batch).logits
+    assert infos[-1]["kl"] == pytest.approx(next_token_kl(plain, replayed), rel=1e-4, abs=1e-7)
+    assert infos[-1]["kl"] > 0
+    assert infos[-1]["lm_loss"] == pytest.approx(lm_loss(replayed, batch), rel=1e-6)
+    assert infos[-1]["lm_loss_full"] == pytest.approx(lm_loss(plain, batch), rel=1e-6)
+    assert infos[-1]["reward_terms"]["terminal"] == -infos[-1]["kl"]
+
+
+def test_reward_auto_is_kl_under_a_budget_and_eq13_without(tiny_env_kwargs):
+    assert make(tiny_env_kwargs).config.reward_kind == "kl"
+    assert make(tiny_env_kwargs, flops_budget=None).config.reward_kind == "eq13"
+    with pytest.raises(ValueError, match="reward='kl'"):
+        env = make(tiny_env_kwargs)
+        env.reset(seed=0)
+        env.candidate_rewards()
+
+
+def test_the_trainer_sets_the_guardrail_clock(tiny_env_kwargs):
+    env = make(tiny_env_kwargs, eps0=1.0, eps_decay=0.01, flops_budget=None)
+    obs, info = env.reset(seed=0)
+    assert info["epsilon"] == 1.0 and obs[-1] == 1.0  # t = 0 until the trainer says otherwise
+    loose = env.action_masks()
+    env.set_guardrail_step(300)
+    assert env.epsilon == pytest.approx(np.exp(-3.0))
+    tight = env.action_masks()  # the pending step's mask follows at once
+    assert (tight <= loose).all() and tight.sum() < loose.sum()
+    obs, info = env.reset(seed=0, options={"guardrail_step": 100})
+    assert env.guardrail_step == 100 and obs[-1] == pytest.approx(np.exp(-1.0))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="guardrail_step"):
+            env.set_guardrail_step(bad)
+    with pytest.raises(ValueError, match="reset options"):
+        env.reset(options={"guardrail": 3})
+    envs = gym.make_vec("DRRL-Attention-v0", num_envs=2, vectorization_mode="sync", **tiny_env_kwargs)
+    envs.reset(seed=0)
+    envs.call("set_guardrail_step", 7)
+    assert envs.get_attr("guardrail_step") == (7, 7)
+    envs.close()
+
+
+def test_same_seed_same_episode_on_defaults_across_many_episodes(tiny_env_kwargs):
+    def trace(env):
+        out = []
+        for _ in range(3):  # no seed after the first: the env's own generator carries on
+            out += run_episode(
+                env, lambda env: int(np.flatnonzero(env.action_masks())[-1]), seed=11 if not out else None
+            )
+        return [(i["rank"], i["reward"], i["mask_before"], i["epsilon"]) for i in out]
+
+    assert data_equivalence(trace(make(tiny_env_kwargs)), trace(make(tiny_env_kwargs)))
+
+
+@pytest.mark.expensive
+@pytest.mark.parametrize("overrides", [{}, {"seq_len": 32, "batch_size": 1}])
+def test_check_env_on_the_real_defaults(overrides):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = gym.make("DRRL-Attention-v0", **overrides)
+    check_env(env.unwrapped, skip_render_check=True)
+    sb3_check_env(env.unwrapped)
