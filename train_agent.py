@@ -40,7 +40,7 @@ from agents.training import (
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 
-DEFAULT_COMPARE = ("full", "fixed:32", "energy:0.9", "stable_rank", "oracle")
+DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
 ============== ===================================================================================
 ``full``        the largest candidate rank (for ``ranks`` up to ``head_dim``: full rank)
 ``fixed:R``     the candidate nearest to ``R`` (the paper's static baseline uses 32)
+``uniform``     spends the FLOPs budget evenly: the largest candidate within the share of it left per
+                remaining step (from the observation), i.e. uniform rank at the budget
 ``energy:T``    "Adaptive SVD": the smallest candidate whose NER (Eq. 14) reaches ``T``
 ``random``      a uniformly random allowed candidate (seeded per episode)
 ``stable_rank`` seed 003's controller: stable rank ``||X||_F^2 / sigma_max^2`` (power iteration,
@@ -68,6 +70,22 @@ class FixedRank(_Deterministic):
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
         return nearest_allowed(self.rank, action_mask, env.config.ranks)
+
+
+class UniformBudget(_Deterministic):
+    """The largest allowed candidate within the budget's share left per remaining step: uniform rank at the budget.
+
+    The strongest non-adaptive baseline under a ``flops_budget``; without one it is full rank.
+    """
+
+    name = "uniform"
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        _, left_share = np.asarray(observation)[env.observation_slices["budget"]]
+        target = float(left_share) * env.head_dim * (1 + 1e-6)  # float32 rounding of the observation
+        ranks = np.asarray(env.config.ranks)
+        within = np.flatnonzero(np.asarray(action_mask, dtype=bool) & (ranks <= target))
+        return int(within[-1]) if len(within) else smallest_allowed_at_least(0, action_mask, ranks)
 
 
 @dataclass
@@ -191,7 +209,7 @@ class GumbelRank:
         return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
 
 
-BASELINES = ("full", "fixed", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle")
+BASELINES = ("full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle")
 
 
 def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
@@ -202,6 +220,8 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
             return FullRank()
         if name == "fixed":
             return FixedRank(int(param or 32))
+        if name == "uniform" and not param:
+            return UniformBudget()
         if name == "energy":
             return EnergyThreshold(float(param or 0.9))
         if name == "random" and not param:

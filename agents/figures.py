@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from drrl_env.corpora import corpus_tokens, sequential_chunks  # noqa: E402
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops  # noqa: E402
-from drrl_env.guardrail import transition_energies  # noqa: E402
+from drrl_env.guardrail import transition_energies, truncation_errors  # noqa: E402
 from drrl_env.hook import AttentionCall, install  # noqa: E402
 from drrl_env.models import load_causal_lm, resolve_device  # noqa: E402
 from drrl_env.perplexity import FixedRank, forward_seconds  # noqa: E402
@@ -133,9 +133,14 @@ def captured_call(model: str, corpus: str, seq_len: int, layer: int, device: str
 
 
 def perturbation_figure(call: AttentionCall, ranks: tuple[int, ...]) -> Figure:
-    """Fig. 5: relative logit perturbation of every transition r -> r', Eq. 9 bound and exact, side by side."""
+    """Fig. 5: relative logit perturbation of every transition r -> r' (Eq. 9 bound and exact), and the exact error.
+
+    The third panel is what the ``exact`` guardrail masks by: the error of rank r against full
+    attention, ``||S - S_r||_F / ||S||_F``, in both modes, beside the Eq. 9 bound on the same
+    quantity (the transition d -> r in ``separate`` mode).
+    """
     candidates = torch.as_tensor(ranks)
-    kv_heads = call.key.shape[1]
+    kv_heads, head_dim = call.key.shape[1], call.key.shape[-1]
     panels = {}
     for mode, title in (("separate", "Eq. 9 bound (separate mode)"), ("joint", "exact, optimal truncation (joint)")):
         grid = torch.stack(
@@ -145,14 +150,24 @@ def perturbation_figure(call: AttentionCall, ranks: tuple[int, ...]) -> Figure:
             ]
         )  # (from, to)
         panels[title] = grid.cpu().numpy()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     vmax = max(p.max() for p in panels.values())
-    for axis, (title, grid) in zip(axes, panels.items(), strict=True):
+    for axis, (title, grid) in zip(axes, panels.items(), strict=False):
         image = axis.imshow(grid, origin="lower", cmap="magma", vmin=0, vmax=vmax)
         axis.set_xticks(range(len(ranks)), ranks)
         axis.set_yticks(range(len(ranks)), ranks)
         axis.set(xlabel="r' (to)", ylabel="r (from)", title=title)
         figure.colorbar(image, ax=axis, label="||dA||_F / ||A||_F")
+    full = torch.full((kv_heads,), head_dim)
+    curves = {
+        "separate: exact (guardrail='exact')": truncation_errors(call, candidates, "separate"),
+        "separate: Eq. 9 bound from d": transition_energies(call, full, candidates, "separate"),
+        "joint: exact (Eckart-Young)": truncation_errors(call, candidates, "joint"),
+    }
+    for label, errors in curves.items():
+        axes[2].plot(ranks, errors.relative(per_group=False).cpu().numpy(), "o-", label=label)
+    axes[2].set(xlabel="rank r", ylabel="||S - S_r||_F / ||S||_F", title="error against full attention", yscale="log")
+    axes[2].legend(fontsize=8)
     figure.suptitle(f"logit perturbation of rank transitions, layer {call.layer}")
     figure.tight_layout()
     return figure

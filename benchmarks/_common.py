@@ -23,14 +23,19 @@ def env_benchmark_parser(description: str, episodes: int) -> argparse.ArgumentPa
 
 
 def benchmark_env(args: argparse.Namespace) -> tuple[gym.Env, Callable[[], None]]:
-    """DRRL-Attention-v0 on the default model without guardrail (every rank allowed), and a device sync."""
+    """DRRL-Attention-v0 on the default model and a device sync.
+
+    The paper's MDP (eq13 reward, which the oracle scores) without guardrail or budget: every rank allowed.
+    """
     env = gym.make(
         "DRRL-Attention-v0",
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         spectral_mode=args.mode,
         device=args.device,
-        guardrail=False,
+        guardrail="off",
+        flops_budget=None,
+        reward="eq13",
     )
     sync = torch.cuda.synchronize if env.unwrapped.device.type == "cuda" else (lambda: None)
     return env, sync

@@ -14,7 +14,7 @@ from drrl_env.corpora import corpus_tokens, sample_batch
 from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
 from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
 from drrl_env.flops import attended_pairs
-from drrl_env.guardrail import FlopsBudget, guardrail_threshold
+from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
@@ -237,6 +237,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
                 "reward depends on later layers (make the env with reward='eq13' for the greedy oracle)"
             )
         return episode.candidates()
+
+    def candidate_logit_errors(self, per_group: bool = False) -> np.ndarray:
+        """Relative logit error against full attention of every candidate rank at the current step.
+
+        ``(K,)`` over all key/value groups, or ``(K, Hkv)`` with ``per_group``: what the ``exact``
+        guardrail compares with ``eps_t`` (``drrl_env.guardrail.truncation_errors``).
+        """
+        episode = self._require_episode("candidate_logit_errors()")
+        errors = episode.truncation or truncation_errors(episode.call, self.candidate_ranks, self.config.spectral_mode)
+        return errors.relative(per_group=per_group).cpu().numpy()
 
     def episode_record(self) -> dict[str, Any]:
         """What reproduces the current (or last) episode, JSON-ready: see ``drrl_env.replay``."""

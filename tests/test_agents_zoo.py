@@ -49,7 +49,18 @@ def test_unknown_algorithm_lists_the_registry():
 
 @pytest.mark.parametrize(
     "spec",
-    ["full", "fixed:8", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "static:9", "oracle"],
+    [
+        "full",
+        "uniform",
+        "fixed:8",
+        "energy:0.9",
+        "random",
+        "stable_rank",
+        "threshold:0.1",
+        "gumbel:0.05",
+        "static:9",
+        "oracle",
+    ],
 )
 def test_heuristic_policies_only_pick_allowed_ranks(spec, zoo_env_kwargs):
     assert spec.partition(":")[0] in BASELINES
@@ -184,3 +195,17 @@ def test_adaptivity_verdicts_say_plainly_who_wins():
     assert "the agent beats" in adaptivity_verdicts([agent, row("static:1.5", 3.3, 1.5, "agent")])[0]
     assert "does NOT beat" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.505, "agent")])[0]
     assert "no equal-FLOPs comparison" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.8, "agent")])[0]
+
+
+def test_uniform_spends_the_budget_evenly(tiny_env_kwargs):
+    from agents.baselines import make_baseline
+
+    for budget, expected in ((0.75, {12}), (0.5, {8})):
+        env = gym.make("DRRL-Attention-v0", **tiny_env_kwargs, flops_budget=budget, guardrail="off").unwrapped
+        policy = make_baseline("uniform")
+        obs, _ = env.reset(seed=0)
+        terminated, ranks = False, set()
+        while not terminated:
+            obs, _, terminated, _, info = env.step(policy.act(obs, env.action_masks(), env))
+            ranks.add(info["rank"])
+        assert ranks == expected and info["budget_used"] == pytest.approx(budget)
