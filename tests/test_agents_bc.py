@@ -71,7 +71,7 @@ def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
     demos = load_demonstrations(directory)
     held_out = demos.actions[demos.episodes >= 19]
     majority = np.bincount(held_out).max() / len(held_out)
-    config = BCConfig(policy=policy, epochs=60, validation_fraction=0.2)
+    config = BCConfig(policy=policy, epochs=120, validation_fraction=0.2)
     _, untrained = behaviour_clone(directory, BCConfig(policy=policy, epochs=1, learning_rate=0.0), progress=False)
     _, result = behaviour_clone(directory, config, progress=False)
     assert result.train_loss[-1] < 0.5 * result.train_loss[0]

@@ -103,6 +103,11 @@ def test_static_allocation_spreads_cuts_where_they_are_cheapest():
     assert allocate_ranks(cost, flops, budget=0.1) == [0, 0, 0]  # unreachable budget: all at the minimum
 
 
+def episode_rng(seed):
+    """The generator an episode reset with ``seed`` draws its batch from (its episode seed, from ``np_random``)."""
+    return np.random.default_rng(int(np_random(seed)[0].integers(2**63)))
+
+
 def test_full_rank_row_equals_the_models_own_perplexity(zoo_env_kwargs):
     """The largest candidate is the head width: low-rank attention at r = d is full attention."""
     kwargs = {**zoo_env_kwargs, "ranks": (4, 16), "flops_budget": None}
@@ -110,7 +115,7 @@ def test_full_rank_row_equals_the_models_own_perplexity(zoo_env_kwargs):
     model = AutoModelForCausalLM.from_pretrained(kwargs["model"]).eval()  # plain SDPA, no drrl hook
     tokens = corpus_tokens("wiki", "test", AutoTokenizer.from_pretrained(kwargs["model"]))
     losses = [
-        float(model(input_ids=(batch := sample_batch(tokens, 2, 32, np_random(seed)[0])), labels=batch).loss)
+        float(model(input_ids=(batch := sample_batch(tokens, 2, 32, episode_rng(seed))), labels=batch).loss)
         for seed in (7, 8)
     ]
     assert row.ppl == pytest.approx(np.exp(np.mean(losses)), rel=1e-4)

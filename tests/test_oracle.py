@@ -154,7 +154,8 @@ def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
 
 
 def test_baselines_record_through_the_same_writer(tmp_path, tiny_model_dir):
-    common = ["--model", tiny_model_dir, "--seq-len", "32", "--ranks", "4", "8", "16", "--episodes", "2"]
+    common = ["--model", tiny_model_dir, "--seq-len", "32", "--ranks", "4", "8", "16", "--episodes", "2",
+              "--flops-budget", "none", "--guardrail", "eq9"]  # fmt: skip
     for spec in ("fixed:8", "energy:0.9", "random"):
         out = tmp_path / spec.replace(":", "_")
         done = subprocess.run(
