@@ -38,7 +38,7 @@ PARTS = {  # label: (file, function) as cProfile names them
     "full attention (fidelity term)": ("hook.py", "full"),
     "low-rank attention (spectra + projections + SDPA)": ("hook.py", "low_rank"),
     "exact guardrail errors": ("guardrail.py", "truncation_errors"),
-    "Eq. 9 transition energies": ("guardrail.py", "transition_energies"),
+    "spectra (Gram + eigh, on first use) and Eq. 9 energies": ("guardrail.py", "transition_energies"),
     "observation (conv, NER)": ("env.py", "_observation"),
     "KL and LM losses at the end": ("episode.py", "_finish"),
 }

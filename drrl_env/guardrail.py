@@ -8,8 +8,11 @@ sequence length. Per block (batch element x query head) the numerator is one of:
   against *full* attention. In ``joint`` mode it is the tail of the logit core's spectrum
   (Eckart-Young, Eq. 3). In ``separate`` mode ``S - S_r = Q (I - P_q P_q^T P_k P_k^T) K^T``, whose
   squared Frobenius norm is ``tr(B^T G_q B G_k)`` with ``B = I - P_q P_q^T P_k P_k^T`` and the
-  ``d x d`` Gram matrices ``G = X^T X`` the spectra already hold. The error shrinks as ``r``
-  grows, so this mask is monotone: if ``r`` is allowed, so is every larger rank.
+  ``d x d`` Gram matrices ``G = X^T X`` the spectra already hold. ``S_r`` is ``S`` projected on
+  both sides (``Q P_q P_q^T = U_r U_r^T Q``), so by Pythagoras that trace is
+  ``||S||_F^2 - ||S_r||_F^2``, and ``||S_r||_F^2 = sum_{i, j <= r} s_qi^2 s_kj^2 (v_qi . v_kj)^2``:
+  one ``d x d`` product per block gives every rank at once. The error shrinks as ``r`` grows, so
+  this mask is monotone: if ``r`` is allowed, so is every larger rank.
 * ``eq9`` guardrail (:func:`transition_energies`): the change of the transition
   ``r_{t-1} -> r'``: the Frobenius form of the Eq. 9 bound in ``separate`` mode, the exact
   Eq. 4 transition norm in ``joint`` mode. This is the paper's guardrail; it also masks moves up.
@@ -96,27 +99,23 @@ def transition_energies(
 
 
 def separate_truncation_error(call: AttentionCall, candidates: torch.Tensor) -> torch.Tensor:
-    """``||Q K^T - Q_r K_r^T||_F`` per candidate and block, ``(K, B, Hq)``, from the ``d x d`` Gram matrices.
+    """``||Q K^T - Q_r K_r^T||_F`` per candidate and block, ``(K, B, Hq)``, from the spectra. Unscaled; float64.
 
     ``Q_r K_r^T = Q P_q P_q^T P_k P_k^T K^T``, so the error is ``||Q B K^T||_F`` with
-    ``B = I - P_q P_q^T P_k P_k^T``, and ``||Q B K^T||_F^2 = tr(B^T G_q B G_k)``. Unscaled; float64.
+    ``B = I - P_q P_q^T P_k P_k^T``, and ``||Q B K^T||_F^2 = tr(B^T G_q B G_k) = ||S||_F^2 - ||S_r||_F^2``
+    (see the module docstring), with ``||S_r||_F^2 = sum_{i, j <= r} W_ij``,
+    ``W_ij = s_qi^2 s_kj^2 (v_qi . v_kj)^2``: a two-dimensional cumulative sum of ``W`` read at ``(r, r)``.
     """
     q_spec, k_spec = call.query_spectrum, call.key_spectrum
-    hq, hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
-    v_q = q_spec.right_vectors  # (B, Hq, d, d)
-    v_k = expand_kv_heads(k_spec.right_vectors, hq // hkv)  # (B, Hq, d, d)
-    gram_q = v_q @ torch.diag_embed(q_spec.energies) @ v_q.transpose(-1, -2)  # (B, Hq, d, d)
-    gram_k = v_k @ torch.diag_embed(expand_kv_heads(k_spec.energies, hq // hkv)) @ v_k.transpose(-1, -2)
-    d = v_q.shape[-1]
-    errors = []
-    for rank in candidates.tolist():
-        p_q, p_k = v_q[..., :rank], v_k[..., :rank]  # (B, Hq, d, r)
-        eye = torch.eye(d, dtype=v_q.dtype, device=v_q.device)
-        residual = eye - p_q @ (p_q.transpose(-1, -2) @ p_k) @ p_k.transpose(-1, -2)  # B = I - P_q P_q^T P_k P_k^T
-        # residual: (B, Hq, d, d)
-        energy = (residual.transpose(-1, -2) @ gram_q @ residual * gram_k).sum(dim=(-1, -2))  # tr(B^T G_q B G_k)
-        errors.append(energy.clamp_min(0.0).sqrt())
-    return torch.stack(errors)  # (K, B, Hq)
+    groups = q_spec.singular_values.shape[1] // k_spec.singular_values.shape[1]
+    v_k = expand_kv_heads(k_spec.right_vectors, groups)  # (B, Hq, d, d)
+    overlap = (q_spec.right_vectors.transpose(-1, -2) @ v_k).square()  # (v_qi . v_kj)^2, (B, Hq, d, d)
+    weights = q_spec.energies.unsqueeze(-1) * expand_kv_heads(k_spec.energies, groups).unsqueeze(-2) * overlap
+    kept = weights.cumsum(-1).cumsum(-2)  # kept[..., r-1, r-1] = ||S_r||_F^2
+    total = kept[..., -1, -1]  # ||S||_F^2, (B, Hq)
+    index = (candidates.to(kept.device) - 1).tolist()
+    kept_at_rank = kept[..., index, index].movedim(-1, 0)  # (K, B, Hq)
+    return (total.unsqueeze(0) - kept_at_rank).clamp_min(0.0).sqrt()
 
 
 def truncation_errors(call: AttentionCall, candidates: torch.Tensor, mode: str) -> LogitErrors:

@@ -64,16 +64,22 @@ def eq13_terms(
 
 
 def next_token_kl(logits_full: torch.Tensor, logits_low: torch.Tensor) -> float:
-    """Mean per-token ``KL(p_full || p_low)`` in nats over every position of ``(B, n, V)`` logits, in float64."""
-    log_p = F.log_softmax(logits_full.double(), dim=-1)
-    log_q = F.log_softmax(logits_low.double(), dim=-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    """Mean per-token ``KL(p_full || p_low)`` in nats over every position of ``(B, n, V)`` logits.
+
+    In float32 (the logits' own precision; float64 costs seconds per episode at V = 49152): each
+    token's KL is a sum of ``V`` terms, accurate to about ``1e-6`` nats (rounding that would make
+    it negative is clamped at 0), and exactly 0 when the logits are equal.
+    """
+    log_p = F.log_softmax(logits_full.float(), dim=-1)
+    log_q = F.log_softmax(logits_low.float(), dim=-1)
+    per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp_min(0.0)  # (B, n)
+    return float(per_token.double().mean())
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats) of ``(B, n, V)`` logits on ``input_ids (B, n)`` (HF's LM loss)."""
     vocab = logits.shape[-1]
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, vocab).double(), input_ids[:, 1:].reshape(-1)))
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1)))
 
 
 def residual_deviation(hidden: torch.Tensor | None, reference: torch.Tensor | None) -> float:

@@ -89,8 +89,9 @@ def test_kl_is_zero_at_full_rank_and_the_shaping_sums_to_zero(tiny_env_kwargs):
     assert sum(i["reward"] for i in infos) == pytest.approx(-infos[-1]["kl"], abs=1e-12)
 
 
-def test_kl_equals_two_plain_forward_passes(tiny_env_kwargs):
-    env = make(tiny_env_kwargs, flops_budget=0.6, segment_len=16, spectral_mode="joint")
+def test_kl_equals_two_plain_forward_passes(tiny_env_kwargs, tiny_layered_model_dir):
+    # the layered model attends sharply in layer 0, so low ranks change its output measurably
+    env = make(tiny_env_kwargs, model=tiny_layered_model_dir, flops_budget=0.5, segment_len=16, spectral_mode="joint")
     rng = np.random.default_rng(3)
     infos = run_episode(env, lambda env: int(rng.choice(np.flatnonzero(env.action_masks()))), seed=5)
     record = env.episode_record()
