@@ -27,7 +27,6 @@ default ``w = 1`` puts the shaping on the KL's scale.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def attention_output_similarity(full: torch.Tensor, low_rank: torch.Tensor) -> torch.Tensor:
@@ -70,16 +69,19 @@ def next_token_kl(logits_full: torch.Tensor, logits_low: torch.Tensor) -> float:
     token's KL is a sum of ``V`` terms, accurate to about ``1e-6`` nats (rounding that would make
     it negative is clamped at 0), and exactly 0 when the logits are equal.
     """
-    log_p = F.log_softmax(logits_full.float(), dim=-1)
-    log_q = F.log_softmax(logits_low.float(), dim=-1)
-    per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp_min(0.0)  # (B, n)
+    z_p, z_q = logits_full.float(), logits_low.float()  # (B, n, V)
+    lse_p, lse_q = z_p.logsumexp(-1), z_q.logsumexp(-1)  # (B, n)
+    p = (z_p - lse_p.unsqueeze(-1)).exp_()
+    # sum_v p (log p - log q) = sum_v p (z_p - z_q) - lse_p + lse_q
+    per_token = ((p * (z_p - z_q)).sum(-1) - lse_p + lse_q).clamp_min(0.0)  # (B, n)
     return float(per_token.double().mean())
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats) of ``(B, n, V)`` logits on ``input_ids (B, n)`` (HF's LM loss)."""
-    vocab = logits.shape[-1]
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1)))
+    z = logits[:, :-1].float()  # (B, n-1, V)
+    target = z.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, n-1)
+    return float((z.logsumexp(-1) - target).double().mean())
 
 
 def residual_deviation(hidden: torch.Tensor | None, reference: torch.Tensor | None) -> float:

@@ -169,3 +169,18 @@ def test_check_env_on_the_real_defaults(overrides):
     env = gym.make("DRRL-Attention-v0", **overrides)
     check_env(env.unwrapped, skip_render_check=True)
     sb3_check_env(env.unwrapped)
+
+
+def test_kl_and_lm_loss_match_float64_references():
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    full = 3 * torch.randn(2, 16, 500, generator=generator)
+    low = full + 0.3 * torch.randn(2, 16, 500, generator=generator)
+    ids = torch.randint(0, 500, (2, 16), generator=generator)
+    log_p, log_q = F.log_softmax(full.double(), -1), F.log_softmax(low.double(), -1)
+    expected_kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert next_token_kl(full, low) == pytest.approx(expected_kl, rel=1e-5)
+    assert next_token_kl(full, full) == 0.0
+    expected_loss = float(F.cross_entropy(full[:, :-1].reshape(-1, 500).double(), ids[:, 1:].reshape(-1)))
+    assert lm_loss(full, ids) == pytest.approx(expected_loss, rel=1e-6)
