@@ -58,7 +58,7 @@ def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         name, flag = field.name, "--" + field.name.replace("_", "-")
         default = defaults.get(name, field.default)
         hint = hints[name]
-        help_text = " ".join(docs.get(name, "").split())
+        help_text = " ".join(docs.get(name, "").split()).replace("%", "%%")  # argparse formats help with %
         if name == "flops_budget":
             shown = "none" if default is None else " ".join(f"{v:g}" for v in np.atleast_1d(default))
             group.add_argument(

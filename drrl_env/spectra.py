@@ -52,6 +52,11 @@ def block_spectrum(x: torch.Tensor) -> BlockSpectrum:
     All ``d`` singular values and right singular vectors are returned at once, so the
     truncation at every candidate rank reads slices of one result. Only the right side is
     needed: the low-rank attention projects onto right singular subspaces (see ``lowrank``).
+
+    Eq. 12 (the paper's incremental SVD update, ``U_{r'} = [U_r, u_{r+1}, ..., u_{r'}]`` when the
+    rank grows) is this slicing: with one full eigendecomposition per block, the components of
+    every rank, up or down, are already there, so no incremental update is computed. (Nor could
+    one be reused across steps: each step is a new layer or segment with new Q and K.)
     """
     gram = x.transpose(-1, -2) @ x  # (..., d, d)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(EIGH_DTYPE))  # ascending
