@@ -50,12 +50,12 @@ class _Deterministic:
 
 
 class FullRank(_Deterministic):
-    """The largest candidate rank."""
+    """The largest allowed candidate rank (under a budget: as much as it allows, as early as it allows)."""
 
     name = "full"
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        return len(env.config.ranks) - 1
+        return int(np.flatnonzero(action_mask)[-1])
 
 
 @dataclass

@@ -62,9 +62,12 @@ def test_unknown_algorithm_lists_the_registry():
         "oracle",
     ],
 )
-def test_heuristic_policies_only_pick_allowed_ranks(spec, zoo_env_kwargs):
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_heuristic_policies_only_pick_allowed_ranks(spec, budgeted, zoo_env_kwargs):
     assert spec.partition(":")[0] in BASELINES
     kwargs = {**zoo_env_kwargs, **PAPER_MDP, "eps0": 0.3, "eps_decay": 0.0}
+    if budgeted:  # the budget and the exact guardrail (eq13: the oracle scores it)
+        kwargs.update(flops_budget=0.5, guardrail="exact")
     policy = make_baseline(spec, kwargs)
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     masked_steps, chosen = 0, set()
