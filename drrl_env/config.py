@@ -14,6 +14,7 @@ from drrl_env.lowrank import SPECTRAL_MODES
 from drrl_env.models import DEFAULT_MODEL
 
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
+MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
@@ -85,19 +86,21 @@ class EnvConfig:
             positive_int("segment_len", self.segment_len)
             if self.segment_len > self.seq_len:
                 raise ValueError(f"segment_len ({self.segment_len}) must not exceed seq_len ({self.seq_len})")
-        ranks = tuple(int(r) for r in np.asarray(self.ranks).ravel())
-        if not ranks or any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
-            raise ValueError(f"ranks must be distinct positive integers, got {self.ranks!r}")
-        self.ranks = tuple(sorted(ranks))
+        self.ranks = _rank_tuple(self.ranks)
+        if not isinstance(self.per_head, (bool, np.bool_)):
+            raise ValueError(f"per_head must be True or False, got {self.per_head!r}")
+        for name in ("model", "corpus", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.guardrail is True or self.guardrail is False:  # the boolean of earlier versions
             self.guardrail = "exact" if self.guardrail else "off"
         choice("spectral_mode", SPECTRAL_MODES)
         choice("split", SPLITS)
         choice("reward", REWARDS)
         choice("guardrail", GUARDRAILS)
-        for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "eps_decay"):
-            _check_number(name, getattr(self, name), minimum=0.0)
-        _check_number("kl_shaping_weight", self.kl_shaping_weight, minimum=0.0)
+        for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "kl_shaping_weight"):
+            _check_number(name, getattr(self, name), minimum=0.0, maximum=MAX_WEIGHT)
+        _check_number("eps_decay", self.eps_decay, minimum=0.0)
         _check_number("eps0", self.eps0, minimum=0.0, strict=True)
         self.flops_budget = _budget_range(self.flops_budget)
 
@@ -122,10 +125,30 @@ class EnvConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+def _check_number(name: str, value: Any, minimum: float, strict: bool = False, maximum: float = math.inf) -> None:
+    """``value`` must be a real number in ``[minimum, maximum]`` (``(minimum, maximum]`` with ``strict``)."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not is_number or not math.isfinite(value) or value < minimum or (strict and value == minimum) or value > maximum:
+        low = f"{'>' if strict else '>='} {minimum:g}"
+        high = f" and <= {maximum:g}" if math.isfinite(maximum) else ""
+        raise ValueError(f"{name} must be a finite number {low}{high}, got {value!r}")
+
+
+def _rank_tuple(ranks: Any) -> tuple[int, ...]:
+    """``ranks`` as a sorted tuple of distinct positive integers; anything else is a ``ValueError`` naming it."""
+    if isinstance(ranks, (str, bytes)) or np.ndim(ranks) != 1 or len(ranks) == 0:
+        raise ValueError(f"ranks must be a non-empty sequence of distinct positive integers, got {ranks!r}")
+    values = []
+    for rank in ranks:
+        integral = isinstance(rank, (int, np.integer)) or (
+            isinstance(rank, (float, np.floating)) and math.isfinite(rank) and float(rank).is_integer()
+        )
+        if isinstance(rank, (bool, np.bool_)) or not integral or rank < 1:
+            raise ValueError(f"ranks must be distinct positive integers, got {ranks!r} (entry {rank!r})")
+        values.append(int(rank))
+    if len(set(values)) != len(values):
+        raise ValueError(f"ranks must be distinct positive integers, got {ranks!r} (repeated entries)")
+    return tuple(sorted(values))
 
 
 def _budget_range(budget: Any) -> tuple[float, float] | None:

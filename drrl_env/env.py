@@ -308,15 +308,28 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def _action_indices(self, action: Any) -> torch.Tensor:
         """Validate an action; return candidate indices per key/value group, ``(Hkv,)``."""
-        array = np.asarray(action)
         expected = f"shape ({self.kv_heads},)" if self.config.per_head else "a scalar (or shape (1,))"
-        if array.dtype.kind not in "iuf" and array.dtype != object:
+        try:
+            array = np.asarray(action)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}") from error
+        if array.dtype == object:  # e.g. a list mixing types: accept only if every entry is an integral number
+            entries = array.ravel().tolist()
+            if not all(
+                isinstance(e, (int, float, np.integer, np.floating)) and not isinstance(e, bool) for e in entries
+            ):
+                raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}")
+            array = array.astype(np.float64)
+        if array.dtype.kind not in "iuf":
             raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}")
-        if array.dtype.kind == "f" or array.dtype == object:
-            as_float = array.astype(np.float64)
-            if not np.all(np.isfinite(as_float)) or not np.all(as_float == np.round(as_float)):
+        if array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
                 raise ValueError(f"action must be integer index(es) into ranks, got {action!r} (NaN or fractional)")
-            array = as_float.astype(np.int64)
+            if np.abs(array).max(initial=0) >= 2**62:
+                raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {action!r}")
+            array = array.astype(np.int64)
+        if array.dtype.kind == "u" and array.max(initial=0) >= 2**63:
+            raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {action!r}")
         if self.config.per_head:
             if array.shape != (self.kv_heads,):
                 raise ValueError(f"action must have {expected} (one index per key/value head), got shape {array.shape}")
@@ -324,7 +337,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             raise ValueError(f"action must be {expected}, got shape {array.shape}")
         indices = array.reshape(-1).astype(np.int64)
         if indices.min() < 0 or indices.max() >= len(self.config.ranks):
-            raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {indices.tolist()}")
+            raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {array.tolist()}")
         if not self.config.per_head:
             indices = np.repeat(indices, self.kv_heads)
         return torch.as_tensor(indices)

@@ -278,3 +278,40 @@ def test_maskable_ppo_on_the_default_model():
     model = MaskablePPO("MlpPolicy", env, n_steps=60, batch_size=30, n_epochs=1, seed=0)
     model.learn(120)
     assert model.num_timesteps >= 120
+
+
+def test_bad_config_values_name_the_argument(tiny_env_kwargs):
+    for bad, message in [
+        ({"per_head": "no"}, "per_head must be True or False"),
+        ({"guardrail": "False"}, "guardrail must be one of"),
+        ({"ranks": (4.7, 8)}, r"entry 4.7"),
+        ({"ranks": "4"}, "ranks must be a non-empty sequence"),
+        ({"ranks": (float("nan"), 4)}, "entry nan"),
+        ({"ranks": ()}, "ranks must be a non-empty sequence"),
+        ({"beta": 1e308}, r"beta must be a finite number >= 0 and <= 1e\+06"),
+        ({"device": "meta"}, "device must be"),
+        ({"device": "gpu7"}, "device must be"),
+        ({"model": ""}, "model must be a non-empty string"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make(tiny_env_kwargs, **bad)
+    assert make(tiny_env_kwargs, eps0=np.float32(0.5), ranks=np.array([8, 4])).unwrapped.config.ranks == (4, 8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make(tiny_env_kwargs, device="cuda")
+
+
+def test_bad_actions_name_the_action(tiny_env_kwargs):
+    env = make(tiny_env_kwargs).unwrapped
+    env.reset(seed=0)
+    for bad, message in [
+        ({}, "action must be integer"),
+        (object(), "action must be integer"),
+        (2**63, str(2**63)),
+        (2**70, str(2**70)),
+        (np.array(["1"], dtype=object), "action must be integer"),
+        ("1", "action must be integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            env.step(bad)
+    env.step(np.array([1], dtype=object))  # an integral number in an object array is still an index
