@@ -39,6 +39,7 @@ from agents.training import (
 )
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
+from oracle.dataset import write_atomic
 
 DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
     save_checkpoint(model, run_dir / "checkpoints")
-    model.save(run_dir / "model.zip")
+    write_atomic(run_dir / "model.zip", model.save)  # a kill mid-save leaves the previous file or none
     model.get_env().close()
     print(f"saved {run_dir / 'model.zip'} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
 
