@@ -193,7 +193,7 @@ class RankLoggingCallback(BaseCallback):
             self._values["fidelity"].append(info["fidelity"])
             self._values["perturbation"].append(info["perturbation"])
             self._values["violation_rate"].append(float(info["masked_violation"]))
-            self._values["mask_rate"].append(1.0 - float(np.mean(info["action_mask"])))
+            self._values["mask_rate"].append(1.0 - float(np.mean(info["mask_before"])))  # the mask this step faced
             self._ranks[(info["layer"], info["segment"])].append(float(np.mean(info["rank"])))
         return True
 
