@@ -23,17 +23,14 @@ from drrl_env.lowrank import SPECTRAL_MODES
 _CHOICES = {"spectral_mode": SPECTRAL_MODES, "split": SPLITS, "reward": REWARDS, "guardrail": GUARDRAILS}
 
 
-def parse_budget(values: list[str]) -> float | tuple[float, float] | None:
-    """``--flops-budget`` values: ``none``, one share, or ``LO HI``."""
-    if len(values) == 1 and values[0].lower() == "none":
+def share_or_none(value: str) -> float | None:
+    """One ``--flops-budget`` value: a share, or ``none`` for no budget."""
+    if value.lower() == "none":
         return None
     try:
-        numbers = [float(v) for v in values]
+        return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--flops-budget takes 'none', a share or 'LO HI', got {values}") from None
-    if len(numbers) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"--flops-budget takes 'none', a share or 'LO HI', got {values}")
-    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.625, or 'none'; got {value!r}") from None
 
 
 @functools.cache
@@ -62,7 +59,13 @@ def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         if name == "flops_budget":
             shown = "none" if default is None else " ".join(f"{v:g}" for v in np.atleast_1d(default))
             group.add_argument(
-                flag, dest=name, nargs="+", metavar="SHARE", default=default, help=f"{help_text} (default: {shown})"
+                flag,
+                dest=name,
+                nargs="+",
+                type=share_or_none,
+                metavar="SHARE",
+                default=default,
+                help=f"{help_text} (default: {shown})",
             )
             continue
         if hint is bool:
@@ -94,8 +97,6 @@ def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {field.name: getattr(args, field.name) for field in dataclasses.fields(EnvConfig)}
     kwargs["ranks"] = tuple(kwargs["ranks"])
     budget = kwargs["flops_budget"]
-    if isinstance(budget, list) and budget and isinstance(budget[0], str):
-        kwargs["flops_budget"] = parse_budget(budget)
-    elif isinstance(budget, list):
-        kwargs["flops_budget"] = tuple(budget)
+    if isinstance(budget, list):  # [None], [share] or [lo, hi]; anything else is refused by EnvConfig
+        kwargs["flops_budget"] = budget[0] if len(budget) == 1 else tuple(budget)
     return kwargs

@@ -15,7 +15,7 @@ from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutco
 from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
 from drrl_env.flops import attended_pairs
 from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
-from drrl_env.hook import AttentionCall, install
+from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
 
@@ -130,8 +130,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self._tokens = corpus_tokens(cfg.corpus, cfg.split, self.loaded.tokenizer)
         self._weight_stats = layer_weight_statistics(self.loaded.model)
         self._sequence_dynamics = SequenceDynamics(int(self.loaded.model.config.hidden_size))
-        segment = cfg.segment_len or cfg.seq_len
-        spans = [(start, min(start + segment, cfg.seq_len)) for start in range(0, cfg.seq_len, segment)]
+        spans = segment_spans(cfg.seq_len, cfg.segment_len)  # prefill: segment s sees keys up to its end
         self.num_segments = len(spans)
         self.step_pairs = tuple(attended_pairs(stop - start, stop) for start, stop in spans) * self.num_layers
         if cfg.flops_budget is not None:
@@ -261,8 +260,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def action_masks(self) -> np.ndarray:
         """Boolean mask of allowed actions: ``(K,)``, or ``(Hkv * K,)`` group-major with ``per_head``."""
-        mask = self._require_episode("action_masks()").mask.numpy()
-        return mask.T.reshape(-1).copy() if self.config.per_head else mask[:, 0].copy()
+        return self._require_episode("action_masks()").flat_mask()
 
     def render(self) -> str | np.ndarray | None:
         history = self._episode.history if self._episode else [[None] * self.num_segments] * self.num_layers

@@ -148,9 +148,14 @@ class Episode:
             errors = self.truncation if cfg.guardrail == "exact" else self.transition
             relative = errors.relative(per_group=cfg.per_head).cpu()
             relative = relative if cfg.per_head else relative.unsqueeze(-1).expand(-1, self.kv_heads)
-            guard = guardrail_mask(relative.clone(), self.epsilon)
+            guard = guardrail_mask(relative, self.epsilon)
         self.guardrail_mask = guard
         self.mask = combine_masks(guard, self.budget_mask)
+
+    def flat_mask(self) -> np.ndarray:
+        """The step's mask as actions see it: ``(K,)``, or ``(Hkv * K,)`` group-major with per-head ranks."""
+        mask = self.mask.numpy()
+        return mask.T.reshape(-1).copy() if self.config.per_head else mask[:, 0].copy()
 
     def set_epsilon(self, epsilon: float, guardrail_step: int) -> None:
         self.epsilon, self.guardrail_step = epsilon, guardrail_step
@@ -226,7 +231,7 @@ class Episode:
             "fidelity": fidelity,
             "perturbation": perturbation,
             "epsilon": self.epsilon,
-            "mask_before": self.mask.numpy().T.reshape(-1).copy() if per_head else self.mask[:, 0].numpy().copy(),
+            "mask_before": self.flat_mask(),
             "guardrail_mask_rate": 1.0 - float(self.guardrail_mask.double().mean()),
             "budget_mask_rate": 1.0 - float(self.budget_mask.double().mean()),
             "masked_violation": violation,

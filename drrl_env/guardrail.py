@@ -183,7 +183,11 @@ class FlopsBudget:
 
     @property
     def full_units(self) -> int:
-        return sum(self.step_pairs) * self.kv_heads * self.groups * self.head_dim
+        return self._full_units_from(0)
+
+    def _full_units_from(self, step: int) -> int:
+        """Units of full attention over the steps from ``step`` on."""
+        return sum(self.step_pairs[step:]) * self.kv_heads * self.groups * self.head_dim
 
     def cost(self, step: int, ranks: torch.Tensor | np.ndarray) -> int:
         """Units of step ``step`` with ``ranks (Hkv,)``."""
@@ -191,33 +195,30 @@ class FlopsBudget:
 
     def left_share(self, step: int) -> float:
         """Budget left over the full cost of the steps from ``step`` on: the mean rank share the rest may use."""
-        rest = sum(self.step_pairs[step:]) * self.kv_heads * self.groups * self.head_dim
+        rest = self._full_units_from(step)
         return float((self._allowance - self.spent) / rest) if rest else 0.0
+
+    def _within(self, step: int, rank_sum: int) -> bool:
+        """Whether the episode ends within budget with ``rank_sum`` (over the groups) at ``step``.
+
+        Every later step is taken at the smallest rank.
+        """
+        later = sum(self.step_pairs[step + 1 :]) * self.kv_heads * self.groups * min(self.ranks)
+        return self.spent + self.step_pairs[step] * self.groups * rank_sum + later <= self._allowance
 
     def mask(self, step: int) -> torch.Tensor:
         """``(K, Hkv)``: True where a group's candidate keeps the episode within budget.
 
-        That is, with the other groups and every later step at the smallest rank.
+        With per-head ranks the other groups are taken at the smallest rank; without, every group
+        takes the candidate.
         """
-        r_min = min(self.ranks)
-        later = sum(self.step_pairs[step + 1 :]) * self.kv_heads * self.groups * r_min
-        fits = [
-            self.spent + self.step_pairs[step] * self.groups * self._step_rank_sum(rank) + later <= self._allowance
-            for rank in self.ranks
-        ]
+        others = min(self.ranks) if self.per_head else None  # the rank of the other groups (None: the candidate)
+        fits = [self._within(step, rank + (self.kv_heads - 1) * (others or rank)) for rank in self.ranks]
         return torch.tensor(fits).unsqueeze(1).expand(-1, self.kv_heads).clone()
-
-    def _step_rank_sum(self, rank: int) -> int:
-        """Sum of the ranks of the key/value groups when one group takes ``rank``.
-
-        With per-head ranks the others are at the smallest rank; without, all are at ``rank``.
-        """
-        return rank + (self.kv_heads - 1) * (min(self.ranks) if self.per_head else rank)
 
     def fits(self, step: int, ranks: torch.Tensor) -> bool:
         """Whether ``ranks (Hkv,)`` at ``step`` keeps the episode within budget (later steps at the smallest rank)."""
-        later = sum(self.step_pairs[step + 1 :]) * self.kv_heads * self.groups * min(self.ranks)
-        return self.spent + self.cost(step, ranks) + later <= self._allowance
+        return self._within(step, int(np.asarray(ranks).sum()))
 
     @property
     def used_share(self) -> float:

@@ -121,6 +121,12 @@ class AttentionCall:
 Handler = Callable[[AttentionCall], torch.Tensor]
 
 
+def segment_spans(q_len: int, segment_len: int | None) -> list[tuple[int, int]]:
+    """Query row ranges ``[start, stop)`` of the segments of ``segment_len`` queries (None: one segment)."""
+    length = segment_len or q_len
+    return [(start, min(start + length, q_len)) for start in range(0, q_len, length)]
+
+
 class AttentionHook:
     """Per-model state of the hook: the per-thread handlers and segment lengths."""
 
@@ -149,8 +155,7 @@ class AttentionHook:
 
     def segments(self, q_len: int) -> list[tuple[int, int]]:
         """Query row ranges ``[start, stop)`` of the segments of a layer call with ``q_len`` queries."""
-        length = getattr(self._local, "segment_len", None) or q_len
-        return [(start, min(start + length, q_len)) for start in range(0, q_len, length)]
+        return segment_spans(q_len, getattr(self._local, "segment_len", None))
 
     def __call__(
         self,
