@@ -5,8 +5,10 @@
 Training logs to TensorBoard under ``--logdir/RUN`` (``RUN = DRRL-Attention-v0__ALGO__SEED__TIME``):
 the hyperparameters, every reward term, FLOPs saved, fidelity, mask and violation rates, the
 ranks per layer (histogram and heatmap), and the test PPL every ``--eval-every`` steps. It saves
-checkpoints every ``--checkpoint-every`` steps and ``RUN/model.zip`` at the end; ``--resume RUN``
-continues a run (same curves, and on CPU the same final model as an uninterrupted run).
+checkpoints every ``--checkpoint-every`` steps and the agent as ``RUN/model.safetensors`` at the
+end (an agent file: weights and a JSON description, loaded without unpickling; see
+``agents.agent_file``); ``--resume RUN`` continues a run from its newest good checkpoint (same
+curves, and on CPU the same final model as an uninterrupted run).
 
 Then every policy of ``--compare`` and the agent run over the same seeded test-split episodes
 with their ranks really in place (``agents.evaluate``): the LM's perplexity is measured, FLOPs
@@ -17,29 +19,33 @@ agents.evaluate`` runs the full comparison (all baselines, corpora, both modes, 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
+from agents.agent_file import load_agent_into, load_sb3_zip, save_agent
 from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
-from agents.evaluate import evaluate_policy, make_policy, markdown_table
-from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
-from agents.training import (
+from agents.checkpoints import (
     CheckpointCallback,
-    GuardrailScheduleCallback,
-    RankLoggingCallback,
+    CorruptCheckpointError,
+    at_episode_boundary,
     latest_checkpoint,
-    make_vec_env,
     restore_checkpoint,
     save_checkpoint,
 )
+from agents.evaluate import evaluate_policy, make_policy, markdown_table
+from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
+from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
-from oracle.dataset import write_atomic
+from drrl_env.files import write_text_atomic
 
 DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
@@ -68,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--history", type=int, default=DEFAULT_HISTORY, help="states the transformer policy attends over (default: 8)"
     )
     training.add_argument("--bc-dataset", help="oracle dataset (python -m oracle): behaviour-clone on it first")
-    training.add_argument("--bc-model", help="start from this behaviour-cloned model (python -m agents.bc)")
+    training.add_argument(
+        "--bc-model", help="start from this behaviour-cloned agent file (.safetensors, from python -m agents.bc)"
+    )
     training.add_argument("--bc-epochs", type=int, default=30, help="behaviour-cloning epochs with --bc-dataset")
     training.add_argument(
         "--bc-entropy-coef",
@@ -81,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, default=0, help="checkpoint every N env steps (default: 0, only at the end)"
     )
     training.add_argument(
-        "--resume", help="run folder to continue (its newest checkpoint); --total-timesteps is the total"
+        "--resume",
+        help="run folder to continue from its newest good checkpoint, with the options it was started with; "
+        "--total-timesteps (the total), --checkpoint-every, --eval-every, --vec, --device and the comparison "
+        "options may change, others given with other values are refused",
+    )
+    training.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading SB3 .zip models (--bc-model, zip policies in --compare): they are pickles, and a "
+        "crafted one runs code when loaded; agent .safetensors files need no trust",
     )
     training.add_argument(
         "--eval-every", type=int, default=0, help="log the test PPL of the agent every N env steps (default: 0, never)"
@@ -101,81 +118,177 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUMABLE_CHANGES = frozenset(
+    {"total_timesteps", "resume", "logdir", "checkpoint_every", "eval_every", "compare", "eval_episodes",
+     "timing_repeats", "vec", "device", "trust_pickle"}
+)  # fmt: skip
+"""options a resumed run may be given with other values than it was started with"""
+
+
+def _canonical(value: Any) -> Any:
+    """A stored or parsed option value in one comparable form (JSON types; a one-element list is its element)."""
+    value = json.loads(json.dumps(value, default=str))
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The options of a new run, or of a resumed one: the stored options, with those given on the command line.
+
+    A resumed run refuses (``ValueError``, one line listing them) options given with other values
+    than it was started with, except :data:`RESUMABLE_CHANGES`.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args
+    config = Path(args.resume, "config.json")
+    if not config.is_file():
+        raise ValueError(f"--resume {args.resume}: not a run folder of train_agent.py (no config.json)")
+    try:
+        stored = json.loads(config.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ValueError(
+            f"--resume {args.resume}: {config} is unreadable ({error}); the run cannot be resumed"
+        ) from None
+    for action in parser._actions:  # the same parser without defaults sees only what was given
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    differing = [
+        f"--{name.replace('_', '-')} (run: {stored[name]!r}, given: {value!r})"
+        for name, value in given.items()
+        if name in stored and name not in RESUMABLE_CHANGES and _canonical(stored[name]) != _canonical(value)
+    ]
+    if differing:
+        raise ValueError(
+            f"--resume {args.resume} was started with other options: {'; '.join(differing)}; "
+            "drop them to continue the run as it was, or start a new run"
+        )
+    for name, value in stored.items():
+        if name in vars(args) and name not in given:
+            setattr(args, name, value)
+    return args
+
+
 def check_arguments(args: argparse.Namespace) -> None:
+    """Checks of the options that need no model: one-line ``ValueError``s naming the option."""
     algorithm = get_algorithm(args.algo)
     if (args.bc_dataset or args.bc_model) and not algorithm.masked:
         raise ValueError(f"--bc-dataset/--bc-model warm-start maskable_ppo only, not --algo {args.algo}")
     if args.bc_dataset and args.bc_model:
         raise ValueError("give --bc-dataset or --bc-model, not both")
-    for name in ("total_timesteps", "n_envs", "n_steps"):
+    for name in ("total_timesteps", "n_envs", "n_steps", "eval_episodes", "bc_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resume and not Path(args.resume, "config.json").is_file():
-        raise ValueError(f"--resume {args.resume}: not a run folder of train_agent.py (no config.json)")
+    for name in ("checkpoint_every", "eval_every", "timing_repeats"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
+        raise ValueError(f"--logdir {args.logdir}: exists and is not a folder")
+    if args.resume:
+        return  # the warm start happened when the run began
+    for name in ("bc_dataset", "bc_model"):
+        if getattr(args, name) and not Path(getattr(args, name)).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
+    if args.bc_model and args.bc_model.endswith(".zip") and not args.trust_pickle:
+        raise ValueError(
+            f"--bc-model {args.bc_model} is an SB3 .zip, a pickle that can run code when loaded; "
+            "pass --trust-pickle if you trust it, or give an agent .safetensors file"
+        )
 
 
-def build_model(args: argparse.Namespace, run_dir: Path):
-    """A new, behaviour-cloned, or resumed model on fresh vector envs, logging to ``run_dir``."""
+def check_episode_fit(args: argparse.Namespace, env: VecEnv) -> None:
+    """On-policy rollouts must hold whole episodes: checkpoints (and so --resume) need episode boundaries."""
+    steps = env.get_attr("num_layers")[0] * env.get_attr("num_segments")[0]
+    if get_algorithm(args.algo).on_policy and args.n_steps % steps:
+        raise ValueError(
+            f"--n-steps {args.n_steps} is not a multiple of the episode length {steps} (layers x segments): "
+            f"rollouts would end mid-episode and the run could not be checkpointed or resumed; "
+            f"use e.g. --n-steps {max(1, round(args.n_steps / steps)) * steps}"
+        )
+
+
+def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlgorithm:
+    """A new, behaviour-cloned, or resumed model on ``env``, logging to ``run_dir``."""
     from stable_baselines3.common.logger import configure
 
     algorithm = get_algorithm(args.algo)
-    kwargs = env_kwargs(args)
-    extra: dict[str, Any] = {"n_steps": args.n_steps, "batch_size": min(64, args.n_steps * args.n_envs)}
-    if not algorithm.on_policy or args.algo in ("a2c",):
-        extra.pop("batch_size")
-    if args.resume:
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        if checkpoint is None:
-            raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-        model = algorithm.cls.load(checkpoint, device="cpu")
-        setup = setup_of_observation_space(model.observation_space)
-        model.set_env(make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec))
-        restore_checkpoint(model, checkpoint)
-        print(f"resuming {run_dir} from {checkpoint.name} ({model.num_timesteps} steps done)")
+    setup = policy_setup(args.policy, args.history)
+    extra: dict[str, Any] = {"n_steps": args.n_steps}
+    if algorithm.on_policy and "batch_size" in inspect.signature(algorithm.cls).parameters:
+        extra["batch_size"] = min(64, args.n_steps * args.n_envs)
+    warm_zip = not args.resume and args.bc_model and args.bc_model.endswith(".zip")
+    if warm_zip:  # a plain SB3 zip, with --trust-pickle
+        model = load_sb3_zip(args.bc_model, algorithm, args.trust_pickle, env=env, seed=args.seed, **extra)
     else:
-        setup = policy_setup(args.policy, args.history)
-        env = make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec)
-        bc_model = args.bc_model
-        if args.bc_dataset:
-            from agents.bc import BCConfig, behaviour_clone, save_model_atomic
+        model = algorithm.make(env, setup, args.seed, None, **extra)
+    if args.resume:
+        files = latest_checkpoint(run_dir / "checkpoints")
+        if files is None:
+            raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+        restore_checkpoint(model, files)
+        print(f"resuming {run_dir} from {files['agent'].stem} ({model.num_timesteps} steps done)")
+    elif args.bc_dataset:
+        from agents.bc import BCConfig, behaviour_clone
 
-            bc, result = behaviour_clone(
-                args.bc_dataset,
-                BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed, entropy_coef=args.bc_entropy_coef),
-                run_dir / "bc",
-            )
-            bc_model = save_model_atomic(bc, run_dir / "bc_model.zip")
-            print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
-        if bc_model:
-            model = algorithm.cls.load(bc_model, env=env, device="cpu", seed=args.seed, **extra)
-            if setup_of_observation_space(model.observation_space).name != setup.name:
-                raise ValueError(f"--bc-model {bc_model} was trained with another --policy than {args.policy!r}")
-        else:
-            model = algorithm.make(env, setup, args.seed, None, **extra)
+        bc, result = behaviour_clone(
+            args.bc_dataset,
+            BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed, entropy_coef=args.bc_entropy_coef),
+            run_dir / "bc",
+        )
+        load_agent_into(model, save_agent(bc, run_dir / "bc_model.safetensors"))
+        print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
+    elif args.bc_model and not warm_zip:
+        load_agent_into(model, args.bc_model)
     model.set_logger(configure(str(run_dir), ["tensorboard"]))
     return model
 
 
+def compare(args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, Any]) -> None:
+    """Run ``--compare``'s baselines and the agent over the same test episodes; print the table."""
+    algorithm = get_algorithm(args.algo)
+    setup = setup_of_observation_space(model.observation_space)
+    policies = [make_policy(spec, kwargs, args.trust_pickle) for spec in args.compare]
+    policies.append(ModelPolicy(model.policy, algorithm, setup, f"{args.algo} (this run)"))
+    rows = [
+        evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=args.timing_repeats)
+        for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
+    ]
+    print(
+        f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
+        f"mode={args.spectral_mode}, guardrail={args.guardrail}, flops_budget={kwargs['flops_budget']}"
+    )
+    print(markdown_table(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_arguments(argv)
         check_arguments(args)
-    except ValueError as error:
+        kwargs = env_kwargs(args)
+        env = make_vec_env(kwargs, policy_setup(args.policy, args.history), args.n_envs, args.seed, args.vec)
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    kwargs = env_kwargs(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        run_dir = Path(args.logdir) / f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
-    model = build_model(args, run_dir)
+    try:
+        check_episode_fit(args, env)
+        if args.resume:
+            run_dir = Path(args.resume)
+        else:
+            run_dir = Path(args.logdir) / f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}"
+            run_dir.mkdir(parents=True, exist_ok=False)
+            write_text_atomic(run_dir / "config.json", json.dumps(vars(args), indent=2, default=str))
+        model = build_model(args, env, run_dir)
+    except (ValueError, FileNotFoundError, CorruptCheckpointError) as error:
+        env.close()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     algorithm = get_algorithm(args.algo)
 
-    def evaluate_now(current) -> dict[str, float]:
-        policy = ModelPolicy(current, algorithm, setup_of_observation_space(current.observation_space), "agent")
-        row = evaluate_policy(policy, kwargs, episodes=1, timing_repeats=0)
+    def evaluate_now(current: BaseAlgorithm) -> dict[str, float]:
+        setup = setup_of_observation_space(current.observation_space)
+        row = evaluate_policy(ModelPolicy(current.policy, algorithm, setup, "agent"), kwargs, 1, timing_repeats=0)
         return {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
 
     callbacks = [RankLoggingCallback(vars(args), evaluate_now, args.eval_every)]
@@ -185,24 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     remaining = args.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
-    save_checkpoint(model, run_dir / "checkpoints")
-    write_atomic(run_dir / "model.zip", model.save)  # a kill mid-save leaves the previous file or none
+    if at_episode_boundary(model):
+        save_checkpoint(model, run_dir / "checkpoints")
+    else:
+        print("note: the run ended mid-episode; --resume continues from its last checkpoint", file=sys.stderr)
+    path = save_agent(model, run_dir / "model.safetensors")
     model.get_env().close()
-    print(f"saved {run_dir / 'model.zip'} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
-
+    print(f"saved {path} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
     if args.compare:
-        setup = setup_of_observation_space(model.observation_space)
-        policies = [make_policy(spec, kwargs) for spec in args.compare]
-        policies.append(ModelPolicy(model, algorithm, setup, f"{args.algo} (this run)"))
-        rows = [
-            evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=args.timing_repeats)
-            for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
-        ]
-        print(
-            f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
-            f"mode={args.spectral_mode}, guardrail={args.guardrail}, flops_budget={kwargs['flops_budget']}"
-        )
-        print(markdown_table(rows))
+        compare(args, model, kwargs)
     return 0
 
 

@@ -9,7 +9,6 @@ their violation rate is reported by training and evaluation. To add an algorithm
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from sb3_contrib import QRDQN, TRPO, MaskablePPO, RecurrentPPO
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BasePolicy
 
 from agents.policies import PolicySetup
 from drrl_env.env import DRRLAttentionEnv
@@ -75,7 +75,7 @@ def get_algorithm(name: str) -> Algorithm:
 
 
 class ModelPolicy:
-    """A saved SB3 model as a :class:`~oracle.policy.RankPolicy` (deterministic actions).
+    """A trained SB3 policy network as a :class:`~oracle.policy.RankPolicy` (deterministic actions).
 
     MaskablePPO gets the action mask; other algorithms act without it (the env then executes the
     nearest allowed rank, a violation). Recurrent policies carry their LSTM state through the
@@ -83,8 +83,8 @@ class ModelPolicy:
     state window), applied to the env's observations here.
     """
 
-    def __init__(self, model: BaseAlgorithm, algorithm: Algorithm, setup: PolicySetup, name: str) -> None:
-        self.model, self.algorithm, self.setup, self.name = model, algorithm, setup, name
+    def __init__(self, policy: BasePolicy, algorithm: Algorithm, setup: PolicySetup, name: str) -> None:
+        self.policy, self.algorithm, self.setup, self.name = policy, algorithm, setup, name
         self._states: list[np.ndarray] = []
         self._lstm: Any = None
 
@@ -99,7 +99,7 @@ class ModelPolicy:
         def weights(module: Any) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters() if p.dim() > 1)
 
-        policy = self.model.policy
+        policy = self.policy
         value_net = getattr(policy, "q_net", None) or getattr(policy, "quantile_net", None)
         if value_net is not None:  # dqn, qrdqn: the Q (quantile) network, with its own features extractor
             return 2.0 * weights(value_net)
@@ -108,18 +108,6 @@ class ModelPolicy:
         heads = [getattr(mlp, "policy_net", None), getattr(policy, "action_net", None)]
         heads.append(getattr(policy, "lstm_actor", None))
         return 2.0 * (weights(extractor) * max(self.setup.history, 1) + sum(weights(head) for head in heads))
-
-    @classmethod
-    def load(cls, spec: str) -> ModelPolicy:
-        """From ``PATH.zip`` (a MaskablePPO model) or ``ALGO:PATH.zip``."""
-        from agents.policies import setup_of_observation_space
-
-        algo_name, _, path = spec.rpartition(":") if spec.count(":") and not os.path.isfile(spec) else ("", "", spec)
-        algorithm = get_algorithm(algo_name or "maskable_ppo")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model file {path!r} does not exist (policy spec {spec!r})")
-        model = algorithm.cls.load(path, device="cpu")
-        return cls(model, algorithm, setup_of_observation_space(model.observation_space), f"{algorithm.name}:{path}")
 
     def reset(self, seed: int) -> None:
         del seed
@@ -131,11 +119,11 @@ class ModelPolicy:
         self._states.append(np.asarray(observation, dtype=np.float32))
         obs = stack_states(self._states, self.setup.history) if self.setup.history else self._states[-1]
         if self.algorithm.masked:
-            action, _ = self.model.predict(obs, action_masks=action_mask, deterministic=True)
+            action, _ = self.policy.predict(obs, action_masks=action_mask, deterministic=True)
         elif self.algorithm.recurrent:
             start = np.array([self._lstm is None])
-            action, self._lstm = self.model.predict(obs, state=self._lstm, episode_start=start, deterministic=True)
+            action, self._lstm = self.policy.predict(obs, state=self._lstm, episode_start=start, deterministic=True)
         else:
-            action, _ = self.model.predict(obs, deterministic=True)
+            action, _ = self.policy.predict(obs, deterministic=True)
         action = np.asarray(action)
         return int(action.reshape(())) if action.size == 1 else action  # MultiDiscrete with per_head

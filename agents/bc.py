@@ -6,10 +6,10 @@ masking gives masked ranks zero probability. The dataset's last ``validation_fra
 episodes (held-out text) is kept for validation; each epoch logs ``bc/train_loss``,
 ``bc/val_loss``, ``bc/train_accuracy`` and ``bc/val_accuracy`` (top-1 agreement with the
 recorded actions, under the masks) to TensorBoard through SB3's logger. The result is saved as
-a MaskablePPO model file, so ``MaskablePPO.load(path, env=...)`` continues with PPO (the env
-wrapped as :func:`agents.policies.policy_setup` says).
+a MaskablePPO agent file (:mod:`agents.agent_file`), which ``train_agent.py --bc-model FILE``
+continues with PPO.
 
-    python -m agents.bc --dataset DIR --out FILE [--policy mlp|transformer] [--epochs 30]
+    python -m agents.bc --dataset DIR --out FILE.safetensors [--policy mlp|transformer] [--epochs 30]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -28,9 +27,10 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3.common.logger import configure
 from tqdm.auto import tqdm
 
+from agents.agent_file import agent_path, save_agent
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
 from drrl_env import ENV_ID
-from oracle.dataset import env_config_of, load_trajectories, read_metadata, write_atomic
+from oracle.dataset import env_config_of, load_trajectories, read_metadata
 
 
 @dataclass
@@ -53,6 +53,18 @@ class BCConfig:
     """seed of the policy's initialisation and of the shuffling"""
     entropy_coef: float = 0.0
     """weight of an entropy bonus: > 0 keeps the cloned policy stochastic, so PPO can still explore from it"""
+
+    def __post_init__(self) -> None:
+        policy_setup(self.policy, self.history)  # names the bad policy or history
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in (0, 1), got {self.validation_fraction!r}")
+        if not (math.isfinite(self.entropy_coef) and self.entropy_coef >= 0):
+            raise ValueError(f"entropy_coef must be a finite number >= 0, got {self.entropy_coef!r}")
 
 
 @dataclass
@@ -180,21 +192,15 @@ def behaviour_clone(
     return model, result
 
 
-def save_model_atomic(model: MaskablePPO, path: str | os.PathLike) -> Path:
-    """``model.save`` to ``path`` atomically (``.zip`` added as SB3 does)."""
-    path = Path(path)
-    return write_atomic(path if path.suffix == ".zip" else path.with_name(path.name + ".zip"), model.save)
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = BCConfig()
     parser = argparse.ArgumentParser(
         prog="python -m agents.bc",
         description="Behaviour cloning: fit a MaskablePPO policy to a trajectory dataset by masked cross-entropy "
-        "and save it as a MaskablePPO model file (continue with train_agent.py --bc-model FILE).",
+        "and save it as a MaskablePPO agent file (continue with train_agent.py --bc-model FILE).",
     )
     parser.add_argument("--dataset", required=True, help="trajectory dataset folder (from python -m oracle)")
-    parser.add_argument("--out", required=True, help="model file to write (.zip added if missing)")
+    parser.add_argument("--out", required=True, help="agent file to write (.safetensors added if missing)")
     parser.add_argument("--policy", choices=POLICIES, default=defaults.policy, help="policy network (default: mlp)")
     parser.add_argument("--history", type=int, default=defaults.history, help="Transformer window (default: 8)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (default: 30)")
@@ -219,22 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = BCConfig(
-        args.policy,
-        args.history,
-        args.epochs,
-        args.batch_size,
-        args.learning_rate,
-        args.validation_fraction,
-        args.seed,
-        args.entropy_coef,
-    )
     try:
+        config = BCConfig(
+            args.policy,
+            args.history,
+            args.epochs,
+            args.batch_size,
+            args.learning_rate,
+            args.validation_fraction,
+            args.seed,
+            args.entropy_coef,
+        )
+        if agent_path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: {agent_path(args.out)} is a folder; give a file name")
         model, result = behaviour_clone(args.dataset, config, args.logdir)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    path = save_model_atomic(model, args.out)
+    path = save_agent(model, args.out)
     print(
         f"saved {path}: held-out agreement with the dataset's actions {result.val_accuracy[-1]:.3f}, "
         f"loss {result.val_loss[-1]:.4f}"

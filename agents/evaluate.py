@@ -38,25 +38,29 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.agent_file import load_model_policy
 from agents.algorithms import ModelPolicy
 from agents.baselines import make_baseline
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.files import write_atomic
 from drrl_env.lowrank import SPECTRAL_MODES
 from drrl_env.perplexity import LayerRanks, forward_seconds
-from oracle.dataset import write_atomic
 from oracle.policy import RankPolicy
 
 DEFAULT_POLICIES = ("full", "fixed:32", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "oracle")
 DEFAULT_CORPORA = ("wiki", "news", "shakespeare")
 
 
-def make_policy(spec: str, env_kwargs: dict[str, Any]) -> RankPolicy:
-    """A policy from a spec: a saved model (``PATH.zip`` or ``ALGO:PATH.zip``) or a baseline (``fixed:32``)."""
-    if spec.endswith(".zip") or os.path.isfile(spec):
-        return ModelPolicy.load(spec)
+def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = False) -> RankPolicy:
+    """A policy from a spec: an agent file (``PATH.safetensors``), a baseline (``fixed:32``), or an SB3 zip.
+
+    An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``.
+    """
+    if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
+        return load_model_policy(spec, trust_pickle)
     return make_baseline(spec, env_kwargs)
 
 
@@ -255,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_POLICIES),
         help="policy specs: baselines (full, fixed:R, energy:T, random, stable_rank[:SAFETY], threshold:D, "
         "gumbel:TAU, static:FLOPS_BUDGET, static:match (the FLOPs of the saved model before it), oracle) "
-        "and saved models (PATH.zip, or ALGO:PATH.zip for algorithms "
-        f"other than maskable_ppo) (default: {' '.join(DEFAULT_POLICIES)})",
+        "and saved agents (PATH.safetensors; SB3 zips PATH.zip or ALGO:PATH.zip only with --trust-pickle) "
+        f"(default: {' '.join(DEFAULT_POLICIES)})",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow SB3 .zip models in --policies: they are pickles, and a crafted one runs code when loaded",
     )
     parser.add_argument(
         "--corpora",
@@ -323,10 +332,10 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
         matched_to = None
         if spec == "static:match":
             if (corpus, mode, guardrail) not in matched:
-                raise ValueError("static:match needs a saved model (PATH.zip) listed before it in --policies")
+                raise ValueError("static:match needs a saved agent listed before it in --policies")
             matched_to, budget = matched[(corpus, mode, guardrail)]
             spec = f"static:{budget:.4f}"
-        policy = make_policy(spec, kwargs)
+        policy = make_policy(spec, kwargs, args.trust_pickle)
         row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
         if kwargs["guardrail"] == "off" and base["guardrail"] != "off":
             row.policy += " (no guardrail)"

@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         required=True,
         help="a baseline spec (fixed:32, energy:0.9, random, stable_rank, ...; see agents.baselines) or a saved "
-        "model (PATH.zip, ALGO:PATH.zip)",
+        "agent (PATH.safetensors; an SB3 zip [ALGO:]PATH.zip only with --trust-pickle)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow an SB3 .zip model as --policy: it is a pickle, and a crafted one runs code when loaded",
     )
     add_record_arguments(parser)
     return parser
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        policy = make_policy(args.policy, env_kwargs(args))
+        policy = make_policy(args.policy, env_kwargs(args), args.trust_pickle)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

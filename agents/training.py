@@ -1,26 +1,19 @@
-"""Training plumbing for train_agent.py: seeded vector envs, TensorBoard callbacks, checkpoints and resume.
+"""Training plumbing for train_agent.py: seeded vector envs and TensorBoard callbacks.
 
-Checkpoints are taken between PPO-style updates (at the start of a rollout, after ``train()``)
-every ``checkpoint_every`` env steps, and at the end. Each is a model file plus a state file with
-the RNG states (torch, numpy, random) and every env's position (episode index and Eq. 11's
-guardrail step, which :class:`GuardrailScheduleCallback` sets from the training step count).
-Episodes are seeded by index (:class:`EpisodeSeeds`), so a run resumed from a
-checkpoint taken at an episode boundary (``n_steps`` a multiple of the episode length) replays
-exactly the episodes, actions and updates of an uninterrupted run: on CPU with the same seed the
-final model is the same. Off-policy algorithms (dqn, qrdqn) also save their replay buffer.
+Episodes are seeded by index (:class:`EpisodeSeeds`), and Eq. 11's guardrail step follows the
+training step count (:class:`GuardrailScheduleCallback`); both are part of an env's position,
+which checkpoints (:mod:`agents.checkpoints`) store so that a resumed run replays exactly the
+episodes of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam, Image
 from stable_baselines3.common.monitor import Monitor
@@ -29,7 +22,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from agents.policies import PolicySetup
 from drrl_env import ENV_ID
 from drrl_env.render import rank_heatmap_rgb
-from oracle.dataset import write_atomic
 
 
 class EpisodeSeeds(gym.Wrapper):
@@ -41,17 +33,21 @@ class EpisodeSeeds(gym.Wrapper):
 
     def __init__(self, env: gym.Env, base_seed: int, stride: int = 1) -> None:
         super().__init__(env)
-        self.base_seed, self.stride, self.episode = base_seed, stride, 0
+        self.base_seed, self.stride, self.episode, self.steps = base_seed, stride, 0, 0
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         del seed  # the episode index decides
         result = self.env.reset(seed=self.base_seed + self.episode * self.stride, options=options)
-        self.episode += 1
+        self.episode, self.steps = self.episode + 1, 0
         return result
 
-    def get_position(self) -> tuple[int, int]:
-        """(episodes started, the env's Eq. 11 guardrail step)."""
-        return self.episode, self.env.unwrapped.guardrail_step
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.steps += 1
+        return self.env.step(action)
+
+    def get_position(self) -> tuple[int, int, int]:
+        """(episodes started, the env's Eq. 11 guardrail step, steps taken in the current episode)."""
+        return self.episode, self.env.unwrapped.guardrail_step, self.steps
 
     def set_position(self, episode: int, guardrail_step: int) -> None:
         self.episode = episode
@@ -86,71 +82,6 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
         raise ValueError(f"vec must be 'sync' or 'subproc', got {vec!r}")
     factories = [factory(i) for i in range(n_envs)]
     return DummyVecEnv(factories) if vec == "sync" else SubprocVecEnv(factories, start_method="spawn")
-
-
-def save_checkpoint(model: BaseAlgorithm, directory: Path) -> Path:
-    """Write ``step_N.zip`` and ``step_N.state.pt`` (and the replay buffer if any) under ``directory``."""
-    stem = directory / f"step_{model.num_timesteps:09d}"
-    positions = model.get_env().env_method("get_position")
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
-        "positions": positions,
-        "episode_starts": np.asarray(getattr(model, "_last_episode_starts", np.ones(len(positions), dtype=bool))),
-    }
-    if hasattr(model, "replay_buffer") and model.replay_buffer is not None:
-        write_atomic(stem.with_suffix(".replay.pkl"), model.save_replay_buffer)
-    write_atomic(stem.with_suffix(".state.pt"), lambda path: torch.save(state, path))
-    write_atomic(stem.with_suffix(".zip"), model.save)  # last: a checkpoint counts once its model file exists
-    return stem.with_suffix(".zip")
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (model and state files) under ``directory``."""
-    complete = [p for p in sorted(directory.glob("step_*.zip")) if p.with_suffix(".state.pt").exists()]
-    return complete[-1] if complete else None
-
-
-def restore_checkpoint(model: BaseAlgorithm, checkpoint: Path) -> None:
-    """Put the envs and RNGs of ``model`` (just loaded from ``checkpoint``) where the checkpoint left them."""
-    state = torch.load(checkpoint.with_suffix(".state.pt"), weights_only=False)
-    env = model.get_env()
-    if not np.all(state["episode_starts"]):
-        raise RuntimeError(
-            f"{checkpoint} was taken mid-episode; resume needs checkpoints at episode boundaries "
-            "(n_steps a multiple of the episode length)"
-        )
-    for index, (episode, guardrail_step) in enumerate(state["positions"]):
-        env.env_method("set_position", episode - 1, guardrail_step, indices=[index])  # re-run the pending reset
-    model._last_obs = env.reset()  # the first observation of the pending episodes, as before the stop
-    model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
-    replay = checkpoint.with_suffix(".replay.pkl")
-    if replay.exists():
-        model.load_replay_buffer(replay)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-
-
-class CheckpointCallback(BaseCallback):
-    """Checkpoint every ``every`` env steps, between updates (see the module docstring)."""
-
-    def __init__(self, directory: Path, every: int) -> None:
-        super().__init__()
-        self.directory, self.every = directory, every
-        self._next = None
-
-    def _on_training_start(self) -> None:
-        self._next = (self.num_timesteps // self.every + 1) * self.every
-
-    def _on_rollout_start(self) -> None:
-        if self.num_timesteps >= self._next:
-            save_checkpoint(self.model, self.directory)
-            self._next = (self.num_timesteps // self.every + 1) * self.every
-
-    def _on_step(self) -> bool:
-        return True
 
 
 class RankLoggingCallback(BaseCallback):

@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from drrl_env import ENV_ID
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
+from drrl_env.files import write_atomic
 from oracle.policy import RankPolicy
 
 FORMAT = "drrl-trajectories"
@@ -101,28 +101,6 @@ def env_config_of(metadata: dict[str, Any]) -> dict[str, Any]:
     config = dict(metadata["env_config"])
     config["ranks"] = tuple(config["ranks"])
     return config
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(temporary_path)``, then rename the file to ``path`` (atomic on one file system).
-
-    The temporary file sits beside ``path`` and ends with the same suffix, so writers that add a
-    missing suffix (SB3's ``save``) keep its name. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _shard_path(directory: Path, index: int) -> Path:

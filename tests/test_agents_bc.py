@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-from sb3_contrib import MaskablePPO
 
 import drrl_env  # noqa: F401  (registers the env)
-from agents.bc import BCConfig, behaviour_clone, load_demonstrations, save_model_atomic
+from agents.agent_file import load_agent_into, save_agent
+from agents.algorithms import get_algorithm
+from agents.bc import BCConfig, behaviour_clone, load_demonstrations
 from agents.policies import StateHistory, TransformerExtractor, policy_setup, stack_states
 from oracle import GreedyOracle, record_trajectories
 from tests.conftest import PAPER_MDP
@@ -87,10 +88,12 @@ def test_bc_model_loads_into_maskable_ppo_and_trains_on(oracle_dataset, tmp_path
         directory, BCConfig(policy="transformer", epochs=5), logdir=tmp_path / "tb", progress=False
     )
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    path = save_model_atomic(model, tmp_path / "bc")
-    assert path.name == "bc.zip" and not list(tmp_path.glob(".*.zip"))
-    env = policy_setup("transformer").wrap(gym.make("DRRL-Attention-v0", **kwargs))
-    loaded = MaskablePPO.load(path, env=env, n_steps=64, batch_size=32)
+    path = save_agent(model, tmp_path / "bc")
+    assert path.name == "bc.safetensors" and not list(tmp_path.glob(".bc*"))
+    setup = policy_setup("transformer")
+    env = setup.wrap(gym.make("DRRL-Attention-v0", **kwargs))
+    loaded = get_algorithm("maskable_ppo").make(env, setup, seed=1, logdir=None, n_steps=64, batch_size=32)
+    load_agent_into(loaded, path)
     observations = torch.as_tensor(load_demonstrations(directory, history=8).observations[:16])
     torch.testing.assert_close(
         loaded.policy.get_distribution(observations).distribution.logits,
@@ -126,7 +129,7 @@ def test_bc_command(oracle_dataset, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "model.zip").is_file() and "held-out agreement" in done.stdout
+    assert (tmp_path / "model.safetensors").is_file() and "held-out agreement" in done.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "agents.bc", "--dataset", str(tmp_path / "nope"), "--out", str(out)],
         capture_output=True,

@@ -35,7 +35,9 @@ def test_every_registered_algorithm_trains_and_acts(name, zoo_env_kwargs):
     model = algorithm.make(env, policy_setup("mlp"), seed=0, logdir=None, **extra)
     model.learn(256)
     assert model.num_timesteps >= 256
-    row = evaluate_policy(ModelPolicy(model, algorithm, policy_setup("mlp"), name), zoo_env_kwargs, 1, timing_repeats=0)
+    row = evaluate_policy(
+        ModelPolicy(model.policy, algorithm, policy_setup("mlp"), name), zoo_env_kwargs, 1, timing_repeats=0
+    )
     assert 0.0 <= row.violation_rate <= 1.0
     assert row.flops_policy_ratio > 0.0 and row.flops_with_policy_ratio > row.flops_ratio
     if algorithm.masked:
@@ -153,11 +155,11 @@ def test_evaluate_command(tiny_layered_model_dir, tmp_path):
 def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path):
     from sb3_contrib import MaskablePPO
 
+    from agents.agent_file import save_agent
     from agents.evaluate import adaptivity_verdicts, build_parser, run_evaluation
 
     env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
-    path = tmp_path / "agent.zip"
-    MaskablePPO("MlpPolicy", env, seed=0).save(path)
+    path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "agent")
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
               "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0",
               "--flops-budget", "none", "--reward", "eq13", "--guardrail", "eq9", "--eps0", "0.5"]  # fmt: skip
@@ -176,7 +178,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
         assert abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio
     else:
         assert ("does NOT beat" in verdict) == (agent.ppl >= static.ppl)
-    with pytest.raises(ValueError, match="static:match needs a saved model"):
+    with pytest.raises(ValueError, match="static:match needs a saved agent"):
         run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))
 
 
@@ -186,7 +188,7 @@ def test_per_head_model_is_evaluated(zoo_env_kwargs):
     kwargs = {**zoo_env_kwargs, "per_head": True, "flops_budget": None}  # per-group masks cannot express a joint budget
     model = MaskablePPO("MlpPolicy", gym.make("DRRL-Attention-v0", **kwargs), n_steps=32, batch_size=32, seed=0)
     model.learn(64)
-    policy = ModelPolicy(model, get_algorithm("maskable_ppo"), policy_setup("mlp"), "per-head")
+    policy = ModelPolicy(model.policy, get_algorithm("maskable_ppo"), policy_setup("mlp"), "per-head")
     row = evaluate_policy(policy, kwargs, episodes=1, timing_repeats=1)
     assert min(kwargs["ranks"]) <= row.mean_rank <= max(kwargs["ranks"]) and row.violation_rate == 0.0
     assert np.isfinite(row.ppl) and row.ms_per_token > 0

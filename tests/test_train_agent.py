@@ -4,7 +4,9 @@ import sys
 from pathlib import Path
 
 import torch
-from sb3_contrib import MaskablePPO
+from safetensors.torch import load_file
+
+from agents.agent_file import read_description
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -41,7 +43,7 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "maskable_ppo (this run)" in out.stdout and "| fixed:8 |" in out.stdout
     (run_dir,) = tmp_path.glob("DRRL-Attention-v0__maskable_ppo__0__*")
-    assert (run_dir / "model.zip").is_file() and (run_dir / "config.json").is_file()
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(run_dir)).Reload().Tags()
@@ -75,10 +77,12 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tiny_model_dir, tmp
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     (whole_dir,) = (tmp_path / "whole").iterdir()
-    a, b = MaskablePPO.load(whole_dir / "model.zip"), MaskablePPO.load(cut_dir / "model.zip")
-    halfway = MaskablePPO.load(cut_dir / "checkpoints" / "step_000000064.zip")
-    assert a.num_timesteps == b.num_timesteps == 128
-    for p, q in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert any(not torch.equal(p, h) for p, h in zip(a.policy.parameters(), halfway.policy.parameters(), strict=True))
+    a, b = load_file(whole_dir / "model.safetensors"), load_file(cut_dir / "model.safetensors")
+    halfway = load_file(cut_dir / "checkpoints" / "step_000000064.safetensors")
+    assert read_description(whole_dir / "model.safetensors").num_timesteps == 128
+    assert read_description(cut_dir / "model.safetensors").num_timesteps == 128
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert any(not torch.equal(a[name], halfway[name]) for name in a)
     assert len(list(cut_dir.glob("events.out.tfevents.*"))) == 2  # the curves continue in the same run folder
