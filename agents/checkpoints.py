@@ -144,7 +144,16 @@ def restore_checkpoint(model: BaseAlgorithm, files: dict[str, Path]) -> None:
     try:
         state = torch.load(files["state"], weights_only=True)
     except Exception as error:  # a file that passed its checksum but is not a weights-only state
-        raise CorruptCheckpointError(f"{files['state']} is not a readable training state ({error})") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(
+            f"{files['state']} is not a readable training state: weights-only loading refused it ({reason}); "
+            "a state file holds only tensors and plain values, so this one is corrupt or crafted"
+        ) from error
+    missing = {"optimizer", "counters", "episode_infos", "positions", "rng"} - set(
+        state if isinstance(state, dict) else ()
+    )
+    if missing:
+        raise CorruptCheckpointError(f"{files['state']} is not a training state (missing {sorted(missing)})")
     model.policy.optimizer.load_state_dict(state["optimizer"])
     for name, value in state["counters"].items():
         setattr(model, name, value)

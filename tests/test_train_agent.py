@@ -1,12 +1,15 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from agents.agent_file import read_description
+from drrl_env.files import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -65,9 +68,10 @@ def test_bad_arguments_get_a_clear_error(tmp_path):
     assert out.returncode == 2 and "not a run folder" in out.stderr
 
 
-def test_resume_gives_the_same_model_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("algo", ["maskable_ppo", "dqn"])  # dqn: replay buffer and exploration RNG too
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(algo, tiny_model_dir, tmp_path):
     options = [*tiny_options(tiny_model_dir), "--n-steps", "32", "--checkpoint-every", "64", "--compare",
-               "--eps-decay", "0.01"]  # fmt: skip
+               "--eps-decay", "0.01", "--algo", algo]  # fmt: skip
     whole = run("train_agent.py", *options, "--total-timesteps", "128", "--logdir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     cut = run("train_agent.py", *options, "--total-timesteps", "64", "--logdir", str(tmp_path / "cut"))
@@ -86,3 +90,59 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tiny_model_dir, tmp
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
     assert any(not torch.equal(a[name], halfway[name]) for name in a)
     assert len(list(cut_dir.glob("events.out.tfevents.*"))) == 2  # the curves continue in the same run folder
+
+
+class _RunsCode:
+    """A pickle that creates a file when unpickled: what a crafted state file can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_resume_checks_options_and_checkpoints(tiny_model_dir, tmp_path):
+    options = [*tiny_options(tiny_model_dir), "--n-steps", "16", "--checkpoint-every", "32", "--compare"]
+    first = run("train_agent.py", *options, "--total-timesteps", "64", "--logdir", str(tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.json")) == ["step_000000032.json", "step_000000064.json"]
+
+    other = run("train_agent.py", "--resume", str(run_dir), "--seq-len", "16", "--algo", "ppo", "--ranks", "4", "8")
+    line = _last_line(other.stderr)
+    assert other.returncode == 2 and line.startswith("error: ")
+    assert "--seq-len (run: 32, given: 16)" in line and "--algo" in line and "--ranks" in line
+
+    state = checkpoints / "step_000000064.state.pt"
+    data = bytearray(state.read_bytes())
+    data[200:240] = bytes(255 - b for b in data[200:240])  # 40 flipped bytes
+    state.write_bytes(bytes(data))
+    stale = checkpoints / ".step_000000080.safetensors.x1y2z3.safetensors"  # what a kill mid-write leaves
+    stale.write_bytes(b"partial")
+    resumed = run("train_agent.py", "--resume", str(run_dir), "--total-timesteps", "80")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping checkpoint step_000000064" in resumed.stderr and "SHA-256" in resumed.stderr
+    assert "from step_000000032 (32 steps done)" in resumed.stdout and not stale.exists()
+
+    marker = tmp_path / "code-ran"  # a crafted state file whose checksum was updated to match
+    newest = checkpoints / "step_000000080.state.pt"
+    torch.save({"optimizer": _RunsCode(marker)}, newest)
+    manifest = json.loads((checkpoints / "step_000000080.json").read_text())
+    manifest["sha256"]["state"] = sha256_of(newest)
+    (checkpoints / "step_000000080.json").write_text(json.dumps(manifest))
+    crafted = run("train_agent.py", "--resume", str(run_dir), "--total-timesteps", "96")
+    assert crafted.returncode == 2 and "not a readable training state" in _last_line(crafted.stderr)
+    assert not marker.exists()
+
+
+def test_n_steps_must_hold_whole_episodes(tiny_model_dir, tmp_path):
+    out = run("train_agent.py", *tiny_options(tiny_model_dir), "--n-steps", "12", "--logdir", str(tmp_path))
+    line = _last_line(out.stderr)
+    assert out.returncode == 2 and "--n-steps 12 is not a multiple of the episode length 8" in line
+    assert not list(tmp_path.iterdir())  # nothing was started
