@@ -5,12 +5,13 @@ beside the target (``.NAME.XXXXXXXX.SUFFIX``) and is renamed into place, so a re
 file or the new one, never half of one. A kill between the write and the rename leaves the
 temporary behind; :func:`remove_stale_temporaries` deletes those of a folder when a run resumes.
 :func:`sha256_of` is the checksum datasets and checkpoints record when they write a file and
-verify when they read it back.
+verify when they read it back; :class:`ChecksumLedger` keeps those of a folder's files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -69,3 +70,51 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
                 stale.unlink()
                 removed.append(stale)
     return removed
+
+
+class ChecksumLedger:
+    """The SHA-256 of files under one folder, kept as JSON in ``folder/name`` and rewritten atomically.
+
+    A writer calls :meth:`record` after each file it has written; a reader calls :meth:`status`
+    for each file it is about to trust. Paths are stored relative to ``folder``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = "checksums.json") -> None:
+        self.folder, self.path = Path(folder), Path(folder) / name
+        self._sums: dict[str, str] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def sums(self) -> dict[str, str]:
+        """The recorded checksums (empty if none); ``ValueError`` naming the ledger if it is unreadable."""
+        if self._sums is None:
+            self._sums = {}
+            if self.exists:
+                try:
+                    loaded = json.loads(self.path.read_text())
+                except (OSError, ValueError) as error:
+                    raise ValueError(f"{self.path} is unreadable ({error}); it may be truncated") from None
+                if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+                    raise ValueError(f"{self.path} is not a JSON object of checksums")
+                self._sums = loaded
+        return self._sums
+
+    def clear(self) -> None:
+        """Forget every checksum (the ledger file is rewritten at the next :meth:`record`)."""
+        self._sums = {}
+
+    def record(self, *paths: str | os.PathLike) -> None:
+        """Compute and store the checksums of ``paths``, then rewrite the ledger."""
+        sums = self.sums()
+        for path in paths:
+            sums[Path(path).relative_to(self.folder).as_posix()] = sha256_of(path)
+        write_text_atomic(self.path, json.dumps(sums, indent=2, sort_keys=True))
+
+    def status(self, path: str | os.PathLike) -> str:
+        """``"ok"``, ``"unrecorded"`` (no checksum stored) or ``"mismatch"`` (the file changed since it was written)."""
+        expected = self.sums().get(Path(path).relative_to(self.folder).as_posix())
+        if expected is None:
+            return "unrecorded"
+        return "ok" if sha256_of(path) == expected else "mismatch"

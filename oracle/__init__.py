@@ -3,10 +3,11 @@
 Uses only the public API of ``drrl_env``.
 """
 
-from oracle.dataset import DatasetMismatchError, load_trajectories, read_metadata, record_trajectories
+from oracle.dataset import DatasetCorruptError, DatasetMismatchError, load_trajectories, read_metadata, record_trajectories
 from oracle.policy import GreedyOracle, RankPolicy
 
 __all__ = [
+    "DatasetCorruptError",
     "DatasetMismatchError",
     "GreedyOracle",
     "RankPolicy",

@@ -3,6 +3,7 @@
 Layout of a dataset folder ``DIR``::
 
     DIR/metadata.json            env config, policy, seed, shard size, episodes written
+    DIR/checksums.json           SHA-256 of metadata.json and of every shard, recorded when written
     DIR/data/shard-00000.parquet episodes 0 .. episodes_per_shard - 1, one row per env step
     ...
 
@@ -13,7 +14,10 @@ Episode ``i`` always runs with seed ``seed + i`` (the env's ``reset`` and the po
 env's guardrail clock is set to ``i * steps_per_episode`` before it, so a run that is interrupted
 and resumed writes exactly the rows of an uninterrupted run. Each shard and the metadata are
 written to a temporary file and renamed into place: an interrupted run never leaves a partial
-shard, and resuming recomputes at most the one shard it was writing.
+shard, and resuming recomputes at most the one shard it was writing (and deletes the temporary
+files a kill left). Resuming also recomputes any shard that no longer matches its checksum;
+loading refuses one (:class:`DatasetCorruptError`, naming the file), so nothing trains on a
+shard that changed after it was written.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,23 +33,29 @@ from typing import Any
 import datasets
 import gymnasium as gym
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from drrl_env import ENV_ID
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
-from drrl_env.files import write_atomic
+from drrl_env.files import ChecksumLedger, remove_stale_temporaries, write_atomic, write_text_atomic
 from oracle.policy import RankPolicy
 
 FORMAT = "drrl-trajectories"
 VERSION = 1
 METADATA_FILE = "metadata.json"
+CHECKSUMS_FILE = "checksums.json"
 DATA_DIR = "data"
 REWARD_TERMS = ("fidelity", "flops", "perturbation", "violation", "terminal")
 
 
 class DatasetMismatchError(ValueError):
     """``DIR`` already holds trajectories made with another env configuration, policy or seed."""
+
+
+class DatasetCorruptError(ValueError):
+    """A file of a dataset is unreadable, or differs from the checksum recorded when it was written."""
 
 
 def trajectory_features(observation_size: int) -> datasets.Features:
@@ -84,15 +95,27 @@ def dataset_metadata(config: EnvConfig, policy: str, seed: int, episodes_per_sha
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of the dataset in ``directory``; ``FileNotFoundError`` names the folder if there is none."""
+    """The metadata of the dataset in ``directory``; one-line errors name the folder or the file.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no dataset.
+        DatasetCorruptError: ``metadata.json`` is not a JSON object, or not a drrl dataset's.
+    """
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} holds no trajectory dataset (no {METADATA_FILE}); make one with python -m oracle"
         )
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a drrl trajectory dataset (format {metadata.get('format')!r})")
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetCorruptError(
+            f"{path} is unreadable ({error}); it may be truncated: rerun the command that made the dataset "
+            "into a new folder"
+        ) from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise DatasetCorruptError(f"{path} is not a drrl trajectory dataset's metadata (format {found!r})")
     return metadata
 
 
@@ -112,10 +135,56 @@ def shard_files(directory: str | os.PathLike) -> list[Path]:
     return sorted((Path(directory) / DATA_DIR).glob("shard-*.parquet"))
 
 
-def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
-    """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order)."""
+def _corrupt(path: Path, problem: str) -> DatasetCorruptError:
+    return DatasetCorruptError(
+        f"{path} {problem}: do not train on it; rerun the command that made the dataset with the same options "
+        "to recompute it"
+    )
+
+
+def verified_shards(directory: str | os.PathLike) -> list[Path]:
+    """The complete shards of a dataset after checking the metadata and each shard against their checksums.
+
+    A shard written by a run killed before it recorded the checksum is left out, with a warning.
+    A dataset written before checksums existed (no ``checksums.json``) loads with a warning.
+
+    Raises:
+        DatasetCorruptError: naming the first file that is unreadable or changed since it was written.
+    """
+    directory = Path(directory)
+    metadata_path = directory / METADATA_FILE
     read_metadata(directory)
+    ledger = ChecksumLedger(directory, CHECKSUMS_FILE)
+    try:
+        ledger.sums()
+    except ValueError as error:
+        raise DatasetCorruptError(str(error)) from None
     files = shard_files(directory)
+    if not ledger.exists:
+        print(
+            f"warning: {directory} has no {CHECKSUMS_FILE} (older drrl): its shards cannot be verified", file=sys.stderr
+        )
+    elif ledger.status(metadata_path) != "ok":
+        raise _corrupt(metadata_path, "does not match its recorded SHA-256")
+    verified = []
+    for path in files:
+        status = ledger.status(path) if ledger.exists else "ok"
+        if status == "mismatch":
+            raise _corrupt(path, "does not match its recorded SHA-256 (corrupted or changed)")
+        if status == "unrecorded":
+            print(f"warning: {path} has no recorded checksum (its run was cut off); leaving it out", file=sys.stderr)
+            continue
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as error:
+            raise _corrupt(path, f"is not a readable parquet file ({error})") from None
+        verified.append(path)
+    return verified
+
+
+def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
+    """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order), verified."""
+    files = verified_shards(directory)
     if not files:
         raise FileNotFoundError(f"{directory} holds no complete shard yet")
     return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
@@ -144,6 +213,21 @@ def _check_resumable(directory: Path, metadata: dict[str, Any]) -> int:
             "nothing was written: choose another output folder, or the options it was made with"
         )
     return int(stored.get("episodes", 0))
+
+
+def _shard_is_complete(path: Path, ledger: ChecksumLedger, rows: int) -> bool:
+    """Whether an earlier run's shard at ``path`` can be kept: recorded, unchanged, with ``rows`` rows."""
+    if not path.exists():
+        return False
+    status = ledger.status(path)
+    if status != "ok":
+        problem = "changed since it was written" if status == "mismatch" else "has no recorded checksum"
+        print(f"warning: {path} {problem}; recomputing it", file=sys.stderr)
+        return False
+    try:
+        return pq.read_metadata(path).num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -210,16 +294,24 @@ def record_trajectories(
             raise ValueError("record_trajectories supports per_head=False only (one rank index per step)")
         metadata = dataset_metadata(env.config, policy.name, seed, episodes_per_shard)
         stored_episodes = _check_resumable(directory, metadata)
+        remove_stale_temporaries(directory, [METADATA_FILE, CHECKSUMS_FILE])
+        remove_stale_temporaries(directory / DATA_DIR, ["shard-*"])
         steps_per_episode = env.num_layers * env.num_segments
         metadata.update(steps_per_episode=steps_per_episode, episodes=max(episodes, stored_episodes))
-        write_atomic(directory / METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        ledger = ChecksumLedger(directory, CHECKSUMS_FILE)
+        try:
+            ledger.sums()
+        except ValueError as error:
+            print(f"warning: {error}; recomputing every shard", file=sys.stderr)
+            ledger.clear()
+        ledger.record(write_text_atomic(directory / METADATA_FILE, json.dumps(metadata, indent=2)))
         features = trajectory_features(env.observation_space.shape[0])
         bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
         returns: list[float] = []
         for first in range(0, episodes, episodes_per_shard):
             shard_episodes = range(first, min(first + episodes_per_shard, episodes))
             path = _shard_path(directory, first // episodes_per_shard)
-            if path.exists() and pq.read_metadata(path).num_rows == len(shard_episodes) * steps_per_episode:
+            if _shard_is_complete(path, ledger, len(shard_episodes) * steps_per_episode):
                 bar.update(len(shard_episodes))  # complete from an earlier run
                 continue
             rows: list[dict[str, Any]] = []
@@ -231,7 +323,7 @@ def record_trajectories(
                 bar.update(1)
                 bar.set_postfix(mean_return=f"{np.mean(returns):.3f}")
             columns = {name: [row[name] for row in rows] for name in features}
-            write_atomic(path, datasets.Dataset.from_dict(columns, features=features).to_parquet)
+            ledger.record(write_atomic(path, datasets.Dataset.from_dict(columns, features=features).to_parquet))
         bar.close()
     finally:
         env.close()

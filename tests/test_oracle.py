@@ -8,6 +8,7 @@ import pytest
 
 import drrl_env  # noqa: F401  (registers the env)
 from oracle import DatasetMismatchError, GreedyOracle, load_trajectories, read_metadata, record_trajectories
+from oracle.dataset import DatasetCorruptError
 from tests.conftest import PAPER_MDP
 
 
@@ -102,6 +103,49 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, oracle_env_kwar
     record_trajectories(tmp_path / "cut", RandomAllowed(), 3, kwargs, 1, 2, progress=False)  # resume, short
     resumed = record_trajectories(tmp_path / "cut", RandomAllowed(), 5, kwargs, 1, 2, progress=False)  # and grow
     assert resumed.to_dict() == whole.to_dict()
+
+
+def _flip(path, start=300, count=40):
+    data = bytearray(path.read_bytes())
+    data[start : start + count] = bytes(255 - b for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shards_are_refused_on_load_and_recomputed_on_resume(tmp_path, oracle_env_kwargs):
+    directory = tmp_path / "ds"
+    record_trajectories(directory, RandomAllowed(), 4, oracle_env_kwargs, 1, episodes_per_shard=2, progress=False)
+    shard = directory / "data" / "shard-00001.parquet"
+    original = shard.read_bytes()
+    _flip(shard)
+    with pytest.raises(DatasetCorruptError, match="shard-00001.parquet does not match its recorded SHA-256"):
+        load_trajectories(directory)
+    bc = subprocess.run(
+        [sys.executable, "-m", "agents.bc", "--dataset", str(directory), "--out", str(tmp_path / "m")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bc.returncode == 2 and "shard-00001.parquet does not match" in bc.stderr.strip().splitlines()[-1]
+    stale = directory / "data" / ".shard-00002.parquet.abcd1234.parquet"  # what a kill mid-write leaves
+    stale.write_bytes(b"partial")
+    record_trajectories(directory, RandomAllowed(), 4, oracle_env_kwargs, 1, episodes_per_shard=2, progress=False)
+    assert shard.read_bytes() == original and not stale.exists()
+    shard.write_bytes(b"")  # empty
+    with pytest.raises(DatasetCorruptError, match="shard-00001.parquet"):
+        load_trajectories(directory)
+    (directory / "checksums.json").unlink()  # a dataset from before checksums: still a named error
+    with pytest.raises(DatasetCorruptError, match="shard-00001.parquet is not a readable parquet file"):
+        load_trajectories(directory)
+
+
+@pytest.mark.parametrize("content", ['{"format": "drrl-traj', "[1, 2]", ""])
+def test_broken_metadata_gets_a_one_line_error(content, tmp_path, oracle_env_kwargs):
+    directory = tmp_path / "ds"
+    record_trajectories(directory, RandomAllowed(), 1, oracle_env_kwargs, progress=False)
+    (directory / "metadata.json").write_text(content)
+    with pytest.raises(DatasetCorruptError, match="metadata.json") as error:
+        load_trajectories(directory)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DatasetCorruptError, match="metadata.json"):
+        record_trajectories(directory, RandomAllowed(), 1, oracle_env_kwargs, progress=False)
 
 
 def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path, oracle_env_kwargs):
