@@ -45,7 +45,7 @@ from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_ob
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
-from drrl_env.files import write_text_atomic
+from drrl_env.files import check_output_folder, write_text_atomic
 
 DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
@@ -184,8 +184,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("checkpoint_every", "eval_every", "timing_repeats"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
-        raise ValueError(f"--logdir {args.logdir}: exists and is not a folder")
+    check_output_folder(args.logdir, "--logdir")
     if args.resume:
         return  # the warm start happened when the run began
     for name in ("bc_dataset", "bc_model"):

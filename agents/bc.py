@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from agents.agent_file import agent_path, save_agent
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
 from drrl_env import ENV_ID
+from drrl_env.cli import at_least
+from drrl_env.files import check_output_folder
 from oracle.dataset import env_config_of, load_trajectories, read_metadata
 
 
@@ -202,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="trajectory dataset folder (from python -m oracle)")
     parser.add_argument("--out", required=True, help="agent file to write (.safetensors added if missing)")
     parser.add_argument("--policy", choices=POLICIES, default=defaults.policy, help="policy network (default: mlp)")
-    parser.add_argument("--history", type=int, default=defaults.history, help="Transformer window (default: 8)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (default: 30)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="minibatch size (default: 64)")
+    parser.add_argument("--history", type=at_least(1), default=defaults.history, help="Transformer window (default: 8)")
+    parser.add_argument("--epochs", type=at_least(1), default=defaults.epochs, help="epochs (default: 30)")
+    parser.add_argument(
+        "--batch-size", type=at_least(1), default=defaults.batch_size, help="minibatch size (default: 64)"
+    )
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam lr (default: 1e-3)")
     parser.add_argument(
         "--validation-fraction",
@@ -236,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.entropy_coef,
         )
-        if agent_path(args.out).is_dir():
-            raise ValueError(f"--out {args.out}: {agent_path(args.out)} is a folder; give a file name")
+        if not args.out.strip() or agent_path(args.out).is_dir():
+            raise ValueError(f"--out must name an agent file, got {args.out!r}")
+        check_output_folder(agent_path(args.out).parent, "--out's folder")
+        check_output_folder(args.logdir, "--logdir")
         model, result = behaviour_clone(args.dataset, config, args.logdir)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -45,7 +45,7 @@ from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.files import write_atomic
+from drrl_env.files import check_output_folder, write_atomic
 from drrl_env.lowrank import SPECTRAL_MODES
 from drrl_env.perplexity import LayerRanks, forward_seconds
 from oracle.policy import RankPolicy
@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     from agents import figures
 
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out = check_output_folder(args.out, "--out")
+        check_output_folder(args.logdir, "--logdir")
+        out.mkdir(parents=True, exist_ok=True)
         rows = run_evaluation(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

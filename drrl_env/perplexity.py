@@ -15,11 +15,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from drrl_env.corpora import BUILTIN_CORPORA, DEFAULT_CORPUS, corpus_tokens, sequential_chunks
+from drrl_env.cli import at_least
+from drrl_env.corpora import (
+    BUILTIN_CORPORA,
+    DEFAULT_CORPUS,
+    SPLITS,
+    CorpusNotAvailableError,
+    corpus_tokens,
+    sequential_chunks,
+)
 from drrl_env.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.hook import AttentionCall, Handler, install
 from drrl_env.lowrank import SPECTRAL_MODES, SpectralMode
-from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm, resolve_device
+from drrl_env.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm, resolve_device
 
 
 @dataclass(frozen=True)
@@ -130,13 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--corpus", default=DEFAULT_CORPUS, help=f"corpus: one of {BUILTIN_CORPORA}, a local file, or a hub dataset"
     )
-    parser.add_argument("--split", default="test", help="corpus split to evaluate on (train, validation, test)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence (its whole context)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="corpus split to evaluate on (default: test)")
     parser.add_argument(
-        "--max-tokens", type=int, default=8192, help="evaluate on at most this many tokens of the split"
+        "--seq-len", type=at_least(2), default=512, help="tokens per evaluated sequence (its whole context)"
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="fixed ranks to evaluate")
+    parser.add_argument(
+        "--max-tokens", type=at_least(2), default=8192, help="evaluate on at most this many tokens of the split"
+    )
+    parser.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per forward pass")
+    parser.add_argument(
+        "--ranks", type=at_least(1), nargs="+", default=[16, 32, 48], help="fixed ranks to evaluate (<= head dim)"
+    )
     parser.add_argument(
         "--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes"
     )
@@ -146,8 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    loaded = load_causal_lm(args.model, device=str(resolve_device(args.device)))
-    chunks = sequential_chunks(corpus_tokens(args.corpus, args.split, loaded.tokenizer), args.seq_len, args.max_tokens)
+    try:
+        loaded = load_causal_lm(args.model, device=str(resolve_device(args.device)))
+        tokens = corpus_tokens(args.corpus, args.split, loaded.tokenizer)
+        chunks = sequential_chunks(tokens, args.seq_len, args.max_tokens)
+        if max(args.ranks) > loaded.attention_shape.head_dim:
+            raise ValueError(f"--ranks must be <= the head dim {loaded.attention_shape.head_dim}, got {args.ranks}")
+    except (ValueError, ModelNotAvailableError, CorpusNotAvailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     shape = loaded.attention_shape
     heads, kv_heads, head_dim = shape.q_heads, shape.kv_heads, shape.head_dim
     full_flops = full_attention_flops(1, heads, args.seq_len, args.seq_len, head_dim).total

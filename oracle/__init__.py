@@ -3,7 +3,13 @@
 Uses only the public API of ``drrl_env``.
 """
 
-from oracle.dataset import DatasetCorruptError, DatasetMismatchError, load_trajectories, read_metadata, record_trajectories
+from oracle.dataset import (
+    DatasetCorruptError,
+    DatasetMismatchError,
+    load_trajectories,
+    read_metadata,
+    record_trajectories,
+)
 from oracle.policy import GreedyOracle, RankPolicy
 
 __all__ = [

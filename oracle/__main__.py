@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from drrl_env.cli import add_env_arguments, env_kwargs
+from drrl_env.files import check_output_folder
 from oracle.dataset import DatasetMismatchError, record_trajectories
 from oracle.policy import GreedyOracle, RankPolicy
 
@@ -33,6 +34,7 @@ def add_record_arguments(parser: argparse.ArgumentParser) -> None:
 def record_command(args: argparse.Namespace, policy: RankPolicy) -> int:
     """Record ``policy`` as ``args`` say; print a summary; exit status 2 with a one-line error on a mismatch."""
     try:
+        check_output_folder(args.out, "--out")
         dataset = record_trajectories(
             args.out, policy, args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
         )

@@ -39,7 +39,13 @@ from tqdm.auto import tqdm
 
 from drrl_env import ENV_ID
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
-from drrl_env.files import ChecksumLedger, remove_stale_temporaries, write_atomic, write_text_atomic
+from drrl_env.files import (
+    ChecksumLedger,
+    check_output_folder,
+    remove_stale_temporaries,
+    write_atomic,
+    write_text_atomic,
+)
 from oracle.policy import RankPolicy
 
 FORMAT = "drrl-trajectories"
@@ -287,7 +293,12 @@ def record_trajectories(
     """
     if episodes < 1 or episodes_per_shard < 1:
         raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {episodes} and {episodes_per_shard}")
-    directory = Path(directory)
+    directory = check_output_folder(directory, "dataset folder")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / METADATA_FILE).exists():
+        raise ValueError(
+            f"dataset folder {str(directory)!r} is not empty and holds no trajectory dataset; "
+            "choose a new or empty folder"
+        )
     env: DRRLAttentionEnv = gym.make(ENV_ID, **(env_kwargs or {})).unwrapped
     try:
         if env.config.per_head:

@@ -36,6 +36,50 @@ def test_local_text_file_corpus(tmp_path):
     assert sum(len(p) for p in parts) == 200 and all(len(p) for p in parts)
 
 
+def test_local_txt_corpus_splits_by_paragraph_or_block(tmp_path):
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("\n\n".join(f"paragraph {i}, a line\nand another" for i in range(300)))
+    parts = {split: load_corpus(str(paragraphs), split) for split in ("train", "validation", "test")}
+    assert sum(len(p) for p in parts.values()) == 300 and all(len(p) for p in parts.values())
+    assert parts["test"][0]["text"].startswith("paragraph ") and "\n\n" not in parts["test"][0]["text"]
+    one_document = tmp_path / "novel.txt"  # no blank lines: cut into blocks of lines
+    one_document.write_text("\n".join(f"line {i} of a long text" for i in range(1000)))
+    blocks = {split: load_corpus(str(one_document), split) for split in ("train", "validation", "test")}
+    assert sum(len(p) for p in blocks.values()) == 100 and all(len(p) for p in blocks.values())
+    assert {line for p in blocks.values() for doc in p["text"] for line in doc.split("\n")} == set(
+        one_document.read_text().split("\n")
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\x89PNG\r\n\x1a\n\x00\x00", "is binary"), (b"caf\xe9 au lait\n" * 5, "not UTF-8 text"), (b"  \n", "no text")],
+)
+def test_bad_local_text_files_are_named(content, message, tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_corpus(str(path), "train")
+    assert "bad.txt" in str(info.value)
+
+
+def test_a_split_left_empty_is_an_error(tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(f'{{"text": "document {i}"}}' for i in range(3)))
+    empty = next(s for s in ("train", "validation", "test") if s not in {split_of(str(i)) for i in range(3)})
+    with pytest.raises(ValueError, match=f"leave split '{empty}' empty"):
+        load_corpus(str(path), empty)
+
+
+def test_model_folder_without_tokenizer_is_named(tmp_path):
+    from tests.conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(ModelNotAvailableError, match="has no loadable tokenizer") as info:
+        load_causal_lm(str(tmp_path / "weights-only"))
+    assert "weights-only" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_unknown_corpus_offline_error():
     from drrl_env.corpora import CorpusNotAvailableError
 

@@ -1,0 +1,98 @@
+"""Every command answers bad input with one line that names the option, and writes nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents import bc
+from drrl_env import perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=ENV)
+
+
+def error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    return out.stderr.strip().splitlines()[-1]
+
+
+def in_process(main, argv: list[str], capsys) -> str:
+    """The last stderr line of ``main(argv)``, which must exit with status 2 (argparse's or ours)."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--seq-len", "1"], "--seq-len: expected an integer >= 2, got 1"),
+        (["--seq-len", "0"], "--seq-len: expected an integer >= 2, got 0"),
+        (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+        (["--batch-size", "-1"], "--batch-size: expected an integer >= 1, got -1"),
+        (["--ranks", "0"], "--ranks: expected an integer >= 1, got 0"),
+        (["--split", "dev"], "--split: invalid choice: 'dev'"),
+    ],
+)
+def test_perplexity_arguments(arguments, expected, capsys):
+    assert expected in in_process(perplexity.main, arguments, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_perplexity_on_cuda_without_a_gpu(capsys):
+    line = in_process(perplexity.main, ["--device", "cuda"], capsys)
+    assert line.startswith("error: ") and "cuda" in line
+
+
+def test_perplexity_rank_above_the_head_dim(tiny_model_dir, capsys):
+    line = in_process(perplexity.main, ["--model", tiny_model_dir, "--ranks", "17", "--seq-len", "32"], capsys)
+    assert "--ranks must be <= the head dim 16" in line
+
+
+@pytest.mark.parametrize("arguments", [["--epochs", "0"], ["--batch-size", "0"], ["--history", "0"]])
+def test_bc_arguments(arguments, tmp_path, capsys):
+    line = in_process(bc.main, ["--dataset", str(tmp_path), "--out", str(tmp_path / "m"), *arguments], capsys)
+    assert arguments[0] in line and "expected an integer >= 1" in line
+
+
+def test_bc_validation_fraction_and_out(tmp_path, capsys):
+    line = in_process(bc.main, ["--dataset", str(tmp_path), "--out", "m", "--validation-fraction", "1.5"], capsys)
+    assert "validation_fraction must lie in (0, 1), got 1.5" in line
+    assert "--out must name an agent file" in in_process(bc.main, ["--dataset", str(tmp_path), "--out", ""], capsys)
+
+
+def test_oracle_out_must_be_a_usable_folder(tiny_model_dir, tmp_path, capsys):
+    from oracle.__main__ import main
+
+    common = ["--episodes", "1", "--model", tiny_model_dir, "--seq-len", "32"]
+    assert "--out must name a folder, got ''" in in_process(main, [*common, "--out", ""], capsys)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in in_process(main, [*common, "--out", str(a_file)], capsys)
+    assert "which is a file" in in_process(main, [*common, "--out", str(a_file / "below")], capsys)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "not empty and holds no trajectory dataset" in in_process(main, [*common, "--out", str(other)], capsys)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # nothing mixed in
+
+
+def test_train_agent_and_evaluate_output_folders(tmp_path, capsys):
+    from agents import evaluate
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "--logdir" in error_line(run("train_agent.py", "--logdir", str(a_file)))  # the command as users run it
+    assert "--out" in in_process(evaluate.main, ["--out", str(a_file)], capsys)
+    assert "--logdir" in in_process(evaluate.main, ["--out", str(tmp_path / "r"), "--logdir", ""], capsys)
