@@ -14,8 +14,8 @@ python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
 python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
   --logdir runs/results --checkpoint-every 3000 --compare
 python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results --compare
-agent=$(ls -d runs/results/*__maskable_ppo__0__* | head -1)/model.zip
-beta0=$(ls -d runs/results/*__maskable_ppo__0__* | tail -1)/model.zip
+agent=$(ls -d runs/results/*__maskable_ppo__0__* | head -1)/model.safetensors
+beta0=$(ls -d runs/results/*__maskable_ppo__0__* | tail -1)/model.safetensors
 python -m agents.evaluate "${env_options[@]}" --runs runs/results --ablations \
   --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle "$agent" static:match "$beta0"
 echo "agent: $agent  beta=0 agent: $beta0  total: $(( $(date +%s) - start )) s"
