@@ -18,8 +18,11 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
 ``threshold:D`` seed 004's thresholding: the number of singular values above ``D * sigma_max``
 ``gumbel:TAU``  seed 004's Gumbel-softmax selection at temperature ``TAU`` over the scores
                 ``NER(r) - r / d`` (energy kept minus width used), a seeded Gumbel-max sample
-``static:F``    static per-layer allocation under a FLOPs budget ``F`` (see :mod:`agents.static`)
+``static:F``    static per-layer allocation of a budget ``F`` of logit FLOPs, from a label-free KL profile
+                of validation text (see :mod:`agents.static`); ``static``: each episode's own budget
 ``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
+``hindsight``   the hindsight oracle (:class:`oracle.hindsight.HindsightOracle`): the same water-fill on
+                each input's own KL profile, the ceiling of per-input layer allocation
 ============== ===================================================================================
 """
 
@@ -30,9 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from agents.static import StaticAllocation
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
+from oracle.hindsight import HindsightOracle
 from oracle.policy import GreedyOracle, RankPolicy
 
 
@@ -209,7 +214,10 @@ class GumbelRank:
         return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
 
 
-BASELINES = ("full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle")
+BASELINES = (
+    "full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle",
+    "hindsight",
+)  # fmt: skip
 
 
 def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
@@ -235,9 +243,9 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
         if name == "oracle" and not param:
             return GreedyOracle()
         if name == "static":
-            from agents.static import StaticAllocation
-
-            return StaticAllocation.profile(float(param or 0.7), env_kwargs or {})
+            return StaticAllocation.profile(float(param) if param else None, env_kwargs or {})
+        if name == "hindsight" and not param:
+            return HindsightOracle()
     except ValueError as error:
         raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
     raise ValueError(f"unknown baseline {spec!r}; expected one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)")

@@ -217,10 +217,10 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
         )
         setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
         numbers = (
-            f"agent PPL {agent.ppl:.2f} at FLOPs {agent.flops_ratio:.3f}; "
-            f"static PPL {static.ppl:.2f} at {static.flops_ratio:.3f}"
+            f"agent PPL {agent.ppl:.2f} at logit FLOPs {agent.flops_logits_ratio:.3f}; "
+            f"static PPL {static.ppl:.2f} at {static.flops_logits_ratio:.3f}"
         )
-        if abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio:
+        if abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio:
             lines.append(
                 f"{setting}: no equal-FLOPs comparison: the static allocation ran at other "
                 f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
     """Evaluate every (policy, corpus, mode[, ablation]) cell of ``args``.
 
-    ``static:match`` takes as its FLOPs budget the FLOPs ratio measured for the first saved model
+    ``static:match`` takes as its budget the logit-FLOPs ratio measured for the first saved model
     listed before it, in the same corpus, mode and guardrail setting: the static allocation at
     the agent's FLOPs, the comparison that says whether adapting to the input pays.
     """
@@ -342,7 +342,9 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
             matched_to = matched_to and matched_to + " (no guardrail)"
         row.matched_to = matched_to
         if isinstance(policy, ModelPolicy):
-            matched.setdefault((corpus, mode, guardrail), (row.policy.removesuffix(" (no guardrail)"), row.flops_ratio))
+            matched.setdefault(
+                (corpus, mode, guardrail), (row.policy.removesuffix(" (no guardrail)"), row.flops_logits_ratio)
+            )
         rows.append(row)
     return rows
 

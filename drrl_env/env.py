@@ -254,6 +254,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         return self._episode.record()
 
     @property
+    def input_ids(self) -> torch.Tensor:
+        """The current episode's token batch ``(B, n)`` (what a hindsight oracle profiles; no labels beyond it)."""
+        return self._require_episode("input_ids").batch
+
+    @property
+    def budget_share(self) -> float | None:
+        """The current episode's FLOPs budget (a share of full attention's logit FLOPs), or None without one."""
+        return self._require_episode("budget_share").budget.share if self.config.flops_budget is not None else None
+
+    @property
     def attention_call(self) -> AttentionCall:
         """The current step's attention call: post-RoPE Q, K, V of the layer/segment and their cached spectra."""
         return self._require_episode("attention_call").call

@@ -8,6 +8,7 @@ import sys
 from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.files import check_output_folder
 from oracle.dataset import DatasetMismatchError, record_trajectories
+from oracle.hindsight import HindsightOracle
 from oracle.policy import GreedyOracle, RankPolicy
 
 DATASET_HELP = (
@@ -48,8 +49,12 @@ def record_command(args: argparse.Namespace, policy: RankPolicy) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m oracle",
-        description="Roll out the greedy oracle (at each step the allowed rank with the highest Eq. 13 reward, "
-        "all candidates scored in one batched pass). " + DATASET_HELP,
+        description="Roll out an oracle: 'greedy' (at each step the allowed rank with the highest Eq. 13 reward, "
+        "all candidates scored in one batched pass) or 'hindsight' (the episode's budget spent by water-filling "
+        "the KL each layer alone costs on this input; label-free; needs --flops-budget). " + DATASET_HELP,
+    )
+    parser.add_argument(
+        "--policy", choices=("greedy", "hindsight"), default="greedy", help="which oracle (default: greedy)"
     )
     parser.add_argument(
         "--lookahead",
@@ -64,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.policy == "hindsight":
+        if args.lookahead:
+            print("error: --lookahead belongs to the greedy oracle, not --policy hindsight", file=sys.stderr)
+            return 2
+        return record_command(args, HindsightOracle())
     return record_command(args, GreedyOracle(args.lookahead))
 
 

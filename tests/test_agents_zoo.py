@@ -13,8 +13,8 @@ from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
 from agents.baselines import BASELINES, FullRank, make_baseline
 from agents.evaluate import evaluate_policy
 from agents.policies import policy_setup
-from agents.static import allocate_ranks
 from drrl_env.corpora import corpus_tokens, sample_batch
+from oracle.hindsight import allocate_ranks
 from tests.conftest import PAPER_MDP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +60,10 @@ def test_unknown_algorithm_lists_the_registry():
         "stable_rank",
         "threshold:0.1",
         "gumbel:0.05",
-        "static:9",
+        "static:0.6",
+        "static",
         "oracle",
+        "hindsight",
     ],
 )
 @pytest.mark.parametrize("budgeted", [False, True])
@@ -72,6 +74,11 @@ def test_heuristic_policies_only_pick_allowed_ranks(spec, budgeted, zoo_env_kwar
         kwargs.update(flops_budget=0.5, guardrail="exact")
     policy = make_baseline(spec, kwargs)
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    if spec == "hindsight" and not budgeted:
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match="flops_budget"):
+            policy.act(env.unwrapped._observation(), env.action_masks(), env)
+        return
     masked_steps, chosen = 0, set()
     for episode in range(3):
         obs, _ = env.reset(seed=episode)
@@ -167,15 +174,15 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     agent, static, agent_unmasked, static_unmasked = rows
     assert static_unmasked.matched_to == agent_unmasked.policy and agent_unmasked.policy.endswith("(no guardrail)")
     assert static.policy.startswith("static:") and float(static.policy.split(":")[1]) == pytest.approx(
-        agent.flops_ratio, abs=1e-4
+        agent.flops_logits_ratio, abs=1e-4
     )
-    assert static.flops_ratio <= agent.flops_ratio + 1e-3
+    assert static.flops_logits_ratio <= agent.flops_logits_ratio + 1e-3
     assert static.matched_to == agent.policy
     verdict, verdict_unmasked = adaptivity_verdicts(rows)
     assert verdict_unmasked.startswith("wiki/separate without guardrail: ")
     assert verdict.startswith("wiki/separate: ")
     if "no equal-FLOPs comparison" in verdict:
-        assert abs(static.flops_ratio - agent.flops_ratio) > 0.01 * agent.flops_ratio
+        assert abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio
     else:
         assert ("does NOT beat" in verdict) == (agent.ppl >= static.ppl)
     with pytest.raises(ValueError, match="static:match needs a saved agent"):

@@ -1,0 +1,151 @@
+"""The hindsight oracle: the per-input layer allocation that knows what each layer's rank costs on this very input.
+
+For the episode's batch, :func:`layer_kl_profile` measures ``cost[l, k]``: the mean per-token
+``KL(p_full || p)`` of the next-token distribution when layer ``l`` alone runs at candidate rank
+``k`` and every other layer at full attention. It uses no labels: only the model's own
+distributions on the input, so choosing on it does not fit the noise of the tokens it is scored
+on (a profile of the LM loss does; see docs/results.md). :func:`allocate_ranks` then spends the
+episode's budget by the marginal water-fill: starting from the largest candidate everywhere, it
+lowers, one candidate at a time, the layer whose ``cost increase / FLOPs saved`` is smallest,
+until the mean FLOPs share meets the budget. Under the additive model (the KL of several layers
+at once is about the sum of their single-layer KLs) this is the best layer allocation for the
+input, so its gap to an allocation that does not see the input (uniform, static) is the headroom
+any input-adaptive agent can aim at.
+
+Cost: one full forward, then per layer one forward of the batch replicated once per candidate
+below full rank (the candidates' outputs at layer ``l`` come from one set of spectra of the
+original rows). That is about ``L * (K - 1)`` sequence-forwards per batch: seconds for tiny
+models, tens of seconds for SmolLM2 at 128 tokens; a profile is cached per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from drrl_env.env import DRRLAttentionEnv
+from drrl_env.guardrail import nearest_allowed
+from drrl_env.hook import AttentionCall, install
+from drrl_env.models import LoadedModel
+from drrl_env.reward import next_token_kl
+
+
+def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[int]:
+    """Greedy marginal allocation: candidate index per layer whose mean FLOPs share is ``<= budget``.
+
+    Args:
+        cost: ``(L, K)`` cost (KL, or loss increase) of each layer alone at each candidate rank (ascending ranks).
+        flops: ``(K,)`` FLOPs share of a layer at each candidate rank (the same for every layer).
+        budget: target mean FLOPs share over layers. If even the minimum ranks exceed it, all
+            layers end at the minimum.
+
+    Starting from the largest candidate everywhere, each move lowers one layer by one candidate,
+    the one with the smallest ``cost increase / FLOPs saved``.
+    """
+    num_layers, num_candidates = cost.shape
+    chosen = [num_candidates - 1] * num_layers
+    while np.mean(flops[chosen]) > budget + 1e-12:
+        best, best_price = None, np.inf
+        for layer, index in enumerate(chosen):
+            if index == 0:
+                continue
+            saved = flops[index] - flops[index - 1]
+            price = (cost[layer, index - 1] - cost[layer, index]) / max(saved, 1e-12)
+            if price < best_price:
+                best, best_price = layer, price
+        if best is None:
+            break
+        chosen[best] -= 1
+    return chosen
+
+
+@torch.no_grad()
+def layer_kl_profile(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple[int, ...],
+    mode: str = "separate",
+    segment_len: int | None = None,
+) -> np.ndarray:
+    """``(L, K)`` mean per-token KL from the full model's next-token distribution, one layer at one rank at a time.
+
+    Args:
+        loaded: the model.
+        input_ids: ``(B, n)`` the batch (no labels are used: only the model's distributions).
+        ranks: ascending candidate ranks; a rank ``>= head_dim`` costs 0 (it is full attention).
+        mode: spectral mode of the low-rank attention.
+        segment_len: query segments per layer call, as in the env (every segment of layer ``l`` at the rank).
+    """
+    model, hook = loaded.model, install(loaded.model)
+    shape = loaded.attention_shape
+    input_ids = input_ids.to(loaded.device)
+    rows = input_ids.shape[0]
+    with hook.use(None, segment_len):
+        full_logits = model(input_ids=input_ids).logits  # (B, n, V)
+    below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
+    cost = np.zeros((shape.num_layers, len(ranks)))
+    if not below:
+        return cost
+    table = torch.tensor([[ranks[k]] * shape.kv_heads for k in below])  # (C, Hkv)
+    replicated = input_ids.repeat(len(below), 1)  # (C * B, n): replica c is rows c*B .. (c+1)*B - 1
+    for layer in range(shape.num_layers):
+
+        def handler(call: AttentionCall, layer: int = layer) -> torch.Tensor:
+            if call.layer != layer:
+                return call.full()
+            original = dataclasses.replace(
+                call,
+                query=call.query[:rows],
+                key=call.key[:rows],
+                value=call.value[:rows],
+                mask=None if call.mask is None else call.mask[:rows],
+                hidden_states=None,
+            )  # the replicas are identical up to here: one set of spectra serves every candidate
+            return original.low_rank(table, mode).flatten(0, 1)  # (C, B, Hq, m, d) -> (C * B, Hq, m, d)
+
+        with hook.use(handler, segment_len):
+            logits = model(input_ids=replicated).logits  # (C * B, n, V)
+        for c, k in enumerate(below):
+            cost[layer, k] = next_token_kl(full_logits, logits[c * rows : (c + 1) * rows])
+    return cost
+
+
+class HindsightOracle:
+    """The hindsight oracle as a rank policy: :func:`allocate_ranks` on this episode's :func:`layer_kl_profile`.
+
+    At an episode's first step it profiles the episode's batch (``env.input_ids``) and allocates
+    the episode's budget (``env.budget_share``, in shares of full attention's logit FLOPs, so a
+    layer at rank ``r`` costs ``r / d``); then it plays the allocation, taking the nearest allowed
+    candidate where the mask forbids a choice. ``per_head=False`` only; needs a ``flops_budget``.
+    """
+
+    name = "hindsight"
+
+    def __init__(self) -> None:
+        self._allocation: list[int] | None = None
+        self.last_profile: np.ndarray | None = None
+
+    def reset(self, seed: int) -> None:
+        del seed
+        self._allocation = None
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        call = env.attention_call
+        if self._allocation is None or (call.layer, call.segment) == (0, 0):
+            self._allocation = self._allocate(env)
+        rank = env.config.ranks[self._allocation[call.layer]]
+        return nearest_allowed(rank, action_mask, env.config.ranks)
+
+    def _allocate(self, env: DRRLAttentionEnv) -> list[int]:
+        config = env.config
+        if config.per_head:
+            raise ValueError("the hindsight oracle supports per_head=False only (one rank per layer)")
+        if env.budget_share is None:
+            raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
+        self.last_profile = layer_kl_profile(
+            env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len
+        )
+        flops = np.minimum(np.asarray(config.ranks, dtype=np.float64), env.head_dim) / env.head_dim
+        return allocate_ranks(self.last_profile, flops, env.budget_share)

@@ -1,0 +1,56 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+from agents.baselines import UniformBudget
+from agents.static import StaticAllocation
+from drrl_env.hook import install
+from drrl_env.models import load_causal_lm
+from drrl_env.perplexity import LayerRanks
+from drrl_env.reward import next_token_kl
+from oracle.hindsight import HindsightOracle, allocate_ranks, layer_kl_profile
+
+RANKS = (2, 4, 8, 12, 16)
+
+
+@pytest.mark.parametrize("mode, segment_len", [("separate", None), ("joint", 8)])
+def test_profile_equals_one_forward_per_cell(tiny_layered_model_dir, mode, segment_len):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    profile = layer_kl_profile(loaded, ids, RANKS, mode, segment_len)
+    hook = install(loaded.model)
+    with torch.no_grad(), hook.use(None, segment_len):
+        full = loaded.model(input_ids=ids).logits
+    for layer in range(2):
+        for k, rank in enumerate(RANKS):
+            ranks = [None, None]
+            ranks[layer] = rank
+            with torch.no_grad(), hook.use(LayerRanks(tuple(ranks), mode), segment_len):
+                expected = next_token_kl(full, loaded.model(input_ids=ids).logits)
+            assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
+    assert (profile[:, -1] == 0).all() and (profile >= 0).all()
+    assert (profile[:, 0] > 0).all()  # rank 2 of 16 costs something in every layer
+
+
+def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, segment_len=8, batch_size=2)
+    kwargs.update(flops_budget=(0.4, 0.8), device="cpu", guardrail="off")  # the guardrail would move ranks
+    env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    kls = {}
+    for policy in (HindsightOracle(), UniformBudget(), StaticAllocation.profile(None, kwargs, max_tokens=256)):
+        observation, info = env.reset(seed=3)
+        policy.reset(3)
+        terminated, ranks = False, []
+        while not terminated:
+            action = policy.act(observation, env.action_masks(), env)
+            observation, _, terminated, _, info = env.step(action)
+            ranks.append(info["rank"])
+        assert info["budget_used"] <= info["budget"] + 1e-9
+        kls[policy.name] = info["kl"]
+        if policy.name == "hindsight":
+            flops = np.asarray(RANKS) / 16
+            expected = [RANKS[k] for k in allocate_ranks(policy.last_profile, flops, info["budget"])]
+            assert ranks == [rank for rank in expected for _ in range(4)]  # every segment of a layer
+    assert set(kls) == {"hindsight", "uniform", "static"} and all(np.isfinite(list(kls.values())))
