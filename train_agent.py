@@ -40,9 +40,11 @@ from agents.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
-from agents.evaluate import evaluate_policy, make_policy, markdown_table
+from agents.evaluate import evaluate_policy
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
+from agents.results import markdown_table
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
+from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic

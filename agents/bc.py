@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from agents.agent_file import agent_path, save_agent
 from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
 from drrl_env import ENV_ID
-from drrl_env.cli import at_least
+from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_args
 from drrl_env.files import check_output_folder
 from oracle.dataset import env_config_of, load_trajectories, read_metadata
 
@@ -195,7 +195,6 @@ def behaviour_clone(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = BCConfig()
     parser = argparse.ArgumentParser(
         prog="python -m agents.bc",
         description="Behaviour cloning: fit a MaskablePPO policy to a trajectory dataset by masked cross-entropy "
@@ -203,43 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, help="trajectory dataset folder (from python -m oracle)")
     parser.add_argument("--out", required=True, help="agent file to write (.safetensors added if missing)")
-    parser.add_argument("--policy", choices=POLICIES, default=defaults.policy, help="policy network (default: mlp)")
-    parser.add_argument("--history", type=at_least(1), default=defaults.history, help="Transformer window (default: 8)")
-    parser.add_argument("--epochs", type=at_least(1), default=defaults.epochs, help="epochs (default: 30)")
-    parser.add_argument(
-        "--batch-size", type=at_least(1), default=defaults.batch_size, help="minibatch size (default: 64)"
-    )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam lr (default: 1e-3)")
-    parser.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=defaults.validation_fraction,
-        help="fraction of episodes held out for validation (default: 0.2)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: 0)")
-    parser.add_argument(
-        "--entropy-coef",
-        type=float,
-        default=defaults.entropy_coef,
-        help="entropy bonus weight; > 0 keeps the policy stochastic for PPO to explore from (default: 0)",
-    )
     parser.add_argument("--logdir", default="runs/bc", help="TensorBoard folder of the bc/* curves (default: runs/bc)")
+    add_dataclass_arguments(
+        parser,
+        BCConfig,
+        "behaviour cloning (BCConfig)",
+        choices={"policy": POLICIES},
+        types={name: at_least(1) for name in ("history", "epochs", "batch_size")},
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = BCConfig(
-            args.policy,
-            args.history,
-            args.epochs,
-            args.batch_size,
-            args.learning_rate,
-            args.validation_fraction,
-            args.seed,
-            args.entropy_coef,
-        )
+        config = dataclass_from_args(BCConfig, args)
         if not args.out.strip() or agent_path(args.out).is_dir():
             raise ValueError(f"--out must name an agent file, got {args.out!r}")
         check_output_folder(agent_path(args.out).parent, "--out's folder")

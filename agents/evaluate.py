@@ -23,13 +23,8 @@ figures to TensorBoard.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,71 +33,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.agent_file import load_model_policy
 from agents.algorithms import ModelPolicy
-from agents.baselines import make_baseline
+from agents.results import EvaluationRow, adaptivity_verdicts, markdown_table, write_csv
+from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.files import check_output_folder, write_atomic
+from drrl_env.files import check_output_folder
 from drrl_env.lowrank import SPECTRAL_MODES
 from drrl_env.perplexity import LayerRanks, forward_seconds
 from oracle.policy import RankPolicy
 
 DEFAULT_POLICIES = ("full", "fixed:32", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "oracle")
 DEFAULT_CORPORA = ("wiki", "news", "shakespeare")
-
-
-def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = False) -> RankPolicy:
-    """A policy from a spec: an agent file (``PATH.safetensors``), a baseline (``fixed:32``), or an SB3 zip.
-
-    An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``.
-    """
-    if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
-        return load_model_policy(spec, trust_pickle)
-    return make_baseline(spec, env_kwargs)
-
-
-@dataclass
-class EvaluationRow:
-    """One policy on one corpus in one spectral mode (means over the evaluated episodes)."""
-
-    policy: str
-    corpus: str
-    mode: str
-    episodes: int
-    tokens: int
-    nll: float
-    nll_full: float
-    flops_ratio: float
-    flops_core_ratio: float
-    flops_logits_ratio: float
-    """the Q K^T product's FLOPs over full attention's (what a FLOPs budget constrains)"""
-    kl: float
-    """mean per-token KL of the next-token distribution from the full model's"""
-    mean_rank: float
-    violation_rate: float
-    ms_per_token: float
-    ms_per_token_full: float
-    rank_per_layer: list[float]
-    rank_grid: list[list[float]]
-    flops_policy_ratio: float = 0.0
-    """the policy network's own FLOPs (``ModelPolicy.flops_per_decision`` per step) over full attention's"""
-    matched_to: str | None = None
-    """for ``static:match``: the policy whose measured FLOPs set this row's budget"""
-
-    @property
-    def flops_with_policy_ratio(self) -> float:
-        return self.flops_ratio + self.flops_policy_ratio
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll)
-
-    @property
-    def ppl_full(self) -> float:
-        return math.exp(self.nll_full)
 
 
 def time_forward(env: DRRLAttentionEnv, ranks: tuple | None, repeats: int, tokens: torch.Tensor) -> float:
@@ -172,79 +116,6 @@ def evaluate_policy(
         rank_grid=grid.round(2).tolist(),
         flops_policy_ratio=decision_flops * len(ranks) / flops_full,
     )
-
-
-TABLE_COLUMNS = (
-    ("policy", "policy", "{}"),
-    ("corpus", "corpus", "{}"),
-    ("mode", "mode", "{}"),
-    ("ppl", "PPL", "{:.2f}"),
-    ("ppl_full", "PPL full (no hook)", "{:.2f}"),
-    ("kl", "KL", "{:.4f}"),
-    ("flops_logits_ratio", "FLOPs (logits)", "{:.3f}"),
-    ("flops_ratio", "FLOPs (+overhead)", "{:.3f}"),
-    ("flops_core_ratio", "FLOPs (core)", "{:.3f}"),
-    ("flops_with_policy_ratio", "FLOPs (+overhead +policy)", "{:.3f}"),
-    ("ms_per_token", "ms/token", "{:.3f}"),
-    ("ms_per_token_full", "ms/token full", "{:.3f}"),
-    ("mean_rank", "mean rank", "{:.1f}"),
-    ("violation_rate", "violations", "{:.3f}"),
-)
-
-
-def markdown_table(rows: list[EvaluationRow]) -> str:
-    """The Table I analogue as markdown."""
-    header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [fmt.format(getattr(row, key)) for key, _, fmt in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
-    """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each.
-
-    Where the static row's measured FLOPs differ from the agent's by more than 1 % (the guardrail
-    raised some of its ranks), the line says that there is no equal-FLOPs comparison.
-    """
-    lines = []
-    for static in (row for row in rows if row.matched_to):
-        agent = next(
-            row
-            for row in rows
-            if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
-        )
-        setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
-        numbers = (
-            f"agent PPL {agent.ppl:.2f} at logit FLOPs {agent.flops_logits_ratio:.3f}; "
-            f"static PPL {static.ppl:.2f} at {static.flops_logits_ratio:.3f}"
-        )
-        if abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio:
-            lines.append(
-                f"{setting}: no equal-FLOPs comparison: the static allocation ran at other "
-                f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
-            )
-            continue
-        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
-        lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
-    return lines
-
-
-def write_csv(rows: list[EvaluationRow], path: Path) -> None:
-    """All fields of every row (per-layer ranks as a space-separated list)."""
-    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
-    fields += ["ppl", "ppl_full", "flops_with_policy_ratio"]
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(fields)
-            for row in rows:
-                values = [getattr(row, name) for name in fields]
-                writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
-
-    write_atomic(path, write)
 
 
 def build_parser() -> argparse.ArgumentParser:

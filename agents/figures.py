@@ -21,7 +21,7 @@ from drrl_env.models import load_causal_lm, resolve_device  # noqa: E402
 from drrl_env.perplexity import FixedRank, forward_seconds  # noqa: E402
 
 if TYPE_CHECKING:
-    from agents.evaluate import EvaluationRow
+    from agents.results import EvaluationRow
 
 
 def pareto_figure(rows: list[EvaluationRow]) -> Figure:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agents.evaluate import make_policy
+from agents.zoo import make_policy
 from drrl_env.cli import env_kwargs
 from oracle.__main__ import DATASET_HELP, add_record_arguments, record_command
 

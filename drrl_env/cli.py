@@ -11,7 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
-import types
+import types as types_module
 import typing
 from typing import Any
 
@@ -50,9 +50,9 @@ def share_or_none(value: str) -> float | None:
 
 
 @functools.cache
-def env_field_docs() -> dict[str, str]:
-    """The attribute docstring of every ``EnvConfig`` field (the string literal under it)."""
-    tree = ast.parse(inspect.getsource(EnvConfig))
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstring of every field of the dataclass ``cls`` (the string literal under it)."""
+    tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, following in zip(body, body[1:], strict=False):
@@ -62,13 +62,33 @@ def env_field_docs() -> dict[str, str]:
     return docs
 
 
-def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse._ArgumentGroup:
-    """Add one option per ``EnvConfig`` field to ``parser``; ``defaults`` override the config's defaults."""
-    group = parser.add_argument_group("environment (DRRL-Attention-v0 arguments)")
-    hints = typing.get_type_hints(EnvConfig)
-    docs = env_field_docs()
-    for field in dataclasses.fields(EnvConfig):
+def env_field_docs() -> dict[str, str]:
+    """The attribute docstring of every ``EnvConfig`` field."""
+    return field_docs(EnvConfig)
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    defaults: dict[str, Any] | None = None,
+    choices: dict[str, tuple] | None = None,
+    types: dict[str, Any] | None = None,
+) -> argparse._ArgumentGroup:
+    """One option ``--field-name`` per field of the dataclass ``cls``, its docstring the help, in a group ``title``.
+
+    ``defaults`` override the fields' defaults, ``choices`` and ``types`` the options' (by field
+    name). A bool field becomes a switch (``--no-field`` when it defaults to True), a tuple field
+    ``nargs="+"``, ``X | None`` an option of type ``X``. Fields whose name starts with ``_`` are skipped.
+    """
+    defaults, choices, types = defaults or {}, choices or {}, types or {}
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
         name, flag = field.name, "--" + field.name.replace("_", "-")
+        if name.startswith("_"):
+            continue
         default = defaults.get(name, field.default)
         hint = hints[name]
         help_text = " ".join(docs.get(name, "").split()).replace("%", "%%")  # argparse formats help with %
@@ -91,21 +111,37 @@ def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                 group.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
         if typing.get_origin(hint) is tuple:
-            group.add_argument(flag, dest=name, type=int, nargs="+", default=list(default), help=help_text)
+            kind = types.get(name, int)
+            group.add_argument(flag, dest=name, type=kind, nargs="+", default=list(default), help=help_text)
             continue
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. int | None
+        if typing.get_origin(hint) in (typing.Union, types_module.UnionType):  # e.g. int | None
             kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         else:
             kind = hint
         group.add_argument(
             flag,
             dest=name,
-            type=kind,
+            type=types.get(name, kind),
             default=default,
-            choices=_CHOICES.get(name),
+            choices=choices.get(name),
             help=f"{help_text} (default: {default})",
         )
     return group
+
+
+def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse._ArgumentGroup:
+    """Add one option per ``EnvConfig`` field to ``parser``; ``defaults`` override the config's defaults."""
+    return add_dataclass_arguments(parser, EnvConfig, "environment (DRRL-Attention-v0 arguments)", defaults, _CHOICES)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """``cls(**{field: args.field})`` for the fields :func:`add_dataclass_arguments` added (tuples from lists)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if not field.name.startswith("_") and hasattr(args, field.name):
+            value = getattr(args, field.name)
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
 def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from agents.agent_file import (
     save_agent,
 )
 from agents.algorithms import ALGORITHMS, get_algorithm
-from agents.evaluate import make_policy
 from agents.policies import policy_setup
+from agents.zoo import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

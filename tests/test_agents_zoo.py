@@ -163,7 +163,8 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     from sb3_contrib import MaskablePPO
 
     from agents.agent_file import save_agent
-    from agents.evaluate import adaptivity_verdicts, build_parser, run_evaluation
+    from agents.evaluate import build_parser, run_evaluation
+    from agents.results import adaptivity_verdicts
 
     env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
     path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "agent")
@@ -202,7 +203,7 @@ def test_per_head_model_is_evaluated(zoo_env_kwargs):
 
 
 def test_adaptivity_verdicts_say_plainly_who_wins():
-    from agents.evaluate import EvaluationRow, adaptivity_verdicts
+    from agents.results import EvaluationRow, adaptivity_verdicts
 
     def row(policy, nll, flops, matched_to=None):
         return EvaluationRow(policy, "wiki", "joint", 1, 1, nll, 3.0, flops, flops, flops, 0.1, 32, 0, 1, 1,

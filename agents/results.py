@@ -1,0 +1,129 @@
+"""Evaluation results: the row of one policy on one corpus and mode, the markdown table, the CSV, the verdicts.
+
+Shared by the evaluation (:mod:`agents.evaluate`), which makes rows, and the figures
+(:mod:`agents.figures`), which draw them, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from drrl_env.files import write_atomic
+
+
+@dataclass
+class EvaluationRow:
+    """One policy on one corpus in one spectral mode (means over the evaluated episodes)."""
+
+    policy: str
+    corpus: str
+    mode: str
+    episodes: int
+    tokens: int
+    nll: float
+    nll_full: float
+    flops_ratio: float
+    flops_core_ratio: float
+    flops_logits_ratio: float
+    """the Q K^T product's FLOPs over full attention's (what a FLOPs budget constrains)"""
+    kl: float
+    """mean per-token KL of the next-token distribution from the full model's"""
+    mean_rank: float
+    violation_rate: float
+    ms_per_token: float
+    ms_per_token_full: float
+    rank_per_layer: list[float]
+    rank_grid: list[list[float]]
+    flops_policy_ratio: float = 0.0
+    """the policy network's own FLOPs (``ModelPolicy.flops_per_decision`` per step) over full attention's"""
+    matched_to: str | None = None
+    """for ``static:match``: the policy whose measured FLOPs set this row's budget"""
+
+    @property
+    def flops_with_policy_ratio(self) -> float:
+        return self.flops_ratio + self.flops_policy_ratio
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def ppl_full(self) -> float:
+        return math.exp(self.nll_full)
+
+
+TABLE_COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("corpus", "corpus", "{}"),
+    ("mode", "mode", "{}"),
+    ("ppl", "PPL", "{:.2f}"),
+    ("ppl_full", "PPL full (no hook)", "{:.2f}"),
+    ("kl", "KL", "{:.4f}"),
+    ("flops_logits_ratio", "FLOPs (logits)", "{:.3f}"),
+    ("flops_ratio", "FLOPs (+overhead)", "{:.3f}"),
+    ("flops_core_ratio", "FLOPs (core)", "{:.3f}"),
+    ("flops_with_policy_ratio", "FLOPs (+overhead +policy)", "{:.3f}"),
+    ("ms_per_token", "ms/token", "{:.3f}"),
+    ("ms_per_token_full", "ms/token full", "{:.3f}"),
+    ("mean_rank", "mean rank", "{:.1f}"),
+    ("violation_rate", "violations", "{:.3f}"),
+)
+
+
+def markdown_table(rows: list[EvaluationRow]) -> str:
+    """The Table I analogue as markdown."""
+    header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(getattr(row, key)) for key, _, fmt in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
+    """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each.
+
+    Where the static row's measured FLOPs differ from the agent's by more than 1 % (the guardrail
+    raised some of its ranks), the line says that there is no equal-FLOPs comparison.
+    """
+    lines = []
+    for static in (row for row in rows if row.matched_to):
+        agent = next(
+            row
+            for row in rows
+            if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
+        )
+        setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
+        numbers = (
+            f"agent PPL {agent.ppl:.2f} at logit FLOPs {agent.flops_logits_ratio:.3f}; "
+            f"static PPL {static.ppl:.2f} at {static.flops_logits_ratio:.3f}"
+        )
+        if abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio:
+            lines.append(
+                f"{setting}: no equal-FLOPs comparison: the static allocation ran at other "
+                f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
+            )
+            continue
+        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
+        lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
+    return lines
+
+
+def write_csv(rows: list[EvaluationRow], path: Path) -> None:
+    """All fields of every row (per-layer ranks as a space-separated list)."""
+    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
+    fields += ["ppl", "ppl_full", "flops_with_policy_ratio"]
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            for row in rows:
+                values = [getattr(row, name) for name in fields]
+                writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
+
+    write_atomic(path, write)

@@ -1,0 +1,24 @@
+"""The policy zoo: any rank policy from its spec, a baseline (``fixed:32``, ``hindsight``) or a saved agent file.
+
+Every command that takes a policy (``agents.evaluate --policies``, ``agents.record --policy``,
+``train_agent.py --compare``) builds it here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from agents.agent_file import load_model_policy
+from agents.baselines import make_baseline
+from oracle.policy import RankPolicy
+
+
+def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = False) -> RankPolicy:
+    """A policy from a spec: an agent file (``PATH.safetensors``), a baseline (``fixed:32``), or an SB3 zip.
+
+    An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``.
+    """
+    if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
+        return load_model_policy(spec, trust_pickle)
+    return make_baseline(spec, env_kwargs)
