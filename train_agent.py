@@ -41,80 +41,33 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import evaluate_policy
-from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, setup_of_observation_space
+from agents.policies import POLICIES, policy_setup, setup_of_observation_space
 from agents.results import markdown_table
+from agents.train_config import VEC_ENVS, CompareConfig, TrainConfig
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_env_arguments, env_kwargs
+from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
-
-DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of TrainConfig, CompareConfig and EnvConfig (train_agent's defaults: 1 x 128 tokens)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "--algo", default="maskable_ppo", choices=sorted(ALGORITHMS), help="RL algorithm (default: maskable_ppo)"
-    )
-    training.add_argument("--total-timesteps", type=int, default=15000, help="env steps of training (default: 15000)")
-    training.add_argument("--seed", type=int, default=0, help="seed of the agent and of the episodes (default: 0)")
-    training.add_argument("--n-envs", type=int, default=1, help="parallel envs (default: 1)")
-    training.add_argument(
-        "--vec", choices=("sync", "subproc"), default="sync", help="vector env: in-process or one process per env"
-    )
-    training.add_argument(
-        "--n-steps",
-        type=int,
-        default=150,
-        help="rollout length per env and update for on-policy algorithms; a multiple of the episode length "
-        "(layers x segments) keeps checkpoints at episode boundaries, which --resume needs (default: 150)",
-    )
-    training.add_argument("--policy", choices=POLICIES, default="mlp", help="policy network (default: mlp)")
-    training.add_argument(
-        "--history", type=int, default=DEFAULT_HISTORY, help="states the transformer policy attends over (default: 8)"
-    )
-    training.add_argument("--bc-dataset", help="oracle dataset (python -m oracle): behaviour-clone on it first")
-    training.add_argument(
-        "--bc-model", help="start from this behaviour-cloned agent file (.safetensors, from python -m agents.bc)"
-    )
-    training.add_argument("--bc-epochs", type=int, default=30, help="behaviour-cloning epochs with --bc-dataset")
-    training.add_argument(
-        "--bc-entropy-coef",
-        type=float,
-        default=0.0,
-        help="entropy bonus of behaviour cloning with --bc-dataset; > 0 leaves PPO room to explore (default: 0)",
-    )
-    training.add_argument("--logdir", default="runs", help="folder of the runs (default: runs)")
-    training.add_argument(
-        "--checkpoint-every", type=int, default=0, help="checkpoint every N env steps (default: 0, only at the end)"
-    )
-    training.add_argument(
-        "--resume",
-        help="run folder to continue from its newest good checkpoint, with the options it was started with; "
-        "--total-timesteps (the total), --checkpoint-every, --eval-every, --vec, --device and the comparison "
-        "options may change, others given with other values are refused",
-    )
-    training.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading SB3 .zip models (--bc-model, zip policies in --compare): they are pickles, and a "
-        "crafted one runs code when loaded; agent .safetensors files need no trust",
-    )
-    training.add_argument(
-        "--eval-every", type=int, default=0, help="log the test PPL of the agent every N env steps (default: 0, never)"
-    )
-    comparison = parser.add_argument_group("comparison after training")
-    comparison.add_argument(
-        "--compare",
-        nargs="*",
-        default=list(DEFAULT_COMPARE),
-        help=f"baselines to compare the agent with (default: {' '.join(DEFAULT_COMPARE)}); none: skip",
-    )
-    comparison.add_argument("--eval-episodes", type=int, default=4, help="test episodes per policy (default: 4)")
-    comparison.add_argument(
-        "--timing-repeats", type=int, default=2, help="timed forward replays per policy for ms/token (default: 2)"
+    add_dataclass_arguments(
+        parser,
+        TrainConfig,
+        "training",
+        choices={"algo": tuple(sorted(ALGORITHMS)), "vec": VEC_ENVS, "policy": POLICIES},
+        types={"total_timesteps": at_least(1), "n_envs": at_least(1), "n_steps": at_least(1), "bc_epochs": at_least(1),
+               "history": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
+    )  # fmt: skip
+    add_dataclass_arguments(
+        parser,
+        CompareConfig,
+        "comparison after training",
+        types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
+        nargs={"compare": "*"},
     )
     add_env_arguments(parser, seq_len=128, batch_size=1)
     return parser
@@ -180,12 +133,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--bc-dataset/--bc-model warm-start maskable_ppo only, not --algo {args.algo}")
     if args.bc_dataset and args.bc_model:
         raise ValueError("give --bc-dataset or --bc-model, not both")
-    for name in ("total_timesteps", "n_envs", "n_steps", "eval_episodes", "bc_epochs"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("checkpoint_every", "eval_every", "timing_repeats"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_output_folder(args.logdir, "--logdir")
     if args.resume:
         return  # the warm start happened when the run began

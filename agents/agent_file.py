@@ -214,6 +214,16 @@ def load_sb3_zip(path: str | os.PathLike, algorithm: Algorithm, trust_pickle: bo
     return algorithm.cls.load(path, device="cpu", **kwargs)
 
 
+def short_id(path: str | os.PathLike) -> str:
+    """A saved agent's name in tables, legends and TensorBoard keys: its file stem, or its run's folder name.
+
+    ``runs/RUN/model.safetensors`` is ``RUN`` (every run's final agent has the same file name),
+    ``runs/bc.safetensors`` is ``bc``.
+    """
+    path = Path(path)
+    return path.parent.name if path.stem == "model" and path.parent.name else path.stem
+
+
 def load_model_policy(spec: str, trust_pickle: bool = False) -> ModelPolicy:
     """A saved agent as a rank policy: ``PATH.safetensors``, or an SB3 zip ``[ALGO:]PATH.zip`` with ``trust_pickle``.
 
@@ -226,8 +236,8 @@ def load_model_policy(spec: str, trust_pickle: bool = False) -> ModelPolicy:
         algorithm = get_algorithm(algo_name or "maskable_ppo")
         model = load_sb3_zip(path, algorithm, trust_pickle)
         setup = setup_of_observation_space(model.observation_space)
-        return ModelPolicy(model.policy, algorithm, setup, f"{algorithm.name}:{path}")
+        return ModelPolicy(model.policy, algorithm, setup, f"{algorithm.name}:{short_id(path)}")
     policy, description = load_policy(path)
     if algo_name and algo_name != description.algo:
         raise AgentFileError(f"{path} holds a {description.algo} agent, not {algo_name} (policy spec {spec!r})")
-    return ModelPolicy(policy, description.algorithm, description.setup, f"{description.algo}:{path}")
+    return ModelPolicy(policy, description.algorithm, description.setup, f"{description.algo}:{short_id(path)}")

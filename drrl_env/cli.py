@@ -74,14 +74,15 @@ def add_dataclass_arguments(
     defaults: dict[str, Any] | None = None,
     choices: dict[str, tuple] | None = None,
     types: dict[str, Any] | None = None,
+    nargs: dict[str, str] | None = None,
 ) -> argparse._ArgumentGroup:
     """One option ``--field-name`` per field of the dataclass ``cls``, its docstring the help, in a group ``title``.
 
     ``defaults`` override the fields' defaults, ``choices`` and ``types`` the options' (by field
     name). A bool field becomes a switch (``--no-field`` when it defaults to True), a tuple field
-    ``nargs="+"``, ``X | None`` an option of type ``X``. Fields whose name starts with ``_`` are skipped.
+    ``nargs="+"`` (or ``nargs[name]``), ``X | None`` an option of type ``X``; ``_``-prefixed fields are skipped.
     """
-    defaults, choices, types = defaults or {}, choices or {}, types or {}
+    defaults, choices, types, nargs = defaults or {}, choices or {}, types or {}, nargs or {}
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -111,8 +112,16 @@ def add_dataclass_arguments(
                 group.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
         if typing.get_origin(hint) is tuple:
-            kind = types.get(name, int)
-            group.add_argument(flag, dest=name, type=kind, nargs="+", default=list(default), help=help_text)
+            kind = types.get(name, typing.get_args(hint)[0])
+            shown = " ".join(map(str, default))
+            group.add_argument(
+                flag,
+                dest=name,
+                type=kind,
+                nargs=nargs.get(name, "+"),
+                default=list(default),
+                help=f"{help_text} (default: {shown})" if kind is str else help_text,
+            )
             continue
         if typing.get_origin(hint) in (typing.Union, types_module.UnionType):  # e.g. int | None
             kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))

@@ -1,0 +1,66 @@
+"""The options of ``train_agent.py`` as dataclasses: one ``--field-name`` option per field, its docstring the help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agents.policies import DEFAULT_HISTORY
+
+DEFAULT_COMPARE = ("full", "uniform", "fixed:32", "energy:0.9", "stable_rank", "oracle")
+VEC_ENVS = ("sync", "subproc")
+
+
+@dataclass
+class TrainConfig:
+    """How train_agent.py trains (the env's options come from ``EnvConfig``)."""
+
+    algo: str = "maskable_ppo"
+    """RL algorithm, a name of the registry agents.algorithms.ALGORITHMS"""
+    total_timesteps: int = 15000
+    """env steps of training (with --resume: the total, steps already done included)"""
+    seed: int = 0
+    """seed of the agent and of the episodes"""
+    n_envs: int = 1
+    """parallel envs"""
+    vec: str = "sync"
+    """vector env: 'sync' (in-process) or 'subproc' (one process per env)"""
+    n_steps: int = 150
+    """rollout length per env and update for on-policy algorithms; it must be a multiple of the episode length
+    (layers x segments), so that checkpoints fall at episode boundaries, which --resume needs"""
+    policy: str = "mlp"
+    """policy network: 'mlp' or 'transformer'"""
+    history: int = DEFAULT_HISTORY
+    """states the transformer policy attends over"""
+    bc_dataset: str | None = None
+    """oracle dataset (python -m oracle): behaviour-clone on it first"""
+    bc_model: str | None = None
+    """start from this behaviour-cloned agent file (.safetensors, from python -m agents.bc)"""
+    bc_epochs: int = 30
+    """behaviour-cloning epochs with --bc-dataset"""
+    bc_entropy_coef: float = 0.0
+    """entropy bonus of behaviour cloning with --bc-dataset; > 0 leaves PPO room to explore"""
+    logdir: str = "runs"
+    """folder of the runs"""
+    checkpoint_every: int = 0
+    """checkpoint every N env steps (0: only at the end)"""
+    resume: str | None = None
+    """run folder to continue from its newest good checkpoint, with the options it was started with;
+    --total-timesteps (the total), --checkpoint-every, --eval-every, --vec, --device and the comparison options may
+    change, others given with other values are refused"""
+    trust_pickle: bool = False
+    """allow loading SB3 .zip models (--bc-model, zip policies in --compare): they are pickles, and a crafted one
+    runs code when loaded; agent .safetensors files need no trust"""
+    eval_every: int = 0
+    """log the test PPL of the agent every N env steps (0: never)"""
+
+
+@dataclass
+class CompareConfig:
+    """The comparison train_agent.py prints after training."""
+
+    compare: tuple[str, ...] = DEFAULT_COMPARE
+    """policy specs to compare the agent with on the test split (none: skip the comparison)"""
+    eval_episodes: int = 4
+    """test episodes per policy"""
+    timing_repeats: int = 2
+    """timed forward replays per policy for ms/token"""
