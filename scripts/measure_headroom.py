@@ -102,10 +102,15 @@ def main() -> None:
         full_ppl = math.exp(np.mean(full_losses))
         flat = np.stack([p.ravel() for p in profiles])
         to_validation = np.mean([np.corrcoef(static_cost.ravel(), f)[0, 1] for f in flat])
+        middle = int(np.argmin(np.abs(np.asarray(ranks) - d / 2)))  # per-layer sensitivity at rank d/2
+        layers = np.stack([p[:, middle] for p in profiles])
+        layers_to_validation = np.mean([np.corrcoef(static_cost[:, middle], row)[0, 1] for row in layers])
         print(f"\n## mode={mode}: full-model PPL {full_ppl:.3f} on the test chunks")
         print(
             f"profile stability: test chunk vs test chunk r={mean_offdiagonal_correlation(flat):.2f}; "
-            f"validation mean vs test chunk r={to_validation:.2f}; "
+            f"validation mean vs test chunk r={to_validation:.2f}; per-layer KL at rank {ranks[middle]}: "
+            f"chunk vs chunk r={mean_offdiagonal_correlation(layers):.2f}, "
+            f"validation vs chunk r={layers_to_validation:.2f}; "
             f"hindsight profile {np.mean(profile_seconds):.1f} s per chunk, static profile {static_seconds:.0f} s"
         )
         print("| budget | policy | KL/token | PPL | ΔPPL % vs full | headroom captured |")
