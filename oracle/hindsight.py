@@ -12,15 +12,19 @@ at once is about the sum of their single-layer KLs) this is the best layer alloc
 input, so its gap to an allocation that does not see the input (uniform, static) is the headroom
 any input-adaptive agent can aim at.
 
-Cost: one full forward, then per layer one forward of the batch replicated once per candidate
-below full rank (the candidates' outputs at layer ``l`` come from one set of spectra of the
-original rows). That is about ``L * (K - 1)`` sequence-forwards per batch: seconds for tiny
-models, tens of seconds for SmolLM2 at 128 tokens; a profile is cached per batch.
+Cost: one full forward, then per layer ``l`` one forward of the batch replicated once per
+candidate below full rank, in which the layers before ``l`` do not run: they hand on the output
+the full forward recorded (prefix reuse), and the candidates' outputs at layer ``l`` come from one
+set of spectra of the original rows. That is about ``L * (K - 1) / 2`` sequence-forwards of the
+decoder (plus ``L * (K - 1)`` of the LM head) per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +65,33 @@ def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[i
     return chosen
 
 
+def decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList | None:
+    """The model's ``num_layers`` decoder layers (Llama's ``model.layers``, GPT-2's ``transformer.h``), if found."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    return None
+
+
+def _replicated(output: Any, copies: int) -> Any:
+    """A decoder layer's recorded output with its batch repeated ``copies`` times (a tensor, or a tuple's first)."""
+    if isinstance(output, torch.Tensor):
+        return output.repeat(copies, *([1] * (output.dim() - 1)))
+    return (_replicated(output[0], copies), *output[1:])
+
+
+@contextlib.contextmanager
+def _skip_layers_before(layers: torch.nn.ModuleList, first: int, handed_on: Any) -> Iterator[None]:
+    """Within the block, layers ``0 .. first - 1`` do not run: each returns ``handed_on`` (layer ``first``'s input)."""
+    for layer in layers[:first]:
+        layer.forward = lambda *args, **kwargs: handed_on  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for layer in layers[:first]:
+            del layer.forward
+
+
 @torch.no_grad()
 def layer_kl_profile(
     loaded: LoadedModel,
@@ -82,8 +113,18 @@ def layer_kl_profile(
     shape = loaded.attention_shape
     input_ids = input_ids.to(loaded.device)
     rows = input_ids.shape[0]
-    with hook.use(None, segment_len):
-        full_logits = model(input_ids=input_ids).logits  # (B, n, V)
+    layers = decoder_layers(model, shape.num_layers)
+    outputs: dict[int, Any] = {}
+    recorders = [] if layers is None else [
+        layer.register_forward_hook(lambda module, args, output, j=j: outputs.__setitem__(j, output))
+        for j, layer in enumerate(layers)
+    ]  # fmt: skip
+    try:
+        with hook.use(None, segment_len):
+            full_logits = model(input_ids=input_ids).logits  # (B, n, V)
+    finally:
+        for recorder in recorders:
+            recorder.remove()
     below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
     cost = np.zeros((shape.num_layers, len(ranks)))
     if not below:
@@ -105,7 +146,10 @@ def layer_kl_profile(
             )  # the replicas are identical up to here: one set of spectra serves every candidate
             return original.low_rank(table, mode).flatten(0, 1)  # (C, B, Hq, m, d) -> (C * B, Hq, m, d)
 
-        with hook.use(handler, segment_len):
+        prefix = contextlib.nullcontext()
+        if layers is not None and layer > 0:
+            prefix = _skip_layers_before(layers, layer, _replicated(outputs[layer - 1], len(below)))
+        with hook.use(handler, segment_len), prefix:
             logits = model(input_ids=replicated).logits  # (C * B, n, V)
         for c, k in enumerate(below):
             cost[layer, k] = next_token_kl(full_logits, logits[c * rows : (c + 1) * rows])

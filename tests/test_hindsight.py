@@ -7,10 +7,10 @@ import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from agents.baselines import UniformBudget
 from agents.static import StaticAllocation
 from drrl_env.hook import install
-from drrl_env.models import load_causal_lm
+from drrl_env.models import LoadedModel, load_causal_lm
 from drrl_env.perplexity import LayerRanks
 from drrl_env.reward import next_token_kl
-from oracle.hindsight import HindsightOracle, allocate_ranks, layer_kl_profile
+from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -32,6 +32,26 @@ def test_profile_equals_one_forward_per_cell(tiny_layered_model_dir, mode, segme
             assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
     assert (profile[:, -1] == 0).all() and (profile >= 0).all()
     assert (profile[:, 0] > 0).all()  # rank 2 of 16 costs something in every layer
+
+
+def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
+    """The layers before l are skipped (their recorded output handed on): same profile as full forwards."""
+    loaded = LoadedModel("tiny", tiny_model, tokenizer=None)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    ranks = (2, 8, 16)
+    profile = layer_kl_profile(loaded, ids, ranks, "separate")
+    assert decoder_layers(tiny_model, loaded.attention_shape.num_layers) is not None
+    hook = install(tiny_model)
+    with torch.no_grad(), hook.use(None):
+        full = tiny_model(input_ids=ids).logits
+    for layer in range(loaded.attention_shape.num_layers):
+        for k, rank in enumerate(ranks[:-1]):
+            layer_ranks = [None] * loaded.attention_shape.num_layers
+            layer_ranks[layer] = rank
+            with torch.no_grad(), hook.use(LayerRanks(tuple(layer_ranks), "separate")):
+                expected = next_token_kl(full, tiny_model(input_ids=ids).logits)
+            assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
+    assert not any("forward" in vars(layer) for layer in decoder_layers(tiny_model, 3))  # patches undone
 
 
 def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir):
