@@ -172,6 +172,11 @@ def test_oracle_command(tmp_path, tiny_model_dir):
     assert json.loads((out / "metadata.json").read_text())["episodes"] == 2
     refused = subprocess.run([*common, "--ranks", "4", "8", "--episodes", "2"], capture_output=True, text=True)
     assert refused.returncode == 2 and "ranks: stored [4, 8, 16], requested [4, 8]" in refused.stderr
+    hindsight = tmp_path / "hindsight"
+    command = [*common[:3], "--out", str(hindsight), *common[-4:], *ranks, "--episodes", "1", "--policy", "hindsight"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((hindsight / "metadata.json").read_text())["policy"] == "hindsight"
 
 
 def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
