@@ -12,36 +12,32 @@ beat this allocation (and uniform ranks) at equal FLOPs for adaptivity to mean a
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
-from drrl_env.guardrail import nearest_allowed
 from drrl_env.models import load_causal_lm, resolve_device
-from oracle.hindsight import allocate_ranks, layer_kl_profile
+from oracle.hindsight import LayerAllocationPolicy, allocate_ranks, layer_kl_profile, rank_shares
 
 PROFILE_BATCH = 4
 """validation sequences per profiling forward"""
 
 
-@dataclass
-class StaticAllocation:
+class StaticAllocation(LayerAllocationPolicy):
     """One fixed candidate index per layer, whatever the input: the water-fill of a validation profile.
 
     ``budget`` is a share of full attention's logit FLOPs; None spends each episode's own budget
     (``env.budget_share``), as ``uniform`` does.
     """
 
-    budget: float | None
-    cost: np.ndarray
-    """``(L, K)`` mean per-token KL of each layer alone at each candidate rank, on validation text"""
-    ranks: tuple[int, ...]
-    head_dim: int
-    _allocations: dict[float, list[int]] = field(default_factory=dict, repr=False)
-    _current: list[int] | None = field(default=None, repr=False)
+    def __init__(self, budget: float | None, cost: np.ndarray, ranks: tuple[int, ...], head_dim: int) -> None:
+        super().__init__()
+        self.budget = budget
+        self.cost = cost  # (L, K) mean per-token KL of each layer alone at each candidate rank, on validation text
+        self.ranks, self.head_dim = ranks, head_dim
+        self._allocations: dict[float, list[int]] = {}
 
     @property
     def name(self) -> str:
@@ -50,20 +46,12 @@ class StaticAllocation:
     def allocation(self, budget: float) -> list[int]:
         """Candidate index per layer for ``budget`` (cached)."""
         if budget not in self._allocations:
-            flops = np.minimum(np.asarray(self.ranks, dtype=np.float64), self.head_dim) / self.head_dim
-            self._allocations[budget] = allocate_ranks(self.cost, flops, budget)
+            self._allocations[budget] = allocate_ranks(self.cost, rank_shares(self.ranks, self.head_dim), budget)
         return self._allocations[budget]
 
-    def reset(self, seed: int) -> None:
-        del seed
-        self._current = None
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        call = env.attention_call
-        if self._current is None or (call.layer, call.segment) == (0, 0):
-            budget = self.budget if self.budget is not None else env.budget_share
-            self._current = self.allocation(1.0 if budget is None else budget)
-        return nearest_allowed(self.ranks[self._current[call.layer]], action_mask, env.config.ranks)
+    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
+        budget = self.budget if self.budget is not None else env.budget_share
+        return self.allocation(1.0 if budget is None else budget)
 
     @classmethod
     def profile(

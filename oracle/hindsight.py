@@ -36,6 +36,11 @@ from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
 
 
+def rank_shares(ranks: tuple[int, ...] | list[int], head_dim: int) -> np.ndarray:
+    """``(K,)`` logit-FLOPs share of a layer at each candidate rank: ``min(r, d) / d`` (the env's budget unit)."""
+    return np.minimum(np.asarray(ranks, dtype=np.float64), head_dim) / head_dim
+
+
 def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[int]:
     """Greedy marginal allocation: candidate index per layer whose mean FLOPs share is ``<= budget``.
 
@@ -156,7 +161,33 @@ def layer_kl_profile(
     return cost
 
 
-class HindsightOracle:
+class LayerAllocationPolicy:
+    """A rank policy that fixes one candidate per layer at each episode's first step, then plays it.
+
+    Subclasses say how in :meth:`allocate`; where the mask forbids a layer's candidate, the
+    nearest allowed one is taken.
+    """
+
+    def __init__(self) -> None:
+        self._allocation: list[int] | None = None
+
+    def reset(self, seed: int) -> None:
+        del seed
+        self._allocation = None
+
+    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
+        """Candidate index per layer for the episode ``env`` has just started."""
+        raise NotImplementedError
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+        call = env.attention_call
+        if self._allocation is None or (call.layer, call.segment) == (0, 0):
+            self._allocation = self.allocate(env)
+        rank = env.config.ranks[self._allocation[call.layer]]
+        return nearest_allowed(rank, action_mask, env.config.ranks)
+
+
+class HindsightOracle(LayerAllocationPolicy):
     """The hindsight oracle as a rank policy: :func:`allocate_ranks` on this episode's :func:`layer_kl_profile`.
 
     At an episode's first step it profiles the episode's batch (``env.input_ids``) and allocates
@@ -168,21 +199,10 @@ class HindsightOracle:
     name = "hindsight"
 
     def __init__(self) -> None:
-        self._allocation: list[int] | None = None
+        super().__init__()
         self.last_profile: np.ndarray | None = None
 
-    def reset(self, seed: int) -> None:
-        del seed
-        self._allocation = None
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        call = env.attention_call
-        if self._allocation is None or (call.layer, call.segment) == (0, 0):
-            self._allocation = self._allocate(env)
-        rank = env.config.ranks[self._allocation[call.layer]]
-        return nearest_allowed(rank, action_mask, env.config.ranks)
-
-    def _allocate(self, env: DRRLAttentionEnv) -> list[int]:
+    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
         config = env.config
         if config.per_head:
             raise ValueError("the hindsight oracle supports per_head=False only (one rank per layer)")
@@ -191,5 +211,4 @@ class HindsightOracle:
         self.last_profile = layer_kl_profile(
             env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len
         )
-        flops = np.minimum(np.asarray(config.ranks, dtype=np.float64), env.head_dim) / env.head_dim
-        return allocate_ranks(self.last_profile, flops, env.budget_share)
+        return allocate_ranks(self.last_profile, rank_shares(config.ranks, env.head_dim), env.budget_share)

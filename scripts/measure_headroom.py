@@ -34,7 +34,7 @@ from drrl_env.hook import install
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.perplexity import LayerRanks
 from drrl_env.reward import lm_loss, next_token_kl
-from oracle.hindsight import allocate_ranks, layer_kl_profile
+from oracle.hindsight import allocate_ranks, layer_kl_profile, rank_shares
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def main() -> None:
     loaded = load_causal_lm(args.model, device="cpu")
     ranks = tuple(sorted(args.ranks))
     d = loaded.attention_shape.head_dim
-    flops = np.minimum(np.asarray(ranks, dtype=np.float64), d) / d
+    flops = rank_shares(ranks, d)
     chunks = sequential_chunks(corpus_tokens(args.corpus, "test", loaded.tokenizer), args.seq_len)[: args.chunks]
     hook = install(loaded.model)
     print(f"model={args.model} corpus={args.corpus} test chunks={len(chunks)}x{args.seq_len} ranks={ranks}")
