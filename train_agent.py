@@ -45,6 +45,7 @@ from agents.policies import POLICIES, policy_setup, setup_of_observation_space
 from agents.results import markdown_table
 from agents.train_config import VEC_ENVS, CompareConfig, TrainConfig
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
+from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         TrainConfig,
         "training",
-        choices={"algo": tuple(sorted(ALGORITHMS)), "vec": VEC_ENVS, "policy": POLICIES},
+        choices={"algo": tuple(sorted(ALGORITHMS)), "vec": VEC_ENVS, "policy": POLICIES, "warm_start": WARM_STARTS},
         types={"total_timesteps": at_least(1), "n_envs": at_least(1), "n_steps": at_least(1), "bc_epochs": at_least(1),
+               "warm_start_episodes": at_least(2),
                "history": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
     )  # fmt: skip
     add_dataclass_arguments(
@@ -171,6 +173,11 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
         model = load_sb3_zip(args.bc_model, algorithm, args.trust_pickle, env=env, seed=args.seed, **extra)
     else:
         model = algorithm.make(env, setup, args.seed, None, **extra)
+    if not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
+        if args.per_head or env_kwargs(args)["flops_budget"] is None:
+            print("note: --warm-start hindsight needs a --flops-budget and one rank per layer; starting from scratch")
+        else:
+            args.bc_dataset = str(hindsight_teacher_dataset(env_kwargs(args), args.warm_start_episodes))
     if args.resume:
         files = latest_checkpoint(run_dir / "checkpoints")
         if files is None:

@@ -19,10 +19,12 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
 ``gumbel:TAU``  seed 004's Gumbel-softmax selection at temperature ``TAU`` over the scores
                 ``NER(r) - r / d`` (energy kept minus width used), a seeded Gumbel-max sample
 ``static:F``    static per-layer allocation of a budget ``F`` of logit FLOPs, from a label-free KL profile
-                of validation text (see :mod:`agents.static`); ``static``: each episode's own budget
+                of validation text (see :mod:`agents.static`); ``static``: each episode's own budget;
+                ``static:fisher``, ``static:F:fisher``: the profile's Fisher estimate
 ``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
 ``hindsight``   the hindsight oracle (:class:`oracle.hindsight.HindsightOracle`): the same water-fill on
-                each input's own KL profile, the ceiling of per-input layer allocation
+                each input's own KL profile, the ceiling of per-input layer allocation;
+                ``hindsight:fisher`` estimates the profile from the Fisher information (4-5x cheaper)
 ============== ===================================================================================
 """
 
@@ -37,7 +39,7 @@ from agents.static import StaticAllocation
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
-from oracle.hindsight import HindsightOracle
+from oracle.hindsight import PROFILE_ESTIMATES, HindsightOracle
 from oracle.policy import GreedyOracle, RankPolicy
 
 
@@ -214,6 +216,17 @@ class GumbelRank:
         return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
 
 
+def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
+    """``static[:F][:ESTIMATE]``: the budget ``F`` (none: each episode's) and the profile estimate, in any order."""
+    budget, estimate = None, "exact"
+    for part in filter(None, param.split(":")):
+        if part in PROFILE_ESTIMATES:
+            estimate = part
+        else:
+            budget = float(part)
+    return StaticAllocation.profile(budget, env_kwargs, estimate=estimate)
+
+
 BASELINES = (
     "full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle",
     "hindsight",
@@ -243,9 +256,9 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
         if name == "oracle" and not param:
             return GreedyOracle()
         if name == "static":
-            return StaticAllocation.profile(float(param) if param else None, env_kwargs or {})
-        if name == "hindsight" and not param:
-            return HindsightOracle()
+            return static_from_spec(param, env_kwargs or {})
+        if name == "hindsight":
+            return HindsightOracle(param or "exact")
     except ValueError as error:
         raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
     raise ValueError(f"unknown baseline {spec!r}; expected one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)")

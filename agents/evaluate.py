@@ -56,11 +56,19 @@ def time_forward(env: DRRLAttentionEnv, ranks: tuple | None, repeats: int, token
 
 
 def evaluate_policy(
-    policy: RankPolicy, env_kwargs: dict[str, Any], episodes: int = 4, seed: int = 10_000, timing_repeats: int = 2
+    policy: RankPolicy,
+    env_kwargs: dict[str, Any],
+    episodes: int = 4,
+    seed: int = 10_000,
+    timing_repeats: int = 2,
+    split: str = "test",
 ) -> EvaluationRow:
-    """Run ``policy`` over ``episodes`` seeded test-split episodes; see the module docstring for what is measured."""
+    """Run ``policy`` over ``episodes`` seeded episodes of ``split``; see the module docstring for what is measured.
+
+    The test split reports; the validation split selects (hyperparameters, checkpoints) without touching it.
+    """
     # the reward is not used here; eq13 lets the greedy oracle score candidates, and the reference pass gives the KL
-    kwargs = {**env_kwargs, "split": "test", "reward": "eq13", "terminal_lm_weight": 1.0}
+    kwargs = {**env_kwargs, "split": split, "reward": "eq13", "terminal_lm_weight": 1.0}
     env: DRRLAttentionEnv = gym.make(ENV_ID, **kwargs).unwrapped
     cfg = env.config
     grid = np.zeros((env.num_layers, env.num_segments))
@@ -89,7 +97,7 @@ def evaluate_policy(
             kls.append(info["kl"])
             losses.append(info["lm_loss"])
             full_losses.append(info["lm_loss_full"])
-        timing_tokens = sequential_chunks(corpus_tokens(cfg.corpus, "test", env.loaded.tokenizer), cfg.seq_len)
+        timing_tokens = sequential_chunks(corpus_tokens(cfg.corpus, split, env.loaded.tokenizer), cfg.seq_len)
         timing_tokens = timing_tokens[: cfg.batch_size]
         replay = tuple(tuple(int(round(r)) for r in row) for row in grid)
         ms = time_forward(env, replay, timing_repeats, timing_tokens) if timing_repeats else float("nan")

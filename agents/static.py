@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.models import load_causal_lm, resolve_device
-from oracle.hindsight import LayerAllocationPolicy, allocate_ranks, layer_kl_profile, rank_shares
+from oracle.hindsight import LayerAllocationPolicy, allocate_ranks, kl_profile, rank_shares
 
 PROFILE_BATCH = 4
 """validation sequences per profiling forward"""
@@ -29,19 +29,22 @@ class StaticAllocation(LayerAllocationPolicy):
     """One fixed candidate index per layer, whatever the input: the water-fill of a validation profile.
 
     ``budget`` is a share of full attention's logit FLOPs; None spends each episode's own budget
-    (``env.budget_share``), as ``uniform`` does.
+    (``env.budget_share``), as ``uniform`` does. ``estimate`` says how the profile was measured.
     """
 
-    def __init__(self, budget: float | None, cost: np.ndarray, ranks: tuple[int, ...], head_dim: int) -> None:
+    def __init__(
+        self, budget: float | None, cost: np.ndarray, ranks: tuple[int, ...], head_dim: int, estimate: str = "exact"
+    ) -> None:
         super().__init__()
-        self.budget = budget
+        self.budget, self.estimate = budget, estimate
         self.cost = cost  # (L, K) mean per-token KL of each layer alone at each candidate rank, on validation text
         self.ranks, self.head_dim = ranks, head_dim
         self._allocations: dict[float, list[int]] = {}
 
     @property
     def name(self) -> str:
-        return "static" if self.budget is None else f"static:{self.budget:g}"
+        budget = "" if self.budget is None else f":{self.budget:g}"
+        return "static" + budget + ("" if self.estimate == "exact" else f":{self.estimate}")
 
     def allocation(self, budget: float) -> list[int]:
         """Candidate index per layer for ``budget`` (cached)."""
@@ -55,7 +58,12 @@ class StaticAllocation(LayerAllocationPolicy):
 
     @classmethod
     def profile(
-        cls, budget: float | None, env_kwargs: dict, max_tokens: int = 2048, progress: bool = True
+        cls,
+        budget: float | None,
+        env_kwargs: dict,
+        max_tokens: int = 2048,
+        progress: bool = True,
+        estimate: str = "exact",
     ) -> StaticAllocation:
         """Profile each layer's KL at each candidate rank on validation text; allocate ``budget`` (None: per episode).
 
@@ -68,8 +76,8 @@ class StaticAllocation(LayerAllocationPolicy):
         config = EnvConfig(**env_kwargs)
         corpus = DEFAULT_CORPUS if config.corpus in EVALUATION_ONLY else config.corpus
         args = (config.model, corpus, config.seq_len, config.segment_len, config.ranks, config.spectral_mode)
-        cost, head_dim = validation_profile(*args, config.device, max_tokens, progress)
-        return cls(budget, cost, config.ranks, head_dim)
+        cost, head_dim = validation_profile(*args, config.device, max_tokens, progress, estimate)
+        return cls(budget, cost, config.ranks, head_dim, estimate)
 
 
 @functools.cache
@@ -83,6 +91,7 @@ def validation_profile(
     device: str,
     max_tokens: int,
     progress: bool,
+    estimate: str = "exact",
 ) -> tuple[np.ndarray, int]:
     """``(L, K)`` per-token KL of each layer alone at each rank, averaged over validation text; and the head dim."""
     loaded = load_causal_lm(model, device=str(resolve_device(device)))
@@ -90,5 +99,5 @@ def validation_profile(
     batches = list(chunks.split(PROFILE_BATCH))
     total = np.zeros((loaded.attention_shape.num_layers, len(ranks)))
     for batch in tqdm(batches, desc="static allocation: validation KL profile", disable=not progress):
-        total += layer_kl_profile(loaded, batch, ranks, mode, segment_len) * batch.shape[0]
+        total += kl_profile(loaded, batch, ranks, mode, segment_len, estimate) * batch.shape[0]
     return total / chunks.shape[0], loaded.attention_shape.head_dim

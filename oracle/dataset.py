@@ -53,7 +53,9 @@ VERSION = 1
 METADATA_FILE = "metadata.json"
 CHECKSUMS_FILE = "checksums.json"
 DATA_DIR = "data"
-REWARD_TERMS = ("fidelity", "flops", "perturbation", "violation", "terminal")
+REWARD_TERMS = ("fidelity", "flops", "perturbation", "shaping", "violation", "terminal")
+"""reward terms recorded per step: Eq. 13's three (reward 'eq13') or the shaping term (reward 'kl'), and the
+violation and terminal terms of both; a term the reward does not have is recorded as 0"""
 
 
 class DatasetMismatchError(ValueError):
@@ -252,7 +254,7 @@ def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: i
             "rank": int(info["rank"]),
             "action_mask": mask,
             "reward": float(reward),
-            **{f"reward_{term}": float(terms[term]) for term in REWARD_TERMS},
+            **{f"reward_{term}": float(terms.get(term, 0.0)) for term in REWARD_TERMS},
             "fidelity": float(info["fidelity"]),
             "flops_ratio": float(info["flops"] / info["flops_full"]),
             "perturbation": float(info["perturbation"]),

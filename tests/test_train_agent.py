@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=ENV)
+def run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env={**ENV, **env})
 
 
 def test_help_explains_every_option():
@@ -35,18 +35,24 @@ def test_help_explains_every_option():
 
 def tiny_options(model_dir: str) -> list[str]:
     return ["--model", model_dir, "--ranks", "4", "8", "12", "16", "--seq-len", "32", "--segment-len", "8",
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu", "--warm-start", "none"]  # fmt: skip
 
 
 def test_train_agent_smoke(tiny_model_dir, tmp_path):
+    options = [*tiny_options(tiny_model_dir), "--warm-start", "hindsight", "--warm-start-episodes", "4"]
     out = run(
-        "train_agent.py", *tiny_options(tiny_model_dir), "--total-timesteps", "64", "--n-steps", "32",
-        "--eval-episodes", "1", "--eval-every", "32", "--compare", "full", "fixed:8", "--logdir", str(tmp_path),
+        "train_agent.py", *options, "--total-timesteps", "64", "--n-steps", "32", "--eval-episodes", "1",
+        "--eval-every", "32", "--compare", "full", "fixed:8", "--logdir", str(tmp_path / "runs"),
+        DRRL_CACHE_DIR=str(tmp_path / "cache"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "maskable_ppo (this run)" in out.stdout and "| fixed:8 |" in out.stdout
-    (run_dir,) = tmp_path.glob("DRRL-Attention-v0__maskable_ppo__0__*")
+    assert "behaviour cloning: held-out agreement with the oracle" in out.stdout
+    (teacher,) = (tmp_path / "cache" / "datasets").glob("hindsight-fisher-*")
+    assert json.loads((teacher / "metadata.json").read_text())["episodes"] == 4
+    (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-v0__maskable_ppo__0__*")
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
+    assert (run_dir / "bc_model.safetensors").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(run_dir)).Reload().Tags()
@@ -57,7 +63,7 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     assert "drrl/rank_histogram" in tags["histograms"] and "drrl/rank_heatmap" in tags["images"]
     from agents.figures import training_curves_figure
 
-    figure = training_curves_figure(tmp_path)  # Fig. 2 from the run's event files
+    figure = training_curves_figure(tmp_path / "runs")  # Fig. 2 from the run's event files
     assert figure is not None and any(axis.lines for axis in figure.axes)
 
 

@@ -1,0 +1,44 @@
+"""The teacher of budgeted episodes: a hindsight-oracle dataset, built once per env configuration and cached.
+
+``train_agent.py`` behaviour-clones it before reinforcement learning (``--warm-start hindsight``,
+the default). The oracle is :class:`oracle.hindsight.HindsightOracle` with the Fisher estimate of
+the layer KL profile (``hindsight:fisher``; :mod:`oracle.fisher`): the water-fill of the episode's
+budget over what each layer's rank costs on this very input, label-free. The dataset lives under
+``$DRRL_CACHE_DIR/datasets/`` in a folder named by a digest of the env configuration and the seed,
+so a second run with the same options reuses it, and a run asking for more episodes extends it
+(``oracle.record_trajectories`` resumes, and verifies every shard's checksum).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from drrl_env.config import EnvConfig
+from drrl_env.models import cache_dir
+from oracle.dataset import record_trajectories
+from oracle.hindsight import HindsightOracle
+
+WARM_STARTS = ("hindsight", "none")
+TEACHER_SEED = 500_000
+"""episode ``i`` of the teacher's dataset runs with seed ``TEACHER_SEED + i`` (train split)"""
+
+
+def teacher_folder(env_kwargs: dict[str, Any], estimate: str = "fisher") -> Path:
+    """The cache folder of the hindsight dataset for ``env_kwargs`` (the device is not part of the key)."""
+    config = EnvConfig(**env_kwargs)
+    described = {key: value for key, value in vars(config).items() if key != "device"}
+    text = json.dumps({"oracle": f"hindsight:{estimate}", "seed": TEACHER_SEED, **described}, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return cache_dir() / "datasets" / f"hindsight-{estimate}-{digest}"
+
+
+def hindsight_teacher_dataset(
+    env_kwargs: dict[str, Any], episodes: int, estimate: str = "fisher", progress: bool = True
+) -> Path:
+    """Build (or reuse, or extend) the hindsight-oracle dataset of ``episodes`` episodes for ``env_kwargs``."""
+    folder = teacher_folder(env_kwargs, estimate)
+    record_trajectories(folder, HindsightOracle(estimate), episodes, env_kwargs, TEACHER_SEED, progress=progress)
+    return folder

@@ -1,0 +1,107 @@
+"""A cheap estimate of the hindsight profile: the Fisher information of the model's own predictions.
+
+:func:`oracle.hindsight.layer_kl_profile` measures ``cost[l, k]``, the mean per-token
+``KL(p_full || p)`` when layer ``l`` alone runs at candidate rank ``k``, with about
+``L * (K - 1) / 2`` forwards. To second order in the change ``delta[l, k]`` of layer ``l``'s
+attention output (low-rank minus full),
+
+    KL ~= 1/2 * delta^T J^T F J delta,    F = E_{y ~ p_full}[(e_y - p)(e_y - p)^T] per position,
+
+where ``J`` is the Jacobian of the logits with respect to that attention output: the Fisher
+information of the next-token distributions, the quantity Palu allocates its ranks by. With
+labels ``y`` sampled from the full model itself (no labels of the text are used), the gradient
+``g = d sum_t log p(y_t) / d output`` satisfies ``E[(g . delta)^2] = delta^T J^T F J delta``, so
+
+    cost[l, k] ~= 1/2 * mean over samples of (g_l . delta[l, k])^2 / tokens        (Eq. F)
+
+needs one forward with the candidates' outputs, computed from the same spectra, and one backward
+pass per sample, whatever ``L`` and ``K`` are. The cost of the estimate is noise: one sample is a
+chi-square variable with one degree of freedom (relative spread ``sqrt(2 / samples)``), and the
+second-order model misses what the exact profile sees at low ranks. How well the allocations it
+gives agree with the exact ones is measured in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from drrl_env.hook import AttentionCall, install
+from drrl_env.models import LoadedModel
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block no parameter requires a gradient (the backward passes need only the activations')."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def fisher_kl_profile(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple[int, ...],
+    mode: str = "separate",
+    segment_len: int | None = None,
+    samples: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """``(L, K)`` Fisher estimate (Eq. F) of :func:`oracle.hindsight.layer_kl_profile`, label-free.
+
+    Args:
+        loaded: the model.
+        input_ids: ``(B, n)`` the batch.
+        ranks: ascending candidate ranks; a rank ``>= head_dim`` costs 0.
+        mode: spectral mode of the low-rank attention.
+        segment_len: query segments per layer call, as in the env (every segment of a layer at the rank).
+        samples: label samples drawn from the full model per position (backward passes).
+        seed: seed of the label samples.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    model, hook = loaded.model, install(loaded.model)
+    shape = loaded.attention_shape
+    input_ids = input_ids.to(loaded.device)
+    rows, tokens = input_ids.shape
+    below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
+    cost = np.zeros((shape.num_layers, len(ranks)))
+    if not below:
+        return cost
+    table = torch.tensor([[ranks[k]] * shape.kv_heads for k in below])  # (C, Hkv)
+    taps: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, zero tap, (C, B, Hq, m, d) deltas)
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        full = call.full()
+        with torch.no_grad():
+            delta = call.low_rank(table, mode) - full.detach()  # one set of spectra serves every candidate
+        tap = torch.zeros_like(full, requires_grad=True)  # d loss / d tap = d loss / d (this attention output)
+        taps.append((call.layer, tap, delta))
+        return full + tap
+
+    with _frozen(model), torch.enable_grad(), hook.use(handler, segment_len):
+        logits = model(input_ids=input_ids).logits.float()  # (B, n, V)
+        log_p = torch.log_softmax(logits, dim=-1)
+        generator = torch.Generator(device=log_p.device).manual_seed(seed)
+        probabilities = log_p.detach().exp().flatten(0, 1)  # (B * n, V)
+        squares = torch.zeros(shape.num_layers, len(below), rows, dtype=torch.float64)
+        for sample in range(samples):
+            labels = torch.multinomial(probabilities, 1, generator=generator).view(rows, tokens, 1)
+            log_likelihood = log_p.gather(-1, labels).sum()
+            gradients = torch.autograd.grad(
+                log_likelihood, [tap for _, tap, _ in taps], retain_graph=sample < samples - 1
+            )
+            projections = torch.zeros(shape.num_layers, len(below), rows, dtype=torch.float64)
+            for (layer, _, delta), gradient in zip(taps, gradients, strict=True):
+                projections[layer] += (delta * gradient).sum(dim=(2, 3, 4)).double().cpu()  # (C, B): g . delta per row
+            squares += projections**2
+    estimate = 0.5 * squares.sum(dim=2) / samples / (rows * tokens)  # (L, C) per token
+    cost[:, below] = estimate.numpy()
+    return cost

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from drrl_env.hook import AttentionCall, install
+from drrl_env.models import LoadedModel
+from oracle.fisher import fisher_kl_profile
+from oracle.hindsight import layer_kl_profile
+from tests.conftest import tiny_llama
+
+RANKS = (2, 4, 8, 12, 16)
+
+
+def sharp_tiny_llama(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Tiny Llama (vocab 1000, 2 layers) with layer 0's W_Q, W_K scaled by 8: low ranks cost something there."""
+    model = tiny_llama(vocab_size=1000, num_layers=2).to(dtype)
+    attention = model.model.layers[0].self_attn
+    attention.q_proj.weight.data.mul_(8.0)
+    attention.k_proj.weight.data.mul_(8.0)
+    return LoadedModel("tiny", model, tokenizer=None)
+
+
+def second_order_kl(loaded: LoadedModel, ids: torch.Tensor, layer: int, rank: int, mode: str) -> float:
+    """``1/2 dz^T F dz`` per token in float64, ``dz`` the logits' directional derivative along layer's delta."""
+    hook = install(loaded.model)
+
+    def along(step: float):
+        def handler(call: AttentionCall) -> torch.Tensor:
+            full = call.full()
+            return full + step * (call.low_rank(rank, mode) - full) if call.layer == layer else full
+
+        return handler
+
+    step = 1e-4
+    with torch.no_grad():
+        with hook.use(along(0.0)):
+            p = torch.softmax(loaded.model(input_ids=ids).logits, -1)
+        with hook.use(along(step)):
+            plus = loaded.model(input_ids=ids).logits
+        with hook.use(along(-step)):
+            minus = loaded.model(input_ids=ids).logits
+    dz = (plus - minus) / (2 * step)  # (B, n, V)
+    fisher = (p * dz**2).sum(-1) - (p * dz).sum(-1) ** 2
+    return float(0.5 * fisher.mean())
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_fisher_estimate_converges_to_the_second_order_kl(mode):
+    loaded = sharp_tiny_llama(torch.float64)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    estimate = fisher_kl_profile(loaded, ids, RANKS, mode, samples=2000)
+    for rank_index, rank in enumerate(RANKS[:2]):
+        reference = second_order_kl(loaded, ids, 0, rank, mode)
+        assert reference > 1e-5
+        # 2000 samples of a chi-square variable: relative spread about sqrt(2 / 2000) = 3 %
+        assert estimate[0, rank_index] == pytest.approx(reference, rel=0.12), rank
+    assert (estimate[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("mode, segment_len", [("separate", None), ("joint", 8)])
+def test_fisher_estimate_ranks_cells_like_the_exact_profile(mode, segment_len):
+    loaded = sharp_tiny_llama()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    exact = layer_kl_profile(loaded, ids, RANKS, mode, segment_len)
+    estimate = fisher_kl_profile(loaded, ids, RANKS, mode, segment_len, samples=64, seed=1)
+    assert estimate.shape == exact.shape and (estimate >= 0).all()
+    cells = exact[:, :-1].ravel() > 1e-6
+    assert spearmanr(exact[:, :-1].ravel()[cells], estimate[:, :-1].ravel()[cells])[0] > 0.9
+    assert np.allclose(estimate, exact, rtol=0.5, atol=2e-5)  # second order, where the exact KL is small
+    again = fisher_kl_profile(loaded, ids, RANKS, mode, segment_len, samples=64, seed=1)
+    assert np.array_equal(again, estimate)  # same seed, same labels
+    assert all(parameter.requires_grad is False for parameter in loaded.model.parameters())
+
+
+def test_fisher_restores_gradient_flags_and_rejects_no_samples():
+    loaded = sharp_tiny_llama()
+    loaded.model.requires_grad_(True)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    fisher_kl_profile(loaded, ids, RANKS, samples=1)
+    assert all(parameter.requires_grad for parameter in loaded.model.parameters())
+    assert all(parameter.grad is None for parameter in loaded.model.parameters())
+    with pytest.raises(ValueError, match="samples"):
+        fisher_kl_profile(loaded, ids, RANKS, samples=0)
