@@ -51,9 +51,17 @@ from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
 
+TRAIN_ENV_DEFAULTS = {"seq_len": 128, "batch_size": 1, "spectral_mode": "joint", "guardrail": "off"}
+"""train_agent's env defaults where they differ from EnvConfig's: 1 x 128 tokens; the Eckart-Young-optimal
+'joint' mode, where per-input allocation has the most headroom (docs/results.md); the budget as the only
+constraint, as in AMC (a guardrail moves an allocation's ranks, and the budget mask then takes it out of later
+layers)"""
+BC_MODEL = "bc_model.safetensors"
+"""the behaviour-cloned agent a run starts from, in its run folder"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of TrainConfig, CompareConfig and EnvConfig (train_agent's defaults: 1 x 128 tokens)."""
+    """The options of TrainConfig, CompareConfig and EnvConfig (train_agent's env defaults: TRAIN_ENV_DEFAULTS)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(
         parser,
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
         nargs={"compare": "*"},
     )
-    add_env_arguments(parser, seq_len=128, batch_size=1)
+    add_env_arguments(parser, **TRAIN_ENV_DEFAULTS)
     return parser
 
 
@@ -192,7 +200,7 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
             BCConfig(args.policy, args.history, args.bc_epochs, seed=args.seed, entropy_coef=args.bc_entropy_coef),
             run_dir / "bc",
         )
-        load_agent_into(model, save_agent(bc, run_dir / "bc_model.safetensors"))
+        load_agent_into(model, save_agent(bc, run_dir / BC_MODEL))
         print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
     elif args.bc_model and not warm_zip:
         load_agent_into(model, args.bc_model)
@@ -200,11 +208,14 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
     return model
 
 
-def compare(args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, Any]) -> None:
-    """Run ``--compare``'s baselines and the agent over the same test episodes; print the table."""
+def compare(args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, Any], run_dir: Path) -> None:
+    """Run ``--compare``'s baselines, the behaviour-cloned start (if any) and the agent over the same test episodes."""
     algorithm = get_algorithm(args.algo)
     setup = setup_of_observation_space(model.observation_space)
     policies = [make_policy(spec, kwargs, args.trust_pickle) for spec in args.compare]
+    if (run_dir / BC_MODEL).is_file():
+        policies.append(make_policy(str(run_dir / BC_MODEL), kwargs))
+        policies[-1].name = "bc (this run's start)"
     policies.append(ModelPolicy(model.policy, algorithm, setup, f"{args.algo} (this run)"))
     rows = [
         evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=args.timing_repeats)
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     model.get_env().close()
     print(f"saved {path} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
     if args.compare:
-        compare(args, model, kwargs)
+        compare(args, model, kwargs, run_dir)
     return 0
 
 

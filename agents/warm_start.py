@@ -6,7 +6,9 @@ the layer KL profile (``hindsight:fisher``; :mod:`oracle.fisher`): the water-fil
 budget over what each layer's rank costs on this very input, label-free. The dataset lives under
 ``$DRRL_CACHE_DIR/datasets/`` in a folder named by a digest of the env configuration and the seed,
 so a second run with the same options reuses it, and a run asking for more episodes extends it
-(``oracle.record_trajectories`` resumes, and verifies every shard's checksum).
+(``oracle.record_trajectories`` resumes, and verifies every shard's checksum). Options that change
+only the rewards (:data:`REWARD_OPTIONS`) are left out of the key: the dataset is recorded with
+their defaults, since behaviour cloning reads only observations, masks and actions.
 """
 
 from __future__ import annotations
@@ -22,15 +24,28 @@ from oracle.dataset import record_trajectories
 from oracle.hindsight import HindsightOracle
 
 WARM_STARTS = ("hindsight", "none")
+REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "alpha", "beta", "gamma", "violation_penalty",
+                  "terminal_lm_weight")  # fmt: skip
+"""options that change only the rewards: the teacher's actions and observations do not depend on them, so its
+dataset is recorded with their defaults and shared by runs that differ only in them"""
+
+
+def teacher_env_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``env_kwargs`` with the reward options at their defaults (see :data:`REWARD_OPTIONS`)."""
+    defaults = EnvConfig()
+    return {**env_kwargs, **{name: getattr(defaults, name) for name in REWARD_OPTIONS}}
+
+
 TEACHER_SEED = 500_000
 """episode ``i`` of the teacher's dataset runs with seed ``TEACHER_SEED + i`` (train split)"""
 
 
 def teacher_folder(env_kwargs: dict[str, Any], estimate: str = "fisher") -> Path:
     """The cache folder of the hindsight dataset for ``env_kwargs`` (the device is not part of the key)."""
-    config = EnvConfig(**env_kwargs)
+    config = EnvConfig(**teacher_env_kwargs(env_kwargs))
     described = {key: value for key, value in vars(config).items() if key != "device"}
-    text = json.dumps({"oracle": f"hindsight:{estimate}", "seed": TEACHER_SEED, **described}, sort_keys=True, default=str)
+    key = {"oracle": f"hindsight:{estimate}", "seed": TEACHER_SEED, **described}
+    text = json.dumps(key, sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return cache_dir() / "datasets" / f"hindsight-{estimate}-{digest}"
 
@@ -40,5 +55,6 @@ def hindsight_teacher_dataset(
 ) -> Path:
     """Build (or reuse, or extend) the hindsight-oracle dataset of ``episodes`` episodes for ``env_kwargs``."""
     folder = teacher_folder(env_kwargs, estimate)
-    record_trajectories(folder, HindsightOracle(estimate), episodes, env_kwargs, TEACHER_SEED, progress=progress)
+    kwargs = teacher_env_kwargs(env_kwargs)
+    record_trajectories(folder, HindsightOracle(estimate), episodes, kwargs, TEACHER_SEED, progress=progress)
     return folder

@@ -17,10 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.config import GUARDRAILS, REWARDS, SPLITS, EnvConfig
+from drrl_env.config import GUARDRAILS, KL_BASELINES, REWARDS, SPLITS, EnvConfig
 from drrl_env.lowrank import SPECTRAL_MODES
 
-_CHOICES = {"spectral_mode": SPECTRAL_MODES, "split": SPLITS, "reward": REWARDS, "guardrail": GUARDRAILS}
+_CHOICES = {
+    "spectral_mode": SPECTRAL_MODES,
+    "split": SPLITS,
+    "reward": REWARDS,
+    "guardrail": GUARDRAILS,
+    "kl_baseline": KL_BASELINES,
+}
 
 
 def at_least(minimum: int):

@@ -16,6 +16,7 @@ from drrl_env.models import DEFAULT_MODEL
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
+KL_BASELINES = ("none", "uniform")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 
@@ -50,6 +51,10 @@ class EnvConfig:
     or 'auto' (kl with a budget, eq13 without)"""
     kl_shaping_weight: float = 1.0
     """weight w of the shaping potential -w * (relative residual-stream deviation) of the kl reward; 0: terminal only"""
+    kl_baseline: str = "none"
+    """kl reward only: 'uniform' subtracts from the terminal -KL the -KL of uniform ranks at the episode's budget on
+    the same batch (one more forward per episode), so the return measures the policy against a fixed rule on this
+    input and no longer carries how hard the input is; 'none': the plain -KL"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5
@@ -97,6 +102,7 @@ class EnvConfig:
         choice("spectral_mode", SPECTRAL_MODES)
         choice("split", SPLITS)
         choice("reward", REWARDS)
+        choice("kl_baseline", KL_BASELINES)
         choice("guardrail", GUARDRAILS)
         for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "kl_shaping_weight"):
             _check_number(name, getattr(self, name), minimum=0.0, maximum=MAX_WEIGHT)

@@ -279,10 +279,23 @@ class Episode:
             )
             if cfg.reward_kind == "kl":
                 terms["terminal"] = -self.final["kl"]
+                if cfg.kl_baseline == "uniform":
+                    self.final["kl_uniform"] = self._uniform_kl()
+                    terms["terminal"] += self.final["kl_uniform"]
             else:
                 terms["terminal"] = cfg.terminal_lm_weight * (self.final["lm_loss_full"] - self.final["lm_loss"])
         info.update(self.final)
         self.runner.logits = None  # free the (B, n, V) logits
+
+    def _uniform_kl(self) -> float:
+        """KL from the reference of this batch with every step at the largest candidate rank within the budget."""
+        shares = self.candidate_ranks.clamp(max=self.head_dim).double() / self.head_dim
+        within = torch.nonzero(shares <= self.budget.share + 1e-12).flatten()
+        rank = int(self.candidate_ranks[within[-1] if len(within) else 0])
+        mode = self.config.spectral_mode
+        with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank, mode), self.config.segment_len):
+            logits = self.loaded.model(input_ids=self.batch).logits
+        return next_token_kl(self.reference.logits, logits)
 
     def candidates(self) -> CandidateRewards:
         """Eq. 13 reward of every candidate at the current step, in one batched pass (nothing changes)."""

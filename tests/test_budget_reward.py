@@ -184,3 +184,25 @@ def test_kl_and_lm_loss_match_float64_references():
     assert next_token_kl(full, full) == 0.0
     expected_loss = float(F.cross_entropy(full[:, :-1].reshape(-1, 500).double(), ids[:, 1:].reshape(-1)))
     assert lm_loss(full, ids) == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_same_batch(tiny_layered_model_dir):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    plain, based = make(kwargs), make(kwargs, kl_baseline="uniform")  # budget 0.625: uniform is rank 8 (share 0.5)
+    for action in (1, 0):  # rank 8 everywhere (the baseline itself), then rank 4 everywhere (worse)
+        finals = []
+        for env in (plain, based):
+            env.reset(seed=5)
+            terminated = False
+            while not terminated:
+                _, _, terminated, _, info = env.step(action)
+            finals.append(info)
+        assert finals[1]["kl"] == finals[0]["kl"] > 1e-4  # the same episode: the baseline changes only the reward
+        assert "kl_uniform" not in finals[0]
+        assert finals[1]["reward_terms"]["terminal"] == pytest.approx(finals[1]["kl_uniform"] - finals[1]["kl"])
+        if action == 1:  # the episode ran exactly the baseline's ranks
+            assert finals[1]["kl_uniform"] == pytest.approx(finals[1]["kl"], rel=1e-5)
+        else:
+            assert finals[1]["kl_uniform"] < finals[1]["kl"] and finals[1]["reward_terms"]["terminal"] < 0
+    with pytest.raises(ValueError, match="kl_baseline"):
+        make(kwargs, kl_baseline="static")

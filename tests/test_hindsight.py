@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from agents.baselines import UniformBudget
+from agents.baselines import UniformBudget, make_baseline
 from agents.static import StaticAllocation
 from drrl_env.hook import install
 from drrl_env.models import LoadedModel, load_causal_lm
@@ -59,7 +59,14 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
     kwargs.update(flops_budget=(0.4, 0.8), device="cpu", guardrail="off")  # the guardrail would move ranks
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     kls = {}
-    for policy in (HindsightOracle(), UniformBudget(), StaticAllocation.profile(None, kwargs, max_tokens=256)):
+    policies = (
+        HindsightOracle(),
+        HindsightOracle("fisher"),
+        UniformBudget(),
+        StaticAllocation.profile(None, kwargs, max_tokens=256),
+        make_baseline("static:fisher", kwargs),
+    )
+    for policy in policies:
         observation, info = env.reset(seed=3)
         policy.reset(3)
         terminated, ranks = False, []
@@ -69,8 +76,12 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
             ranks.append(info["rank"])
         assert info["budget_used"] <= info["budget"] + 1e-9
         kls[policy.name] = info["kl"]
-        if policy.name == "hindsight":
+        if policy.name.startswith("hindsight"):
             flops = np.asarray(RANKS) / 16
             expected = [RANKS[k] for k in allocate_ranks(policy.last_profile, flops, info["budget"])]
             assert ranks == [rank for rank in expected for _ in range(4)]  # every segment of a layer
-    assert set(kls) == {"hindsight", "uniform", "static"} and all(np.isfinite(list(kls.values())))
+    assert set(kls) == {"hindsight", "hindsight:fisher", "uniform", "static", "static:fisher"}
+    assert all(np.isfinite(list(kls.values())))
+    assert make_baseline("static:0.5:fisher", kwargs).name == "static:0.5:fisher"
+    with pytest.raises(ValueError, match="bad parameter in policy spec 'hindsight:fast'"):
+        make_baseline("hindsight:fast", kwargs)

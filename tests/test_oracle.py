@@ -174,9 +174,21 @@ def test_oracle_command(tmp_path, tiny_model_dir):
     assert refused.returncode == 2 and "ranks: stored [4, 8, 16], requested [4, 8]" in refused.stderr
     hindsight = tmp_path / "hindsight"
     command = [*common[:3], "--out", str(hindsight), *common[-4:], *ranks, "--episodes", "1", "--policy", "hindsight"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((hindsight / "metadata.json").read_text())["policy"] == "hindsight"
+    for estimate in ("exact", "fisher"):
+        done = subprocess.run([*command, "--estimate", estimate, "--reward", "kl"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads((hindsight / "metadata.json").read_text())["policy"] == f"hindsight:{estimate}".replace(
+            ":exact", ""
+        )
+        rows = load_trajectories(hindsight)
+        assert list(rows["reward_fidelity"]) == [0.0] * len(rows)  # the kl reward: no Eq. 13 terms,
+        assert rows["reward_terminal"][-1] < 0  # but -KL at the end
+        hindsight = tmp_path / "hindsight-fisher"
+        command[command.index("--out") + 1] = str(hindsight)
+    refused = subprocess.run(
+        [*common, *ranks, "--episodes", "2", "--estimate", "fisher"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--estimate belongs to --policy hindsight" in refused.stderr
 
 
 def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
@@ -224,3 +236,17 @@ def test_baselines_record_through_the_same_writer(tmp_path, tiny_model_dir):
         text=True,
     )
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr
+
+
+def test_teacher_folder_is_keyed_by_the_env_configuration(tmp_path, monkeypatch):
+    from agents.warm_start import teacher_folder
+
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
+    base = dict(model="some/model", seq_len=32, ranks=(4, 8, 16))
+    folder = teacher_folder({**base, "device": "cpu"})
+    assert folder.parent == tmp_path / "datasets" and folder.name.startswith("hindsight-fisher-")
+    assert teacher_folder({**base, "device": "cuda"}) == folder  # the device does not change the episodes
+    assert teacher_folder({**base, "seq_len": 64}) != folder
+    assert teacher_folder({**base, "flops_budget": 0.5}) != folder
+    assert teacher_folder(base, "exact") != folder
+    assert teacher_folder({**base, "kl_shaping_weight": 0.0, "kl_baseline": "uniform"}) == folder  # rewards only
