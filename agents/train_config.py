@@ -16,7 +16,7 @@ class TrainConfig:
 
     algo: str = "maskable_ppo"
     """RL algorithm, a name of the registry agents.algorithms.ALGORITHMS"""
-    total_timesteps: int = 15000
+    total_timesteps: int = 4500
     """env steps of training (with --resume: the total, steps already done included)"""
     seed: int = 0
     """seed of the agent and of the episodes"""
@@ -36,7 +36,7 @@ class TrainConfig:
     the Fisher estimate of what each layer's rank costs on that input), on a dataset of --warm-start-episodes
     episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'none': start from
     scratch. --bc-dataset or --bc-model replace it"""
-    warm_start_episodes: int = 24
+    warm_start_episodes: int = 16
     """episodes of the hindsight dataset of --warm-start hindsight (about 10 s each on the 2-core CPU at 1x128)"""
     bc_dataset: str | None = None
     """oracle dataset (python -m oracle): behaviour-clone on it first"""
