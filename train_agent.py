@@ -151,6 +151,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.bc_dataset and args.bc_model:
         raise ValueError("give --bc-dataset or --bc-model, not both")
     check_output_folder(args.logdir, "--logdir")
+    algorithm_hyperparameters(args)
     if args.resume:
         return  # the warm start happened when the run began
     for name in ("bc_dataset", "bc_model"):
@@ -161,6 +162,24 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"--bc-model {args.bc_model} is an SB3 .zip, a pickle that can run code when loaded; "
             "pass --trust-pickle if you trust it, or give an agent .safetensors file"
         )
+
+
+def algorithm_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """``--hyperparams`` as constructor keywords of the algorithm; one-line errors for bad JSON or unknown names."""
+    if not args.hyperparams:
+        return {}
+    try:
+        values = json.loads(args.hyperparams)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hyperparams {args.hyperparams!r} is not JSON: {error.msg}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--hyperparams must be a JSON object of keyword arguments, got {args.hyperparams!r}")
+    algorithm = get_algorithm(args.algo)
+    accepted = set(inspect.signature(algorithm.cls).parameters) - {"policy", "env", "policy_kwargs", "seed", "device"}
+    unknown = sorted(set(values) - accepted)
+    if unknown:
+        raise ValueError(f"--hyperparams: {algorithm.cls.__name__} takes no {unknown}; it takes {sorted(accepted)}")
+    return values
 
 
 def check_episode_fit(args: argparse.Namespace, env: VecEnv) -> None:
@@ -183,14 +202,18 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
     extra: dict[str, Any] = {"n_steps": args.n_steps}
     if algorithm.on_policy and "batch_size" in inspect.signature(algorithm.cls).parameters:
         extra["batch_size"] = min(64, args.n_steps * args.n_envs)
+    extra.update(algorithm_hyperparameters(args))
     warm_zip = not args.resume and args.bc_model and args.bc_model.endswith(".zip")
     if warm_zip:  # a plain SB3 zip, with --trust-pickle
         model = load_sb3_zip(args.bc_model, algorithm, args.trust_pickle, env=env, seed=args.seed, **extra)
     else:
         model = algorithm.make(env, setup, args.seed, None, **extra)
     if not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
-        if args.per_head or env_kwargs(args)["flops_budget"] is None:
-            print("note: --warm-start hindsight needs a --flops-budget and one rank per layer; starting from scratch")
+        if args.per_head or env_kwargs(args)["flops_budget"] is None or not algorithm.masked:
+            print(
+                "note: --warm-start hindsight needs maskable_ppo, a --flops-budget and one rank per layer; "
+                "starting from scratch"
+            )
         else:
             args.bc_dataset = str(hindsight_teacher_dataset(env_kwargs(args), args.warm_start_episodes))
     if args.resume:

@@ -27,6 +27,10 @@ class TrainConfig:
     n_steps: int = 150
     """rollout length per env and update for on-policy algorithms; it must be a multiple of the episode length
     (layers x segments), so that checkpoints fall at episode boundaries, which --resume needs"""
+    hyperparams: str | None = None
+    """keyword arguments of the algorithm's constructor as a JSON object, SB3's names, e.g.
+    '{"learning_rate": 1e-4, "target_kl": 0.01}' (n_steps has its own option; batch_size defaults to
+    min(64, n_steps x n_envs))"""
     policy: str = "mlp"
     """policy network: 'mlp' or 'transformer'"""
     history: int = DEFAULT_HISTORY

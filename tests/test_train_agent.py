@@ -39,7 +39,8 @@ def tiny_options(model_dir: str) -> list[str]:
 
 
 def test_train_agent_smoke(tiny_model_dir, tmp_path):
-    options = [*tiny_options(tiny_model_dir), "--warm-start", "hindsight", "--warm-start-episodes", "4"]
+    options = [*tiny_options(tiny_model_dir), "--warm-start", "hindsight", "--warm-start-episodes", "4",
+               "--hyperparams", '{"learning_rate": 1e-4, "target_kl": 0.02}']  # fmt: skip
     out = run(
         "train_agent.py", *options, "--total-timesteps", "64", "--n-steps", "32", "--eval-episodes", "1",
         "--eval-every", "32", "--compare", "full", "fixed:8", "--logdir", str(tmp_path / "runs"),
@@ -72,6 +73,10 @@ def test_bad_arguments_get_a_clear_error(tmp_path):
     assert out.returncode == 2 and "warm-start maskable_ppo only" in out.stderr
     out = run("train_agent.py", "--resume", str(tmp_path))
     assert out.returncode == 2 and "not a run folder" in out.stderr
+    for hyperparams, message in (("{lr: 1}", "is not JSON"), ("[1]", "must be a JSON object"),
+                                 ('{"learning_rat": 1e-4}', "MaskablePPO takes no ['learning_rat']")):  # fmt: skip
+        out = run("train_agent.py", "--hyperparams", hyperparams, "--logdir", str(tmp_path))
+        assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("algo", ["maskable_ppo", "dqn"])  # dqn: replay buffer and exploration RNG too
