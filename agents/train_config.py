@@ -40,7 +40,7 @@ class TrainConfig:
     the Fisher estimate of what each layer's rank costs on that input), on a dataset of --warm-start-episodes
     episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'none': start from
     scratch. --bc-dataset or --bc-model replace it"""
-    warm_start_episodes: int = 16
+    warm_start_episodes: int = 24
     """episodes of the hindsight dataset of --warm-start hindsight (about 10 s each on the 2-core CPU at 1x128)"""
     bc_dataset: str | None = None
     """oracle dataset (python -m oracle): behaviour-clone on it first"""
