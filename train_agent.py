@@ -209,13 +209,14 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
     else:
         model = algorithm.make(env, setup, args.seed, None, **extra)
     if not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
-        if args.per_head or env_kwargs(args)["flops_budget"] is None or not algorithm.masked:
+        kwargs = env_kwargs(args)
+        if args.per_head or kwargs["flops_budget"] is None or not algorithm.masked:
             print(
                 "note: --warm-start hindsight needs maskable_ppo, a --flops-budget and one rank per layer; "
                 "starting from scratch"
             )
         else:
-            args.bc_dataset = str(hindsight_teacher_dataset(env_kwargs(args), args.warm_start_episodes))
+            args.bc_dataset = str(hindsight_teacher_dataset(kwargs, args.warm_start_episodes))
     if args.resume:
         files = latest_checkpoint(run_dir / "checkpoints")
         if files is None:

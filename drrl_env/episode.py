@@ -289,10 +289,7 @@ class Episode:
 
     def _uniform_kl(self) -> float:
         """KL from the reference of this batch with every step at the largest candidate rank within the budget."""
-        shares = self.candidate_ranks.clamp(max=self.head_dim).double() / self.head_dim
-        within = torch.nonzero(shares <= self.budget.share + 1e-12).flatten()
-        rank = int(self.candidate_ranks[within[-1] if len(within) else 0])
-        mode = self.config.spectral_mode
+        rank, mode = self.budget.uniform_rank(), self.config.spectral_mode
         with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank, mode), self.config.segment_len):
             logits = self.loaded.model(input_ids=self.batch).logits
         return next_token_kl(self.reference.logits, logits)

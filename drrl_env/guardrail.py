@@ -220,6 +220,11 @@ class FlopsBudget:
         """Whether ``ranks (Hkv,)`` at ``step`` keeps the episode within budget (later steps at the smallest rank)."""
         return self._within(step, int(np.asarray(ranks).sum()))
 
+    def uniform_rank(self) -> int:
+        """The largest candidate rank that every step can take within the budget (share ``min(r, d) / d <= share``)."""
+        budget = Fraction(self.share)
+        return max(rank for rank in self.ranks if Fraction(min(rank, self.head_dim), self.head_dim) <= budget)
+
     @property
     def used_share(self) -> float:
         """Units spent so far over the episode's full-attention units."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from drrl_env.hook import AttentionCall, install
-from drrl_env.models import LoadedModel
+from drrl_env.models import AttentionShape, LoadedModel
 
 
 @contextlib.contextmanager
@@ -43,6 +43,12 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+def candidates_below_full(ranks: tuple[int, ...], shape: AttentionShape) -> tuple[list[int], torch.Tensor]:
+    """The candidates below ``head_dim`` (the cells a profile fills): their indices and ``(C, Hkv)`` rank table."""
+    below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
+    return below, torch.tensor([[ranks[k]] * shape.kv_heads for k in below], dtype=torch.int64).view(-1, shape.kv_heads)
 
 
 def fisher_kl_profile(
@@ -71,11 +77,10 @@ def fisher_kl_profile(
     shape = loaded.attention_shape
     input_ids = input_ids.to(loaded.device)
     rows, tokens = input_ids.shape
-    below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
+    below, table = candidates_below_full(ranks, shape)
     cost = np.zeros((shape.num_layers, len(ranks)))
     if not below:
         return cost
-    table = torch.tensor([[ranks[k]] * shape.kv_heads for k in below])  # (C, Hkv)
     taps: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, zero tap, (C, B, Hq, m, d) deltas)
 
     def handler(call: AttentionCall) -> torch.Tensor:

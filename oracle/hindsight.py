@@ -34,7 +34,7 @@ from drrl_env.guardrail import nearest_allowed
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
-from oracle.fisher import fisher_kl_profile
+from oracle.fisher import candidates_below_full, fisher_kl_profile
 
 PROFILE_ESTIMATES = ("exact", "fisher")
 """how a layer KL profile is measured: one forward per cell (:func:`layer_kl_profile`) or its Fisher estimate"""
@@ -136,11 +136,10 @@ def layer_kl_profile(
     finally:
         for recorder in recorders:
             recorder.remove()
-    below = [k for k, rank in enumerate(ranks) if rank < shape.head_dim]
+    below, table = candidates_below_full(ranks, shape)
     cost = np.zeros((shape.num_layers, len(ranks)))
     if not below:
         return cost
-    table = torch.tensor([[ranks[k]] * shape.kv_heads for k in below])  # (C, Hkv)
     replicated = input_ids.repeat(len(below), 1)  # (C * B, n): replica c is rows c*B .. (c+1)*B - 1
     for layer in range(shape.num_layers):
 

@@ -69,6 +69,14 @@ def tiny_env_kwargs(tiny_model_dir):
     return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)
 
 
+def sharpen_first_layer(model):
+    """Scale layer 0's W_Q and W_K of a Llama by 8 (in place): sharp attention there, so low ranks cost something."""
+    attention = model.model.layers[0].self_attn
+    attention.q_proj.weight.data.mul_(8.0)
+    attention.k_proj.weight.data.mul_(8.0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_layered_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny Llama of ``tiny_model_dir`` with layer 0's W_Q, W_K scaled by 8: sharp attention there, flat in layer 1.
@@ -79,10 +87,7 @@ def tiny_layered_model_dir(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-layered")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    attention = model.model.layers[0].self_attn
-    attention.q_proj.weight.data.mul_(8.0)
-    attention.k_proj.weight.data.mul_(8.0)
+    model = sharpen_first_layer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return str(path)

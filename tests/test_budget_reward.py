@@ -206,3 +206,16 @@ def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_sam
             assert finals[1]["kl_uniform"] < finals[1]["kl"] and finals[1]["reward_terms"]["terminal"] < 0
     with pytest.raises(ValueError, match="kl_baseline"):
         make(kwargs, kl_baseline="static")
+
+
+def test_uniform_rank_is_the_largest_candidate_within_the_share():
+    from drrl_env.guardrail import FlopsBudget
+
+    def budget(share, ranks=(4, 8, 12, 16)):
+        return FlopsBudget(step_pairs=(10, 20), share=share, ranks=ranks, kv_heads=2, groups=2, head_dim=16)
+
+    assert budget(0.75).uniform_rank() == 12  # exactly 12/16: within
+    assert budget(0.7499).uniform_rank() == 8
+    assert budget(0.25).uniform_rank() == 4
+    assert budget(1.0).uniform_rank() == 16
+    assert budget(1.0, ranks=(4, 16, 24)).uniform_rank() == 24  # a rank above d costs d

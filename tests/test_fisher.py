@@ -7,17 +7,14 @@ from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
 from oracle.fisher import fisher_kl_profile
 from oracle.hindsight import layer_kl_profile
-from tests.conftest import tiny_llama
+from tests.conftest import sharpen_first_layer, tiny_llama
 
 RANKS = (2, 4, 8, 12, 16)
 
 
 def sharp_tiny_llama(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Tiny Llama (vocab 1000, 2 layers) with layer 0's W_Q, W_K scaled by 8: low ranks cost something there."""
-    model = tiny_llama(vocab_size=1000, num_layers=2).to(dtype)
-    attention = model.model.layers[0].self_attn
-    attention.q_proj.weight.data.mul_(8.0)
-    attention.k_proj.weight.data.mul_(8.0)
+    model = sharpen_first_layer(tiny_llama(vocab_size=1000, num_layers=2).to(dtype))
     return LoadedModel("tiny", model, tokenizer=None)
 
 
