@@ -133,7 +133,7 @@ def truncate_to_rank(x: torch.Tensor, spectrum: BlockSpectrum, rank: int) -> tor
     return x @ basis @ basis.transpose(-1, -2)
 
 
-def _rank_column_mask(ranks: torch.Tensor, groups: int, width: int, device: torch.device) -> torch.Tensor:
+def rank_column_mask(ranks: torch.Tensor, groups: int, width: int, device: torch.device) -> torch.Tensor:
     """0/1 mask keeping the first ``r_h`` columns of each query head ``h``: ranks ``(..., Hkv)`` -> ``(..., Hq, W)``.
 
     The leading dimensions (candidates) are placed so the mask broadcasts against ``(B, Hq, *, width)``:
@@ -155,8 +155,8 @@ def separate_projections(
     Hq, Hkv = q_spec.singular_values.shape[1], k_spec.singular_values.shape[1]
     groups, width = Hq // Hkv, int(ranks.max())
     device = q_spec.right_vectors.device
-    keep_k = _rank_column_mask(ranks, 1, width, device).unsqueeze(-2)  # (..., Hkv, 1, R)
-    keep_q = _rank_column_mask(ranks, groups, width, device).unsqueeze(-2)  # (..., Hq, 1, R)
+    keep_k = rank_column_mask(ranks, 1, width, device).unsqueeze(-2)  # (..., Hkv, 1, R)
+    keep_q = rank_column_mask(ranks, groups, width, device).unsqueeze(-2)  # (..., Hq, 1, R)
     p_k = k_spec.right_vectors[..., :width] * keep_k  # (..., B, Hkv, d, R)
     p_q = q_spec.right_vectors[..., :width] * keep_q  # (..., B, Hq, d, R)
     overlap = p_q.transpose(-1, -2) @ p_k.repeat_interleave(groups, dim=-3)  # M = P_q^T P_k, (..., B, Hq, R, R)
@@ -183,7 +183,7 @@ def joint_projections(
     top = core_s[..., :width]
     kept = top > JOINT_RELATIVE_CUTOFF * core_s[..., :1]
     inv_sqrt = torch.where(kept, top.clamp_min(torch.finfo(top.dtype).tiny).rsqrt(), 0.0)
-    keep = inv_sqrt * _rank_column_mask(ranks, groups, width, top.device)  # (..., B, Hq, R)
+    keep = inv_sqrt * rank_column_mask(ranks, groups, width, top.device)  # (..., B, Hq, R)
     w_q = (r_k.transpose(-1, -2) @ core_vh.transpose(-1, -2)[..., :width]) * keep.unsqueeze(-2)  # (..., B,Hq,d,R)
     w_k = (r_q.transpose(-1, -2) @ core_u[..., :width]) * keep.unsqueeze(-2)
     return w_q, w_k

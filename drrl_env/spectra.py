@@ -58,7 +58,15 @@ def block_spectrum(x: torch.Tensor) -> BlockSpectrum:
     every rank, up or down, are already there, so no incremental update is computed. (Nor could
     one be reused across steps: each step is a new layer or segment with new Q and K.)
     """
-    gram = x.transpose(-1, -2) @ x  # (..., d, d)
+    return gram_spectrum(x.transpose(-1, -2) @ x)  # Gram (..., d, d)
+
+
+def gram_spectrum(gram: torch.Tensor) -> BlockSpectrum:
+    """The :class:`BlockSpectrum` of blocks ``X`` given only their Gram matrices ``G = X^T X``, ``(..., d, d)``.
+
+    A sum of Grams (``X`` stacked from several blocks: the query heads of one key/value group, or
+    many calibration sequences) gives the spectrum of the stacked block.
+    """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(EIGH_DTYPE))  # ascending
     singular_values = eigenvalues.flip(-1).clamp_min(0.0).sqrt()  # (..., d) descending
     right_vectors = eigenvectors.flip(-1)  # (..., d, d), columns match singular_values

@@ -1,0 +1,204 @@
+"""Generation with a low-rank key cache (drrl_env.generate, kv_basis, kv_cache, calibration)."""
+
+import pytest
+import torch
+
+from drrl_env.calibration import calibration_grams, collect_grams
+from drrl_env.generate import KeyBasisAttention, generate, rank_table
+from drrl_env.hook import AttentionCall, install
+from drrl_env.kv_basis import basis_from_grams, group_grams
+from drrl_env.kv_cache import cache_bytes
+from drrl_env.lowrank import causal_mask, expand_kv_heads
+from drrl_env.models import AttentionShape, LoadedModel, load_causal_lm
+from tests.conftest import TINY_MODELS, tiny_llama
+
+PROMPT_LEN, NEW_TOKENS = 24, 6
+
+
+def loaded_tiny(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    return LoadedModel(name=f"tiny-{name}", model=TINY_MODELS[name]().to(dtype), tokenizer=None)
+
+
+def prompts(batch: int = 2, length: int = PROMPT_LEN, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(loaded: LoadedModel, ids: torch.Tensor, ranks, basis: str = "joint", **kwargs):
+    return generate(
+        loaded, ids, ranks, basis=basis, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+        return_dict_in_generate=True, output_logits=True, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_full_rank_generates_exactly_the_tokens_of_plain_generate(name):
+    loaded = loaded_tiny(name)
+    ids = prompts()
+    plain = loaded.model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    for basis in ("separate", "joint"):
+        cached = greedy(loaded, ids, "full", basis=basis)
+        assert torch.equal(cached.sequences, plain)
+        assert all(layer.keys.shape[-1] == 16 for layer in cached.cache.layers)
+
+
+def test_full_rank_on_the_default_model_matches_plain_generate(default_model):
+    ids = default_model.tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    plain = default_model.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(generate(default_model, ids, "full", max_new_tokens=8, do_sample=False), plain)
+
+
+def reference_logit_map(query: torch.Tensor, key: torch.Tensor, rank: int, basis: str) -> torch.Tensor:
+    """``M (d, d)`` with ``q M k^T`` the rank-``r`` logits, from explicit float64 SVDs of one prompt's blocks.
+
+    ``joint``: ``M = Q_s^+ (Q_s K^T)_r (K^T)^+`` for the group's stacked queries ``Q_s`` (the
+    Eckart-Young truncation of the prompt's logits, read back as a map of ``q`` and ``k``);
+    ``separate``: ``M = P_r P_r^T`` with ``P`` the keys' right singular vectors.
+    """
+    if basis == "separate":
+        top = torch.linalg.svd(key, full_matrices=False).Vh[:rank].T
+        return top @ top.T
+    u, s, vh = torch.linalg.svd(query @ key.T, full_matrices=False)
+    truncated = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    return torch.linalg.pinv(query) @ truncated @ torch.linalg.pinv(key.T)
+
+
+class ExplicitLowRank:
+    """Reference handler without a cache: each layer's logits ``q M k^T`` over the whole sequence, ``M`` from the prompt."""
+
+    def __init__(self, ranks: torch.Tensor, basis: str, prompt_len: int) -> None:
+        self.ranks, self.basis, self.prompt_len = ranks, basis, prompt_len
+
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        B, Hq, n, d = call.query.shape
+        kv_heads = call.key.shape[1]
+        groups = Hq // kv_heads
+        if bool((self.ranks[call.layer] == d).all()):
+            return call.full()
+        maps = torch.empty(B, Hq, d, d, dtype=torch.float64)
+        for b in range(B):
+            for h in range(kv_heads):
+                stacked = call.query[b, h * groups : (h + 1) * groups, : self.prompt_len].reshape(-1, d)
+                rank = int(self.ranks[call.layer, h])
+                logit_map = reference_logit_map(stacked, call.key[b, h, : self.prompt_len], rank, self.basis)
+                maps[b, h * groups : (h + 1) * groups] = logit_map
+        keys = expand_kv_heads(call.key, groups)
+        scores = (call.query @ maps @ keys.transpose(-1, -2)) * call.scale
+        scores = scores.masked_fill(~causal_mask(n, n, "cpu"), float("-inf"))
+        return torch.softmax(scores, dim=-1) @ expand_kv_heads(call.value, groups)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("basis", ["joint", "separate"])
+def test_decode_logits_equal_an_explicit_float64_reference(name, basis):
+    loaded = loaded_tiny(name, torch.float64)
+    shape = loaded.attention_shape
+    per_head = [[5, 3], [16, 16], [8, 2]] if shape.kv_heads == 2 else [[5] * 4, [16] * 4, [3, 8, 2, 7]]
+    ranks = rank_table(per_head, shape)
+    ids = prompts()
+    out = greedy(loaded, ids, ranks, basis=basis)
+    hook = install(loaded.model)
+    with hook.use(ExplicitLowRank(ranks, basis, PROMPT_LEN)):
+        reference = loaded.model(input_ids=out.sequences[:, :-1]).logits[:, PROMPT_LEN - 1 :]
+    cached = torch.stack(out.logits, dim=1).double()  # generate hands logits over in float32
+    assert cached.shape == reference.shape == (2, NEW_TOKENS, 128)
+    torch.testing.assert_close(cached, reference, rtol=1e-6, atol=1e-6)
+    plain = loaded.model(input_ids=out.sequences[:, :-1]).logits[:, PROMPT_LEN - 1 :]
+    assert (cached - plain).abs().max() > 1e-3  # the low rank really changed the logits
+
+
+def test_the_cache_holds_width_r_keys_and_full_values():
+    loaded = loaded_tiny("llama")
+    out = greedy(loaded, prompts(), [4, 16, 9])
+    widths = [layer.keys.shape[-1] for layer in out.cache.layers]
+    assert widths == [4, 16, 9]
+    assert all(layer.values.shape[-1] == 16 for layer in out.cache.layers)
+    length = PROMPT_LEN + NEW_TOKENS - 1
+    sizes = cache_bytes(out.cache)
+    assert sizes["keys"] == 2 * 2 * length * (4 + 16 + 9) * 4
+    assert sizes["values"] == 2 * 2 * length * 16 * 3 * 4
+
+
+def test_left_padded_rows_get_the_bases_of_their_own_tokens():
+    loaded = loaded_tiny("llama", torch.float64)
+    ids = prompts(batch=2)
+    padded = ids.clone()
+    padded[0, :5] = 0
+    mask = torch.ones_like(padded)
+    mask[0, :5] = 0
+    batch = greedy(loaded, padded, 6, attention_mask=mask)
+    alone = greedy(loaded, ids[:1, 5:], 6)
+    torch.testing.assert_close(torch.stack(batch.logits, 1)[0], torch.stack(alone.logits, 1)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_sampling_and_beam_search_run_through_transformers():
+    loaded = loaded_tiny("llama")
+    sampled = generate(loaded, prompts(), 8, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
+    beams = generate(loaded, prompts(), 8, basis="separate", max_new_tokens=4, num_beams=3, pad_token_id=0)
+    assert sampled.shape == beams.shape == (2, PROMPT_LEN + 4)
+
+
+def test_grams_give_orthonormal_reproducible_calibrated_bases():
+    loaded = loaded_tiny("llama")
+    chunks = prompts(batch=6, length=32, seed=1)
+    first, second = collect_grams(loaded, chunks, batch_size=4), collect_grams(loaded, chunks, batch_size=3)
+    torch.testing.assert_close(first.key, second.key, rtol=1e-10, atol=0)
+    ranks = rank_table([[6, 3], [16, 16], [1, 10]], loaded.attention_shape)
+    for layer, basis in enumerate(first.bases(ranks)):
+        for head, rank in enumerate(ranks[layer].tolist()):
+            columns = basis.key_map[0, head, :, :rank]
+            torch.testing.assert_close(columns.T @ columns, torch.eye(rank, dtype=torch.float64), atol=1e-10, rtol=0)
+            assert not basis.key_map[0, head, :, rank:].any() and not basis.query_map[0, head, :, rank:].any()
+
+
+def test_group_basis_keeps_the_logit_map_of_the_unnormalised_joint_maps():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 4, 40, 16, dtype=torch.float64), torch.randn(1, 2, 40, 16, dtype=torch.float64)
+    gram_q, gram_k = group_grams(query, key)
+    basis = basis_from_grams(gram_q, gram_k, torch.tensor([5, 7]), "joint")
+    for head, rank in enumerate((5, 7)):
+        stacked = query[0, 2 * head : 2 * head + 2].reshape(-1, 16)
+        expected = reference_logit_map(stacked, key[0, head], rank, "joint")
+        got = basis.query_map[0, head] @ basis.key_map[0, head].T
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_calibrated_generation_uses_the_stored_grams(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
+    loaded = load_causal_lm(tiny_model_dir)
+    grams = calibration_grams(loaded, tokens=256, seq_len=64)
+    stored = list((tmp_path / "calibration").glob("*.safetensors"))
+    assert len(stored) == 1
+    again = calibration_grams(loaded, tokens=256, seq_len=64)
+    assert torch.equal(grams.query, again.query) and torch.equal(grams.key, again.key)
+    ids = loaded.tokenizer("A short prompt about the river", return_tensors="pt").input_ids
+    out = generate(loaded, ids, 4, basis="calibrated", max_new_tokens=3, return_dict_in_generate=True)
+    assert [layer.keys.shape[-1] for layer in out.cache.layers] == [4, 4]
+
+
+def test_plain_forward_with_key_bases_equals_the_prefill_of_generation():
+    loaded = loaded_tiny("gpt2", torch.float64)
+    ranks = rank_table(5, loaded.attention_shape)
+    ids = prompts()
+    hook = install(loaded.model)
+    with hook.use(KeyBasisAttention(ranks, "joint")):
+        forward = loaded.model(input_ids=ids).logits[:, -1]
+    out = greedy(loaded, ids, ranks)
+    torch.testing.assert_close(out.logits[0].double(), forward, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ranks, message",
+    [("half", "'full', an int"), ([4, 4], "one entry per layer"), ([[4, 4, 4]] * 3, "one entry per key/value head"),
+     (0, r"\[1, head_dim=16\]"), (17, r"\[1, head_dim=16\]")],
+)
+def test_bad_ranks_are_named(ranks, message):
+    with pytest.raises(ValueError, match=message):
+        rank_table(ranks, AttentionShape(num_layers=3, q_heads=4, kv_heads=2, head_dim=16))
+
+
+def test_generate_refuses_a_cache_of_its_own_and_unknown_bases():
+    loaded = LoadedModel(name="tiny", model=tiny_llama(), tokenizer=None)
+    with pytest.raises(ValueError, match="do not pass cache="):
+        generate(loaded, prompts(), 4, cache=None)
+    with pytest.raises(ValueError, match="basis must be one of"):
+        generate(loaded, prompts(), 4, basis="pca")
