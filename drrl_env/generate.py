@@ -124,7 +124,7 @@ def calibrated_bases(
     head_dim = loaded.attention_shape.head_dim
     return [
         None if bool((row == head_dim).all()) else basis.to(dtype, device)
-        for row, basis in zip(ranks, calibration.bases(ranks))
+        for row, basis in zip(ranks, calibration.bases(ranks), strict=True)
     ]
 
 

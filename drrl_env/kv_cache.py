@@ -83,7 +83,7 @@ class LowRankKeyCache(Cache):
         bases = bases if bases is not None else [None] * len(ranks)
         if len(bases) != len(ranks):
             raise ValueError(f"got {len(bases)} bases for {len(ranks)} layers of ranks")
-        super().__init__(layers=[LowRankKeyLayer(r, head_dim, b) for r, b in zip(ranks, bases)])
+        super().__init__(layers=[LowRankKeyLayer(r, head_dim, b) for r, b in zip(ranks, bases, strict=True)])
 
     def key_width(self, layer: int) -> int:
         """Width of the keys stored for ``layer`` (``R`` once compressed, else ``d``)."""

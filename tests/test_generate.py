@@ -25,8 +25,16 @@ def prompts(batch: int = 2, length: int = PROMPT_LEN, seed: int = 0) -> torch.Te
 
 def greedy(loaded: LoadedModel, ids: torch.Tensor, ranks, basis: str = "joint", **kwargs):
     return generate(
-        loaded, ids, ranks, basis=basis, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-        return_dict_in_generate=True, output_logits=True, **kwargs,
+        loaded,
+        ids,
+        ranks,
+        basis=basis,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
     )
 
 
@@ -63,7 +71,7 @@ def reference_logit_map(query: torch.Tensor, key: torch.Tensor, rank: int, basis
 
 
 class ExplicitLowRank:
-    """Reference handler without a cache: each layer's logits ``q M k^T`` over the whole sequence, ``M`` from the prompt."""
+    """Reference handler without a cache: logits ``q M k^T`` over the whole sequence, ``M`` from the prompt."""
 
     def __init__(self, ranks: torch.Tensor, basis: str, prompt_len: int) -> None:
         self.ranks, self.basis, self.prompt_len = ranks, basis, prompt_len
@@ -188,8 +196,13 @@ def test_plain_forward_with_key_bases_equals_the_prefill_of_generation():
 
 @pytest.mark.parametrize(
     "ranks, message",
-    [("half", "'full', an int"), ([4, 4], "one entry per layer"), ([[4, 4, 4]] * 3, "one entry per key/value head"),
-     (0, r"\[1, head_dim=16\]"), (17, r"\[1, head_dim=16\]")],
+    [
+        ("half", "'full', an int"),
+        ([4, 4], "one entry per layer"),
+        ([[4, 4, 4]] * 3, "one entry per key/value head"),
+        (0, r"\[1, head_dim=16\]"),
+        (17, r"\[1, head_dim=16\]"),
+    ],
 )
 def test_bad_ranks_are_named(ranks, message):
     with pytest.raises(ValueError, match=message):
