@@ -115,3 +115,72 @@ def low_rank_attention_flops(
         projections=projections,
         spectra=spectra,
     )
+
+
+@dataclass(frozen=True)
+class GenerationFlops:
+    """FLOPs of one layer's attention in generation: the prefill once, then every decode step together."""
+
+    prefill: AttentionFlops
+    decode: AttentionFlops
+
+
+def key_cache_generation_flops(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    prompt_len: int,
+    decode_steps: int,
+    head_dim: int,
+    rank: int | torch.Tensor,
+    basis: str = "joint",
+) -> GenerationFlops:
+    """FLOPs of one layer's attention generating with a low-rank key cache (``drrl_env.generate``).
+
+    ``rank`` is a scalar or one rank per key/value head; all ranks ``d`` is full attention, with no
+    overhead. Generating ``T`` tokens runs the prefill and ``T - 1`` decode steps; decode step
+    ``t`` attends ``prompt_len + t`` keys. Counted, per sequence:
+
+    * prefill spectra (``separate`` and ``joint``, not ``calibrated``): the keys' Gram
+      ``2 n d^2`` and its eigendecomposition per key/value head; in ``joint`` also the group's
+      query Gram ``2 n d^2`` per query head, its eigendecomposition, the core ``2 d^3``, its SVD,
+      the maps ``4 d^2 R`` and their QR ``4 d R^2`` per key/value head;
+    * prefill projections: ``2 n d r`` per query head and per key/value head;
+    * per decode step: the projection of one query (``2 d r`` per query head) and one key
+      (``2 d r`` per key/value head), then width-``r`` logits, the softmax and full-width values
+      over the context.
+    """
+    ranks = torch.as_tensor(rank, dtype=torch.float64).flatten()
+    ranks = ranks.expand(kv_heads) if ranks.numel() == 1 else ranks
+    d, n, steps = float(head_dim), float(prompt_len), float(decode_steps)
+    contexts = steps * n + steps * (steps + 1) / 2  # sum over decode steps of the keys attended
+    full = bool((ranks == head_dim).all())
+    groups = q_heads // kv_heads
+    rank_sum_q, rank_sum_kv = float(ranks.sum()) * groups, float(ranks.sum())
+    logit_width = q_heads * d if full else rank_sum_q  # sum over query heads of the logit width
+    prefill_pairs = batch * attended_pairs(prompt_len, prompt_len)
+    spectra = projections = 0.0
+    if not full:
+        if basis in ("separate", "joint"):
+            spectra = kv_heads * (2 * n * d * d + EIGH_FLOPS_FACTOR * d**3)
+        if basis == "joint":
+            width = float(ranks.max())
+            per_group = EIGH_FLOPS_FACTOR * d**3 + (2 + SVD_FLOPS_FACTOR) * d**3 + 4 * d * d * width
+            spectra += q_heads * 2 * n * d * d + kv_heads * (per_group + 4 * d * width**2)
+        elif basis not in ("separate", "calibrated"):
+            raise ValueError(f"basis must be 'separate', 'joint' or 'calibrated', got {basis!r}")
+        projections = 2 * n * d * (rank_sum_q + rank_sum_kv)
+    prefill = AttentionFlops(
+        logits=2.0 * prefill_pairs * logit_width,
+        softmax=float(SOFTMAX_FLOPS_PER_LOGIT * prefill_pairs * q_heads),
+        values=2.0 * prefill_pairs * q_heads * d,
+        projections=batch * projections,
+        spectra=batch * spectra,
+    )
+    decode = AttentionFlops(
+        logits=2.0 * batch * contexts * logit_width,
+        softmax=float(SOFTMAX_FLOPS_PER_LOGIT * batch * contexts * q_heads),
+        values=2.0 * batch * contexts * q_heads * d,
+        projections=0.0 if full else batch * steps * 2 * d * (rank_sum_q + rank_sum_kv),
+    )
+    return GenerationFlops(prefill=prefill, decode=decode)

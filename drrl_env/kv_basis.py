@@ -92,18 +92,21 @@ class KeyBasis:
 
 
 def group_grams(
-    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None = None, key_valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrices of a key/value group's stacked queries and of its keys: ``(B, Hkv, d, d)`` each.
 
     ``query`` ``(B, Hq, n, d)`` and ``key`` ``(B, Hkv, n, d)`` are one prompt's; ``valid``
-    ``(B, n)`` is False at padding positions, whose rows are left out.
+    ``(B, n)`` is False at padding positions, whose rows are left out (``key_valid``, when
+    given, selects the key rows instead).
     """
     B, Hq, n, d = query.shape
     kv_heads = key.shape[1]
+    key_valid = valid if key_valid is None else key_valid
     if valid is not None:
-        keep = valid.to(query.dtype).view(B, 1, n, 1)
-        query, key = query * keep, key * keep
+        query = query * valid.to(query.dtype).view(B, 1, n, 1)
+    if key_valid is not None:
+        key = key * key_valid.to(key.dtype).view(B, 1, n, 1)
     grouped = query.reshape(B, kv_heads, Hq // kv_heads * n, d)
     return grouped.transpose(-1, -2) @ grouped, key.transpose(-1, -2) @ key
 

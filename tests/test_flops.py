@@ -36,3 +36,25 @@ def test_bad_mode_and_lengths_are_rejected():
         low_rank_attention_flops(1, 9, 3, 8, 8, 64, 16, "svd")
     with pytest.raises(ValueError, match="q_len"):
         attended_pairs(9, 8)
+
+
+def test_generation_flops_count_prefill_once_and_every_decode_step():
+    from drrl_env.flops import key_cache_generation_flops
+
+    full = key_cache_generation_flops(2, 9, 3, 100, 5, 64, 64)
+    assert full.prefill == full_attention_flops(2, 9, 100, 100, 64)
+    contexts = sum(100 + t for t in range(1, 6))
+    assert full.decode.logits == full.decode.values == 2 * 2 * 9 * 64 * contexts
+    assert full.decode.overhead == 0 and full.prefill.overhead == 0
+    low = {
+        basis: key_cache_generation_flops(2, 9, 3, 100, 5, 64, 32, basis)
+        for basis in ("separate", "joint", "calibrated")
+    }
+    for flops in low.values():
+        assert flops.decode.logits == full.decode.logits / 2 and flops.decode.values == full.decode.values
+        assert flops.decode.projections == 2 * 5 * 2 * 64 * 32 * (9 + 3)
+    assert low["calibrated"].prefill.spectra == 0 < low["separate"].prefill.spectra < low["joint"].prefill.spectra
+    per_head = key_cache_generation_flops(1, 9, 3, 10, 2, 64, torch.tensor([16, 32, 48]), "calibrated")
+    assert per_head.decode.logits == key_cache_generation_flops(1, 9, 3, 10, 2, 64, 32, "calibrated").decode.logits
+    with pytest.raises(ValueError, match="basis must be"):
+        key_cache_generation_flops(1, 9, 3, 10, 2, 64, 32, "pca")

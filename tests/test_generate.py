@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from drrl_env.calibration import calibration_grams, collect_grams
-from drrl_env.generate import KeyBasisAttention, generate, rank_table
+from drrl_env.generate import generate, rank_table
 from drrl_env.hook import AttentionCall, install
+from drrl_env.kv_attention import KeyBasisAttention
 from drrl_env.kv_basis import basis_from_grams, group_grams
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.lowrank import causal_mask, expand_kv_heads
@@ -71,10 +72,13 @@ def reference_logit_map(query: torch.Tensor, key: torch.Tensor, rank: int, basis
 
 
 class ExplicitLowRank:
-    """Reference handler without a cache: logits ``q M k^T`` over the whole sequence, ``M`` from the prompt."""
+    """Reference handler without a cache: logits ``q M k^T`` over the whole sequence, ``M`` from the prompt.
 
-    def __init__(self, ranks: torch.Tensor, basis: str, prompt_len: int) -> None:
-        self.ranks, self.basis, self.prompt_len = ranks, basis, prompt_len
+    The first ``sinks`` keys keep exact logits and are left out of the keys ``M`` is fitted to.
+    """
+
+    def __init__(self, ranks: torch.Tensor, basis: str, prompt_len: int, sinks: int) -> None:
+        self.ranks, self.basis, self.prompt_len, self.sinks = ranks, basis, prompt_len, sinks
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
         B, Hq, n, d = call.query.shape
@@ -87,25 +91,27 @@ class ExplicitLowRank:
             for h in range(kv_heads):
                 stacked = call.query[b, h * groups : (h + 1) * groups, : self.prompt_len].reshape(-1, d)
                 rank = int(self.ranks[call.layer, h])
-                logit_map = reference_logit_map(stacked, call.key[b, h, : self.prompt_len], rank, self.basis)
-                maps[b, h * groups : (h + 1) * groups] = logit_map
+                fitted_keys = call.key[b, h, self.sinks : self.prompt_len]
+                maps[b, h * groups : (h + 1) * groups] = reference_logit_map(stacked, fitted_keys, rank, self.basis)
         keys = expand_kv_heads(call.key, groups)
-        scores = (call.query @ maps @ keys.transpose(-1, -2)) * call.scale
-        scores = scores.masked_fill(~causal_mask(n, n, "cpu"), float("-inf"))
+        scores = call.query @ maps @ keys.transpose(-1, -2)
+        scores[..., : self.sinks] = (call.query @ keys.transpose(-1, -2))[..., : self.sinks]
+        scores = (scores * call.scale).masked_fill(~causal_mask(n, n, "cpu"), float("-inf"))
         return torch.softmax(scores, dim=-1) @ expand_kv_heads(call.value, groups)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 @pytest.mark.parametrize("basis", ["joint", "separate"])
-def test_decode_logits_equal_an_explicit_float64_reference(name, basis):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_decode_logits_equal_an_explicit_float64_reference(name, basis, sinks):
     loaded = loaded_tiny(name, torch.float64)
     shape = loaded.attention_shape
     per_head = [[5, 3], [16, 16], [8, 2]] if shape.kv_heads == 2 else [[5] * 4, [16] * 4, [3, 8, 2, 7]]
     ranks = rank_table(per_head, shape)
     ids = prompts()
-    out = greedy(loaded, ids, ranks, basis=basis)
+    out = greedy(loaded, ids, ranks, basis=basis, sink_tokens=sinks)
     hook = install(loaded.model)
-    with hook.use(ExplicitLowRank(ranks, basis, PROMPT_LEN)):
+    with hook.use(ExplicitLowRank(ranks, basis, PROMPT_LEN, sinks)):
         reference = loaded.model(input_ids=out.sequences[:, :-1]).logits[:, PROMPT_LEN - 1 :]
     cached = torch.stack(out.logits, dim=1).double()  # generate hands logits over in float32
     assert cached.shape == reference.shape == (2, NEW_TOKENS, 128)
@@ -122,7 +128,8 @@ def test_the_cache_holds_width_r_keys_and_full_values():
     assert all(layer.values.shape[-1] == 16 for layer in out.cache.layers)
     length = PROMPT_LEN + NEW_TOKENS - 1
     sizes = cache_bytes(out.cache)
-    assert sizes["keys"] == 2 * 2 * length * (4 + 16 + 9) * 4
+    sink_keys = 2 * 2 * 2 * 1 * 16 * 4  # two compressed layers keep one full-width sink key per sequence and head
+    assert sizes["keys"] == 2 * 2 * length * (4 + 16 + 9) * 4 + sink_keys
     assert sizes["values"] == 2 * 2 * length * 16 * 3 * 4
 
 
@@ -215,3 +222,14 @@ def test_generate_refuses_a_cache_of_its_own_and_unknown_bases():
         generate(loaded, prompts(), 4, cache=None)
     with pytest.raises(ValueError, match="basis must be one of"):
         generate(loaded, prompts(), 4, basis="pca")
+
+
+def test_teacher_forced_logits_are_the_decode_steps_logits():
+    from drrl_env.generate import teacher_forced_logits
+
+    loaded = loaded_tiny("llama", torch.float64)
+    ids = prompts()
+    for basis in ("joint", "separate"):
+        out = greedy(loaded, ids, [5, 16, 3], basis=basis)
+        forced = teacher_forced_logits(loaded, ids, out.sequences[:, PROMPT_LEN:], [5, 16, 3], basis)
+        torch.testing.assert_close(forced.float(), torch.stack(out.logits, dim=1), rtol=1e-6, atol=1e-6)

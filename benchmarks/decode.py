@@ -1,0 +1,193 @@
+"""Generation with a low-rank key cache against plain generation, measured side by side in one run.
+
+For each context length n (wiki test prompts of exactly n tokens) and batch size B, greedy
+generation of T new tokens (EOS suppressed, so every run generates T):
+
+* ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention);
+* each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), through
+  :func:`drrl_env.generate.generate`.
+
+Columns: key/value cache bytes at the end (measured from the cache's tensors) and their ratio to
+full; prefill ms; decode ms/token (median over the T - 1 decode steps of one generation, after a
+warm-up generation) and its ratio to full; the decode attention FLOPs ratio (``drrl_env.flops``);
+and quality against full attention on ``--quality-prompts`` prompts per context (independent of
+B): the mean per-step KL(full || low rank) of the next-token distribution, teacher-forced on the
+full model's greedy continuation, the teacher-forced top-1 agreement, and the free-running greedy
+agreement (share of the T positions where the generated token equals full generation's).
+
+It also measures the memory bandwidth the machine reaches on a plain reduction and the one each
+decode step reaches (parameter bytes plus cache bytes read per step, over the step time), to say
+what bounds decode.
+
+    python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from drrl_env.calibration import calibration_grams
+from drrl_env.corpora import corpus_tokens, sequential_chunks
+from drrl_env.files import write_text_atomic
+from drrl_env.flops import key_cache_generation_flops
+from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.kv_basis import BASIS_KINDS
+from drrl_env.kv_cache import cache_bytes
+from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
+
+
+class StepClock(BaseStreamer):
+    """A streamer that records the time of every token batch ``generate`` emits (the prompt first)."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.times = sync, []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def prefill_and_step_ms(self) -> tuple[float, float]:
+        """Prefill ms (prompt to first token) and the median ms of the later decode steps."""
+        gaps = [1000 * (b - a) for a, b in zip(self.times, self.times[1:], strict=False)]
+        return gaps[0], statistics.median(gaps[1:])
+
+
+def read_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of a plain float32 reduction over ``megabytes`` (the bandwidth a streaming read reaches)."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(data.sum())
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def timed_generation(loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int, basis: str | None, rank, sync):
+    """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token)."""
+    clock = StepClock(sync)
+    options = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+        return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
+    )  # fmt: skip
+    if basis is None:
+        out = loaded.model.generate(input_ids=prompts.to(loaded.device), **options)
+    else:
+        out = generate(loaded, prompts, rank, basis=basis, **options)
+    prefill_ms, step_ms = clock.prefill_and_step_ms()
+    return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(out.cache), prefill_ms, step_ms
+
+
+def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tuple[float, float]:
+    """Mean per-step KL(full || low) in nats, and top-1 agreement, over ``(B, T, V)`` logits."""
+    full_log = torch.log_softmax(full_logits.double(), dim=-1)
+    low_log = torch.log_softmax(low_logits.double(), dim=-1)
+    kl = (full_log.exp() * (full_log - low_log)).sum(dim=-1)
+    agreement = (full_logits.argmax(-1) == low_logits.argmax(-1)).double()
+    return float(kl.mean()), float(agreement.mean())
+
+
+def attention_flops_ratio(loaded: LoadedModel, context: int, new_tokens: int, rank: int, basis: str) -> float:
+    """Decode attention FLOPs (with overheads) at ``rank`` over full, for one sequence."""
+    shape = loaded.attention_shape
+    flops = {
+        r: key_cache_generation_flops(
+            1, shape.q_heads, shape.kv_heads, context, new_tokens - 1, shape.head_dim, r, basis
+        )
+        for r in (rank, shape.head_dim)
+    }
+    return flops[rank].decode.total / flops[shape.head_dim].decode.total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="prompt lengths n")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes B for the timing")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (T)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[48, 32, 16], help="ranks r (every layer)")
+    parser.add_argument("--bases", nargs="+", default=list(BASIS_KINDS), choices=BASIS_KINDS, help="key bases")
+    parser.add_argument("--quality-prompts", type=int, default=4, help="prompts per context for KL and agreement")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    loaded = load_causal_lm(args.model, args.device)
+    device = loaded.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    calibration_grams(loaded)  # computed (or loaded) once, outside every timing
+    tokens = corpus_tokens("wiki", "test", loaded.tokenizer)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    bandwidth = read_bandwidth_gbs(device)
+    print(
+        f"model {args.model} on {device}; torch threads {torch.get_num_threads()}; read bandwidth {bandwidth:.1f} GB/s"
+    )
+    configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks]
+    rows = []
+    for context in args.contexts:
+        chunks = sequential_chunks(tokens, context)
+        quality_prompts = chunks[: args.quality_prompts]
+        reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync)
+        full_logits = teacher_forced_logits(loaded, quality_prompts, reference, "full")
+        quality = {}
+        for basis, rank in configs[1:]:
+            low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis)
+            quality[basis, rank] = kl_and_agreement(full_logits, low)
+        for batch in args.batches:
+            prompts = chunks[:batch]
+            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync)  # warm-up
+            baseline = None
+            for basis, rank in configs:
+                generated, sizes, prefill_ms, step_ms = timed_generation(
+                    loaded, prompts, args.new_tokens, basis, rank, sync
+                )
+                if baseline is None:
+                    baseline = (generated, sizes, step_ms)
+                kl, top1 = quality.get((basis, rank), (0.0, 1.0))
+                rows.append(
+                    {
+                        "context": context, "batch": batch, "basis": basis or "full", "rank": rank or "full",
+                        "cache_mb": sizes["total"] / 2**20, "cache_ratio": sizes["total"] / baseline[1]["total"],
+                        "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
+                        "decode_ratio": step_ms / baseline[2],
+                        "flops_ratio": 1.0 if basis is None else attention_flops_ratio(
+                            loaded, context, args.new_tokens, rank, basis),
+                        "kl": kl, "top1_teacher_forced": top1,
+                        "greedy_agreement": float((generated == baseline[0]).double().mean()),
+                        "reached_gbs": (parameter_bytes + sizes["total"]) / (step_ms / 1000) / 1e9,
+                    }
+                )  # fmt: skip
+                print(format_row(rows[-1]), flush=True)
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps({"bandwidth_gbs": bandwidth, "rows": rows}, indent=1))
+
+
+HEADER = (
+    "| n | B | basis | r | KV MB | KV ratio | prefill ms | decode ms/tok | decode ratio | FLOPs ratio "
+    "| KL | top-1 | greedy | GB/s |"
+)
+
+
+def format_row(row: dict) -> str:
+    """One markdown table row (the header is ``HEADER``)."""
+    return (
+        f"| {row['context']} | {row['batch']} | {row['basis']} | {row['rank']} | {row['cache_mb']:.1f} | "
+        f"{row['cache_ratio']:.3f} | {row['prefill_ms']:.0f} | {row['decode_ms_per_token']:.1f} | "
+        f"{row['decode_ratio']:.3f} | {row['flops_ratio']:.3f} | {row['kl']:.4f} | {row['top1_teacher_forced']:.3f} | "
+        f"{row['greedy_agreement']:.3f} | {row['reached_gbs']:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    print(HEADER)
+    main()
