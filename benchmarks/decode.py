@@ -81,8 +81,13 @@ def timed_generation(loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
     )  # fmt: skip
-    if basis is None:
-        out = loaded.model.generate(input_ids=prompts.to(loaded.device), **options)
+    if basis is None:  # transformers' own SDPA attention, not the drrl hook
+        implementation = loaded.model.config._attn_implementation
+        loaded.model.set_attn_implementation("sdpa")
+        try:
+            out = loaded.model.generate(input_ids=prompts.to(loaded.device), **options)
+        finally:
+            loaded.model.set_attn_implementation(implementation)
     else:
         out = generate(loaded, prompts, rank, basis=basis, **options)
     prefill_ms, step_ms = clock.prefill_and_step_ms()
