@@ -72,7 +72,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     ## Starting State
     A batch drawn with a per-episode seed from ``self.np_random`` (``info["episode_seed"]``; pass
-    ``options={"episode_seed": s}`` to replay one); the forward pass runs up to layer 0's attention.
+    ``options={"episode_seed": s}`` to replay one), or the token ids given as
+    ``options={"input_ids": ids}`` (``(batch_size, seq_len)``: a policy choosing ranks for given
+    prompts, as ``agents.generate`` does); the forward pass runs up to layer 0's attention.
 
     ## Episode End
     Terminates after the last layer (and segment): ``L * S`` steps. No truncation. The last
@@ -155,12 +157,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     # ----------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        """Start an episode. ``options``: ``guardrail_step`` (Eq. 11's t), ``episode_seed`` (replay one batch)."""
+        """Start an episode.
+
+        ``options``: ``guardrail_step`` (Eq. 11's t), ``episode_seed`` (replay one batch),
+        ``input_ids`` (run the episode on these tokens instead of a drawn batch).
+        """
         super().reset(seed=seed)
         options = dict(options or {})
-        unknown = sorted(set(options) - {"guardrail_step", "episode_seed"})
+        unknown = sorted(set(options) - {"guardrail_step", "episode_seed", "input_ids"})
         if unknown:
-            raise ValueError(f"reset options must be 'guardrail_step' and/or 'episode_seed', got {unknown}")
+            raise ValueError(f"reset options must be 'guardrail_step', 'episode_seed' or 'input_ids', got {unknown}")
         if "guardrail_step" in options:
             self.set_guardrail_step(options["guardrail_step"])
         self._stop_episode()
@@ -168,6 +174,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         episode_seed = int(options.get("episode_seed", self.np_random.integers(2**63)))
         rng = np.random.default_rng(episode_seed)
         batch = sample_batch(self._tokens, cfg.batch_size, cfg.seq_len, rng).to(self.device)
+        if "input_ids" in options:
+            batch = self._given_batch(options["input_ids"])
         share = 1.0
         if cfg.flops_budget is not None:
             lo, hi = cfg.flops_budget
@@ -194,6 +202,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "budget": share,
             "episode_seed": episode_seed,
         }
+
+    def _given_batch(self, input_ids: Any) -> torch.Tensor:
+        """``reset(options={"input_ids": ...})``: the tokens as a ``(batch_size, seq_len)`` int64 device tensor."""
+        batch = torch.as_tensor(input_ids, dtype=torch.int64)
+        expected = (self.config.batch_size, self.config.seq_len)
+        if tuple(batch.shape) != expected:
+            raise ValueError(
+                f"reset option input_ids must have shape {expected} (batch_size, seq_len), got {tuple(batch.shape)}"
+            )
+        return batch.to(self.device)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         episode = self._require_episode("step()")

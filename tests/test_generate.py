@@ -233,3 +233,37 @@ def test_teacher_forced_logits_are_the_decode_steps_logits():
         out = greedy(loaded, ids, [5, 16, 3], basis=basis)
         forced = teacher_forced_logits(loaded, ids, out.sequences[:, PROMPT_LEN:], [5, 16, 3], basis)
         torch.testing.assert_close(forced.float(), torch.stack(out.logits, dim=1), rtol=1e-6, atol=1e-6)
+
+
+def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys):
+    from agents.generate import main
+
+    argv = ["--model", tiny_model_dir, "--policy", "fixed:8", "--prompt", "The river flows", "--max-new-tokens", "3"]
+    assert main(argv + ["--ranks", "8", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ranks per layer: 8/8 8/8" in out and "against full attention: KL" in out
+    assert main(argv + ["--policy", "energy:0.9", "--basis", "separate", "--no-compare", "--ranks", "8", "16"]) == 0
+    assert "KV cache" in capsys.readouterr().out
+
+
+def test_generate_command_names_bad_arguments(tiny_model_dir, capsys):
+    from agents.generate import main
+
+    assert main(["--model", tiny_model_dir, "--policy", "nonsense:3", "--prompt", "x", "--device", "cpu"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["--model", tiny_model_dir, "--prompt", "x y z", "--device", "cpu"]) == 2  # default ranks exceed d = 16
+    assert "head_dim (16)" in capsys.readouterr().err
+
+
+def test_env_reset_runs_on_given_tokens(tiny_env_kwargs):
+    import gymnasium as gym
+
+    from drrl_env import ENV_ID
+
+    env = gym.make(ENV_ID, **{**tiny_env_kwargs, "batch_size": 1, "seq_len": 12}).unwrapped
+    ids = torch.arange(3, 15).unsqueeze(0)
+    env.reset(seed=0, options={"input_ids": ids})
+    assert torch.equal(env.input_ids.cpu(), ids)
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(1, 12\)"):
+        env.reset(options={"input_ids": ids[:, :5]})
+    env.close()

@@ -1,0 +1,157 @@
+"""``python -m agents.generate``: generate text with a low-rank key cache whose ranks a policy picks from the prompt.
+
+For each prompt, the policy (any spec of the zoo: ``fixed:32``, ``static:fisher``, ``energy:0.9``,
+``hindsight:fisher``, or a trained agent's ``.safetensors`` file) runs one episode of
+DRRL-Attention-v0 on the prompt itself (``reset(options={"input_ids": ...})``), choosing each
+layer's rank within the episode's FLOPs budget. Generation then keeps each layer's keys at
+that rank (``drrl_env.generate``, basis ``--basis``). Printed per prompt: the ranks, the text,
+the key/value cache measured from its tensors against a full-width cache of the same tokens, and
+(unless ``--no-compare``) the quality against full attention: the mean per-step KL of the
+next-token distribution, teacher-forced on full attention's greedy continuation, and the greedy
+agreement.
+
+    python -m agents.generate --policy static:fisher --prompt "The history of the city" --max-new-tokens 48
+    python -m agents.generate --policy fixed:32 --corpus wiki --context 512 --prompts 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import gymnasium as gym
+import torch
+
+from agents.zoo import make_policy
+from drrl_env import ENV_ID
+from drrl_env.cli import add_env_arguments, at_least, env_kwargs
+from drrl_env.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
+from drrl_env.env import DRRLAttentionEnv
+from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.kv_attention import SINK_TOKENS
+from drrl_env.kv_basis import BASIS_KINDS
+from drrl_env.kv_cache import cache_bytes
+from drrl_env.models import LoadedModel, ModelNotAvailableError, load_causal_lm
+from oracle.policy import RankPolicy
+
+
+def policy_ranks(policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, seed: int) -> list[list[int]]:
+    """The policy's ranks ``(L, Hkv)`` for ``prompt`` ``(1, n)``: one env episode over the prompt's own tokens."""
+    env: DRRLAttentionEnv = gym.make(ENV_ID, **{**kwargs, "batch_size": 1, "seq_len": prompt.shape[1]}).unwrapped
+    kv_heads = env.loaded.attention_shape.kv_heads
+    ranks: list[list[int]] = [[] for _ in range(env.num_layers)]
+    try:
+        observation, _ = env.reset(seed=seed, options={"input_ids": prompt})
+        policy.reset(seed)
+        terminated = False
+        while not terminated:
+            action = policy.act(observation, env.action_masks(), env)
+            observation, _, terminated, _, info = env.step(action)
+            rank = info["rank"]
+            ranks[info["layer"]] = list(rank) if isinstance(rank, list) else [int(rank)] * kv_heads
+    finally:
+        env.close()
+    return ranks
+
+
+def full_cache_bytes(loaded: LoadedModel, batch: int, tokens: int) -> int:
+    """Bytes of a full-width float key/value cache of ``tokens`` tokens (what transformers' DynamicCache holds)."""
+    shape = loaded.attention_shape
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    return 2 * shape.num_layers * batch * shape.kv_heads * tokens * shape.head_dim * element
+
+
+def compare_with_full(
+    loaded: LoadedModel, prompt: torch.Tensor, generated: torch.Tensor, ranks, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Mean per-step KL(full || low rank), teacher-forced on full greedy generation, and greedy agreement."""
+    full = generate(loaded, prompt, "full", max_new_tokens=args.max_new_tokens, do_sample=False)
+    continuation = full[:, prompt.shape[1] :]
+    reference = teacher_forced_logits(loaded, prompt, continuation, "full")
+    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, sink_tokens=args.sink_tokens)
+    log_full, log_low = torch.log_softmax(reference.double(), -1), torch.log_softmax(low.double(), -1)
+    kl = float((log_full.exp() * (log_full - log_low)).sum(-1).mean())
+    width = min(continuation.shape[1], generated.shape[1])
+    agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
+    return kl, agreement
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--policy", default="fixed:32", help="rank policy spec or agent file (default: fixed:32)")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+    parser.add_argument(
+        "--context", type=at_least(2), default=512, help="without --prompt: tokens per prompt taken from --corpus"
+    )
+    parser.add_argument("--prompts", type=at_least(1), default=1, help="without --prompt: prompts from --corpus")
+    parser.add_argument("--prompt-split", default="test", help="without --prompt: corpus split the prompts come from")
+    parser.add_argument("--basis", choices=BASIS_KINDS, default="joint", help="key basis (default: joint)")
+    parser.add_argument(
+        "--sink-tokens", type=at_least(0), default=SINK_TOKENS, help="first tokens whose keys stay exact"
+    )
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=48, help="tokens to generate per prompt")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the policy's episode and of sampling")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparison with full attention")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow loading an SB3 .zip policy (a pickle)")
+    add_env_arguments(parser, spectral_mode="joint", guardrail="off")
+    return parser
+
+
+def prompts_from_args(loaded: LoadedModel, args: argparse.Namespace) -> list[torch.Tensor]:
+    """The prompts as ``(1, n)`` token tensors: each ``--prompt``, or ``--prompts`` chunks of ``--corpus``."""
+    if args.prompt:
+        return [loaded.tokenizer(text, return_tensors="pt").input_ids for text in args.prompt]
+    chunks = sequential_chunks(corpus_tokens(args.corpus, args.prompt_split, loaded.tokenizer), args.context)
+    return [chunk.unsqueeze(0) for chunk in chunks[: args.prompts]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kwargs = {**env_kwargs(args), "segment_len": None}  # one decision per layer: one key basis per layer
+    try:
+        loaded = load_causal_lm(args.model, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
+        prompts = prompts_from_args(loaded, args)
+        policy = make_policy(args.policy, kwargs, args.trust_pickle)
+    except (ValueError, OSError, ModelNotAvailableError, CorpusNotAvailableError) as error:
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    try:
+        for index, prompt in enumerate(prompts):
+            report(loaded, policy, kwargs, prompt, index, args)
+    except ValueError as error:
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report(
+    loaded: LoadedModel, policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, index: int, args: argparse.Namespace
+) -> None:
+    """Pick the ranks for one prompt, generate, and print ranks, cache size, quality and text."""
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    ranks = policy_ranks(policy, kwargs, prompt, args.seed + index)
+    out = generate(
+        loaded, prompt, ranks, basis=args.basis, sink_tokens=args.sink_tokens, max_new_tokens=args.max_new_tokens,
+        return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id, **sampling,
+    )  # fmt: skip
+    generated = out.sequences[:, prompt.shape[1] :].cpu()
+    measured = cache_bytes(out.cache)["total"]
+    full = full_cache_bytes(loaded, 1, out.sequences.shape[1] - 1)
+    print(f"prompt {index}: {prompt.shape[1]} tokens; policy {policy.name}; basis {args.basis}")
+    print("ranks per layer:", " ".join("/".join(str(r) for r in row) for row in ranks))
+    print(f"KV cache {measured / 2**20:.2f} MB = {measured / full:.3f} of full width ({full / 2**20:.2f} MB)")
+    if not args.no_compare:
+        kl, agreement = compare_with_full(loaded, prompt, generated, ranks, args)
+        print(f"against full attention: KL {kl:.4f} nats/token (teacher-forced), greedy agreement {agreement:.3f}")
+    print("text:", loaded.tokenizer.decode(generated[0], skip_special_tokens=True))
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
