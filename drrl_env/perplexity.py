@@ -1,7 +1,9 @@
 """Perplexity of a causal LM with its attention routed through a drrl handler.
 
 ``python -m drrl_env.perplexity`` compares full attention with fixed-rank low-rank attention in
-both spectral modes on held-out text, and prints PPL and the attention FLOPs ratio.
+both spectral modes on held-out text, and prints PPL and the attention FLOPs ratio. With
+``--key-bases`` it adds the key bases of the low-rank key cache (``drrl_env.generate``:
+``separate``, ``joint`` per key/value group, ``calibrated``), each sequence being its own prompt.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from drrl_env.corpora import (
     corpus_tokens,
     sequential_chunks,
 )
-from drrl_env.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.flops import full_attention_flops, key_cache_generation_flops, low_rank_attention_flops
+from drrl_env.generate import calibrated_bases, rank_table
 from drrl_env.hook import AttentionCall, Handler, install
+from drrl_env.kv_attention import SINK_TOKENS, KeyBasisAttention
+from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.lowrank import SPECTRAL_MODES, SpectralMode
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm, resolve_device
 
@@ -152,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes"
     )
+    parser.add_argument(
+        "--key-bases", nargs="*", choices=BASIS_KINDS, default=[], help="key bases of the low-rank key cache to add"
+    )
+    parser.add_argument(
+        "--sink-tokens", type=at_least(0), default=SINK_TOKENS, help="with --key-bases: first tokens kept exact"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     return parser
 
@@ -176,10 +187,18 @@ def main(argv: list[str] | None = None) -> int:
             flops = low_rank_attention_flops(1, heads, kv_heads, args.seq_len, args.seq_len, head_dim, rank, mode)
             result = evaluate_perplexity(loaded, chunks, FixedRank(rank, mode), args.batch_size, progress=True)
             rows.append((f"r={rank}", mode, result, flops.core / full_flops, flops.total / full_flops))
+    for basis in args.key_bases:
+        for rank in args.ranks:
+            table = rank_table(rank, shape)
+            calibrated = calibrated_bases(loaded, table) if basis == "calibrated" else None
+            handler = KeyBasisAttention(table, basis, calibrated, sink_tokens=args.sink_tokens)
+            flops = key_cache_generation_flops(1, heads, kv_heads, args.seq_len, 0, head_dim, rank, basis).prefill
+            result = evaluate_perplexity(loaded, chunks, handler, args.batch_size, progress=True)
+            rows.append((f"r={rank}", f"key:{basis}", result, flops.core / full_flops, flops.total / full_flops))
     print(f"model={args.model} corpus={args.corpus}/{args.split} tokens={chunks.numel()} seq_len={args.seq_len}")
-    print(f"{'attention':<10} {'mode':<9} {'PPL':>8} {'FLOPs core':>11} {'FLOPs +overhead':>16}")
+    print(f"{'attention':<10} {'mode':<14} {'PPL':>8} {'FLOPs core':>11} {'FLOPs +overhead':>16}")
     for name, mode, result, core, total in rows:
-        print(f"{name:<10} {mode:<9} {result.perplexity:>8.2f} {core:>11.3f} {total:>16.3f}")
+        print(f"{name:<10} {mode:<14} {result.perplexity:>8.2f} {core:>11.3f} {total:>16.3f}")
     return 0
 
 

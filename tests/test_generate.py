@@ -267,3 +267,13 @@ def test_env_reset_runs_on_given_tokens(tiny_env_kwargs):
     with pytest.raises(ValueError, match=r"input_ids must have shape \(1, 12\)"):
         env.reset(options={"input_ids": ids[:, :5]})
     env.close()
+
+
+def test_perplexity_command_adds_key_bases(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from drrl_env import perplexity
+
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
+    argv = ["--model", tiny_model_dir, "--seq-len", "32", "--max-tokens", "128", "--ranks", "8", "--modes", "joint"]
+    assert perplexity.main(argv + ["--key-bases", "joint", "calibrated", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("key:joint" in line for line in lines) and any("key:calibrated" in line for line in lines)
