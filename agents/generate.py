@@ -32,6 +32,7 @@ from drrl_env.kv_attention import SINK_TOKENS
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.models import LoadedModel, ModelNotAvailableError, load_causal_lm
+from drrl_env.reward import next_token_kl
 from oracle.policy import RankPolicy
 
 
@@ -69,8 +70,7 @@ def compare_with_full(
     continuation = full[:, prompt.shape[1] :]
     reference = teacher_forced_logits(loaded, prompt, continuation, "full")
     low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, sink_tokens=args.sink_tokens)
-    log_full, log_low = torch.log_softmax(reference.double(), -1), torch.log_softmax(low.double(), -1)
-    kl = float((log_full.exp() * (log_full - log_low)).sum(-1).mean())
+    kl = next_token_kl(reference, low)
     width = min(continuation.shape[1], generated.shape[1])
     agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
     return kl, agreement

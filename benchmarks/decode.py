@@ -41,6 +41,7 @@ from drrl_env.generate import generate, teacher_forced_logits
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
+from drrl_env.reward import next_token_kl
 
 
 class StepClock(BaseStreamer):
@@ -96,11 +97,8 @@ def timed_generation(loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int
 
 def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tuple[float, float]:
     """Mean per-step KL(full || low) in nats, and top-1 agreement, over ``(B, T, V)`` logits."""
-    full_log = torch.log_softmax(full_logits.double(), dim=-1)
-    low_log = torch.log_softmax(low_logits.double(), dim=-1)
-    kl = (full_log.exp() * (full_log - low_log)).sum(dim=-1)
     agreement = (full_logits.argmax(-1) == low_logits.argmax(-1)).double()
-    return float(kl.mean()), float(agreement.mean())
+    return next_token_kl(full_logits, low_logits), float(agreement.mean())
 
 
 def attention_flops_ratio(loaded: LoadedModel, context: int, new_tokens: int, rank: int, basis: str) -> float:

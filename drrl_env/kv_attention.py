@@ -12,7 +12,8 @@ Gram of the keys the basis is fitted to.
 
 Execution paths (same result): several queries (the prefill, or a teacher-forced continuation)
 run fused SDPA on width ``R + d`` vectors ``[q W_q, q]`` against ``[k W_k, 0]`` (and ``[0, k]`` for
-sink keys); one query (a decode step) computes its width-``R`` scores against the cache, writes
+sink keys), with the values zero-padded to that width (PyTorch's fused kernels need one width;
+with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048); one query (a decode step) computes its width-``R`` scores against the cache, writes
 the ``s`` exact sink scores into them, and attends unfused, so it reads ``R`` numbers per cached
 key.
 """
@@ -89,11 +90,15 @@ def attention_with_sinks(
             sink_rows = F.pad(sinks.keys, (width, 0))  # (B, Hkv, s, R + d)
             index = sinks.index.view(B, 1, -1, 1).expand(-1, kv_heads, -1, width + d)
             k_aug.scatter_(2, index, sink_rows)
-        if mask is None:
+        aligned = m == n and mask is None  # SDPA's own causal kernel
+        if mask is None and not aligned:
             mask = causal_mask(m, n, query.device)
-        return F.scaled_dot_product_attention(
-            q_aug, k_aug, value, attn_mask=mask, scale=scale, enable_gqa=kv_heads != Hq
+        # PyTorch's fused kernels need one width for q, k and v: pad v with zeros and drop those columns after
+        v_aug = F.pad(value, (0, q_aug.shape[-1] - d))
+        output = F.scaled_dot_product_attention(
+            q_aug, k_aug, v_aug, attn_mask=mask, is_causal=aligned, scale=scale, enable_gqa=kv_heads != Hq
         )
+        return output[..., :d]
     groups = Hq // kv_heads
     scores = query_low.reshape(B, kv_heads, groups, width) @ key_low.transpose(-1, -2)  # (B, Hkv, G, n)
     if sinks is not None:
