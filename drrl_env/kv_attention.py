@@ -13,7 +13,8 @@ Gram of the keys the basis is fitted to.
 Execution paths (same result): several queries (the prefill, or a teacher-forced continuation)
 run fused SDPA on width ``R + d`` vectors ``[q W_q, q]`` against ``[k W_k, 0]`` (and ``[0, k]`` for
 sink keys), with the values zero-padded to that width (PyTorch's fused kernels need one width;
-with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048); one query (a decode step) computes its width-``R`` scores against the cache, writes
+with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048); one
+query (a decode step) computes its width-``R`` scores against the cache, writes
 the ``s`` exact sink scores into them, and attends unfused, so it reads ``R`` numbers per cached
 key.
 """
