@@ -60,6 +60,12 @@ def attended_pairs(q_len: int, kv_len: int, causal: bool = True) -> int:
     return q_len * kv_len - (q_len * (q_len - 1)) // 2 if causal else q_len * kv_len
 
 
+def per_head_ranks(rank: int | torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(Hkv,)`` float64 ranks from a scalar (every key/value head) or one rank per head."""
+    ranks = torch.as_tensor(rank, dtype=torch.float64).flatten()
+    return ranks.expand(kv_heads) if ranks.numel() == 1 else ranks
+
+
 def full_attention_flops(
     batch: int, q_heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = True
 ) -> AttentionFlops:
@@ -87,9 +93,7 @@ def low_rank_attention_flops(
 
     ``rank`` is a scalar or one rank per key/value head; per-head ranks are summed exactly.
     """
-    ranks = torch.as_tensor(rank, dtype=torch.float64).flatten()
-    if ranks.numel() == 1:
-        ranks = ranks.expand(kv_heads)
+    ranks = per_head_ranks(rank, kv_heads)
     groups = q_heads // kv_heads
     d, m, n = float(head_dim), float(q_len), float(kv_len)
     pairs = batch * attended_pairs(q_len, kv_len, causal)
@@ -150,8 +154,7 @@ def key_cache_generation_flops(
       (``2 d r`` per key/value head), then width-``r`` logits, the softmax and full-width values
       over the context.
     """
-    ranks = torch.as_tensor(rank, dtype=torch.float64).flatten()
-    ranks = ranks.expand(kv_heads) if ranks.numel() == 1 else ranks
+    ranks = per_head_ranks(rank, kv_heads)
     d, n, steps = float(head_dim), float(prompt_len), float(decode_steps)
     contexts = steps * n + steps * (steps + 1) / 2  # sum over decode steps of the keys attended
     full = bool((ranks == head_dim).all())

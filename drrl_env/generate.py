@@ -87,7 +87,7 @@ def key_cache_attention(
     shape = loaded.attention_shape
     table = rank_table(ranks, shape)
     calibrated = calibrated_bases(loaded, table, calibration) if basis == "calibrated" else None
-    cache = LowRankKeyCache(table, shape.head_dim)
+    cache = LowRankKeyCache(shape.num_layers)
     return cache, KeyBasisAttention(table, basis, calibrated, cache, sink_tokens)
 
 

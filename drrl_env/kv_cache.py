@@ -22,15 +22,11 @@ from drrl_env.kv_basis import KeyBasis
 class LowRankKeyLayer(DynamicLayer):
     """One layer's cache: values ``(B, Hkv, n, d)``; keys ``(B, Hkv, n, R)`` once a basis is set.
 
-    Args:
-        ranks: ``(Hkv,)`` ranks of the layer's key/value heads.
-        head_dim: ``d``.
+    The layer's ranks live in its basis; a layer that is never compressed keeps full keys.
     """
 
-    def __init__(self, ranks: torch.Tensor, head_dim: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
-        self.head_dim = head_dim
         self.basis: KeyBasis | None = None
         self.sinks: Sinks | None = None
 
@@ -77,10 +73,10 @@ class LowRankKeyLayer(DynamicLayer):
 
 
 class LowRankKeyCache(Cache):
-    """One :class:`LowRankKeyLayer` per decoder layer, for ranks ``(L, Hkv)`` and head width ``d``."""
+    """One :class:`LowRankKeyLayer` per decoder layer."""
 
-    def __init__(self, ranks: torch.Tensor, head_dim: int) -> None:
-        super().__init__(layers=[LowRankKeyLayer(row, head_dim) for row in ranks])
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[LowRankKeyLayer() for _ in range(num_layers)])
 
 
 def cache_bytes(cache: Cache) -> dict[str, int]:
