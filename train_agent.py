@@ -28,7 +28,6 @@ from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
-from tqdm.auto import tqdm
 
 from agents.agent_file import load_agent_into, load_sb3_zip, save_agent
 from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
@@ -40,10 +39,9 @@ from agents.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
-from agents.evaluate import evaluate_policy
+from agents.evaluate import comparison_table, evaluate_policy
 from agents.policies import POLICIES, policy_setup, setup_of_observation_space
-from agents.results import markdown_table
-from agents.train_config import VEC_ENVS, CompareConfig, TrainConfig
+from agents.train_config import TRAIN_ENV_DEFAULTS, VEC_ENVS, CompareConfig, TrainConfig, resume_arguments
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset
 from agents.zoo import make_policy
@@ -51,18 +49,6 @@ from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
 
-TRAIN_ENV_DEFAULTS = {
-    "seq_len": 128,
-    "batch_size": 1,
-    "spectral_mode": "joint",
-    "guardrail": "off",
-    "kl_shaping_weight": 0.0,
-}
-"""train_agent's env defaults where they differ from EnvConfig's: 1 x 128 tokens; the Eckart-Young-optimal
-'joint' mode, where per-input allocation has the most headroom (docs/results.md); the budget as the only
-constraint, as in AMC (a guardrail moves an allocation's ranks, and the budget mask then takes it out of later
-layers); the terminal -KL alone (measured: with the shaping term, PPO from the behaviour-cloned start learned to
-spend the budget in the early layers and tripled the KL)"""
 BC_MODEL = "bc_model.safetensors"
 """the behaviour-cloned agent a run starts from, in its run folder"""
 
@@ -97,50 +83,9 @@ RESUMABLE_CHANGES = frozenset(
 """options a resumed run may be given with other values than it was started with"""
 
 
-def _canonical(value: Any) -> Any:
-    """A stored or parsed option value in one comparable form (JSON types; a one-element list is its element)."""
-    value = json.loads(json.dumps(value, default=str))
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
-
-
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    """The options of a new run, or of a resumed one: the stored options, with those given on the command line.
-
-    A resumed run refuses (``ValueError``, one line listing them) options given with other values
-    than it was started with, except :data:`RESUMABLE_CHANGES`.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args
-    config = Path(args.resume, "config.json")
-    if not config.is_file():
-        raise ValueError(f"--resume {args.resume}: not a run folder of train_agent.py (no config.json)")
-    try:
-        stored = json.loads(config.read_text())
-        if not isinstance(stored, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as error:
-        raise ValueError(
-            f"--resume {args.resume}: {config} is unreadable ({error}); the run cannot be resumed"
-        ) from None
-    for action in parser._actions:  # the same parser without defaults sees only what was given
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    differing = [
-        f"--{name.replace('_', '-')} (run: {stored[name]!r}, given: {value!r})"
-        for name, value in given.items()
-        if name in stored and name not in RESUMABLE_CHANGES and _canonical(stored[name]) != _canonical(value)
-    ]
-    if differing:
-        raise ValueError(
-            f"--resume {args.resume} was started with other options: {'; '.join(differing)}; "
-            "drop them to continue the run as it was, or start a new run"
-        )
-    for name, value in stored.items():
-        if name in vars(args) and name not in given:
-            setattr(args, name, value)
-    return args
+    """The options of a new run, or of a resumed one (:func:`agents.train_config.resume_arguments`)."""
+    return resume_arguments(build_parser(), argv, RESUMABLE_CHANGES, "train_agent.py")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -248,15 +193,7 @@ def compare(args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, An
         policies.append(make_policy(str(run_dir / BC_MODEL), kwargs))
         policies[-1].name = "bc (this run's start)"
     policies.append(ModelPolicy(model.policy, algorithm, setup, f"{args.algo} (this run)"))
-    rows = [
-        evaluate_policy(policy, kwargs, args.eval_episodes, timing_repeats=args.timing_repeats)
-        for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
-    ]
-    print(
-        f"\ntest split of {args.corpus}, {args.eval_episodes} episodes of {args.batch_size}x{args.seq_len} tokens, "
-        f"mode={args.spectral_mode}, guardrail={args.guardrail}, flops_budget={kwargs['flops_budget']}"
-    )
-    print(markdown_table(rows))
+    print(comparison_table(policies, kwargs, args.eval_episodes, args.timing_repeats))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,20 @@ def evaluate_policy(
     )
 
 
+def comparison_table(policies: list[RankPolicy], env_kwargs: dict[str, Any], episodes: int, timing_repeats: int) -> str:
+    """The training commands' closing comparison: every policy over the same seeded test episodes, as markdown."""
+    rows = [
+        evaluate_policy(policy, env_kwargs, episodes, timing_repeats=timing_repeats)
+        for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
+    ]
+    budget = env_kwargs.get("flops_budget")
+    return (
+        f"\ntest split of {env_kwargs['corpus']}, {episodes} episodes of {env_kwargs['batch_size']}x"
+        f"{env_kwargs['seq_len']} tokens, mode={env_kwargs['spectral_mode']}, guardrail={env_kwargs['guardrail']}, "
+        f"flops_budget={budget}\n{markdown_table(rows)}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agents.evaluate",

@@ -1,13 +1,30 @@
-"""The options of ``train_agent.py`` as dataclasses: one ``--field-name`` option per field, its docstring the help."""
+"""The training commands' options as dataclasses: one ``--field-name`` option per field, its docstring the help."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from agents.policies import DEFAULT_HISTORY
 
 DEFAULT_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "fixed:32", "energy:0.9", "oracle")
 VEC_ENVS = ("sync", "subproc")
+TRAIN_ENV_DEFAULTS = {
+    "seq_len": 128,
+    "batch_size": 1,
+    "spectral_mode": "joint",
+    "guardrail": "off",
+    "kl_shaping_weight": 0.0,
+}
+"""The training commands' env defaults (train_agent.py, agents.rllib) where they differ from EnvConfig's:
+1 x 128 tokens; the Eckart-Young-optimal 'joint' mode, where per-input allocation has the most headroom
+(docs/results.md); the budget as the only constraint, as in AMC (a guardrail moves an allocation's ranks, and
+the budget mask then takes it out of later layers); the terminal -KL alone (measured: with the shaping term, PPO
+from the behaviour-cloned start learned to spend the budget in the early layers and tripled the KL)"""
 
 
 @dataclass
@@ -76,3 +93,51 @@ class CompareConfig:
     """test episodes per policy"""
     timing_repeats: int = 2
     """timed forward replays per policy for ms/token"""
+
+
+def _canonical(value: Any) -> Any:
+    """A stored or parsed option value in one comparable form (JSON types; a one-element list is its element)."""
+    value = json.loads(json.dumps(value, default=str))
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def resume_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None, resumable: Collection[str], command: str
+) -> argparse.Namespace:
+    """The options of a new run, or of a resumed one (``--resume RUN``): RUN/config.json's, with those given.
+
+    A resumed run refuses (``ValueError``, one line listing them) options given with other values
+    than it was started with, except those named in ``resumable``. ``command`` names the program
+    whose run folders these are, for the error messages.
+    """
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args
+    config = Path(args.resume, "config.json")
+    if not config.is_file():
+        raise ValueError(f"--resume {args.resume}: not a run folder of {command} (no config.json)")
+    try:
+        stored = json.loads(config.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ValueError(
+            f"--resume {args.resume}: {config} is unreadable ({error}); the run cannot be resumed"
+        ) from None
+    for action in parser._actions:  # the same parser without defaults sees only what was given
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    differing = [
+        f"--{name.replace('_', '-')} (run: {stored[name]!r}, given: {value!r})"
+        for name, value in given.items()
+        if name in stored and name not in resumable and _canonical(stored[name]) != _canonical(value)
+    ]
+    if differing:
+        raise ValueError(
+            f"--resume {args.resume} was started with other options: {'; '.join(differing)}; "
+            "drop them to continue the run as it was, or start a new run"
+        )
+    for name, value in stored.items():
+        if name in vars(args) and name not in given:
+            setattr(args, name, value)
+    return args

@@ -84,6 +84,35 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
     return DummyVecEnv(factories) if vec == "sync" else SubprocVecEnv(factories, start_method="spawn")
 
 
+def step_metrics(info: dict[str, Any]) -> dict[str, float]:
+    """The ``drrl/`` scalars of one env step's ``info`` (empty for a reset's): reward terms, FLOPs, masks, fidelity.
+
+    Both training backends log their means over each rollout: SB3 through
+    :class:`RankLoggingCallback`, RLlib through ``agents.rllib``'s env-runner callback.
+    """
+    if "reward_terms" not in info:
+        return {}
+    metrics = {f"reward_terms/{term}": float(value) for term, value in info["reward_terms"].items()}
+    metrics["flops_saved"] = 1.0 - info["flops"] / info["flops_full"]
+    metrics["flops_logits_ratio"] = info["flops_logits"] / info["flops_logits_full"]
+    for name in ("guardrail_mask_rate", "budget_mask_rate", "kl", "fidelity", "perturbation"):
+        if name in info:
+            metrics[name] = float(info[name])
+    metrics["violation_rate"] = float(info["masked_violation"])
+    metrics["mask_rate"] = 1.0 - float(np.mean(info["mask_before"]))  # the mask this step faced
+    return metrics
+
+
+def rank_heatmap(cells: dict[tuple[int, int], float]) -> np.ndarray:
+    """The mean rank per (layer, segment) as a layers x segments heatmap image (HWC, uint8); missing cells blank."""
+    layers = 1 + max(layer for layer, _ in cells)
+    segments = 1 + max(segment for _, segment in cells)
+    grid = np.full((layers, segments), np.nan)
+    for (layer, segment), value in cells.items():
+        grid[layer, segment] = value
+    return rank_heatmap_rgb(grid, np.nanmin(grid), np.nanmax(grid), (12, 48))
+
+
 class RankLoggingCallback(BaseCallback):
     """TensorBoard: reward terms, FLOPs saved, fidelity, mask and violation rates, ranks per layer; evaluation PPL.
 
@@ -111,21 +140,10 @@ class RankLoggingCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         for info in self.locals.get("infos", []):
-            if "reward_terms" not in info:
-                continue
-            for term, value in info["reward_terms"].items():
-                self._values[f"reward_terms/{term}"].append(value)
-            self._values["flops_saved"].append(1.0 - info["flops"] / info["flops_full"])
-            self._values["flops_logits_ratio"].append(info["flops_logits"] / info["flops_logits_full"])
-            self._values["guardrail_mask_rate"].append(info["guardrail_mask_rate"])
-            self._values["budget_mask_rate"].append(info["budget_mask_rate"])
-            if "kl" in info:
-                self._values["kl"].append(info["kl"])
-            self._values["fidelity"].append(info["fidelity"])
-            self._values["perturbation"].append(info["perturbation"])
-            self._values["violation_rate"].append(float(info["masked_violation"]))
-            self._values["mask_rate"].append(1.0 - float(np.mean(info["mask_before"])))  # the mask this step faced
-            self._ranks[(info["layer"], info["segment"])].append(float(np.mean(info["rank"])))
+            for name, value in step_metrics(info).items():
+                self._values[name].append(value)
+            if "rank" in info:
+                self._ranks[(info["layer"], info["segment"])].append(float(np.mean(info["rank"])))
         return True
 
     def _on_rollout_end(self) -> None:
@@ -134,15 +152,9 @@ class RankLoggingCallback(BaseCallback):
         if self._ranks:
             all_ranks = torch.tensor([r for values in self._ranks.values() for r in values])
             self.logger.record("drrl/rank_histogram", all_ranks, exclude=("stdout", "log", "json", "csv"))
-            layers = 1 + max(layer for layer, _ in self._ranks)
-            segments = 1 + max(segment for _, segment in self._ranks)
-            grid = np.full((layers, segments), np.nan)
-            for (layer, segment), values in self._ranks.items():
-                grid[layer, segment] = np.mean(values)
+            cells = {cell: float(np.mean(values)) for cell, values in self._ranks.items()}
             self.logger.record(
-                "drrl/rank_heatmap",
-                Image(rank_heatmap_rgb(grid, np.nanmin(grid), np.nanmax(grid), (12, 48)), "HWC"),
-                exclude=("stdout", "log", "json", "csv"),
+                "drrl/rank_heatmap", Image(rank_heatmap(cells), "HWC"), exclude=("stdout", "log", "json", "csv")
             )
         self._values.clear()
         self._ranks.clear()

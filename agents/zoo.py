@@ -11,14 +11,20 @@ from typing import Any
 
 from agents.agent_file import load_model_policy
 from agents.baselines import make_baseline
+from agents.rllib_agent import is_rllib_agent
 from oracle.policy import RankPolicy
 
 
 def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = False) -> RankPolicy:
     """A policy from a spec: an agent file (``PATH.safetensors``), a baseline (``fixed:32``), or an SB3 zip.
 
-    An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``.
+    An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``. An agent file
+    of an RLlib module (``python -m agents.rllib``) becomes an :class:`agents.rllib_agent.RLlibPolicy`.
     """
+    if os.path.isfile(spec) and is_rllib_agent(spec):
+        from agents.rllib_agent import RLlibPolicy
+
+        return RLlibPolicy.from_file(spec)
     if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
         return load_model_policy(spec, trust_pickle)
     return make_baseline(spec, env_kwargs)

@@ -1,0 +1,179 @@
+"""The RLlib backend: the masked-observation wrapper, RLlib agent files, and training with 1 then 2 env runners."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from gymnasium.utils.env_checker import check_env
+
+import drrl_env  # noqa: F401  (registers the env)
+from drrl_env.wrappers import MaskInObservation, mask_observation_space
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def tiny_kwargs(tiny_model_dir):
+    return dict(
+        model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, segment_len=8, flops_budget=0.5, guardrail="off"
+    )
+
+
+def rllib():
+    return pytest.importorskip("ray.rllib", reason="the drrl[rllib] extra (Ray RLlib) is not installed")
+
+
+# ----------------------------------------------------------------- the wrapper (no Ray needed)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_mask_in_observation_carries_the_env_mask(tiny_kwargs, per_head):
+    env = MaskInObservation(gym.make("DRRL-Attention-v0", **tiny_kwargs, per_head=per_head))
+    check_env(env.unwrapped)
+    logits = 4 * env.unwrapped.kv_heads if per_head else 4
+    assert env.observation_space["action_mask"].shape == (logits,)
+    observation, _ = env.reset(seed=0)
+    assert env.observation_space.contains(observation)
+    masked_steps, terminated = 0, False
+    while not terminated:
+        assert np.array_equal(observation["action_mask"], env.unwrapped.action_masks().astype(np.float32))
+        masked_steps += int(observation["action_mask"].min() == 0)
+        groups = observation["action_mask"].reshape(-1, 4)
+        action = groups.argmax(-1)  # the lowest allowed rank per group, but the highest in group 0:
+        action[0] = 3 - groups[0, ::-1].argmax()  # within budget, since each group's mask has the others at min
+        observation, _, terminated, _, info = env.step(action if per_head else int(action[0]))
+        assert not info["masked_violation"]
+        assert env.observation_space.contains(observation)
+    assert masked_steps > 0  # the budget did mask ranks: the test sees masks at work
+    assert observation["action_mask"].min() == 1.0  # terminal: no action follows, the distribution stays defined
+
+
+def test_mask_observation_space_refuses_continuous_actions():
+    with pytest.raises(TypeError, match="Discrete or MultiDiscrete"):
+        mask_observation_space(spaces.Box(0, 1, (3,)), spaces.Box(0, 1, (2,)))
+
+
+# ----------------------------------------------------------------- agent files and the zoo
+def test_rllib_agent_file_round_trip_and_masked_greedy_actions(tmp_path):
+    rllib()
+    from agents.agent_file import AgentFileError
+    from agents.rllib_agent import MODEL_CONFIG, build_module, greedy_actions, load_rllib_module, save_rllib_agent
+
+    torch.manual_seed(0)
+    observation_space = spaces.Box(-np.inf, np.inf, (6,), np.float32)
+    for action_space in (spaces.Discrete(5), spaces.MultiDiscrete([3, 3])):
+        module = build_module(observation_space, action_space, MODEL_CONFIG)
+        path = save_rllib_agent(module, tmp_path / "agent.safetensors", MODEL_CONFIG, num_timesteps=7)
+        loaded, description = load_rllib_module(path)
+        assert description["num_timesteps"] == 7 and description["algo"] == "rllib_ppo"
+        observations = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+        logits = int(np.sum(getattr(action_space, "nvec", [getattr(action_space, "n", 0)])))
+        masks = (np.random.default_rng(1).random((64, logits)) < 0.5).astype(np.float32)
+        blocks = np.split(masks, np.cumsum(getattr(action_space, "nvec", [logits]))[:-1], axis=1)
+        for block in blocks:
+            block[np.arange(64), np.random.default_rng(2).integers(block.shape[1], size=64)] = 1.0  # one allowed
+        actions = greedy_actions(loaded, observations, masks)
+        assert np.array_equal(actions, greedy_actions(module, observations, masks))
+        actions = actions.reshape(64, -1)
+        for group, block in enumerate(blocks):
+            assert block[np.arange(64), actions[:, group]].min() == 1.0  # never a masked action
+    torch.save({}, tmp_path / "not_an_agent.pt")
+    with pytest.raises(AgentFileError, match="not a readable RLlib agent file"):
+        load_rllib_module(tmp_path / "not_an_agent.pt")
+
+
+def test_zoo_loads_rllib_agent_files_and_sb3_ones_stay_sb3(tmp_path, tiny_kwargs):
+    rllib()
+    from sb3_contrib import MaskablePPO
+
+    from agents.agent_file import save_agent
+    from agents.rllib_agent import MODEL_CONFIG, RLlibPolicy, build_module, is_rllib_agent, save_rllib_agent
+    from agents.zoo import make_policy
+
+    env = gym.make("DRRL-Attention-v0", **tiny_kwargs)
+    rllib_path = save_rllib_agent(
+        build_module(env.observation_space, env.action_space, MODEL_CONFIG), tmp_path / "r.safetensors", MODEL_CONFIG, 0
+    )
+    sb3_path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "s.safetensors")
+    assert is_rllib_agent(rllib_path) and not is_rllib_agent(sb3_path) and not is_rllib_agent(tmp_path / "none")
+    policy = make_policy(str(rllib_path), tiny_kwargs)
+    assert isinstance(policy, RLlibPolicy) and policy.name == "rllib_ppo:r" and policy.flops_per_decision > 0
+    assert not isinstance(make_policy(str(sb3_path), tiny_kwargs), RLlibPolicy)
+    observation, info = env.reset(seed=0)
+    action = policy.act(observation, info["action_mask"], env.unwrapped)
+    assert isinstance(action, int) and info["action_mask"][action]
+
+
+# ----------------------------------------------------------------- training
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV)
+
+
+def test_help_and_clear_errors(tmp_path):
+    out = run("-m", "agents.rllib", "--help")
+    assert out.returncode == 0
+    flags = ("--num-env-runners", "--num-envs-per-env-runner", "--num-gpus", "--ray-address", "--resume",
+             "--total-timesteps", "--seed", "--flops-budget", "--hyperparams", "--checkpoint-every")  # fmt: skip
+    for flag in flags:
+        assert flag in out.stdout, flag
+    rllib()
+    out = run("-m", "agents.rllib", "--hyperparams", '{"learning_rate": 1}', "--logdir", str(tmp_path))
+    assert out.returncode == 2 and "PPOConfig.training() takes no ['learning_rate']" in out.stderr
+    out = run("-m", "agents.rllib", "--resume", str(tmp_path))
+    assert out.returncode == 2 and "not a run folder of python -m agents.rllib" in out.stderr
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.expensive
+def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
+    rllib()
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from agents.rllib_agent import RLlibPolicy, greedy_actions
+
+    options = ["--model", tiny_kwargs["model"], "--ranks", "4", "8", "12", "16", "--seq-len", "32",
+               "--segment-len", "8", "--flops-budget", "0.5", "--device", "cpu", "--train-batch-size", "64",
+               "--minibatch-size", "32", "--num-epochs", "2", "--compare", "--logdir", str(tmp_path)]  # fmt: skip
+    out = run("-m", "agents.rllib", *options, "--num-env-runners", "1", "--total-timesteps", "192",
+              "--checkpoint-every", "128")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = tmp_path.glob("DRRL-Attention-v0__rllib_ppo__0__*")
+    assert json.loads((run_dir / "config.json").read_text())["num_env_runners"] == 1
+    out = run("-m", "agents.rllib", "--resume", str(run_dir), "--num-env-runners", "2", "--total-timesteps", "384")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stdout and "(192 steps done)" in out.stdout
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_000000128", "step_000000192", "step_000000256", "step_000000384"]
+
+    # the metrics reached TensorBoard, from both runs; masked ranks were never sampled, and masks were at work
+    assert len(scalars(run_dir, "rollout/ep_rew_mean")) == 6
+    assert scalars(run_dir, "drrl/violation_rate") == [0.0] * 6
+    assert max(scalars(run_dir, "drrl/budget_mask_rate")) > 0.1
+    assert len(scalars(run_dir, "train/policy_loss")) == 6 and scalars(run_dir, "drrl/flops_saved")
+
+    # the last checkpoint (RLlib's own format) restores to the policy of the saved agent file
+    module = RLModule.from_checkpoint(
+        run_dir / "checkpoints/step_000000384/learner_group/learner/rl_module/default_policy"
+    )
+    agent = RLlibPolicy.from_file(run_dir / "model.safetensors")
+    rng = np.random.default_rng(0)
+    observations = rng.normal(size=(32, agent.module.observation_space["observations"].shape[0])).astype(np.float32)
+    masks = np.ones((32, 4), np.float32)
+    masks[:16, 2:] = 0.0
+    assert np.array_equal(
+        greedy_actions(module, observations, masks), greedy_actions(agent.module, observations, masks)
+    )
+    assert greedy_actions(agent.module, observations, masks)[:16].max() <= 1
