@@ -8,7 +8,8 @@ action logits, so a masked action is never sampled. A trained module is saved li
 ``drrl_rllib_agent`` in the header (the spaces, the network's ``model_config``, the steps
 trained), so loading it unpickles nothing; it is rebuilt from that description and its weights
 are loaded strictly. ``python -m agents.evaluate --policies runs/RUN/model.safetensors`` and
-``train_agent.py --compare`` take it like any agent file (:func:`agents.zoo.make_policy`).
+``train_agent.py --compare`` take it like any agent file (:func:`agents.zoo.make_policy`); an
+RLlib checkpoint folder (``RUN/checkpoints/step_N``) loads too, with ``--trust-pickle``.
 Ray is an optional extra: everything here but :func:`is_rllib_agent` needs it.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ INSTALL_HINT = "pip install 'drrl[rllib]' (from a clone: pip install -e '.[rllib
 FORMAT = "drrl-rllib-agent"
 VERSION = 1
 METADATA_KEY = "drrl_rllib_agent"
+CHECKPOINT_MODULE = ("learner_group", "learner", "rl_module", "default_policy")
+"""where an RLlib algorithm checkpoint keeps the trained module"""
 MODEL_CONFIG: dict[str, Any] = {"fcnet_hiddens": [64, 64], "fcnet_activation": "tanh", "vf_share_layers": False}
 """the policy and value networks: SB3's MlpPolicy (two separate 64-64 tanh MLPs), so both backends train the same
 network"""
@@ -146,6 +150,28 @@ class RLlibPolicy:
         """The policy of an RLlib agent file (see :func:`save_rllib_agent`)."""
         module, description = load_rllib_module(path)
         return cls(module, f"{description['algo']}:{short_id(path)}")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, trust_pickle: bool = False) -> RLlibPolicy:
+        """The policy of an RLlib algorithm checkpoint folder (``RUN/checkpoints/step_N``): RLlib's loader.
+
+        RLlib's checkpoints pickle, so this needs ``trust_pickle``; the run's agent file does not.
+        """
+        module_dir = Path(path, *CHECKPOINT_MODULE)
+        if not module_dir.is_dir():
+            raise AgentFileError(f"{path} is not an RLlib algorithm checkpoint (no {'/'.join(CHECKPOINT_MODULE)})")
+        if not trust_pickle:
+            raise AgentFileError(
+                f"{path} is an RLlib checkpoint, which pickles and can run code when loaded; pass --trust-pickle "
+                "(trust_pickle=True) only if you trust it, or use the run's model.safetensors"
+            )
+        require_rllib()
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        print(f"warning: loading {path} with pickle (--trust-pickle)", file=sys.stderr)
+        module = RLModule.from_checkpoint(module_dir.resolve())
+        module.eval()
+        return cls(module, f"rllib_ppo:{Path(path).parent.parent.name}/{Path(path).name}")
 
     @property
     def flops_per_decision(self) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 from agents.agent_file import load_model_policy
 from agents.baselines import make_baseline
-from agents.rllib_agent import is_rllib_agent
+from agents.rllib_agent import RLlibPolicy, is_rllib_agent
 from oracle.policy import RankPolicy
 
 
@@ -19,12 +19,13 @@ def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = Fals
     """A policy from a spec: an agent file (``PATH.safetensors``), a baseline (``fixed:32``), or an SB3 zip.
 
     An SB3 zip (``[ALGO:]PATH.zip``) is a pickle and loads only with ``trust_pickle``. An agent file
-    of an RLlib module (``python -m agents.rllib``) becomes an :class:`agents.rllib_agent.RLlibPolicy`.
+    of an RLlib module (``python -m agents.rllib``) becomes an :class:`agents.rllib_agent.RLlibPolicy`, as does
+    an RLlib checkpoint folder (``RUN/checkpoints/step_N``, with ``trust_pickle``: RLlib's checkpoints pickle).
     """
     if os.path.isfile(spec) and is_rllib_agent(spec):
-        from agents.rllib_agent import RLlibPolicy
-
         return RLlibPolicy.from_file(spec)
+    if os.path.isfile(os.path.join(spec, "rllib_checkpoint.json")):
+        return RLlibPolicy.from_checkpoint(spec, trust_pickle)
     if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
         return load_model_policy(spec, trust_pickle)
     return make_baseline(spec, env_kwargs)

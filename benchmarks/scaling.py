@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from agents.algorithms import get_algorithm
@@ -35,8 +36,11 @@ ROLLOUT = 150
 """env steps per PPO iteration in every setting (5 episodes of the default model's 30 layers)"""
 
 
-def rllib_steps_per_second(runners: int, steps: int, seed: int) -> float:
-    """RLlib PPO with ``runners`` env runners: steps/s over ``steps`` env steps after one warm-up iteration."""
+def rllib_steps_per_second(runners: int, steps: int, seed: int) -> tuple[float, dict[str, float]]:
+    """RLlib PPO with ``runners`` env runners: steps/s over ``steps`` env steps after one warm-up iteration.
+
+    Also RLlib's own timers, seconds per iteration: sampling (env runners) and the learner's update.
+    """
     import ray
 
     args = rllib_parser().parse_args(
@@ -47,16 +51,22 @@ def rllib_steps_per_second(runners: int, steps: int, seed: int) -> float:
         algorithm = build_algorithm(args, env_kwargs(args))
         algorithm.train()
         start_steps, started = steps_sampled(algorithm), time.perf_counter()
+        sampling, learning = [], []
         while steps_sampled(algorithm) - start_steps < steps:
-            algorithm.train()
+            timers = algorithm.train()["timers"]
+            sampling.append(timers["env_runner_sampling_timer"])
+            learning.append(timers["learner_update_timer"])
         rate = (steps_sampled(algorithm) - start_steps) / (time.perf_counter() - started)
         algorithm.stop()
     finally:
         ray.shutdown()
-    return rate
+    return rate, {
+        "sampling_s_per_iteration": float(np.mean(sampling)),
+        "learner_s_per_iteration": float(np.mean(learning)),
+    }
 
 
-def sb3_steps_per_second(n_envs: int, vec: str, steps: int, seed: int) -> float:
+def sb3_steps_per_second(n_envs: int, vec: str, steps: int, seed: int) -> tuple[float, dict[str, float]]:
     """MaskablePPO over ``n_envs`` envs of a ``vec`` vector env: steps/s over ``steps`` after a warm-up rollout."""
     kwargs = env_kwargs(rllib_parser().parse_args([]))  # the same env options as the RLlib settings
     env = make_vec_env(kwargs, policy_setup("mlp"), n_envs, seed, vec)
@@ -67,7 +77,7 @@ def sb3_steps_per_second(n_envs: int, vec: str, steps: int, seed: int) -> float:
     model.learn(steps, reset_num_timesteps=False)
     rate = (model.num_timesteps - done) / (time.perf_counter() - started)
     env.close()
-    return rate
+    return rate, {}
 
 
 def main() -> None:
@@ -85,16 +95,19 @@ def main() -> None:
         ("SB3 MaskablePPO, DummyVecEnv", 1, lambda: sb3_steps_per_second(1, "sync", args.steps, args.seed)),
     ]  # fmt: skip
     for name, workers, measure in settings:
-        rate = measure()
-        rows.append({"setting": name, "workers": workers, "steps_per_second": rate})
-        print(f"{name} = {workers}: {rate:.2f} env steps/s", flush=True)
+        rate, timers = measure()
+        rows.append({"setting": name, "workers": workers, "steps_per_second": rate, **timers})
+        print(f"{name} = {workers}: {rate:.2f} env steps/s {timers}", flush=True)
     for name in {row["setting"] for row in rows}:
         rates = {row["workers"]: row["steps_per_second"] for row in rows if row["setting"] == name}
         if 1 in rates and 2 in rates:
             print(f"{name}: 2 vs 1 = {rates[2] / rates[1]:.2f}x")
-    print("\n| setting | workers | env steps/s |\n|---|---|---|")
+    print("\n| setting | workers | env steps/s | sampling s/iteration | learner s/iteration |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['setting']} | {row['workers']} | {row['steps_per_second']:.2f} |")
+        timers = [
+            f"{row[key]:.3f}" if key in row else "-" for key in ("sampling_s_per_iteration", "learner_s_per_iteration")
+        ]
+        print(f"| {row['setting']} | {row['workers']} | {row['steps_per_second']:.2f} | {' | '.join(timers)} |")
     if args.out:
         machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
         args.out.write_text(json.dumps({"machine": machine, "timed_steps": args.steps, "rows": rows}, indent=2))

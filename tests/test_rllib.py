@@ -140,8 +140,6 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
 @pytest.mark.expensive
 def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
     rllib()
-    from ray.rllib.core.rl_module.rl_module import RLModule
-
     from agents.rllib_agent import RLlibPolicy, greedy_actions
 
     options = ["--model", tiny_kwargs["model"], "--ranks", "4", "8", "12", "16", "--seq-len", "32",
@@ -164,16 +162,20 @@ def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
     assert max(scalars(run_dir, "drrl/budget_mask_rate")) > 0.1
     assert len(scalars(run_dir, "train/policy_loss")) == 6 and scalars(run_dir, "drrl/flops_saved")
 
-    # the last checkpoint (RLlib's own format) restores to the policy of the saved agent file
-    module = RLModule.from_checkpoint(
-        run_dir / "checkpoints/step_000000384/learner_group/learner/rl_module/default_policy"
-    )
-    agent = RLlibPolicy.from_file(run_dir / "model.safetensors")
+    # the last checkpoint (RLlib's own format, a pickle: only with trust_pickle) restores to the saved agent's policy
+    from agents.agent_file import AgentFileError
+    from agents.zoo import make_policy
+
+    checkpoint = str(run_dir / "checkpoints/step_000000384")
+    with pytest.raises(AgentFileError, match="--trust-pickle"):
+        make_policy(checkpoint, tiny_kwargs)
+    restored = make_policy(checkpoint, tiny_kwargs, trust_pickle=True)
+    agent = make_policy(str(run_dir / "model.safetensors"), tiny_kwargs)
+    assert isinstance(restored, RLlibPolicy) and isinstance(agent, RLlibPolicy)
     rng = np.random.default_rng(0)
     observations = rng.normal(size=(32, agent.module.observation_space["observations"].shape[0])).astype(np.float32)
     masks = np.ones((32, 4), np.float32)
     masks[:16, 2:] = 0.0
-    assert np.array_equal(
-        greedy_actions(module, observations, masks), greedy_actions(agent.module, observations, masks)
-    )
-    assert greedy_actions(agent.module, observations, masks)[:16].max() <= 1
+    actions = greedy_actions(agent.module, observations, masks)
+    assert np.array_equal(greedy_actions(restored.module, observations, masks), actions)
+    assert actions[:16].max() <= 1
