@@ -34,10 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.algorithms import ModelPolicy
-from agents.results import EvaluationRow, adaptivity_verdicts, markdown_table, write_csv
+from agents.results import EvaluationRow, adaptivity_verdicts, fill_headroom_captured, markdown_table, write_csv
+from agents.rllib_agent import RLlibPolicy
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_env_arguments, env_kwargs
+from drrl_env.cli import add_env_arguments, env_kwargs, share_or_none
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.files import check_output_folder
@@ -132,6 +133,7 @@ def comparison_table(policies: list[RankPolicy], env_kwargs: dict[str, Any], epi
         evaluate_policy(policy, env_kwargs, episodes, timing_repeats=timing_repeats)
         for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
     ]
+    fill_headroom_captured(rows)
     budget = env_kwargs.get("flops_budget")
     return (
         f"\ntest split of {env_kwargs['corpus']}, {episodes} episodes of {env_kwargs['batch_size']}x"
@@ -180,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timing-repeats", type=int, default=2, help="timed replays per row for ms/token, 0 to skip (default: 2)"
     )
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=share_or_none,
+        metavar="SHARE",
+        help="run every cell at each of these logit-FLOPs budgets (e.g. 0.75 0.625 0.5; 'none': no budget) instead "
+        "of --flops-budget; adds the budget column and the PPL- and KL-against-budget figures",
+    )
     parser.add_argument("--ablations", action="store_true", help="add Table II rows: every policy with --guardrail off")
     parser.add_argument(
         "--out", default="results", help="folder of table.md, results.csv and the PNGs (default: results)"
@@ -209,36 +219,39 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
     the agent's FLOPs, the comparison that says whether adapting to the input pays.
     """
     base = env_kwargs(args)
-    settings = [(corpus, mode, True) for corpus in args.corpora for mode in args.modes]
+    budgets = args.budgets or [base["flops_budget"]]
+    settings = [(corpus, mode, True, budget) for budget in budgets for corpus in args.corpora for mode in args.modes]
     if args.ablations:
-        settings += [(corpus, mode, False) for corpus in args.corpora for mode in args.modes]
+        settings += [(corpus, mode, False, budget) for corpus, mode, _, budget in settings]
     cells = [(spec, *setting) for setting in settings for spec in args.policies]
     rows: list[EvaluationRow] = []
-    matched: dict[tuple[str, str, bool], tuple[str, float]] = {}
-    for spec, corpus, mode, guardrail in tqdm(cells, desc="evaluating policies", unit="cell"):
+    matched: dict[tuple, tuple[str, float]] = {}
+    for spec, corpus, mode, guardrail, budget in tqdm(cells, desc="evaluating policies", unit="cell"):
         kwargs = {
             **base,
             "corpus": corpus,
             "spectral_mode": mode,
             "guardrail": base["guardrail"] if guardrail else "off",
+            "flops_budget": budget,
         }
+        setting = (corpus, mode, guardrail, budget)
         matched_to = None
         if spec == "static:match":
-            if (corpus, mode, guardrail) not in matched:
+            if setting not in matched:
                 raise ValueError("static:match needs a saved agent listed before it in --policies")
-            matched_to, budget = matched[(corpus, mode, guardrail)]
-            spec = f"static:{budget:.4f}"
+            matched_to, share = matched[setting]
+            spec = f"static:{share:.4f}"
         policy = make_policy(spec, kwargs, args.trust_pickle)
         row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
         if kwargs["guardrail"] == "off" and base["guardrail"] != "off":
             row.policy += " (no guardrail)"
             matched_to = matched_to and matched_to + " (no guardrail)"
         row.matched_to = matched_to
-        if isinstance(policy, ModelPolicy):
-            matched.setdefault(
-                (corpus, mode, guardrail), (row.policy.removesuffix(" (no guardrail)"), row.flops_logits_ratio)
-            )
+        row.budget = budget if args.budgets else None
+        if isinstance(policy, (ModelPolicy, RLlibPolicy)):
+            matched.setdefault(setting, (row.policy.removesuffix(" (no guardrail)"), row.flops_logits_ratio))
         rows.append(row)
+    fill_headroom_captured(rows)
     return rows
 
 
@@ -253,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.logdir, "--logdir")
         out.mkdir(parents=True, exist_ok=True)
         rows = run_evaluation(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:  # ImportError: an RLlib agent without the extra
         print(f"error: {error}", file=sys.stderr)
         return 2
     verdicts = adaptivity_verdicts(rows)
@@ -273,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         written.append(name)
 
     emit("pareto", figures.pareto_figure(rows))
+    if args.budgets and len(args.budgets) > 1:
+        emit("budget_ppl", figures.budget_figure(rows, "ppl", "PPL"))
+        emit("budget_kl", figures.budget_figure(rows, "kl", "KL to the full model (nats/token)"))
     for row in rows:
         if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
             safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")

@@ -61,6 +61,36 @@ def pareto_figure(rows: list[EvaluationRow]) -> Figure:
     return figure
 
 
+def budget_figure(rows: list[EvaluationRow], metric: str, label: str) -> Figure:
+    """``metric`` (a row attribute: ``ppl``, ``kl``) against the logit-FLOPs budget, one line per policy.
+
+    One panel per (mode, corpus); rows without a budget (no ``--budgets``) are left out; for PPL a
+    dashed line marks the model without the hook on the same text.
+    """
+    rows = [row for row in rows if row.budget is not None]
+    panels = list(dict.fromkeys((row.mode, row.corpus) for row in rows))
+    columns = max(1, len({corpus for _, corpus in panels}))
+    lines = (len(panels) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(4.6 * columns + 2.5, 3.8 * lines), squeeze=False)
+    policies = list(dict.fromkeys(row.policy for row in rows))
+    colours = {name: plt.cm.tab20(i % 20) for i, name in enumerate(policies)}
+    for axis, (mode, corpus) in zip(axes.flat, panels, strict=False):
+        subset = [row for row in rows if (row.mode, row.corpus) == (mode, corpus)]
+        for name in policies:
+            points = sorted((row.budget, getattr(row, metric)) for row in subset if row.policy == name)
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", ms=3, color=colours[name], label=name[:32])
+        if metric == "ppl":
+            axis.axhline(np.mean([row.ppl_full for row in subset]), color="grey", ls="--", lw=1)
+        axis.set(xlabel="logit-FLOPs budget (share of full attention)", ylabel=label, title=f"{corpus}, {mode}")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="center right", fontsize=7)
+    figure.tight_layout(rect=(0, 0, 1 - 2.3 / figure.get_figwidth(), 1))
+    return figure
+
+
 def rank_heatmap_figure(row: EvaluationRow) -> Figure:
     """Fig. 3: the mean rank chosen per layer and segment."""
     grid = np.asarray(row.rank_grid)

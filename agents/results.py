@@ -42,6 +42,16 @@ class EvaluationRow:
     """the policy network's own FLOPs (``ModelPolicy.flops_per_decision`` per step) over full attention's"""
     matched_to: str | None = None
     """for ``static:match``: the policy whose measured FLOPs set this row's budget"""
+    budget: float | None = None
+    """the episodes' logit-FLOPs budget, when the evaluation ran several (``--budgets``)"""
+    headroom_captured: float = math.nan
+    """(best fixed - this) / (best fixed - hindsight) of the KL, best fixed the lower of uniform and static at the
+    same corpus, mode and budget (:func:`fill_headroom_captured`); NaN where those rows are missing"""
+
+    @property
+    def delta_ppl_percent(self) -> float:
+        """PPL against the model's own on the same batches, in percent."""
+        return 100.0 * (math.exp(self.nll - self.nll_full) - 1.0)
 
     @property
     def flops_with_policy_ratio(self) -> float:
@@ -60,9 +70,12 @@ TABLE_COLUMNS = (
     ("policy", "policy", "{}"),
     ("corpus", "corpus", "{}"),
     ("mode", "mode", "{}"),
+    ("budget", "budget", "{:g}"),
     ("ppl", "PPL", "{:.2f}"),
     ("ppl_full", "PPL full (no hook)", "{:.2f}"),
+    ("delta_ppl_percent", "ΔPPL %", "{:+.2f}"),
     ("kl", "KL", "{:.4f}"),
+    ("headroom_captured", "headroom captured", "{:.2f}"),
     ("flops_logits_ratio", "FLOPs (logits)", "{:.3f}"),
     ("flops_ratio", "FLOPs (+overhead)", "{:.3f}"),
     ("flops_core_ratio", "FLOPs (core)", "{:.3f}"),
@@ -74,14 +87,56 @@ TABLE_COLUMNS = (
 )
 
 
+OPTIONAL_COLUMNS = ("budget", "headroom_captured")
+"""columns shown only where some row has a value: several budgets; uniform or static and hindsight rows"""
+
+
+def _shown(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def markdown_table(rows: list[EvaluationRow]) -> str:
-    """The Table I analogue as markdown."""
-    header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(TABLE_COLUMNS)]
+    """The Table I analogue as markdown (the optional columns where some row has a value; "-" where one has not)."""
+    columns = [
+        (key, title, fmt)
+        for key, title, fmt in TABLE_COLUMNS
+        if key not in OPTIONAL_COLUMNS or any(_shown(getattr(row, key)) for row in rows)
+    ]
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [fmt.format(getattr(row, key)) for key, _, fmt in TABLE_COLUMNS]
+        cells = [fmt.format(getattr(row, key)) if _shown(getattr(row, key)) else "-" for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+FIXED_RULES = ("uniform", "static")
+"""the non-adaptive allocations every policy must beat (policy names start with these)"""
+CEILING = "hindsight"
+"""the per-input allocation that knows the input's own layer profile: the ceiling of adaptivity"""
+
+
+def fill_headroom_captured(rows: list[EvaluationRow]) -> None:
+    """Set each row's ``headroom_captured``: how much of the gap from the best fixed rule to hindsight it closes.
+
+    Per corpus, mode, budget and guardrail setting: best fixed = the lowest KL of the uniform and
+    static rows, ceiling = the hindsight row's KL; a row's value is (best fixed - KL) /
+    (best fixed - ceiling): 1 matches hindsight, 0 the best fixed rule, below 0 is worse. Groups
+    without both, or where hindsight is not better than the best fixed rule, keep NaN.
+    """
+    groups: dict[tuple, list[EvaluationRow]] = {}
+    for row in rows:
+        ablation = row.policy.endswith(" (no guardrail)")
+        groups.setdefault((row.corpus, row.mode, row.budget, ablation), []).append(row)
+    for group in groups.values():
+        names = [row.policy.removesuffix(" (no guardrail)") for row in group]
+        fixed = [row.kl for row, name in zip(group, names, strict=True) if name.startswith(FIXED_RULES)]
+        ceiling = [row.kl for row, name in zip(group, names, strict=True) if name.startswith(CEILING)]
+        if not fixed or not ceiling or min(ceiling) >= min(fixed):
+            continue
+        best, top = min(fixed), min(ceiling)
+        for row in group:
+            row.headroom_captured = (best - row.kl) / (best - top)
 
 
 def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
@@ -95,7 +150,8 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
         agent = next(
             row
             for row in rows
-            if row.policy == static.matched_to and (row.corpus, row.mode) == (static.corpus, static.mode)
+            if row.policy == static.matched_to
+            and (row.corpus, row.mode, row.budget) == (static.corpus, static.mode, static.budget)
         )
         setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
         numbers = (
@@ -116,7 +172,7 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
 def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
     fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
-    fields += ["ppl", "ppl_full", "flops_with_policy_ratio"]
+    fields += ["ppl", "ppl_full", "delta_ppl_percent", "flops_with_policy_ratio"]
 
     def write(temporary: str) -> None:
         with open(temporary, "w", newline="") as handle:

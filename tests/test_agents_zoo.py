@@ -227,3 +227,41 @@ def test_uniform_spends_the_budget_evenly(tiny_env_kwargs):
             obs, _, terminated, _, info = env.step(policy.act(obs, env.action_masks(), env))
             ranks.add(info["rank"])
         assert ranks == expected and info["budget_used"] == pytest.approx(budget)
+
+
+def test_headroom_captured_and_delta_ppl():
+    from agents.results import EvaluationRow, fill_headroom_captured, markdown_table
+
+    def row(policy, kl, budget=0.625, corpus="wiki", nll=3.2):
+        return EvaluationRow(policy, corpus, "joint", 1, 1, nll, 3.0, 1, 1, budget or 1, kl, 40, 0, 1, 1, [40], [[40]],
+                             budget=budget)  # fmt: skip
+
+    rows = [row("uniform", 0.02), row("static:fisher", 0.015), row("hindsight:fisher", 0.01), row("agent", 0.0125)]
+    rows += [row("uniform", 0.04, 0.5), row("agent", 0.03, 0.5)]  # no hindsight at this budget: no headroom
+    rows += [row("uniform", 0.01, corpus="news"), row("hindsight", 0.02, corpus="news")]  # hindsight not better
+    fill_headroom_captured(rows)
+    assert [r.headroom_captured for r in rows[:4]] == pytest.approx([-1.0, 0.0, 1.0, 0.5])
+    assert all(np.isnan(r.headroom_captured) for r in rows[4:])
+    assert rows[0].delta_ppl_percent == pytest.approx(100 * (np.exp(0.2) - 1))
+    table = markdown_table(rows)
+    assert "| budget |" in table and "| headroom captured |" in table and "| ΔPPL % |" in table
+    assert "| agent | wiki | joint | 0.625 | 24.53 | 20.09 | +22.14 | 0.0125 | 0.50 |" in table
+    assert "| agent | wiki | joint | 0.5 | 24.53 | 20.09 | +22.14 | 0.0300 | - |" in table
+    for rows_without in ([row("uniform", 0.02, budget=None)],):
+        assert "budget" not in markdown_table(rows_without) and "headroom" not in markdown_table(rows_without)
+
+
+def test_evaluate_at_several_budgets(tiny_layered_model_dir, tmp_path):
+    from agents.evaluate import main
+
+    code = main(["--model", tiny_layered_model_dir, "--ranks", "4", "8", "16", "--seq-len", "32", "--episodes", "1",
+                 "--policies", "uniform", "fixed:4", "--corpora", "wiki", "--modes", "joint", "--guardrail", "off",
+                 "--budgets", "0.75", "0.5", "--fig4-lengths", "--timing-repeats", "0",
+                 "--out", str(tmp_path / "results"), "--logdir", str(tmp_path / "tb")])  # fmt: skip
+    assert code == 0
+    lines = (tmp_path / "results/table.md").read_text().splitlines()
+    assert lines[0].startswith("| policy | corpus | mode | budget | PPL |") and len(lines) == 2 + 2 * 2
+    uniform = {line.split(" | ")[3]: float(line.split(" | ")[8]) for line in lines[2:] if line.startswith("| uniform")}
+    assert uniform == pytest.approx({"0.75": 0.75, "0.5": 0.5}, abs=0.01)  # FLOPs (logits) at each budget
+    for png in ("budget_ppl", "budget_kl"):
+        assert (tmp_path / "results" / f"{png}.png").stat().st_size > 1000

@@ -129,6 +129,19 @@ def test_help_and_clear_errors(tmp_path):
     assert out.returncode == 2 and "not a run folder of python -m agents.rllib" in out.stderr
 
 
+def test_without_the_extra_the_error_names_the_install_command(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None; from agents.rllib import main; "
+        f"raise SystemExit(main(['--logdir', {str(tmp_path)!r}]))"
+    )
+    out = run("-c", code)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: the RLlib backend needs Ray RLlib, an optional extra: "
+        "pip install 'drrl[rllib]' (from a clone: pip install -e '.[rllib]')"
+    )
+
+
 def scalars(run_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
