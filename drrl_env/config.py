@@ -16,7 +16,7 @@ from drrl_env.models import DEFAULT_MODEL
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
-KL_BASELINES = ("none", "uniform")
+KL_BASELINES = ("none", "uniform", "uniform_log_ratio")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 
@@ -54,7 +54,8 @@ class EnvConfig:
     kl_baseline: str = "none"
     """kl reward only: 'uniform' subtracts from the terminal -KL the -KL of uniform ranks at the episode's budget on
     the same batch (one more forward per episode), so the return measures the policy against a fixed rule on this
-    input and no longer carries how hard the input is; 'none': the plain -KL"""
+    input; 'uniform_log_ratio' makes it log(KL_uniform / KL), the relative improvement, free of the input's scale
+    too; 'none': the plain -KL (drrl_env.reward.kl_terminal_reward)"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5

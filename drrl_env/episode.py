@@ -27,7 +27,14 @@ from drrl_env.guardrail import (
 )
 from drrl_env.hook import AttentionCall, AttentionHook
 from drrl_env.models import LoadedModel
-from drrl_env.reward import attention_output_similarity, eq13_terms, lm_loss, next_token_kl, residual_deviation
+from drrl_env.reward import (
+    attention_output_similarity,
+    eq13_terms,
+    kl_terminal_reward,
+    lm_loss,
+    next_token_kl,
+    residual_deviation,
+)
 from drrl_env.runner import SteppedForward
 
 RECORD_VERSION = 1
@@ -278,10 +285,10 @@ class Episode:
                 lm_loss_full=lm_loss(self.reference.logits, self.batch),
             )
             if cfg.reward_kind == "kl":
-                terms["terminal"] = -self.final["kl"]
-                if cfg.kl_baseline == "uniform":
+                if cfg.kl_baseline != "none":
                     self.final["kl_uniform"] = self._uniform_kl()
-                    terms["terminal"] += self.final["kl_uniform"]
+                kl_uniform = self.final.get("kl_uniform")
+                terms["terminal"] = kl_terminal_reward(self.final["kl"], kl_uniform, cfg.kl_baseline)
             else:
                 terms["terminal"] = cfg.terminal_lm_weight * (self.final["lm_loss_full"] - self.final["lm_loss"])
         info.update(self.final)

@@ -26,6 +26,8 @@ default ``w = 1`` puts the shaping on the KL's scale.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -75,6 +77,25 @@ def next_token_kl(logits_full: torch.Tensor, logits_low: torch.Tensor) -> float:
     # sum_v p (log p - log q) = sum_v p (z_p - z_q) - lse_p + lse_q
     per_token = ((p * (z_p - z_q)).sum(-1) - lse_p + lse_q).clamp_min(0.0)  # (B, n)
     return float(per_token.double().mean())
+
+
+def kl_terminal_reward(kl: float, kl_uniform: float | None, baseline: str) -> float:
+    """The kl reward's terminal term from the episode's KL to the full model (and uniform ranks' on the same batch).
+
+    ``"none"``: ``-KL``; ``"uniform"``: ``KL_uniform - KL`` (the plain difference); ``"uniform_log_ratio"``:
+    ``log(KL_uniform / KL)``, the relative improvement over uniform ranks, free of the input's scale
+    (uniform ranks' KL varies 3-4x between inputs; a difference keeps that spread, a ratio does not).
+    KLs are floored at 1e-9 nats, so an exact episode gives a finite reward.
+    """
+    if baseline == "none":
+        return -kl
+    if kl_uniform is None:
+        raise ValueError(f"kl baseline {baseline!r} needs the KL of uniform ranks on the episode's batch")
+    if baseline == "uniform":
+        return kl_uniform - kl
+    if baseline == "uniform_log_ratio":
+        return math.log(max(kl_uniform, 1e-9) / max(kl, 1e-9))
+    raise ValueError(f"unknown kl baseline {baseline!r}")
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:

@@ -205,11 +205,17 @@ def _flatten(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_resumable(directory: Path, metadata: dict[str, Any]) -> int:
-    """Raise ``DatasetMismatchError`` if ``directory`` holds another setup's dataset; return its episode count."""
+    """Raise ``DatasetMismatchError`` if ``directory`` holds another setup's dataset; return its episode count.
+
+    The device is not part of the setup: a dataset made on the CPU is extended on 'auto' (and the
+    other way round), as the warm start's cache key (``agents.warm_start.teacher_folder``) expects.
+    """
     if not (directory / METADATA_FILE).exists():
         return 0
     stored = read_metadata(directory)
     stored_id = {k: v for k, v in stored.items() if k not in ("episodes", "steps_per_episode")}
+    stored_id["env_config"] = {**stored_id.get("env_config", {}), "device": None}
+    metadata = {**metadata, "env_config": {**metadata.get("env_config", {}), "device": None}}
     if stored_id != metadata:
         flat_stored, flat_requested = _flatten(stored_id), _flatten(metadata)
         differing = sorted(k for k in {*flat_stored, *flat_requested} if flat_stored.get(k) != flat_requested.get(k))

@@ -208,6 +208,26 @@ def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_sam
         make(kwargs, kl_baseline="static")
 
 
+def test_kl_baseline_log_ratio_is_the_relative_improvement_over_uniform(tiny_layered_model_dir):
+    from drrl_env.reward import kl_terminal_reward
+
+    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    env = make(kwargs, kl_baseline="uniform_log_ratio")
+    for action, sign in ((1, 0), (0, -1)):  # uniform's own ranks: log 1 = 0; rank 4 everywhere: worse, negative
+        env.reset(seed=5)
+        terminated = False
+        while not terminated:
+            _, _, terminated, _, info = env.step(action)
+        expected = np.log(info["kl_uniform"] / info["kl"])
+        assert info["reward_terms"]["terminal"] == pytest.approx(expected, abs=1e-9)
+        assert np.sign(round(info["reward_terms"]["terminal"], 4)) == sign
+    assert kl_terminal_reward(0.02, 0.01, "uniform_log_ratio") == pytest.approx(-np.log(2))
+    assert kl_terminal_reward(0.0, 0.01, "uniform_log_ratio") == pytest.approx(np.log(1e7))  # floored, finite
+    assert kl_terminal_reward(0.02, None, "none") == -0.02
+    with pytest.raises(ValueError, match="needs the KL of uniform ranks"):
+        kl_terminal_reward(0.02, None, "uniform")
+
+
 def test_uniform_rank_is_the_largest_candidate_within_the_share():
     from drrl_env.guardrail import FlopsBudget
 

@@ -157,6 +157,11 @@ def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path, ora
         record_trajectories(tmp_path / "ds", RandomAllowed(), 1, oracle_env_kwargs, progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
     assert after == before
+    # the device is not part of the setup (the warm start's cache key leaves it out): 'cpu' extends on 'auto'
+    kwargs = {k: v for k, v in oracle_env_kwargs.items() if k != "device"}
+    record_trajectories(tmp_path / "dev", GreedyOracle(), 1, {**kwargs, "device": "cpu"}, progress=False)
+    grown = record_trajectories(tmp_path / "dev", GreedyOracle(), 2, {**kwargs, "device": "auto"}, progress=False)
+    assert read_metadata(tmp_path / "dev")["episodes"] == 2 and len(set(grown["seed"])) == 2
 
 
 def test_oracle_command(tmp_path, tiny_model_dir):
