@@ -10,7 +10,9 @@ ActionMaskingTorchRLModule, which adds log(mask) to the logits, so a masked rank
 sampled. Every env option below reaches each env through env_config, and each env runner
 process loads the LM once. The policy and value networks are SB3's MlpPolicy (two 64-64 tanh
 MLPs) and PPO's hyperparameters default to SB3's (lr 3e-4, GAE lambda 0.95, clip 0.2, 10 epochs,
-minibatches of 64); --hyperparams sets any other PPOConfig.training() keyword.
+minibatches of 64); --hyperparams sets any other PPOConfig.training() keyword. --bc-model starts
+from a behaviour-cloned agent file of the SB3 side (python -m agents.bc, or a train_agent run's
+bc_model.safetensors): the same network, so its weights load as they are.
 
 Scaling out: each env runner is one Ray actor (one CPU by default) running its envs; RLlib
 samples them in parallel and the learner updates in this process. --ray-address auto joins a
@@ -43,7 +45,14 @@ import gymnasium as gym
 from tqdm.auto import tqdm
 
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.rllib_agent import MODEL_CONFIG, RLlibPolicy, build_module, require_rllib, save_rllib_agent
+from agents.rllib_agent import (
+    MODEL_CONFIG,
+    RLlibPolicy,
+    build_module,
+    require_rllib,
+    save_rllib_agent,
+    sb3_weights_as_rllib,
+)
 from agents.train_config import TRAIN_ENV_DEFAULTS, CompareConfig, resume_arguments
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
@@ -84,6 +93,9 @@ class RLlibConfig:
     """PPO minibatch size"""
     num_epochs: int = 10
     """PPO epochs over each iteration's batch"""
+    bc_model: str | None = None
+    """start from this behaviour-cloned agent (a maskable_ppo 'mlp' agent file: python -m agents.bc, or a
+    train_agent run's bc_model.safetensors; the networks are the same)"""
     hyperparams: str | None = None
     """other keywords of RLlib's PPOConfig.training() as a JSON object, e.g. '{"lr": 1e-4, "entropy_coeff": 0.01}'"""
     logdir: str = "runs"
@@ -228,14 +240,27 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
-    """A CPU copy of the learner's module (policy and value networks; env runners hold the policy only)."""
+def _module_path() -> str:
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
-    path = f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
-    weights = algorithm.learner_group.get_state(components=path)
+    return f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+
+
+def warm_start(algorithm: Any, path: str, spaces: tuple[gym.Space, gym.Space]) -> None:
+    """Load a behaviour-cloned SB3 agent file's weights into the learner's module and send them to the env runners."""
+    learner, module, policy = _module_path().split("/")
+    state = sb3_weights_as_rllib(path, build_module(*spaces, MODEL_CONFIG))
+    weights = {name: tensor.numpy() for name, tensor in state.items()}
+    algorithm.learner_group.set_state({learner: {module: {policy: weights}}})
+    algorithm.env_runner_group.sync_weights(from_worker_or_learner_group=algorithm.learner_group, inference_only=True)
+
+
+def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
+    """A CPU copy of the learner's module (policy and value networks; env runners hold the policy only)."""
+    learner, module_key, policy = _module_path().split("/")
+    weights = algorithm.learner_group.get_state(components=_module_path())
     module = build_module(*spaces, MODEL_CONFIG)
-    module.set_state(weights[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID])
+    module.set_state(weights[learner][module_key][policy])
     return module.eval()
 
 
@@ -254,6 +279,9 @@ def train(args: argparse.Namespace, kwargs: dict[str, Any], spaces: tuple[gym.Sp
             print(f"resuming {run_dir} from {checkpoint.name} ({steps_sampled(algorithm)} steps done)")
         else:
             board.hyperparameters(vars(args))
+            if args.bc_model:
+                warm_start(algorithm, args.bc_model, spaces)
+                print(f"starting from the behaviour-cloned agent {args.bc_model}")
         done = steps_sampled(algorithm)
         next_checkpoint = (done // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else 0
         next_eval = (done // args.eval_every + 1) * args.eval_every if args.eval_every else 0
@@ -291,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.logdir, "--logdir")
         kwargs = env_kwargs(args)
         ppo_hyperparameters(args)
+        if args.bc_model and not args.resume and not Path(args.bc_model).is_file():
+            raise ValueError(f"--bc-model {args.bc_model}: no such file")
         probe = gym.make(ENV_ID, **kwargs)  # the env's own checks, here rather than in every env runner
         spaces = (probe.observation_space, probe.action_space)
         probe.close()
+        if args.bc_model and not args.resume:  # refused here, before Ray starts, if it does not fit
+            sb3_weights_as_rllib(args.bc_model, build_module(*spaces, MODEL_CONFIG))
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

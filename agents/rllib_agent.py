@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from gymnasium import spaces
 
-from agents.agent_file import AgentFileError, short_id, space_from_json, space_to_json
+from agents.agent_file import AgentFileError, read_description, short_id, space_from_json, space_to_json
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.files import write_atomic
 from drrl_env.wrappers import mask_observation_space
@@ -41,6 +41,15 @@ CHECKPOINT_MODULE = ("learner_group", "learner", "rl_module", "default_policy")
 MODEL_CONFIG: dict[str, Any] = {"fcnet_hiddens": [64, 64], "fcnet_activation": "tanh", "vf_share_layers": False}
 """the policy and value networks: SB3's MlpPolicy (two separate 64-64 tanh MLPs), so both backends train the same
 network"""
+
+
+SB3_TO_RLLIB = {
+    "mlp_extractor.policy_net.": "encoder.actor_encoder.net.mlp.",
+    "mlp_extractor.value_net.": "encoder.critic_encoder.net.mlp.",
+    "action_net.": "pi.net.mlp.0.",
+    "value_net.": "vf.net.mlp.0.",
+}
+"""SB3's MlpPolicy tensor names (prefixes) and the RLlib module's for the same layers (MODEL_CONFIG is that network)"""
 
 
 def require_rllib() -> None:
@@ -114,6 +123,29 @@ def load_rllib_module(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise AgentFileError(f"{path}: its tensors do not fit the network it describes: {error}") from None
     module.eval()
     return module, description
+
+
+def sb3_weights_as_rllib(path: str | os.PathLike, module: Any) -> dict[str, torch.Tensor]:
+    """The full ``state_dict`` of ``module`` with the layers of an SB3 maskable_ppo MLP agent file in place.
+
+    The two networks are the same (:data:`MODEL_CONFIG`), so a behaviour-cloned agent
+    (``python -m agents.bc``, ``RUN/bc_model.safetensors``) warm-starts RLlib's PPO as it does SB3's.
+    Refused (``AgentFileError``) for other algorithms or policies, or tensors that do not fit.
+    """
+    description = read_description(path)
+    if description.algo != "maskable_ppo" or description.policy != "mlp" or description.history:
+        raise AgentFileError(
+            f"{path}: a {description.algo} agent with the {description.policy!r} policy; RLlib starts only from a "
+            "maskable_ppo agent with the 'mlp' policy (the same network)"
+        )
+    state = module.state_dict()
+    for name, tensor in safetensors.torch.load_file(str(path)).items():
+        prefix = next((p for p in SB3_TO_RLLIB if name.startswith(p)), None)
+        target = None if prefix is None else SB3_TO_RLLIB[prefix] + name[len(prefix) :]
+        if target not in state or state[target].shape != tensor.shape:
+            raise AgentFileError(f"{path}: tensor {name} {tuple(tensor.shape)} has no place in the RLlib module")
+        state[target] = tensor
+    return state
 
 
 def greedy_actions(module: Any, observations: np.ndarray, action_masks: np.ndarray) -> np.ndarray:

@@ -110,6 +110,46 @@ def test_zoo_loads_rllib_agent_files_and_sb3_ones_stay_sb3(tmp_path, tiny_kwargs
     assert isinstance(action, int) and info["action_mask"][action]
 
 
+def test_a_behaviour_cloned_sb3_agent_warm_starts_rllib(tiny_kwargs, tmp_path):
+    rllib()
+    import ray
+    from sb3_contrib import MaskablePPO
+
+    from agents.agent_file import AgentFileError, save_agent
+    from agents.rllib import build_algorithm, build_parser, trained_module, warm_start
+    from agents.rllib_agent import MODEL_CONFIG, build_module, greedy_actions, sb3_weights_as_rllib
+
+    env = gym.make("DRRL-Attention-v0", **tiny_kwargs)
+    spaces_ = (env.observation_space, env.action_space)
+    sb3 = MaskablePPO("MlpPolicy", env, seed=3)
+    path = save_agent(sb3, tmp_path / "bc.safetensors")
+    args = build_parser().parse_args(["--num-env-runners", "0", "--train-batch-size", "16", "--minibatch-size", "8"])
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        algorithm = build_algorithm(args, tiny_kwargs)
+        warm_start(algorithm, str(path), spaces_)
+        learner = trained_module(algorithm, spaces_)
+        runner = algorithm.env_runner.module  # the sampling side got the weights too
+        algorithm.stop()
+    finally:
+        ray.shutdown()
+    expected = sb3_weights_as_rllib(path, build_module(*spaces_, MODEL_CONFIG))
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    rng = np.random.default_rng(0)
+    observations = rng.normal(size=(64, env.observation_space.shape[0])).astype(np.float32)
+    masks = (rng.random((64, 4)) < 0.6).astype(np.float32)
+    masks[:, 0] = 1.0
+    sb3_actions = [
+        sb3.policy.predict(o, action_masks=m.astype(bool), deterministic=True)[0]
+        for o, m in zip(observations, masks, strict=True)
+    ]
+    assert np.array_equal(greedy_actions(runner, observations, masks), np.array(sb3_actions).reshape(-1))
+    other = save_agent(MaskablePPO("MlpPolicy", env, seed=0, policy_kwargs={"net_arch": [32]}), tmp_path / "o")
+    with pytest.raises(AgentFileError, match="has no place in the RLlib module"):
+        sb3_weights_as_rllib(other, build_module(*spaces_, MODEL_CONFIG))
+
+
 # ----------------------------------------------------------------- training
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV)
