@@ -288,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     emit("pareto", figures.pareto_figure(rows))
     if args.budgets and len(args.budgets) > 1:
         emit("budget_ppl", figures.budget_figure(rows, "ppl", "PPL"))
-        emit("budget_kl", figures.budget_figure(rows, "kl", "KL to the full model (nats/token)"))
+        emit("budget_kl", figures.budget_figure(rows, "kl", "KL to the full model (nats/token)", log_scale=True))
     for row in rows:
         if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
             safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
-            emit(f"fig3_ranks_{safe}_{row.mode}", figures.rank_heatmap_figure(row))
+            budget = "" if row.budget is None else f"_budget{row.budget:g}"
+            emit(f"fig3_ranks_{safe}_{row.mode}{budget}", figures.rank_heatmap_figure(row))
     call = figures.captured_call(args.model, args.corpora[0], args.seq_len, rows and len(rows[0].rank_per_layer) // 2)
     emit("fig5_perturbation", figures.perturbation_figure(call, tuple(sorted(args.ranks))))
     if args.fig4_lengths:

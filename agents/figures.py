@@ -61,11 +61,12 @@ def pareto_figure(rows: list[EvaluationRow]) -> Figure:
     return figure
 
 
-def budget_figure(rows: list[EvaluationRow], metric: str, label: str) -> Figure:
+def budget_figure(rows: list[EvaluationRow], metric: str, label: str, log_scale: bool = False) -> Figure:
     """``metric`` (a row attribute: ``ppl``, ``kl``) against the logit-FLOPs budget, one line per policy.
 
     One panel per (mode, corpus); rows without a budget (no ``--budgets``) are left out; for PPL a
-    dashed line marks the model without the hook on the same text.
+    dashed line marks the model without the hook on the same text. ``log_scale``: a log y axis (KL
+    spans orders of magnitude between policies).
     """
     rows = [row for row in rows if row.budget is not None]
     panels = list(dict.fromkeys((row.mode, row.corpus) for row in rows))
@@ -83,6 +84,8 @@ def budget_figure(rows: list[EvaluationRow], metric: str, label: str) -> Figure:
         if metric == "ppl":
             axis.axhline(np.mean([row.ppl_full for row in subset]), color="grey", ls="--", lw=1)
         axis.set(xlabel="logit-FLOPs budget (share of full attention)", ylabel=label, title=f"{corpus}, {mode}")
+        if log_scale:
+            axis.set_yscale("log")
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     handles, names = axes.flat[0].get_legend_handles_labels()
@@ -96,7 +99,8 @@ def rank_heatmap_figure(row: EvaluationRow) -> Figure:
     grid = np.asarray(row.rank_grid)
     figure, axis = plt.subplots(figsize=(2.5 + 0.6 * grid.shape[1], 0.25 * grid.shape[0] + 1.5))
     image = axis.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
-    axis.set(xlabel="segment", ylabel="layer", title=f"{row.policy} ({row.mode}, {row.corpus})")
+    budget = "" if row.budget is None else f", budget {row.budget:g}"
+    axis.set(xlabel="segment", ylabel="layer", title=f"{row.policy} ({row.mode}, {row.corpus}{budget})")
     figure.colorbar(image, ax=axis, label="mean rank")
     figure.tight_layout()
     return figure

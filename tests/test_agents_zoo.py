@@ -263,5 +263,5 @@ def test_evaluate_at_several_budgets(tiny_layered_model_dir, tmp_path):
     assert lines[0].startswith("| policy | corpus | mode | budget | PPL |") and len(lines) == 2 + 2 * 2
     uniform = {line.split(" | ")[3]: float(line.split(" | ")[8]) for line in lines[2:] if line.startswith("| uniform")}
     assert uniform == pytest.approx({"0.75": 0.75, "0.5": 0.5}, abs=0.01)  # FLOPs (logits) at each budget
-    for png in ("budget_ppl", "budget_kl"):
+    for png in ("budget_ppl", "budget_kl", "fig3_ranks_uniform_joint_budget0.75", "fig3_ranks_uniform_joint_budget0.5"):
         assert (tmp_path / "results" / f"{png}.png").stat().st_size > 1000
