@@ -41,12 +41,18 @@ from agents.checkpoints import (
 )
 from agents.evaluate import comparison_table, evaluate_policy
 from agents.policies import POLICIES, policy_setup, setup_of_observation_space
-from agents.train_config import TRAIN_ENV_DEFAULTS, VEC_ENVS, CompareConfig, TrainConfig, resume_arguments
+from agents.train_config import (
+    VEC_ENVS,
+    TrainConfig,
+    add_comparison_and_env_arguments,
+    parse_hyperparams,
+    resume_arguments,
+)
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
+from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
 
 BC_MODEL = "bc_model.safetensors"
@@ -65,14 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                "warm_start_episodes": at_least(2),
                "history": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
     )  # fmt: skip
-    add_dataclass_arguments(
-        parser,
-        CompareConfig,
-        "comparison after training",
-        types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
-        nargs={"compare": "*"},
-    )
-    add_env_arguments(parser, **TRAIN_ENV_DEFAULTS)
+    add_comparison_and_env_arguments(parser)
     return parser
 
 
@@ -111,20 +110,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def algorithm_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     """``--hyperparams`` as constructor keywords of the algorithm; one-line errors for bad JSON or unknown names."""
-    if not args.hyperparams:
-        return {}
-    try:
-        values = json.loads(args.hyperparams)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--hyperparams {args.hyperparams!r} is not JSON: {error.msg}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"--hyperparams must be a JSON object of keyword arguments, got {args.hyperparams!r}")
     algorithm = get_algorithm(args.algo)
     accepted = set(inspect.signature(algorithm.cls).parameters) - {"policy", "env", "policy_kwargs", "seed", "device"}
-    unknown = sorted(set(values) - accepted)
-    if unknown:
-        raise ValueError(f"--hyperparams: {algorithm.cls.__name__} takes no {unknown}; it takes {sorted(accepted)}")
-    return values
+    return parse_hyperparams(args.hyperparams, accepted, algorithm.cls.__name__)
 
 
 def check_episode_fit(args: argparse.Namespace, env: VecEnv) -> None:

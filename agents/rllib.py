@@ -53,10 +53,10 @@ from agents.rllib_agent import (
     save_rllib_agent,
     sb3_weights_as_rllib,
 )
-from agents.train_config import TRAIN_ENV_DEFAULTS, CompareConfig, resume_arguments
+from agents.train_config import add_comparison_and_env_arguments, parse_hyperparams, resume_arguments
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least, env_kwargs
+from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
 from drrl_env.wrappers import MaskInObservation
 
@@ -130,14 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                "num_cpus_per_env_runner": at_least(1), "train_batch_size": at_least(1), "minibatch_size": at_least(1),
                "num_epochs": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
     )  # fmt: skip
-    add_dataclass_arguments(
-        parser,
-        CompareConfig,
-        "comparison after training",
-        types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
-        nargs={"compare": "*"},
-    )
-    add_env_arguments(parser, **TRAIN_ENV_DEFAULTS)
+    add_comparison_and_env_arguments(parser)
     return parser
 
 
@@ -148,19 +141,9 @@ def ppo_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
 
     values = {**SB3_PPO_DEFAULTS, "train_batch_size_per_learner": args.train_batch_size}
     values.update(minibatch_size=min(args.minibatch_size, args.train_batch_size), num_epochs=args.num_epochs)
-    if args.hyperparams:
-        try:
-            given = json.loads(args.hyperparams)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--hyperparams {args.hyperparams!r} is not JSON: {error.msg}") from error
-        if not isinstance(given, dict):
-            raise ValueError(f"--hyperparams must be a JSON object of keyword arguments, got {args.hyperparams!r}")
-        accepted = (set(inspect.signature(PPOConfig.training).parameters) | set(
-            inspect.signature(AlgorithmConfig.training).parameters)) - {"self", "kwargs"}  # fmt: skip
-        unknown = sorted(set(given) - accepted)
-        if unknown:
-            raise ValueError(f"--hyperparams: PPOConfig.training() takes no {unknown}; it takes {sorted(accepted)}")
-        values.update(given)
+    accepted = (set(inspect.signature(PPOConfig.training).parameters) | set(
+        inspect.signature(AlgorithmConfig.training).parameters)) - {"self", "kwargs"}  # fmt: skip
+    values.update(parse_hyperparams(args.hyperparams, accepted, "PPOConfig.training()"))
     return values
 
 
@@ -240,15 +223,16 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _module_path() -> str:
+def _learner_module_keys() -> tuple[str, str, str]:
+    """Where the learner group's state keeps the trained module: (learner, rl_module, module id)."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
-    return f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+    return COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
 
 def warm_start(algorithm: Any, path: str, spaces: tuple[gym.Space, gym.Space]) -> None:
     """Load a behaviour-cloned SB3 agent file's weights into the learner's module and send them to the env runners."""
-    learner, module, policy = _module_path().split("/")
+    learner, module, policy = _learner_module_keys()
     state = sb3_weights_as_rllib(path, build_module(*spaces, MODEL_CONFIG))
     weights = {name: tensor.numpy() for name, tensor in state.items()}
     algorithm.learner_group.set_state({learner: {module: {policy: weights}}})
@@ -257,8 +241,8 @@ def warm_start(algorithm: Any, path: str, spaces: tuple[gym.Space, gym.Space]) -
 
 def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
     """A CPU copy of the learner's module (policy and value networks; env runners hold the policy only)."""
-    learner, module_key, policy = _module_path().split("/")
-    weights = algorithm.learner_group.get_state(components=_module_path())
+    learner, module_key, policy = _learner_module_keys()
+    weights = algorithm.learner_group.get_state(components="/".join(_learner_module_keys()))
     module = build_module(*spaces, MODEL_CONFIG)
     module.set_state(weights[learner][module_key][policy])
     return module.eval()

@@ -141,3 +141,33 @@ def resume_arguments(
         if name in vars(args) and name not in given:
             setattr(args, name, value)
     return args
+
+
+def add_comparison_and_env_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both training commands share after their own: CompareConfig's, then EnvConfig's (their defaults)."""
+    from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least
+
+    add_dataclass_arguments(
+        parser,
+        CompareConfig,
+        "comparison after training",
+        types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
+        nargs={"compare": "*"},
+    )
+    add_env_arguments(parser, **TRAIN_ENV_DEFAULTS)
+
+
+def parse_hyperparams(text: str | None, accepted: Collection[str], owner: str) -> dict[str, Any]:
+    """``--hyperparams`` (a JSON object) as keyword arguments of ``owner``; one-line errors for bad JSON or names."""
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hyperparams {text!r} is not JSON: {error.msg}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--hyperparams must be a JSON object of keyword arguments, got {text!r}")
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise ValueError(f"--hyperparams: {owner} takes no {unknown}; it takes {sorted(accepted)}")
+    return values
