@@ -131,6 +131,10 @@ def add_dataclass_arguments(
             continue
         if typing.get_origin(hint) in (typing.Union, types_module.UnionType):  # e.g. int | None
             kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+            if typing.get_origin(kind) is tuple:  # tuple[int, ...] | None: a list, absent by default
+                group.add_argument(flag, dest=name, type=typing.get_args(kind)[0], nargs="+", default=default,
+                                   help=f"{help_text} (default: {default})")  # fmt: skip
+                continue
         else:
             kind = hint
         group.add_argument(

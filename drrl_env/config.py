@@ -16,7 +16,7 @@ from drrl_env.models import DEFAULT_MODEL
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
-KL_BASELINES = ("none", "uniform", "uniform_log_ratio")
+KL_BASELINES = ("none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 
@@ -55,7 +55,11 @@ class EnvConfig:
     """kl reward only: 'uniform' subtracts from the terminal -KL the -KL of uniform ranks at the episode's budget on
     the same batch (one more forward per episode), so the return measures the policy against a fixed rule on this
     input; 'uniform_log_ratio' makes it log(KL_uniform / KL), the relative improvement, free of the input's scale
-    too; 'none': the plain -KL (drrl_env.reward.kl_terminal_reward)"""
+    too; 'reference' and 'reference_log_ratio' do the same against ``reference_ranks`` (e.g. the static allocation);
+    'none': the plain -KL (drrl_env.reward.kl_terminal_reward)"""
+    reference_ranks: tuple[int, ...] | None = None
+    """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
+    baselines score each episode against and that drrl_env.wrappers.RankOffsets offsets; None: none"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5
@@ -110,6 +114,14 @@ class EnvConfig:
         _check_number("eps_decay", self.eps_decay, minimum=0.0)
         _check_number("eps0", self.eps0, minimum=0.0, strict=True)
         self.flops_budget = _budget_range(self.flops_budget)
+        if self.reference_ranks is not None:
+            reference = _rank_tuple(self.reference_ranks, distinct=False, name="reference_ranks")
+            missing = sorted(set(reference) - set(self.ranks))
+            if missing:
+                raise ValueError(f"reference_ranks must be candidate ranks {self.ranks}, got {missing} among them")
+            self.reference_ranks = reference
+        if self.kl_baseline.startswith("reference") and self.reference_ranks is None:
+            raise ValueError(f"kl_baseline={self.kl_baseline!r} needs reference_ranks (one candidate rank per layer)")
 
     @property
     def reward_kind(self) -> str:
@@ -141,20 +153,26 @@ def _check_number(name: str, value: Any, minimum: float, strict: bool = False, m
         raise ValueError(f"{name} must be a finite number {low}{high}, got {value!r}")
 
 
-def _rank_tuple(ranks: Any) -> tuple[int, ...]:
-    """``ranks`` as a sorted tuple of distinct positive integers; anything else is a ``ValueError`` naming it."""
+def _rank_tuple(ranks: Any, distinct: bool = True, name: str = "ranks") -> tuple[int, ...]:
+    """``ranks`` as a sorted tuple of distinct positive integers, or with ``distinct=False`` positive integers in order.
+
+    Anything else is a ``ValueError`` naming the argument ``name``.
+    """
+    what = "distinct positive integers" if distinct else "positive integers"
     if isinstance(ranks, (str, bytes)) or np.ndim(ranks) != 1 or len(ranks) == 0:
-        raise ValueError(f"ranks must be a non-empty sequence of distinct positive integers, got {ranks!r}")
+        raise ValueError(f"{name} must be a non-empty sequence of {what}, got {ranks!r}")
     values = []
     for rank in ranks:
         integral = isinstance(rank, (int, np.integer)) or (
             isinstance(rank, (float, np.floating)) and math.isfinite(rank) and float(rank).is_integer()
         )
         if isinstance(rank, (bool, np.bool_)) or not integral or rank < 1:
-            raise ValueError(f"ranks must be distinct positive integers, got {ranks!r} (entry {rank!r})")
+            raise ValueError(f"{name} must be {what}, got {ranks!r} (entry {rank!r})")
         values.append(int(rank))
+    if not distinct:
+        return tuple(values)
     if len(set(values)) != len(values):
-        raise ValueError(f"ranks must be distinct positive integers, got {ranks!r} (repeated entries)")
+        raise ValueError(f"{name} must be {what}, got {ranks!r} (repeated entries)")
     return tuple(sorted(values))
 
 

@@ -135,6 +135,10 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         spans = segment_spans(cfg.seq_len, cfg.segment_len)  # prefill: segment s sees keys up to its end
         self.num_segments = len(spans)
         self.step_pairs = tuple(attended_pairs(stop - start, stop) for start, stop in spans) * self.num_layers
+        if cfg.reference_ranks is not None and len(cfg.reference_ranks) != self.num_layers:
+            raise ValueError(
+                f"reference_ranks must hold one rank per layer ({self.num_layers}), got {len(cfg.reference_ranks)}"
+            )
         if cfg.flops_budget is not None:
             self._budget(cfg.flops_budget[0])  # a budget below the smallest rank's share fails here, at make
 

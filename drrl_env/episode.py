@@ -285,19 +285,28 @@ class Episode:
                 lm_loss_full=lm_loss(self.reference.logits, self.batch),
             )
             if cfg.reward_kind == "kl":
-                if cfg.kl_baseline != "none":
-                    self.final["kl_uniform"] = self._uniform_kl()
-                kl_uniform = self.final.get("kl_uniform")
-                terms["terminal"] = kl_terminal_reward(self.final["kl"], kl_uniform, cfg.kl_baseline)
+                rule = cfg.kl_baseline.removesuffix("_log_ratio")
+                if rule != "none":
+                    self.final[f"kl_{rule}"] = self._fixed_rule_kl(rule)
+                terms["terminal"] = kl_terminal_reward(self.final["kl"], self.final.get(f"kl_{rule}"), cfg.kl_baseline)
             else:
                 terms["terminal"] = cfg.terminal_lm_weight * (self.final["lm_loss_full"] - self.final["lm_loss"])
         info.update(self.final)
         self.runner.logits = None  # free the (B, n, V) logits
 
-    def _uniform_kl(self) -> float:
-        """KL from the reference of this batch with every step at the largest candidate rank within the budget."""
-        rank, mode = self.budget.uniform_rank(), self.config.spectral_mode
-        with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank, mode), self.config.segment_len):
+    def _fixed_rule_kl(self, rule: str) -> float:
+        """KL from the full model on this batch of a fixed allocation, ``"uniform"`` or ``"reference"``.
+
+        ``"uniform"``: every step at the largest candidate rank within the budget; ``"reference"``: the
+        config's ``reference_ranks``, one per layer.
+        """
+        uniform, mode = self.budget.uniform_rank(), self.config.spectral_mode
+        reference = self.config.reference_ranks
+
+        def rank_of(call: AttentionCall) -> int:
+            return uniform if rule == "uniform" else reference[call.layer]
+
+        with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank_of(call), mode), self.config.segment_len):
             logits = self.loaded.model(input_ids=self.batch).logits
         return next_token_kl(self.reference.logits, logits)
 

@@ -1,4 +1,6 @@
-"""``MaskInObservation``: the env with its action mask inside the observation, the layout RLlib's masking module reads.
+"""Wrappers of DRRL-Attention-v0: ``MaskInObservation`` (for RLlib) and ``RankOffsets`` (residual actions).
+
+``RankOffsets``: actions as offsets from a fixed reference allocation, a residual policy's action space.
 
 RLlib (``ray.rllib.examples.rl_modules.classes.action_masking_rlm``), and other libraries that
 have no ``action_masks()`` hook, expect the mask as part of the observation:
@@ -12,6 +14,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from drrl_env.guardrail import nearest_allowed
 
 
 def action_logits(action_space: spaces.Space) -> int:
@@ -58,3 +62,102 @@ class MaskInObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def action_masks(self) -> np.ndarray:
         return self.env.unwrapped.action_masks()
+
+
+DEFAULT_OFFSETS = (-2, -1, 0, 1, 2)
+"""RankOffsets' actions: candidate steps below and above the reference rank (the default ranks: +-16)"""
+
+
+class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Actions are offsets, in candidate steps, from a reference allocation: a residual policy's action space.
+
+    The reference is one candidate rank per layer: ``reference_ranks``, or the env's own
+    (``EnvConfig.reference_ranks``, e.g. the static allocation of agents.static at the episode's
+    budget); the env must have one rank per layer (``per_head=False``). Action ``j`` of
+    ``Discrete(len(offsets))`` plays candidate index ``reference_index[layer] + offsets[j]``, so
+    the offset 0 at every step replays the reference, and a policy learns where this input should
+    deviate from it (a residual policy; AMC-style budgets stay in force through the env's mask).
+    ``action_masks()`` allows ``j`` iff its target exists and the env allows it; if the env allows
+    none of the targets (the budget left cannot pay for any), every offset is allowed and each is
+    played as the allowed candidate nearest its target (never a violation).
+
+    The observation gains two entries after the env's: the reference's rank share ``r_ref / d`` at
+    this step, and the budget surplus over the reference, ``share left - the reference's mean share
+    over the remaining steps`` (0 while the episode has spent exactly what the reference has).
+    Every method reads the step from the env itself, so a policy can also use an instance as a
+    translator around an env that it does not step through (``observation``, ``action_masks``,
+    ``action``).
+    """
+
+    def __init__(
+        self, env: gym.Env, offsets: tuple[int, ...] = DEFAULT_OFFSETS, reference_ranks: tuple[int, ...] | None = None
+    ) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, offsets=tuple(offsets), reference_ranks=reference_ranks)
+        super().__init__(env)
+        base = env.unwrapped
+        cfg = base.config
+        reference = cfg.reference_ranks if reference_ranks is None else tuple(int(r) for r in reference_ranks)
+        if reference is None or cfg.per_head:
+            raise ValueError("RankOffsets needs reference_ranks (or an env with them) and per_head=False")
+        if len(reference) != base.num_layers or not set(reference) <= set(cfg.ranks):
+            raise ValueError(
+                f"reference_ranks must be {base.num_layers} candidate ranks of {cfg.ranks}, got {list(reference)}"
+            )
+        if len(offsets) == 0 or len(set(offsets)) != len(offsets) or 0 not in offsets:
+            raise ValueError(f"offsets must be distinct integers including 0, got {offsets!r}")
+        self.offsets = tuple(int(o) for o in offsets)
+        self.reference_ranks = reference
+        self.reference_index = np.array([cfg.ranks.index(r) for r in reference])  # (L,)
+        layer_of_step = np.arange(len(base.step_pairs)) // base.num_segments
+        share = np.asarray(reference, dtype=np.float64)[layer_of_step] / base.head_dim
+        pairs = np.asarray(base.step_pairs, dtype=np.float64)
+        tail = lambda x: np.cumsum(x[::-1])[::-1]  # noqa: E731  (sum over the remaining steps)
+        self._reference_left = np.append(tail(pairs * share) / tail(pairs), 0.0)  # (steps + 1,)
+        self._reference_share = np.append(share, 0.0)
+        self._budget_left = base.observation_slices["budget"].start + 1
+        self.action_space = spaces.Discrete(len(self.offsets))
+        low, high = env.observation_space.low, env.observation_space.high
+        self.observation_space = spaces.Box(
+            np.append(low, [-1.0, -1.0]).astype(np.float32), np.append(high, [1.0, 1.0]).astype(np.float32)
+        )
+
+    def _step_index(self) -> int:
+        """The env's current step (layer-major), or the number of steps once the episode has ended."""
+        base = self.env.unwrapped
+        try:
+            call = base.attention_call
+        except RuntimeError:
+            return len(base.step_pairs)
+        return call.layer * base.num_segments + call.segment
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        """The env's observation with the reference's rank share and the budget surplus over it appended."""
+        t = self._step_index()
+        surplus = float(observation[self._budget_left]) - self._reference_left[t]
+        extra = np.clip([self._reference_share[t], surplus], -1.0, 1.0)
+        return np.append(observation, extra).astype(np.float32)
+
+    def _raw_targets(self) -> np.ndarray:
+        layer = min(self._step_index(), len(self._reference_share) - 2) // self.env.unwrapped.num_segments
+        return self.reference_index[layer] + np.array(self.offsets)
+
+    def action_masks(self) -> np.ndarray:
+        base_mask = np.asarray(self.env.unwrapped.action_masks(), dtype=bool)
+        raw, top = self._raw_targets(), len(base_mask) - 1
+        mask = (raw >= 0) & (raw <= top) & base_mask[np.clip(raw, 0, top)]
+        return mask if mask.any() else np.ones(len(self.offsets), dtype=bool)
+
+    def action(self, action: Any) -> int:
+        """The env's candidate index for offset action ``action`` (the nearest allowed one where it is masked)."""
+        base = self.env.unwrapped
+        targets = np.clip(self._raw_targets(), 0, len(base.config.ranks) - 1)
+        target = int(targets[int(np.asarray(action).reshape(-1)[0])])
+        return nearest_allowed(base.config.ranks[target], base.action_masks(), base.config.ranks)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        observation, info = self.env.reset(**kwargs)
+        return self.observation(observation), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(self.action(action))
+        return self.observation(observation), reward, terminated, truncated, info

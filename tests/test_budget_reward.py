@@ -224,7 +224,7 @@ def test_kl_baseline_log_ratio_is_the_relative_improvement_over_uniform(tiny_lay
     assert kl_terminal_reward(0.02, 0.01, "uniform_log_ratio") == pytest.approx(-np.log(2))
     assert kl_terminal_reward(0.0, 0.01, "uniform_log_ratio") == pytest.approx(np.log(1e7))  # floored, finite
     assert kl_terminal_reward(0.02, None, "none") == -0.02
-    with pytest.raises(ValueError, match="needs the KL of uniform ranks"):
+    with pytest.raises(ValueError, match="needs the KL of its fixed rule"):
         kl_terminal_reward(0.02, None, "uniform")
 
 

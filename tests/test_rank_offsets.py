@@ -1,0 +1,97 @@
+"""The 'reference' kl baselines and ``RankOffsets``: a residual policy's action space around a fixed allocation."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+from drrl_env.wrappers import RankOffsets
+
+REFERENCE = (12, 8)  # the tiny layered model has 2 layers; ranks (4, 8, 12, 16)
+
+
+def layered(model_dir, **overrides):
+    kwargs = dict(model=model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    return gym.make("DRRL-Attention-v0", **{**kwargs, **overrides}).unwrapped
+
+
+def play(env, choose, seed=5):
+    observation, _ = env.reset(seed=seed)
+    terminated, played = False, []
+    while not terminated:
+        action = choose(env, observation)
+        observation, reward, terminated, _, info = env.step(action)
+        played.append(info["rank"])
+    return info, played, reward
+
+
+def test_reference_baseline_scores_the_episode_against_the_reference_on_the_same_batch(tiny_layered_model_dir):
+    env = layered(tiny_layered_model_dir, kl_baseline="reference", reference_ranks=REFERENCE)
+    info, _, _ = play(env, lambda e, o: e.config.ranks.index(REFERENCE[e.attention_call.layer]))
+    assert info["kl"] > 1e-4 and info["kl_reference"] == pytest.approx(info["kl"], rel=1e-5)
+    assert info["reward_terms"]["terminal"] == pytest.approx(0.0, abs=1e-6 * info["kl"])
+    info, _, _ = play(env, lambda e, o: 0)  # rank 4 everywhere: worse than the reference
+    assert info["kl"] > info["kl_reference"]
+    assert info["reward_terms"]["terminal"] == pytest.approx(info["kl_reference"] - info["kl"])
+    ratio = layered(tiny_layered_model_dir, kl_baseline="reference_log_ratio", reference_ranks=REFERENCE)
+    info, _, _ = play(ratio, lambda e, o: 0)
+    assert info["reward_terms"]["terminal"] == pytest.approx(np.log(info["kl_reference"] / info["kl"]), abs=1e-9)
+
+
+def test_reference_ranks_are_checked(tiny_layered_model_dir):
+    with pytest.raises(ValueError, match="needs reference_ranks"):
+        layered(tiny_layered_model_dir, kl_baseline="reference")
+    with pytest.raises(ValueError, match=r"reference_ranks must be candidate ranks .*\[5\]"):
+        layered(tiny_layered_model_dir, reference_ranks=(5, 8))
+    with pytest.raises(ValueError, match=r"one rank per layer \(2\), got 3"):
+        layered(tiny_layered_model_dir, reference_ranks=(8, 8, 8))
+    with pytest.raises(ValueError, match="RankOffsets needs reference_ranks"):
+        RankOffsets(layered(tiny_layered_model_dir))
+    with pytest.raises(ValueError, match="including 0"):
+        RankOffsets(layered(tiny_layered_model_dir, reference_ranks=REFERENCE), (-1, 1))
+
+
+def test_rank_offsets_replays_the_reference_at_offset_zero_and_moves_by_candidate_steps(tiny_layered_model_dir):
+    env = RankOffsets(layered(tiny_layered_model_dir, reference_ranks=REFERENCE, flops_budget=None))
+    assert env.action_space == gym.spaces.Discrete(5)
+    check_env(env, skip_render_check=True)
+    zero = env.offsets.index(0)
+    _, played, _ = play(env, lambda e, o: zero)
+    assert played == list(REFERENCE)
+    _, played, _ = play(env, lambda e, o: env.offsets.index(1))
+    assert played == [16, 12]  # one candidate step up
+    _, _ = env.reset(seed=5)
+    assert env.action_masks().tolist() == [True, True, True, True, False]  # 12 + 2 steps does not exist
+
+
+def test_rank_offsets_obey_the_budget_and_report_the_surplus(tiny_layered_model_dir):
+    base = layered(tiny_layered_model_dir, reference_ranks=(8, 8), flops_budget=0.5)  # the reference spends it all
+    env = RankOffsets(base, (-1, 0, 1))
+    observation, _ = env.reset(seed=5)
+    assert observation.shape == (base.observation_space.shape[0] + 2,)
+    assert observation[-2] == pytest.approx(0.5) and observation[-1] == pytest.approx(0.0, abs=1e-6)
+    observation, *_ = env.step(2)  # rank 12 at layer 0: over the reference's pace
+    assert observation[-1] < 0  # less left than the reference would have
+    mask = env.action_masks()
+    assert mask.tolist() == [True, False, False]  # the budget leaves only rank 4 for the last layer
+    _, _, _, _, info = env.step(0)
+    assert info["rank"] == 4 and not info["masked_violation"] and info["budget_used"] <= 0.5 + 1e-9
+    env.reset(seed=5)
+    env.step(2)
+    _, _, _, _, info = env.step(2)  # a masked offset is played as the nearest allowed rank, never a violation
+    assert info["rank"] == 4 and not info["masked_violation"]
+
+
+def test_rank_offsets_translate_for_an_env_without_reference_ranks(tiny_layered_model_dir):
+    base = layered(tiny_layered_model_dir, flops_budget=None)
+    translator = RankOffsets(base, (-1, 0, 1), reference_ranks=REFERENCE)
+    observation, _ = base.reset(seed=5)
+    terminated, played = False, []
+    while not terminated:
+        assert translator.observation(observation)[-2] == pytest.approx(REFERENCE[base.attention_call.layer] / 16)
+        observation, _, terminated, _, info = base.step(translator.action(2))  # offset +1
+        played.append(info["rank"])
+    assert played == [16, 12]
+    with pytest.raises(ValueError, match=r"reference_ranks must be 2 candidate ranks"):
+        RankOffsets(base, reference_ranks=(8,))
