@@ -40,7 +40,8 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.policies import POLICIES, policy_setup, setup_of_observation_space
+from agents.policies import POLICIES, PolicySetup
+from agents.residual import residual_setup, start_at_reference
 from agents.train_config import (
     VEC_ENVS,
     TrainConfig,
@@ -94,6 +95,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--bc-dataset/--bc-model warm-start maskable_ppo only, not --algo {args.algo}")
     if args.bc_dataset and args.bc_model:
         raise ValueError("give --bc-dataset or --bc-model, not both")
+    if args.residual and (args.bc_dataset or args.bc_model):
+        raise ValueError("--residual starts at the static allocation; it takes no --bc-dataset or --bc-model")
     check_output_folder(args.logdir, "--logdir")
     algorithm_hyperparameters(args)
     if args.resume:
@@ -126,12 +129,11 @@ def check_episode_fit(args: argparse.Namespace, env: VecEnv) -> None:
         )
 
 
-def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlgorithm:
-    """A new, behaviour-cloned, or resumed model on ``env``, logging to ``run_dir``."""
+def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path, setup: PolicySetup) -> BaseAlgorithm:
+    """A new, behaviour-cloned, residual or resumed model on ``env``, logging to ``run_dir``."""
     from stable_baselines3.common.logger import configure
 
     algorithm = get_algorithm(args.algo)
-    setup = policy_setup(args.policy, args.history)
     extra: dict[str, Any] = {"n_steps": args.n_steps}
     if algorithm.on_policy and "batch_size" in inspect.signature(algorithm.cls).parameters:
         extra["batch_size"] = min(64, args.n_steps * args.n_envs)
@@ -141,7 +143,9 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
         model = load_sb3_zip(args.bc_model, algorithm, args.trust_pickle, env=env, seed=args.seed, **extra)
     else:
         model = algorithm.make(env, setup, args.seed, None, **extra)
-    if not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
+    if args.residual and not args.resume:
+        start_at_reference(model, setup)
+    elif not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
         kwargs = env_kwargs(args)
         if args.per_head or kwargs["flops_budget"] is None or not algorithm.masked:
             print(
@@ -172,10 +176,11 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path) -> BaseAlg
     return model
 
 
-def compare(args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, Any], run_dir: Path) -> None:
+def compare(
+    args: argparse.Namespace, model: BaseAlgorithm, kwargs: dict[str, Any], run_dir: Path, setup: PolicySetup
+) -> None:
     """Run ``--compare``'s baselines, the behaviour-cloned start (if any) and the agent over the same test episodes."""
     algorithm = get_algorithm(args.algo)
-    setup = setup_of_observation_space(model.observation_space)
     policies = [make_policy(spec, kwargs, args.trust_pickle) for spec in args.compare]
     if (run_dir / BC_MODEL).is_file():
         policies.append(make_policy(str(run_dir / BC_MODEL), kwargs))
@@ -188,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
         check_arguments(args)
+        setup = residual_setup(args)  # with --residual: the static allocation and the paired reward, in args
         kwargs = env_kwargs(args)
-        env = make_vec_env(kwargs, policy_setup(args.policy, args.history), args.n_envs, args.seed, args.vec)
+        env = make_vec_env(kwargs, setup, args.n_envs, args.seed, args.vec)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.logdir) / f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}"
             run_dir.mkdir(parents=True, exist_ok=False)
             write_text_atomic(run_dir / "config.json", json.dumps(vars(args), indent=2, default=str))
-        model = build_model(args, env, run_dir)
+        model = build_model(args, env, run_dir, setup)
     except (ValueError, FileNotFoundError, CorruptCheckpointError) as error:
         env.close()
         print(f"error: {error}", file=sys.stderr)
@@ -209,26 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     algorithm = get_algorithm(args.algo)
 
     def evaluate_now(current: BaseAlgorithm) -> dict[str, float]:
-        setup = setup_of_observation_space(current.observation_space)
         row = evaluate_policy(ModelPolicy(current.policy, algorithm, setup, "agent"), kwargs, 1, timing_repeats=0)
         return {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
 
     callbacks = [RankLoggingCallback(vars(args), evaluate_now, args.eval_every)]
     if args.checkpoint_every:  # before the schedule: a checkpoint keeps the eps_t its pending episode was reset with
-        callbacks.append(CheckpointCallback(run_dir / "checkpoints", args.checkpoint_every))
+        callbacks.append(CheckpointCallback(run_dir / "checkpoints", args.checkpoint_every, setup))
     callbacks.append(GuardrailScheduleCallback())
     remaining = args.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
     if at_episode_boundary(model):
-        save_checkpoint(model, run_dir / "checkpoints")
+        save_checkpoint(model, run_dir / "checkpoints", setup)
     else:
         print("note: the run ended mid-episode; --resume continues from its last checkpoint", file=sys.stderr)
-    path = save_agent(model, run_dir / "model.safetensors")
+    path = save_agent(model, run_dir / "model.safetensors", setup)
     model.get_env().close()
     print(f"saved {path} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
     if args.compare:
-        compare(args, model, kwargs, run_dir)
+        compare(args, model, kwargs, run_dir, setup)
     return 0
 
 

@@ -85,6 +85,10 @@ class AgentDescription:
     num_timesteps: int
     format: str = FORMAT
     version: int = VERSION
+    offsets: list[int] | None = None
+    """a residual policy's rank offsets (drrl_env.wrappers.RankOffsets), None for an absolute one"""
+    reference_ranks: list[int] | None = None
+    """the allocation a residual policy offsets, one candidate rank per layer"""
 
     @property
     def algorithm(self) -> Algorithm:
@@ -92,7 +96,7 @@ class AgentDescription:
 
     @property
     def setup(self) -> PolicySetup:
-        return policy_setup(self.policy, self.history)
+        return policy_setup(self.policy, self.history, self.offsets, self.reference_ranks)
 
     def spaces(self) -> tuple[spaces.Space, spaces.Space]:
         return space_from_json(self.observation_space), space_from_json(self.action_space)
@@ -106,9 +110,11 @@ def algorithm_of(model: BaseAlgorithm) -> Algorithm:
     raise ValueError(f"{type(model).__name__} is not a registered algorithm ({sorted(ALGORITHMS)})")
 
 
-def describe(model: BaseAlgorithm) -> AgentDescription:
-    """The description of ``model`` that :func:`save_agent` writes."""
+def describe(model: BaseAlgorithm, residual: PolicySetup | None = None) -> AgentDescription:
+    """The description of ``model`` that :func:`save_agent` writes (``residual``: its residual setup, if any)."""
     setup = setup_of_observation_space(model.observation_space)
+    offsets = None if residual is None or residual.offsets is None else list(residual.offsets)
+    reference = None if offsets is None else list(residual.reference_ranks)
     return AgentDescription(
         algo=algorithm_of(model).name,
         policy=setup.name,
@@ -116,6 +122,8 @@ def describe(model: BaseAlgorithm) -> AgentDescription:
         observation_space=space_to_json(model.observation_space),
         action_space=space_to_json(model.action_space),
         num_timesteps=int(model.num_timesteps),
+        offsets=offsets,
+        reference_ranks=reference,
     )
 
 
@@ -125,9 +133,12 @@ def agent_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
 
 
-def save_agent(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
-    """Write ``model``'s policy as an agent file, atomically; returns the path (``.safetensors`` added)."""
-    metadata = {METADATA_KEY: json.dumps(asdict(describe(model)))}
+def save_agent(model: BaseAlgorithm, path: str | os.PathLike, residual: PolicySetup | None = None) -> Path:
+    """Write ``model``'s policy as an agent file, atomically; returns the path (``.safetensors`` added).
+
+    ``residual``: the setup of a residual policy (its offsets and reference allocation are stored).
+    """
+    metadata = {METADATA_KEY: json.dumps(asdict(describe(model, residual)))}
     path = agent_path(path)
     return write_atomic(path, lambda temporary: safetensors.torch.save_model(model.policy, temporary, metadata))
 

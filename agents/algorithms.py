@@ -21,6 +21,7 @@ from stable_baselines3.common.policies import BasePolicy
 
 from agents.policies import PolicySetup
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.wrappers import RankOffsets
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,15 @@ class ModelPolicy:
     MaskablePPO gets the action mask; other algorithms act without it (the env then executes the
     nearest allowed rank, a violation). Recurrent policies carry their LSTM state through the
     episode. ``wrap`` is the observation wrapping the model was trained with (the Transformer's
-    state window), applied to the env's observations here.
+    state window), applied to the env's observations here; a residual policy's offsets
+    (``setup.offsets``) are translated to the env's ranks by a ``RankOffsets`` around the env.
     """
 
     def __init__(self, policy: BasePolicy, algorithm: Algorithm, setup: PolicySetup, name: str) -> None:
         self.policy, self.algorithm, self.setup, self.name = policy, algorithm, setup, name
         self._states: list[np.ndarray] = []
         self._lstm: Any = None
+        self._translator: RankOffsets | None = None
 
     @property
     def flops_per_decision(self) -> float:
@@ -113,7 +116,19 @@ class ModelPolicy:
         del seed
         self._states, self._lstm = [], None
 
+    def _residual(self, env: DRRLAttentionEnv) -> RankOffsets:
+        """The ``RankOffsets`` translator of a residual policy around ``env`` (one per env)."""
+        if self._translator is None or self._translator.unwrapped is not env:
+            self._translator = RankOffsets(env, self.setup.offsets, self.setup.reference_ranks)
+        return self._translator
+
     def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        if self.setup.offsets is not None:  # a residual policy: offsets from its reference allocation
+            translator = self._residual(env)
+            return translator.action(self._act(translator.observation(observation), translator.action_masks()))
+        return self._act(observation, action_mask)
+
+    def _act(self, observation: np.ndarray, action_mask: np.ndarray) -> int | np.ndarray:
         from agents.policies import stack_states
 
         self._states.append(np.asarray(observation, dtype=np.float32))

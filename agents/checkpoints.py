@@ -33,6 +33,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.agent_file import load_agent_into, save_agent
+from agents.policies import PolicySetup
 from drrl_env.files import remove_stale_temporaries, sha256_of, write_atomic, write_text_atomic
 
 COUNTERS = (
@@ -81,15 +82,17 @@ def training_state(model: BaseAlgorithm) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(model: BaseAlgorithm, directory: Path) -> Path:
+def save_checkpoint(model: BaseAlgorithm, directory: Path, residual: PolicySetup | None = None) -> Path:
     """Write checkpoint ``step_N`` of ``model`` under ``directory`` (manifest last); returns the manifest's path.
+
+    ``residual``: a residual policy's setup, stored in the agent file (see :func:`agents.agent_file.save_agent`).
 
     Raises ``RuntimeError`` if an env is mid-episode: such a checkpoint could not be resumed exactly.
     """
     if not at_episode_boundary(model):
         raise RuntimeError("checkpoints are taken at episode boundaries; an env is mid-episode")
     stem = _stem(directory, model.num_timesteps)
-    written = {"agent": save_agent(model, stem.with_suffix(FILES["agent"]))}
+    written = {"agent": save_agent(model, stem.with_suffix(FILES["agent"]), residual)}
     written["state"] = write_atomic(stem.with_suffix(FILES["state"]), lambda p: torch.save(training_state(model), p))
     buffer = getattr(model, "replay_buffer", None)
     if buffer is not None:
@@ -192,9 +195,9 @@ def _restore_replay_buffer(model: BaseAlgorithm, path: Path) -> None:
 class CheckpointCallback(BaseCallback):
     """Checkpoint every ``every`` env steps, between updates, at the first episode boundary past each multiple."""
 
-    def __init__(self, directory: Path, every: int) -> None:
+    def __init__(self, directory: Path, every: int, residual: PolicySetup | None = None) -> None:
         super().__init__()
-        self.directory, self.every = directory, every
+        self.directory, self.every, self.residual = directory, every, residual
         self._next = 0
 
     def _on_training_start(self) -> None:
@@ -202,7 +205,7 @@ class CheckpointCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         if self.num_timesteps >= self._next and at_episode_boundary(self.model):
-            save_checkpoint(self.model, self.directory)
+            save_checkpoint(self.model, self.directory, self.residual)
             self._next = (self.num_timesteps // self.every + 1) * self.every
 
     def _on_step(self) -> bool:

@@ -23,6 +23,8 @@ from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from drrl_env.wrappers import RankOffsets
+
 POLICIES = ("mlp", "transformer")
 DEFAULT_HISTORY = 8
 
@@ -110,26 +112,47 @@ class TransformerExtractor(BaseFeaturesExtractor):
 
 @dataclass(frozen=True)
 class PolicySetup:
-    """What a named policy needs: SB3 ``policy_kwargs`` and the history window (0: no wrapper)."""
+    """What a named policy needs: SB3 ``policy_kwargs``, the history window (0: no wrapper), residual offsets.
+
+    A residual policy has ``offsets`` and the ``reference_ranks`` they offset (``RankOffsets``).
+    """
 
     name: str
     policy_kwargs: dict[str, Any]
     history: int
+    offsets: tuple[int, ...] | None = None
+    reference_ranks: tuple[int, ...] | None = None
 
     def wrap(self, env: gym.Env) -> gym.Env:
-        """Wrap ``env`` as this policy expects (with :class:`StateHistory` for the Transformer)."""
+        """Wrap ``env`` as this policy expects: ``RankOffsets`` (residual), then :class:`StateHistory` (Transformer)."""
+        if self.offsets is not None:
+            env = RankOffsets(env, self.offsets, self.reference_ranks)
         return StateHistory(env, self.history) if self.history else env
 
 
-def policy_setup(name: str, history: int = DEFAULT_HISTORY) -> PolicySetup:
-    """The ``policy_kwargs`` and env wrapping of a policy by name: ``mlp`` or ``transformer``."""
+def policy_setup(
+    name: str,
+    history: int = DEFAULT_HISTORY,
+    offsets: tuple[int, ...] | None = None,
+    reference_ranks: tuple[int, ...] | None = None,
+) -> PolicySetup:
+    """The ``policy_kwargs`` and env wrapping of a policy by name: ``mlp`` or ``transformer``.
+
+    With ``offsets``, the policy is residual to ``reference_ranks`` (one candidate rank per layer).
+    """
+    if (offsets is None) != (reference_ranks is None):
+        raise ValueError("a residual policy needs both offsets and reference_ranks")
+    residual = {
+        "offsets": None if offsets is None else tuple(int(o) for o in offsets),
+        "reference_ranks": None if reference_ranks is None else tuple(int(r) for r in reference_ranks),
+    }
     if name == "mlp":
-        return PolicySetup(name, {"net_arch": [64, 64]}, 0)
+        return PolicySetup(name, {"net_arch": [64, 64]}, 0, **residual)
     if name == "transformer":
         if history < 1:
             raise ValueError(f"history must be >= 1 for the transformer policy, got {history}")
         kwargs = {"features_extractor_class": TransformerExtractor, "net_arch": [64]}
-        return PolicySetup(name, kwargs, history)
+        return PolicySetup(name, kwargs, history, **residual)
     raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
 
 

@@ -57,6 +57,11 @@ class TrainConfig:
     the Fisher estimate of what each layer's rank costs on that input), on a dataset of --warm-start-episodes
     episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'none': start from
     scratch. --bc-dataset or --bc-model replace it"""
+    residual: bool = False
+    """a residual agent: its action is an offset (-2..+2 candidate steps) from the static allocation of the budget
+    (agents.static, Fisher profile of validation text; drrl_env.wrappers.RankOffsets), it starts there (offset 0's
+    logit +2), and each episode's reward is log(KL_static / KL) on the same batch (--kl-baseline
+    reference_log_ratio unless given); needs one --flops-budget and one rank per layer; no warm start"""
     warm_start_episodes: int = 24
     """episodes of the hindsight dataset of --warm-start hindsight (about 10 s each on the 2-core CPU at 1x128)"""
     bc_dataset: str | None = None

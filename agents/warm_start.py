@@ -25,7 +25,7 @@ from oracle.hindsight import HindsightOracle
 
 WARM_STARTS = ("hindsight", "none")
 REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "alpha", "beta", "gamma", "violation_penalty",
-                  "terminal_lm_weight")  # fmt: skip
+                  "terminal_lm_weight", "reference_ranks")  # fmt: skip
 """options that change only the rewards: the teacher's actions and observations do not depend on them, so its
 dataset is recorded with their defaults and shared by runs that differ only in them"""
 

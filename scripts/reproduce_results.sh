@@ -1,21 +1,60 @@
 #!/usr/bin/env bash
-# The longer run behind docs/results.md: oracle dataset -> BC warm start -> MaskablePPO (and a beta=0
-# ablation agent) -> evaluation of every policy on three held-out corpora in both spectral modes.
-# Run from the repository root in an environment set up by scripts/install.sh. Writes data/, runs/results/
-# and results/. About 50 minutes on 2 CPU cores.
+# The runs behind docs/results.md. Run from the repository root in an environment set up by
+# scripts/install.sh; writes data/, runs/results*/ and results/. STAGES picks what runs (default: all):
+#
+#   budgets   the issue-14 table: the main command's agents (hindsight-teacher BC, then MaskablePPO) trained in
+#             each spectral mode, then every policy at equal FLOPs at three budgets on three held-out corpora
+#             (python -m agents.evaluate --budgets); results/budgets-joint and results/budgets-separate.
+#             About 75 minutes on 2 CPU cores.
+#   residual  train_agent.py --residual: MaskablePPO choosing offsets from the static allocation, rewarded by
+#             log(KL_static / KL) on each episode's batch, then the equal-FLOPs table at its budget
+#             (results/residual). About 12 minutes.
+#   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
+#             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
+#             the Table II ablations; results/. About 50 minutes.
 set -euo pipefail
-# docs/results.md was measured on the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail),
-# the env's defaults before issue 10; these options keep reproducing it.
-env_options=(--seq-len 256 --batch-size 2 --flops-budget none --reward eq13 --guardrail eq9 --eps0 0.5)
-steps="${STEPS:-12000}"
-rm -rf runs/results
+stages="${STAGES:-budgets residual paper}"
 start=$(date +%s)
-python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
-python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
-  --logdir runs/results --checkpoint-every 3000 --compare
-python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results --compare
-agent=$(ls -d runs/results/*__maskable_ppo__0__* | head -1)/model.safetensors
-beta0=$(ls -d runs/results/*__maskable_ppo__0__* | tail -1)/model.safetensors
-python -m agents.evaluate "${env_options[@]}" --runs runs/results --ablations \
-  --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle "$agent" static:match "$beta0"
-echo "agent: $agent  beta=0 agent: $beta0  total: $(( $(date +%s) - start )) s"
+
+if [[ " $stages " == *" budgets "* ]]; then
+  # train_agent.py's defaults: 1 x 128 tokens, budget 0.625, kl reward, no guardrail, 4500 PPO steps
+  budget_options=(--seq-len 128 --batch-size 1 --guardrail off)
+  baselines=(uniform static:fisher hindsight:fisher fixed:32 energy:0.9 stable_rank threshold:0.1 gumbel:0.05
+             random oracle)
+  for mode in joint separate; do
+    rm -rf "runs/results-$mode"
+    python train_agent.py --spectral-mode "$mode" --logdir "runs/results-$mode" --compare
+    run=$(ls -d "runs/results-$mode"/*__maskable_ppo__0__* | head -1)
+    cp "$run/bc_model.safetensors" "runs/results-$mode/bc.safetensors"
+    cp "$run/model.safetensors" "runs/results-$mode/bc_ppo.safetensors"
+    python -m agents.evaluate "${budget_options[@]}" --modes "$mode" --budgets 0.75 0.625 0.5 \
+      --timing-repeats 1 --fig4-lengths --out "results/budgets-$mode" --logdir "runs/results-$mode" \
+      --policies "${baselines[@]}" "runs/results-$mode/bc.safetensors" "runs/results-$mode/bc_ppo.safetensors"
+  done
+fi
+
+if [[ " $stages " == *" residual "* ]]; then
+  rm -rf runs/results-residual
+  python train_agent.py --residual --logdir runs/results-residual --compare
+  run=$(ls -d runs/results-residual/*__maskable_ppo__0__* | head -1)
+  cp "$run/model.safetensors" runs/results-residual/residual.safetensors
+  python -m agents.evaluate --seq-len 128 --batch-size 1 --guardrail off --modes joint --budgets 0.625 \
+    --timing-repeats 1 --fig4-lengths --out results/residual --logdir runs/results-residual \
+    --policies uniform static:fisher hindsight:fisher runs/results-residual/residual.safetensors
+fi
+
+if [[ " $stages " == *" paper "* ]]; then
+  # docs/results.md's first run was measured on the paper's MDP, the env's defaults before issue 10
+  env_options=(--seq-len 256 --batch-size 2 --flops-budget none --reward eq13 --guardrail eq9 --eps0 0.5)
+  steps="${STEPS:-12000}"
+  rm -rf runs/results
+  python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
+  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
+    --logdir runs/results --checkpoint-every 3000 --compare
+  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results --compare
+  agent=$(ls -d runs/results/*__maskable_ppo__0__* | head -1)/model.safetensors
+  beta0=$(ls -d runs/results/*__maskable_ppo__0__* | tail -1)/model.safetensors
+  python -m agents.evaluate "${env_options[@]}" --runs runs/results --ablations \
+    --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle "$agent" static:match "$beta0"
+fi
+echo "stages: $stages  total: $(( $(date +%s) - start )) s"

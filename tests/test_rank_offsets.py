@@ -1,11 +1,14 @@
 """The 'reference' kl baselines and ``RankOffsets``: a residual policy's action space around a fixed allocation."""
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+from agents.agent_file import read_description
 from drrl_env.wrappers import RankOffsets
 
 REFERENCE = (12, 8)  # the tiny layered model has 2 layers; ranks (4, 8, 12, 16)
@@ -95,3 +98,50 @@ def test_rank_offsets_translate_for_an_env_without_reference_ranks(tiny_layered_
     assert played == [16, 12]
     with pytest.raises(ValueError, match=r"reference_ranks must be 2 candidate ranks"):
         RankOffsets(base, reference_ranks=(8,))
+
+
+def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_layered_model_dir, tmp_path):
+    from agents.agent_file import read_description, save_agent
+    from agents.algorithms import get_algorithm
+    from agents.evaluate import evaluate_policy
+    from agents.policies import policy_setup
+    from agents.residual import start_at_reference
+    from agents.training import make_vec_env
+    from agents.zoo import make_policy
+
+    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=1, guardrail="off",
+                  reference_ranks=REFERENCE, kl_baseline="reference_log_ratio", device="cpu")  # fmt: skip
+    setup = policy_setup("mlp", offsets=(-1, 0, 1), reference_ranks=REFERENCE)
+    model = get_algorithm("maskable_ppo").make(make_vec_env(kwargs, setup, 1, 0), setup, 0, None, n_steps=8)
+    start_at_reference(model, setup)
+    path = save_agent(model, tmp_path / "residual", setup)
+    description = read_description(path)
+    assert description.offsets == [-1, 0, 1] and description.reference_ranks == list(REFERENCE)
+    agent = make_policy(
+        str(path), {k: v for k, v in kwargs.items() if k != "reference_ranks"} | {"kl_baseline": "none"}
+    )
+    row = evaluate_policy(agent, {**kwargs, "reference_ranks": None, "kl_baseline": "none"}, 2, timing_repeats=0)
+    assert row.rank_per_layer == pytest.approx(list(REFERENCE))  # offset 0 everywhere: the reference itself
+    with pytest.raises(ValueError, match="both offsets and reference_ranks"):
+        policy_setup("mlp", offsets=(-1, 0, 1))
+
+
+def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model_dir, tmp_path):
+    from tests.test_train_agent import run, tiny_options
+
+    logdir, cache = str(tmp_path / "runs"), str(tmp_path / "cache")
+    common = ["train_agent.py", *tiny_options(tiny_model_dir), "--residual", "--logdir", logdir, "--n-steps", "32"]
+    out = run(*common, "--total-timesteps", "32", "--compare", "static:fisher", "--eval-episodes", "1",
+              "--timing-repeats", "0", DRRL_CACHE_DIR=cache)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "residual agent: static allocation" in out.stdout and "maskable_ppo (this run)" in out.stdout
+    (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-v0__maskable_ppo__0__*")
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert stored["kl_baseline"] == "reference_log_ratio" and len(stored["reference_ranks"]) == 2
+    assert read_description(run_dir / "model.safetensors").reference_ranks == stored["reference_ranks"]
+    out = run("train_agent.py", "--resume", str(run_dir), "--total-timesteps", "64", "--compare",
+              DRRL_CACHE_DIR=cache)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "residual agent: static allocation" not in out.stdout  # the stored allocation, no new profile
+    out = run(*common, "--flops-budget", "0.5", "0.75", DRRL_CACHE_DIR=cache)
+    assert out.returncode == 2 and "--residual needs one --flops-budget share" in out.stderr
