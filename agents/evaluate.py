@@ -74,17 +74,19 @@ def evaluate_policy(
     cfg = env.config
     grid = np.zeros((env.num_layers, env.num_segments))
     decision_flops = float(getattr(policy, "flops_per_decision", 0.0))
-    losses, full_losses, kls, ranks, violations = [], [], [], [], []
+    losses, full_losses, kls, ranks, violations, episode_ranks = [], [], [], [], [], []
     flops = flops_core = flops_full = flops_logits = flops_logits_full = 0.0
     try:
         for episode in range(episodes):
             observation, _ = env.reset(seed=seed + episode)
             policy.reset(seed + episode)
             terminated = False
+            episode_grid = np.zeros_like(grid)
             while not terminated:
                 action = policy.act(observation, env.action_masks(), env)
                 observation, _, terminated, _, info = env.step(action)
                 rank = float(np.mean(info["rank"]))
+                episode_grid[info["layer"], info["segment"]] = rank
                 grid[info["layer"], info["segment"]] += rank / episodes
                 ranks.append(rank)
                 violations.append(info["masked_violation"])
@@ -96,6 +98,7 @@ def evaluate_policy(
                 flops_logits += info["flops_logits"]
                 flops_logits_full += info["flops_logits_full"]
             kls.append(info["kl"])
+            episode_ranks.append(episode_grid.mean(axis=1).round(2).tolist())
             losses.append(info["lm_loss"])
             full_losses.append(info["lm_loss_full"])
         timing_tokens = sequential_chunks(corpus_tokens(cfg.corpus, split, env.loaded.tokenizer), cfg.seq_len)
@@ -124,6 +127,8 @@ def evaluate_policy(
         rank_per_layer=grid.mean(axis=1).round(2).tolist(),
         rank_grid=grid.round(2).tolist(),
         flops_policy_ratio=decision_flops * len(ranks) / flops_full,
+        episode_rank_per_layer=episode_ranks,
+        episode_kl=[float(kl) for kl in kls],
     )
 
 
@@ -289,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.budgets and len(args.budgets) > 1:
         emit("budget_ppl", figures.budget_figure(rows, "ppl", "PPL"))
         emit("budget_kl", figures.budget_figure(rows, "kl", "KL to the full model (nats/token)", log_scale=True))
+    for name, figure in figures.contrasting_inputs_figures(rows, args.corpora[0]):
+        emit(name, figure)
     for row in rows:
         if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
             safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")

@@ -106,6 +106,49 @@ def rank_heatmap_figure(row: EvaluationRow) -> Figure:
     return figure
 
 
+def contrasting_inputs_figure(agent: EvaluationRow, static: EvaluationRow | None) -> Figure:
+    """Does it adapt? The agent's ranks per layer on the two inputs where they differ most, beside static's.
+
+    The two episodes are those whose per-layer rank vectors are furthest apart (L1); each line's
+    label gives its KL from the full model. A non-adaptive policy draws one line twice.
+    """
+    ranks = np.asarray(agent.episode_rank_per_layer)  # (episodes, L)
+    distance = np.abs(ranks[:, None, :] - ranks[None, :, :]).sum(-1)
+    first, second = np.unravel_index(int(distance.argmax()), distance.shape)
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    layers = np.arange(ranks.shape[1])
+    for episode, style in ((first, "-o"), (second, "-s")):
+        label = f"{agent.policy}, input {episode} (KL {agent.episode_kl[episode]:.4f})"
+        axis.plot(layers, ranks[episode], style, markersize=3, label=label)
+    if static is not None:
+        axis.plot(layers, static.rank_per_layer, "k--", label=f"{static.policy} (KL {static.kl:.4f} mean)")
+    budget = "" if agent.budget is None else f", budget {agent.budget:g}"
+    axis.set(xlabel="layer", ylabel="rank", title=f"two contrasting inputs ({agent.mode}, {agent.corpus}{budget})")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def contrasting_inputs_figures(rows: list[EvaluationRow], corpus: str) -> list[tuple[str, Figure]]:
+    """:func:`contrasting_inputs_figure` of every saved agent's row on ``corpus`` (with at least two episodes).
+
+    A saved agent's row is one whose policy is not a baseline spec (its name has the ``ALGO:NAME`` form of
+    ``agents.agent_file.short_id``); its static row is the ``static`` row of the same mode and budget.
+    """
+    from agents.algorithms import ALGORITHMS
+
+    figures = []
+    for row in rows:
+        if row.corpus != corpus or len(row.episode_rank_per_layer) < 2 or row.policy.split(":")[0] not in ALGORITHMS:
+            continue
+        same_cell = [r for r in rows if (r.corpus, r.mode, r.budget) == (corpus, row.mode, row.budget)]
+        static = next((r for r in same_cell if r.policy.startswith("static")), None)
+        safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
+        budget = "" if row.budget is None else f"_budget{row.budget:g}"
+        figures.append((f"fig3_inputs_{safe}_{row.mode}{budget}", contrasting_inputs_figure(row, static)))
+    return figures
+
+
 def sequence_length_figure(
     model: str, corpus: str, lengths: list[int], rank: int, mode: str, device: str = "auto", repeats: int = 2
 ) -> tuple[Figure, list[dict[str, Any]]]:

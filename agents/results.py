@@ -44,6 +44,10 @@ class EvaluationRow:
     """for ``static:match``: the policy whose measured FLOPs set this row's budget"""
     budget: float | None = None
     """the episodes' logit-FLOPs budget, when the evaluation ran several (``--budgets``)"""
+    episode_rank_per_layer: list[list[float]] = dataclasses.field(default_factory=list)
+    """per episode, the mean rank of each layer: what the policy chose on each input (the contrasting-inputs figure)"""
+    episode_kl: list[float] = dataclasses.field(default_factory=list)
+    """per episode, the mean per-token KL from the full model"""
     headroom_captured: float = math.nan
     """(best fixed - this) / (best fixed - hindsight) of the KL, best fixed the lower of uniform and static at the
     same corpus, mode and budget (:func:`fill_headroom_captured`); NaN where those rows are missing"""
@@ -171,7 +175,9 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
 
 def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
-    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name != "rank_grid"]
+    fields = [
+        f.name for f in dataclasses.fields(EvaluationRow) if f.name not in ("rank_grid", "episode_rank_per_layer")
+    ]
     fields += ["ppl", "ppl_full", "delta_ppl_percent", "flops_with_policy_ratio"]
 
     def write(temporary: str) -> None:

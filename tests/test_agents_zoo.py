@@ -265,3 +265,22 @@ def test_evaluate_at_several_budgets(tiny_layered_model_dir, tmp_path):
     assert uniform == pytest.approx({"0.75": 0.75, "0.5": 0.5}, abs=0.01)  # FLOPs (logits) at each budget
     for png in ("budget_ppl", "budget_kl", "fig3_ranks_uniform_joint_budget0.75", "fig3_ranks_uniform_joint_budget0.5"):
         assert (tmp_path / "results" / f"{png}.png").stat().st_size > 1000
+
+
+def test_contrasting_inputs_figure_picks_the_two_most_different_inputs():
+    from agents.figures import contrasting_inputs_figures
+    from agents.results import EvaluationRow
+
+    def row(policy, ranks, episode_ranks=(), kls=()):
+        return EvaluationRow(policy, "wiki", "joint", len(episode_ranks), 1, 3.0, 3.0, 1, 1, 0.6, 0.01, 40, 0, 1, 1,
+                             ranks, [[r] for r in ranks], episode_rank_per_layer=[list(e) for e in episode_ranks],
+                             episode_kl=list(kls), budget=0.625)  # fmt: skip
+
+    agent = row("maskable_ppo:bc", [40, 40], [(40, 40), (24, 56), (48, 32)], (0.01, 0.02, 0.03))
+    rows = [row("static:fisher", [48, 32]), agent, row("uniform", [40, 40], [(40, 40), (40, 40)], (0.1, 0.2))]
+    ((name, figure),) = contrasting_inputs_figures(rows, "wiki")  # baselines get none, the saved agent one
+    assert name == "fig3_inputs_maskable_ppo_bc_joint_budget0.625"
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels[0].startswith("maskable_ppo:bc, input 1 (KL 0.0200)") and "input 2" in labels[1]
+    assert labels[2].startswith("static:fisher")
+    assert contrasting_inputs_figures(rows, "news") == []

@@ -122,6 +122,7 @@ def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_laye
     )
     row = evaluate_policy(agent, {**kwargs, "reference_ranks": None, "kl_baseline": "none"}, 2, timing_repeats=0)
     assert row.rank_per_layer == pytest.approx(list(REFERENCE))  # offset 0 everywhere: the reference itself
+    assert row.episode_rank_per_layer == [list(REFERENCE)] * 2 and len(row.episode_kl) == 2
     with pytest.raises(ValueError, match="both offsets and reference_ranks"):
         policy_setup("mlp", offsets=(-1, 0, 1))
 
