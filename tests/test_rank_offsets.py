@@ -144,5 +144,10 @@ def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model
               DRRL_CACHE_DIR=cache)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "residual agent: static allocation" not in out.stdout  # the stored allocation, no new profile
-    out = run(*common, "--flops-budget", "0.5", "0.75", DRRL_CACHE_DIR=cache)
-    assert out.returncode == 2 and "--residual needs one --flops-budget share" in out.stderr
+
+    from agents.residual import residual_setup
+    from train_agent import parse_arguments
+
+    for refused in (["--flops-budget", "0.5", "0.75"], ["--flops-budget", "none"], ["--per-head"]):
+        with pytest.raises(ValueError, match="--residual needs one --flops-budget share"):
+            residual_setup(parse_arguments([*common[1:], *refused]))
