@@ -127,27 +127,31 @@ def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_laye
         policy_setup("mlp", offsets=(-1, 0, 1))
 
 
-def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model_dir, tmp_path):
-    from tests.test_train_agent import run, tiny_options
+def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from agents.residual import residual_setup
+    from tests.test_train_agent import tiny_options
+    from train_agent import main, parse_arguments
 
-    logdir, cache = str(tmp_path / "runs"), str(tmp_path / "cache")
-    common = ["train_agent.py", *tiny_options(tiny_model_dir), "--residual", "--logdir", logdir, "--n-steps", "32"]
-    out = run(*common, "--total-timesteps", "32", "--compare", "static:fisher", "--eval-episodes", "1",
-              "--timing-repeats", "0", DRRL_CACHE_DIR=cache)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "residual agent: static allocation" in out.stdout and "maskable_ppo (this run)" in out.stdout
+    class StaticStub:  # the static allocation's profile is tested elsewhere (test_hindsight); here, its wiring
+        def allocation(self, budget):
+            assert budget == 0.625
+            return [2, 1]  # candidate indices: ranks 12 and 8
+
+    monkeypatch.setattr("agents.residual.make_policy", lambda spec, kwargs: StaticStub())
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "cache"))
+    common = [*tiny_options(tiny_model_dir), "--residual", "--logdir", str(tmp_path / "runs"), "--n-steps", "32"]
+    code = main([*common, "--total-timesteps", "32", "--compare", "uniform", "--eval-episodes", "1",
+                 "--timing-repeats", "0"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "residual agent: static allocation" in out.out and "maskable_ppo (this run)" in out.out
     (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-v0__maskable_ppo__0__*")
     stored = json.loads((run_dir / "config.json").read_text())
-    assert stored["kl_baseline"] == "reference_log_ratio" and len(stored["reference_ranks"]) == 2
+    assert stored["kl_baseline"] == "reference_log_ratio" and stored["reference_ranks"] == [12, 8]
     assert read_description(run_dir / "model.safetensors").reference_ranks == stored["reference_ranks"]
-    out = run("train_agent.py", "--resume", str(run_dir), "--total-timesteps", "64", "--compare",
-              DRRL_CACHE_DIR=cache)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "residual agent: static allocation" not in out.stdout  # the stored allocation, no new profile
-
-    from agents.residual import residual_setup
-    from train_agent import parse_arguments
-
+    assert main(["--resume", str(run_dir), "--total-timesteps", "64", "--compare"]) == 0
+    out = capsys.readouterr()
+    assert "64 steps" in out.out and "residual agent: static allocation" not in out.out  # the stored allocation
     for refused in (["--flops-budget", "0.5", "0.75"], ["--flops-budget", "none"], ["--per-head"]):
         with pytest.raises(ValueError, match="--residual needs one --flops-budget share"):
-            residual_setup(parse_arguments([*common[1:], *refused]))
+            residual_setup(parse_arguments([*common, *refused]))
