@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     offset = (action - np.asarray(static)[layer]).astype(np.float64)
     per_layer = np.array([offset[layer == i].mean() for i in range(layer.max() + 1)])
     per_input = offset - per_layer[layer]
-    counts = dict(zip(*np.unique(offset.astype(int), return_counts=True), strict=True))
+    values, times = np.unique(offset.astype(int), return_counts=True)
+    counts = {int(value): int(count) for value, count in zip(values, times, strict=True)}
     print(f"{len(np.unique(episode))} episodes, {len(offset)} steps; teacher - static offsets: {counts}")
     explained = offset.var() - per_input.var()
     print(f"variance of the offset {offset.var():.3f}: per layer {explained:.3f}, per input {per_input.var():.3f}")
