@@ -110,14 +110,17 @@ def contrasting_inputs_figure(agent: EvaluationRow, static: EvaluationRow | None
     """Does it adapt? The agent's ranks per layer on the two inputs where they differ most, beside static's.
 
     The two episodes are those whose per-layer rank vectors are furthest apart (L1); each line's
-    label gives its KL from the full model. A non-adaptive policy draws one line twice.
+    label gives its KL from the full model. A policy that plays the same ranks on every input draws one line.
     """
     ranks = np.asarray(agent.episode_rank_per_layer)  # (episodes, L)
     distance = np.abs(ranks[:, None, :] - ranks[None, :, :]).sum(-1)
     first, second = np.unravel_index(int(distance.argmax()), distance.shape)
     figure, axis = plt.subplots(figsize=(7, 3.2))
     layers = np.arange(ranks.shape[1])
-    for episode, style in ((first, "-o"), (second, "-s")):
+    if first == second:  # the same ranks on every input
+        label = f"{agent.policy}, all {len(ranks)} inputs (the same ranks; KL {agent.kl:.4f} mean)"
+        axis.plot(layers, ranks[first], "-o", markersize=3, label=label)
+    for episode, style in ((first, "-o"), (second, "-s")) if first != second else ():
         label = f"{agent.policy}, input {episode} (KL {agent.episode_kl[episode]:.4f})"
         axis.plot(layers, ranks[episode], style, markersize=3, label=label)
     if static is not None:

@@ -284,3 +284,6 @@ def test_contrasting_inputs_figure_picks_the_two_most_different_inputs():
     assert labels[0].startswith("maskable_ppo:bc, input 1 (KL 0.0200)") and "input 2" in labels[1]
     assert labels[2].startswith("static:fisher")
     assert contrasting_inputs_figures(rows, "news") == []
+    rows[1] = row("maskable_ppo:bc", [40, 40], [(40, 40), (40, 40)], (0.01, 0.03))
+    ((_, figure),) = contrasting_inputs_figures(rows, "wiki")
+    assert [line.get_label() for line in figure.axes[0].get_lines()][0].startswith("maskable_ppo:bc, all 2 inputs")
