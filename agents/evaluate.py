@@ -72,22 +72,21 @@ def evaluate_policy(
     kwargs = {**env_kwargs, "split": split, "reward": "eq13", "terminal_lm_weight": 1.0}
     env: DRRLAttentionEnv = gym.make(ENV_ID, **kwargs).unwrapped
     cfg = env.config
-    grid = np.zeros((env.num_layers, env.num_segments))
+    episode_grids = []
     decision_flops = float(getattr(policy, "flops_per_decision", 0.0))
-    losses, full_losses, kls, ranks, violations, episode_ranks = [], [], [], [], [], []
+    losses, full_losses, kls, ranks, violations = [], [], [], [], []
     flops = flops_core = flops_full = flops_logits = flops_logits_full = 0.0
     try:
         for episode in range(episodes):
             observation, _ = env.reset(seed=seed + episode)
             policy.reset(seed + episode)
             terminated = False
-            episode_grid = np.zeros_like(grid)
+            episode_grid = np.zeros((env.num_layers, env.num_segments))
             while not terminated:
                 action = policy.act(observation, env.action_masks(), env)
                 observation, _, terminated, _, info = env.step(action)
                 rank = float(np.mean(info["rank"]))
                 episode_grid[info["layer"], info["segment"]] = rank
-                grid[info["layer"], info["segment"]] += rank / episodes
                 ranks.append(rank)
                 violations.append(info["masked_violation"])
                 flops, flops_core, flops_full = (
@@ -98,9 +97,10 @@ def evaluate_policy(
                 flops_logits += info["flops_logits"]
                 flops_logits_full += info["flops_logits_full"]
             kls.append(info["kl"])
-            episode_ranks.append(episode_grid.mean(axis=1).round(2).tolist())
+            episode_grids.append(episode_grid)
             losses.append(info["lm_loss"])
             full_losses.append(info["lm_loss_full"])
+        grid = np.mean(episode_grids, axis=0)  # (L, S): the mean rank of each layer and segment
         timing_tokens = sequential_chunks(corpus_tokens(cfg.corpus, split, env.loaded.tokenizer), cfg.seq_len)
         timing_tokens = timing_tokens[: cfg.batch_size]
         replay = tuple(tuple(int(round(r)) for r in row) for row in grid)
@@ -127,7 +127,7 @@ def evaluate_policy(
         rank_per_layer=grid.mean(axis=1).round(2).tolist(),
         rank_grid=grid.round(2).tolist(),
         flops_policy_ratio=decision_flops * len(ranks) / flops_full,
-        episode_rank_per_layer=episode_ranks,
+        episode_rank_per_layer=[episode_grid.mean(axis=1).round(2).tolist() for episode_grid in episode_grids],
         episode_kl=[float(kl) for kl in kls],
     )
 
@@ -298,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(name, figure)
     for row in rows:
         if row.corpus == args.corpora[0] and row.policy not in ("full",) and not row.policy.startswith("fixed"):
-            safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
-            budget = "" if row.budget is None else f"_budget{row.budget:g}"
-            emit(f"fig3_ranks_{safe}_{row.mode}{budget}", figures.rank_heatmap_figure(row))
+            emit(figures.figure_name("fig3_ranks", row), figures.rank_heatmap_figure(row))
     call = figures.captured_call(args.model, args.corpora[0], args.seq_len, rows and len(rows[0].rank_per_layer) // 2)
     emit("fig5_perturbation", figures.perturbation_figure(call, tuple(sorted(args.ranks))))
     if args.fig4_lengths:

@@ -120,9 +120,10 @@ def contrasting_inputs_figure(agent: EvaluationRow, static: EvaluationRow | None
     if first == second:  # the same ranks on every input
         label = f"{agent.policy}, all {len(ranks)} inputs (the same ranks; KL {agent.kl:.4f} mean)"
         axis.plot(layers, ranks[first], "-o", markersize=3, label=label)
-    for episode, style in ((first, "-o"), (second, "-s")) if first != second else ():
-        label = f"{agent.policy}, input {episode} (KL {agent.episode_kl[episode]:.4f})"
-        axis.plot(layers, ranks[episode], style, markersize=3, label=label)
+    else:
+        for episode, style in ((first, "-o"), (second, "-s")):
+            label = f"{agent.policy}, input {episode} (KL {agent.episode_kl[episode]:.4f})"
+            axis.plot(layers, ranks[episode], style, markersize=3, label=label)
     if static is not None:
         axis.plot(layers, static.rank_per_layer, "k--", label=f"{static.policy} (KL {static.kl:.4f} mean)")
     budget = "" if agent.budget is None else f", budget {agent.budget:g}"
@@ -146,10 +147,15 @@ def contrasting_inputs_figures(rows: list[EvaluationRow], corpus: str) -> list[t
             continue
         same_cell = [r for r in rows if (r.corpus, r.mode, r.budget) == (corpus, row.mode, row.budget)]
         static = next((r for r in same_cell if r.policy.startswith("static")), None)
-        safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
-        budget = "" if row.budget is None else f"_budget{row.budget:g}"
-        figures.append((f"fig3_inputs_{safe}_{row.mode}{budget}", contrasting_inputs_figure(row, static)))
+        figures.append((figure_name("fig3_inputs", row), contrasting_inputs_figure(row, static)))
     return figures
+
+
+def figure_name(kind: str, row: EvaluationRow) -> str:
+    """A row's figure file stem: ``KIND_POLICY_MODE[_budgetB]``, the policy name made safe for a file name."""
+    safe = row.policy.replace(":", "_").replace("/", "_").replace(" ", "_")
+    budget = "" if row.budget is None else f"_budget{row.budget:g}"
+    return f"{kind}_{safe}_{row.mode}{budget}"
 
 
 def sequence_length_figure(

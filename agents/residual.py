@@ -37,12 +37,13 @@ def residual_setup(args: argparse.Namespace) -> PolicySetup:
     """
     if not args.residual:
         return policy_setup(args.policy, args.history)
-    config = EnvConfig(**env_kwargs(args))
+    kwargs = env_kwargs(args)
+    config = EnvConfig(**kwargs)
     if config.flops_budget is None or config.flops_budget[0] != config.flops_budget[1] or config.per_head:
         raise ValueError("--residual needs one --flops-budget share and one rank per layer (no --per-head)")
     if args.reference_ranks is None:
         budget = config.flops_budget[0]
-        static = make_policy(f"static:{budget:g}:fisher", env_kwargs(args))
+        static = make_policy(f"static:{budget:g}:fisher", kwargs)
         args.reference_ranks = [config.ranks[index] for index in static.allocation(budget)]
         print(f"residual agent: static allocation {args.reference_ranks}")
     if args.kl_baseline == "none":

@@ -241,8 +241,9 @@ def warm_start(algorithm: Any, path: str, spaces: tuple[gym.Space, gym.Space]) -
 
 def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
     """A CPU copy of the learner's module (policy and value networks; env runners hold the policy only)."""
-    learner, module_key, policy = _learner_module_keys()
-    weights = algorithm.learner_group.get_state(components="/".join(_learner_module_keys()))
+    keys = _learner_module_keys()
+    weights = algorithm.learner_group.get_state(components="/".join(keys))
+    learner, module_key, policy = keys
     module = build_module(*spaces, MODEL_CONFIG)
     module.set_state(weights[learner][module_key][policy])
     return module.eval()

@@ -138,7 +138,9 @@ class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return np.append(observation, extra).astype(np.float32)
 
     def _raw_targets(self) -> np.ndarray:
-        layer = min(self._step_index(), len(self._reference_share) - 2) // self.env.unwrapped.num_segments
+        """The candidate index each offset aims at in the current step (the last step's once the episode has ended)."""
+        base = self.env.unwrapped
+        layer = min(self._step_index(), len(base.step_pairs) - 1) // base.num_segments
         return self.reference_index[layer] + np.array(self.offsets)
 
     def action_masks(self) -> np.ndarray:
