@@ -28,7 +28,7 @@ from drrl_env.cli import add_env_arguments, at_least, env_kwargs
 from drrl_env.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.generate import generate, teacher_forced_logits
-from drrl_env.kv_attention import SINK_TOKENS
+from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.models import LoadedModel, ModelNotAvailableError, load_causal_lm
@@ -69,11 +69,20 @@ def compare_with_full(
     full = generate(loaded, prompt, "full", max_new_tokens=args.max_new_tokens, do_sample=False)
     continuation = full[:, prompt.shape[1] :]
     reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, sink_tokens=args.sink_tokens)
+    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, **cache_options(args))
     kl = next_token_kl(reference, low)
     width = min(continuation.shape[1], generated.shape[1])
     agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
     return kl, agreement
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """The keys kept exact and the prefill, as :func:`drrl_env.generate.generate` takes them."""
+    return {
+        "sink_tokens": args.sink_tokens,
+        "recent_tokens": args.recent_tokens,
+        "exact_prefill": not args.low_rank_prefill,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--basis", choices=BASIS_KINDS, default="joint", help="key basis (default: joint)")
     parser.add_argument(
         "--sink-tokens", type=at_least(0), default=SINK_TOKENS, help="first tokens whose keys stay exact"
+    )
+    parser.add_argument(
+        "--recent-tokens",
+        type=at_least(0),
+        default=RECENT_TOKENS,
+        help=f"window of last positions whose keys stay exact for each decode step (default: {RECENT_TOKENS})",
+    )
+    parser.add_argument(
+        "--low-rank-prefill", action="store_true", help="attend the prompt through the basis too (default: exactly)"
     )
     parser.add_argument("--max-new-tokens", type=at_least(1), default=48, help="tokens to generate per prompt")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -137,7 +155,7 @@ def report(
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     ranks = policy_ranks(policy, kwargs, prompt, args.seed + index)
     out = generate(
-        loaded, prompt, ranks, basis=args.basis, sink_tokens=args.sink_tokens, max_new_tokens=args.max_new_tokens,
+        loaded, prompt, ranks, basis=args.basis, **cache_options(args), max_new_tokens=args.max_new_tokens,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id, **sampling,
     )  # fmt: skip
     generated = out.sequences[:, prompt.shape[1] :].cpu()

@@ -5,7 +5,8 @@ generation of T new tokens (EOS suppressed, so every run generates T):
 
 * ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention);
 * each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), through
-  :func:`drrl_env.generate.generate`.
+  :func:`drrl_env.generate.generate`, with its defaults (one exact sink key, the last
+  ``--recent-tokens`` keys exact for each decode step, the prompt attended exactly) unless told.
 
 Columns: key/value cache bytes at the end (measured from the cache's tensors) and their ratio to
 full; prefill ms; decode ms/token (median over the T - 1 decode steps of one generation, after a
@@ -19,7 +20,8 @@ It also measures the memory bandwidth the machine reaches on a plain reduction a
 decode step reaches (parameter bytes plus cache bytes read per step, over the step time), to say
 what bounds decode.
 
-    python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--out FILE.json]
+    python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
+                                [--low-rank-prefill] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.files import write_text_atomic
 from drrl_env.flops import key_cache_generation_flops
 from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
@@ -75,10 +78,15 @@ def read_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int 
     return data.numel() * 4 / best / 1e9
 
 
-def timed_generation(loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int, basis: str | None, rank, sync):
-    """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token)."""
+def timed_generation(
+    loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int, basis: str | None, rank, sync, options: dict
+):
+    """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token).
+
+    ``options``: the exact keys and prefill (``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill``).
+    """
     clock = StepClock(sync)
-    options = dict(
+    settings = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
     )  # fmt: skip
@@ -86,11 +94,11 @@ def timed_generation(loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int
         implementation = loaded.model.config._attn_implementation
         loaded.model.set_attn_implementation("sdpa")
         try:
-            out = loaded.model.generate(input_ids=prompts.to(loaded.device), **options)
+            out = loaded.model.generate(input_ids=prompts.to(loaded.device), **settings)
         finally:
             loaded.model.set_attn_implementation(implementation)
     else:
-        out = generate(loaded, prompts, rank, basis=basis, **options)
+        out = generate(loaded, prompts, rank, basis=basis, **settings, **options)
     prefill_ms, step_ms = clock.prefill_and_step_ms()
     return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(out.cache), prefill_ms, step_ms
 
@@ -101,12 +109,14 @@ def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tup
     return next_token_kl(full_logits, low_logits), float(agreement.mean())
 
 
-def attention_flops_ratio(loaded: LoadedModel, context: int, new_tokens: int, rank: int, basis: str) -> float:
+def attention_flops_ratio(
+    loaded: LoadedModel, context: int, new_tokens: int, rank: int, basis: str, options: dict
+) -> float:
     """Decode attention FLOPs (with overheads) at ``rank`` over full, for one sequence."""
     shape = loaded.attention_shape
     flops = {
         r: key_cache_generation_flops(
-            1, shape.q_heads, shape.kv_heads, context, new_tokens - 1, shape.head_dim, r, basis
+            1, shape.q_heads, shape.kv_heads, context, new_tokens - 1, shape.head_dim, r, basis, **options
         )
         for r in (rank, shape.head_dim)
     }
@@ -122,9 +132,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (T)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[48, 32, 16], help="ranks r (every layer)")
     parser.add_argument("--bases", nargs="+", default=list(BASIS_KINDS), choices=BASIS_KINDS, help="key bases")
+    parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS, help="window of exact recent keys")
+    parser.add_argument("--sink-tokens", type=int, default=SINK_TOKENS, help="first tokens whose keys stay exact")
+    parser.add_argument("--low-rank-prefill", action="store_true", help="attend the prompt through the basis too")
     parser.add_argument("--quality-prompts", type=int, default=4, help="prompts per context for KL and agreement")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    options = {
+        "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, "exact_prefill": not args.low_rank_prefill
+    }  # fmt: skip
     loaded = load_causal_lm(args.model, args.device)
     device = loaded.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -140,19 +156,19 @@ def main() -> None:
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
         quality_prompts = chunks[: args.quality_prompts]
-        reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync)
+        reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync, options)
         full_logits = teacher_forced_logits(loaded, quality_prompts, reference, "full")
         quality = {}
         for basis, rank in configs[1:]:
-            low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis)
+            low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **options)
             quality[basis, rank] = kl_and_agreement(full_logits, low)
         for batch in args.batches:
             prompts = chunks[:batch]
-            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync)  # warm-up
+            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, options)  # warm-up
             baseline = None
             for basis, rank in configs:
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, basis, rank, sync
+                    loaded, prompts, args.new_tokens, basis, rank, sync, options
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
@@ -164,7 +180,7 @@ def main() -> None:
                         "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
                         "decode_ratio": step_ms / baseline[2],
                         "flops_ratio": 1.0 if basis is None else attention_flops_ratio(
-                            loaded, context, args.new_tokens, rank, basis),
+                            loaded, context, args.new_tokens, rank, basis, options),
                         "kl": kl, "top1_teacher_forced": top1,
                         "greedy_agreement": float((generated == baseline[0]).double().mean()),
                         "reached_gbs": (parameter_bytes + sizes["total"]) / (step_ms / 1000) / 1e9,
@@ -172,7 +188,9 @@ def main() -> None:
                 )  # fmt: skip
                 print(format_row(rows[-1]), flush=True)
     if args.out is not None:
-        write_text_atomic(args.out, json.dumps({"bandwidth_gbs": bandwidth, "rows": rows}, indent=1))
+        write_text_atomic(
+            args.out, json.dumps({"bandwidth_gbs": bandwidth, "options": options, "rows": rows}, indent=1)
+        )
 
 
 HEADER = (

@@ -138,6 +138,9 @@ def key_cache_generation_flops(
     head_dim: int,
     rank: int | torch.Tensor,
     basis: str = "joint",
+    sink_tokens: int = 0,
+    recent_tokens: int = 0,
+    exact_prefill: bool = False,
 ) -> GenerationFlops:
     """FLOPs of one layer's attention generating with a low-rank key cache (``drrl_env.generate``).
 
@@ -149,10 +152,13 @@ def key_cache_generation_flops(
       ``2 n d^2`` and its eigendecomposition per key/value head; in ``joint`` also the group's
       query Gram ``2 n d^2`` per query head, its eigendecomposition, the core ``2 d^3``, its SVD,
       the maps ``4 d^2 R`` and their QR ``4 d R^2`` per key/value head;
-    * prefill projections: ``2 n d r`` per query head and per key/value head;
+    * prefill projections: ``2 n d r`` per query head and per key/value head; with
+      ``exact_prefill``, the prompt's attention at full width and only the keys projected;
     * per decode step: the projection of one query (``2 d r`` per query head) and one key
       (``2 d r`` per key/value head), then width-``r`` logits, the softmax and full-width values
-      over the context.
+      over the context, plus full-width logits against the ``sink_tokens`` and
+      ``recent_tokens`` exact keys (their width-``r`` scores are computed and overwritten, so
+      counted too).
     """
     ranks = per_head_ranks(rank, kv_heads)
     d, n, steps = float(head_dim), float(prompt_len), float(decode_steps)
@@ -161,6 +167,12 @@ def key_cache_generation_flops(
     groups = q_heads // kv_heads
     rank_sum_q, rank_sum_kv = float(ranks.sum()) * groups, float(ranks.sum())
     logit_width = q_heads * d if full else rank_sum_q  # sum over query heads of the logit width
+    prefill_width = q_heads * d if exact_prefill else logit_width
+    exact_pairs = (
+        0.0
+        if full
+        else float(sum(min(sink_tokens + recent_tokens, prompt_len + t) for t in range(1, decode_steps + 1)))
+    )
     prefill_pairs = batch * attended_pairs(prompt_len, prompt_len)
     spectra = projections = 0.0
     if not full:
@@ -172,16 +184,16 @@ def key_cache_generation_flops(
             spectra += q_heads * 2 * n * d * d + kv_heads * (per_group + 4 * d * width**2)
         elif basis not in ("separate", "calibrated"):
             raise ValueError(f"basis must be 'separate', 'joint' or 'calibrated', got {basis!r}")
-        projections = 2 * n * d * (rank_sum_q + rank_sum_kv)
+        projections = 2 * n * d * ((0.0 if exact_prefill else rank_sum_q) + rank_sum_kv)
     prefill = AttentionFlops(
-        logits=2.0 * prefill_pairs * logit_width,
+        logits=2.0 * prefill_pairs * prefill_width,
         softmax=float(SOFTMAX_FLOPS_PER_LOGIT * prefill_pairs * q_heads),
         values=2.0 * prefill_pairs * q_heads * d,
         projections=batch * projections,
         spectra=batch * spectra,
     )
     decode = AttentionFlops(
-        logits=2.0 * batch * contexts * logit_width,
+        logits=2.0 * batch * (contexts * logit_width + exact_pairs * q_heads * d),
         softmax=float(SOFTMAX_FLOPS_PER_LOGIT * batch * contexts * q_heads),
         values=2.0 * batch * contexts * q_heads * d,
         projections=0.0 if full else batch * steps * 2 * d * (rank_sum_q + rank_sum_kv),

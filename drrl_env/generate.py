@@ -6,11 +6,14 @@ the :class:`~drrl_env.kv_attention.KeyBasisAttention` handler on the model's att
 * prefill: for each layer whose ranks are below ``d``, the handler computes the layer's
   :class:`~drrl_env.kv_basis.KeyBasis` from the prompt's post-RoPE queries and keys (padding
   left out), once, and the cache replaces the prompt's keys by their width-``R`` coordinates,
-  keeping the keys of each prompt's first ``sink_tokens`` tokens exact
-  (:mod:`drrl_env.kv_attention`). A ``calibrated`` basis is known before the prompt (no
-  per-prompt spectra). The prefill's own attention already uses the width-``R`` logits;
-* each decode step: the cache stores the new key as ``k W_k``; the handler projects the new query
-  with ``W_q`` and attends at width ``R`` over the cached keys, with full-width values.
+  keeping the keys of each prompt's first ``sink_tokens`` tokens and its last ``recent_tokens``
+  exact (:mod:`drrl_env.kv_attention`). A ``calibrated`` basis is known before the prompt (no
+  per-prompt spectra). The prefill's own attention is exact (``exact_prefill=False``: it already
+  uses the width-``R`` logits);
+* each decode step: the cache stores the new key as ``k W_k`` (and keeps it at full width while it
+  is among the last ``recent_tokens``); the handler projects the new query with ``W_q`` and attends
+  at width ``R`` over the cached keys, exactly over the sinks and the recent window, with
+  full-width values.
 
 Layers at rank ``d`` keep full keys and full attention, so ``ranks="full"`` is plain generation.
 Sampling, stopping criteria, batching with padding and beam search are transformers' own.
@@ -25,7 +28,7 @@ import torch
 
 from drrl_env.calibration import CalibrationGrams, calibration_grams
 from drrl_env.hook import install
-from drrl_env.kv_attention import SINK_TOKENS, KeyBasisAttention
+from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.kv_basis import KeyBasis, check_basis_kind
 from drrl_env.kv_cache import LowRankKeyCache
 from drrl_env.lowrank import as_rank_vector
@@ -81,6 +84,8 @@ def key_cache_attention(
     basis: str,
     calibration: CalibrationGrams | None = None,
     sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    exact_prefill: bool = True,
 ) -> tuple[LowRankKeyCache, KeyBasisAttention]:
     """A fresh :class:`LowRankKeyCache` and the handler that fills and reads it, for one generation."""
     check_basis_kind(basis)
@@ -88,7 +93,7 @@ def key_cache_attention(
     table = rank_table(ranks, shape)
     calibrated = calibrated_bases(loaded, table, calibration) if basis == "calibrated" else None
     cache = LowRankKeyCache(shape.num_layers)
-    return cache, KeyBasisAttention(table, basis, calibrated, cache, sink_tokens)
+    return cache, KeyBasisAttention(table, basis, calibrated, cache, sink_tokens, recent_tokens, exact_prefill)
 
 
 @torch.no_grad()
@@ -101,6 +106,8 @@ def generate(
     max_new_tokens: int = 32,
     calibration: CalibrationGrams | None = None,
     sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    exact_prefill: bool = True,
     **generate_kwargs: Any,
 ) -> Any:
     """``loaded.model.generate`` with each layer's keys cached at its rank in ``basis`` (module docstring).
@@ -113,6 +120,8 @@ def generate(
         max_new_tokens: tokens to generate.
         calibration: the Grams of a ``calibrated`` basis (default: :func:`calibration_grams`).
         sink_tokens: first tokens of each prompt whose keys stay exact (``drrl_env.kv_attention``).
+        recent_tokens: the window of last positions whose keys stay exact for each decode step.
+        exact_prefill: attend the prompt exactly (False: through the basis too).
         **generate_kwargs: passed to ``model.generate`` (``do_sample``, ``attention_mask``, ...).
 
     Returns:
@@ -122,7 +131,7 @@ def generate(
     for name in ("cache", "past_key_values", "use_cache"):
         if name in generate_kwargs:
             raise ValueError(f"generate() makes its own low-rank key cache; do not pass {name}=")
-    cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens)
+    cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill)
     with install(loaded.model).use(handler):
         return loaded.model.generate(
             input_ids=input_ids.to(loaded.device),
@@ -142,6 +151,8 @@ def teacher_forced_logits(
     basis: str = "joint",
     calibration: CalibrationGrams | None = None,
     sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    exact_prefill: bool = True,
 ) -> torch.Tensor:
     """Next-token logits ``(B, T, V)`` of the ``T`` tokens of ``continuation`` ``(B, T)`` after ``prompt`` ``(B, n)``.
 
@@ -150,7 +161,7 @@ def teacher_forced_logits(
     queries over the cache computes exactly what ``T - 1`` single-token steps would). Row ``t``
     predicts ``continuation[:, t]``: compare it with ``ranks="full"`` for the per-step KL.
     """
-    cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens)
+    cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill)
     model, keyword = loaded.model, {CACHE_KEYWORD: cache}
     with install(model).use(handler):
         first = model(input_ids=prompt.to(loaded.device), use_cache=True, **keyword).logits[:, -1:]

@@ -1,22 +1,33 @@
-"""Attention through a low-rank key basis, with exact attention sinks: the handler of ``drrl_env.generate``.
+"""Attention through a low-rank key basis, exact at sinks and recent keys: the handler of ``drrl_env.generate``.
 
 For each layer below rank ``d``, :class:`KeyBasisAttention` computes the logits of a query ``q``
 against a key ``k`` as ``(q W_q) . (k W_k)`` (:class:`~drrl_env.kv_basis.KeyBasis`), except for
-the first ``sink_tokens`` tokens of each sequence (its *attention sinks*, the first non-padding
-positions), whose logits stay exact, ``q . k``. Their keys are stored at full width beside the
-compressed ones (``s`` keys per sequence, a negligible share of a long cache). Measured on
-SmolLM2-135M (docs/benchmarks.md): with one exact sink, every layer at rank 32 in the
-``separate`` basis costs a few percent PPL instead of about +75 %; the first token's key is an
-outlier that a low-rank basis of the keys does not represent. Sink keys are left out of the
-Gram of the keys the basis is fitted to.
+two sets of keys whose logits stay exact, ``q . k``:
 
-Execution paths (same result): several queries (the prefill, or a teacher-forced continuation)
+* the first ``sink_tokens`` tokens of each sequence (its *attention sinks*, the first non-padding
+  positions), stored at full width beside the compressed keys. Measured on SmolLM2-135M
+  (docs/benchmarks.md): with one exact sink, every layer at rank 32 in the ``separate`` basis
+  costs a few percent PPL instead of about +75 %; the first token's key is an outlier that a
+  low-rank basis of the keys does not represent. Sink keys are left out of the Gram of the keys
+  the basis is fitted to.
+* in generation, the keys of the last ``recent_tokens`` positions up to each query (a *recent
+  window*, as KIVI keeps its most recent tokens unquantised): the cache keeps them at full width
+  too (:class:`~drrl_env.kv_cache.LowRankKeyLayer`). A decode token attends most to its
+  neighbours, whose keys (at RoPE phases the prompt's basis never saw) the basis represents worst:
+  measured at n = 4096, r = 32, ``joint``, a window of 64 cuts the teacher-forced KL from 0.23 to
+  0.03 nats/token.
+
+By default (``exact_prefill``) the prompt itself is attended exactly: the prefill computes the
+full attention, then the basis, and compresses the keys for the decode steps, as the decode-regime
+peers (Loki, Palu) do; otherwise the prompt's own attention already uses the width-``R`` logits.
+
+Execution paths (same result): several queries without a recent window (a low-rank prefill)
 run fused SDPA on width ``R + d`` vectors ``[q W_q, q]`` against ``[k W_k, 0]`` (and ``[0, k]`` for
 sink keys), with the values zero-padded to that width (PyTorch's fused kernels need one width;
-with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048); one
-query (a decode step) computes its width-``R`` scores against the cache, writes
-the ``s`` exact sink scores into them, and attends unfused, so it reads ``R`` numbers per cached
-key.
+with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048);
+otherwise (a decode step, or a teacher-forced continuation) the width-``R`` scores against the
+cache get the exact sink and recent-window scores written into them and the softmax runs
+unfused, so a decode step reads ``R`` numbers per cached key and ``d`` per sink or recent key.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from drrl_env.kv_basis import PER_PROMPT_KINDS, KeyBasis, basis_from_grams, chec
 from drrl_env.lowrank import causal_mask
 
 SINK_TOKENS = 1
+RECENT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -73,15 +85,20 @@ def attention_with_sinks(
     scale: float,
     mask: torch.Tensor | None,
     sinks: Sinks | None,
+    recent: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """``softmax(scores * scale) v``, ``(B, Hq, m, d)``: width-``R`` scores ``q' . k'``, exact ones at the sinks.
 
     ``query`` ``(B, Hq, m, d)``, ``query_low`` ``(B, Hq, m, R)``, ``key_low`` ``(B, Hkv, n, R)``,
-    ``value`` ``(B, Hkv, n, d)``; ``mask`` as in :func:`drrl_env.lowrank.attend`.
+    ``value`` ``(B, Hkv, n, d)``; ``mask`` as in :func:`drrl_env.lowrank.attend`. The ``m``
+    queries are the last ``m`` positions of the ``n`` keys. ``recent`` ``(B, Hkv, w, d)``, when
+    given, holds the full-width keys of the last ``w`` positions: the query at position ``p``
+    scores the keys at positions ``p - window < j <= p`` among them exactly.
     """
     B, Hq, m, d = query.shape
     kv_heads, n, width = key_low.shape[1], key_low.shape[-2], key_low.shape[-1]
-    if m > 1:  # fused: [q', q] . [k', 0] and [0, k] at the sinks
+    if m > 1 and (recent is None or window == 0):  # fused: [q', q] . [k', 0] and [0, k] at the sinks
         if sinks is None:
             width_d = max(width, d)
             q_aug, k_aug = F.pad(query_low, (0, width_d - width)), F.pad(key_low, (0, width_d - width))
@@ -101,15 +118,24 @@ def attention_with_sinks(
         )
         return output[..., :d]
     groups = Hq // kv_heads
-    scores = query_low.reshape(B, kv_heads, groups, width) @ key_low.transpose(-1, -2)  # (B, Hkv, G, n)
+    stacked = query.reshape(B, kv_heads, groups * m, d)  # the G heads of a group, each with its m queries
+    scores = query_low.reshape(B, kv_heads, groups * m, width) @ key_low.transpose(-1, -2)  # (B, Hkv, G m, n)
     if sinks is not None:
-        exact = query.reshape(B, kv_heads, groups, d) @ sinks.keys.transpose(-1, -2)  # (B, Hkv, G, s)
-        scores.scatter_(-1, sinks.index.view(B, 1, 1, -1).expand(-1, kv_heads, groups, -1), exact)
-    scores = scores.mul_(scale)
+        exact = stacked @ sinks.keys.transpose(-1, -2)  # (B, Hkv, G m, s)
+        scores.scatter_(-1, sinks.index.view(B, 1, 1, -1).expand(-1, kv_heads, groups * m, -1), exact)
+    if recent is not None and window > 0:
+        span = recent.shape[-2]
+        query_position = torch.arange(n - m, n, device=query.device).view(m, 1)
+        band = torch.arange(n - span, n, device=query.device).view(1, span) > query_position - window  # (m, w)
+        exact = stacked @ recent.transpose(-1, -2)  # (B, Hkv, G m, w)
+        scores[..., n - span :] = torch.where(band.repeat(groups, 1), exact, scores[..., n - span :])
+    scores = scores.view(B, kv_heads, groups, m, n).mul_(scale)
+    if mask is None and m > 1:
+        mask = causal_mask(m, n, query.device)
     if mask is not None:
-        scores.masked_fill_(~mask.view(mask.shape[0], 1, 1, n), float("-inf"))
+        scores.masked_fill_(~mask.view(-1, 1, 1, m, n), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return (probs @ value).view(B, Hq, 1, d)
+    return (probs @ value.unsqueeze(2)).view(B, Hq, m, d)
 
 
 class KeyBasisAttention:
@@ -122,6 +148,10 @@ class KeyBasisAttention:
         cache: the generation's :class:`~drrl_env.kv_cache.LowRankKeyCache`, or None for a plain
             forward pass (each call then computes, or takes, its basis for that call only).
         sink_tokens: first tokens of each sequence whose logits stay exact.
+        recent_tokens: with a cache, the width of the recent window of exact keys for the queries
+            after the prefill (0: none).
+        exact_prefill: with a cache, attend the prompt exactly and use the basis from the first
+            decode step on (False: the prompt's own attention is low-rank too).
     """
 
     def __init__(
@@ -131,14 +161,18 @@ class KeyBasisAttention:
         calibrated: Sequence[KeyBasis | None] | None = None,
         cache: object | None = None,
         sink_tokens: int = SINK_TOKENS,
+        recent_tokens: int = RECENT_TOKENS,
+        exact_prefill: bool = True,
     ) -> None:
         check_basis_kind(kind)
         if kind not in PER_PROMPT_KINDS and calibrated is None:
             raise ValueError(f"basis {kind!r} needs its calibrated bases")
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+        if recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {recent_tokens}")
         self.ranks, self.kind, self.calibrated, self.cache = ranks, kind, calibrated, cache
-        self.sink_tokens = sink_tokens
+        self.sink_tokens, self.recent_tokens, self.exact_prefill = sink_tokens, recent_tokens, exact_prefill
 
     def _prefill(self, call: AttentionCall) -> tuple[KeyBasis, Sinks | None]:
         """The layer's basis and sinks, from the call's (prefill) queries and full-width keys."""
@@ -157,11 +191,18 @@ class KeyBasisAttention:
         if bool((self.ranks[call.layer] == call.query.shape[-1]).all()):
             return call.full()
         layer = None if self.cache is None else self.cache.layers[call.layer]
-        if layer is not None and layer.ready:
-            basis, sinks, keys = layer.basis, layer.sinks, call.key  # the cache stored the keys projected
+        if layer is not None and layer.ready:  # the cache stored the keys projected
+            return attention_with_sinks(
+                call.query, layer.basis.project_queries(call.query), call.key, call.value, call.scale, call.mask,
+                layer.sinks, layer.recent, self.recent_tokens,
+            )  # fmt: skip
+        basis, sinks = self._prefill(call)
+        if layer is None:
+            keys = basis.project_keys(call.key)
         else:
-            basis, sinks = self._prefill(call)
-            keys = basis.project_keys(call.key) if layer is None else layer.compress(basis, sinks)
+            keys = layer.compress(basis, sinks, self.recent_tokens)
+            if self.exact_prefill:
+                return call.full()
         return attention_with_sinks(
             call.query, basis.project_queries(call.query), keys, call.value, call.scale, call.mask, sinks
         )

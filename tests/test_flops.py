@@ -54,6 +54,10 @@ def test_generation_flops_count_prefill_once_and_every_decode_step():
         assert flops.decode.logits == full.decode.logits / 2 and flops.decode.values == full.decode.values
         assert flops.decode.projections == 2 * 5 * 2 * 64 * 32 * (9 + 3)
     assert low["calibrated"].prefill.spectra == 0 < low["separate"].prefill.spectra < low["joint"].prefill.spectra
+    windowed = key_cache_generation_flops(2, 9, 3, 100, 5, 64, 32, "joint", 1, 4, exact_prefill=True)
+    assert windowed.decode.logits == low["joint"].decode.logits + 2 * 2 * 5 * 5 * 9 * 64  # 5 exact keys per step
+    assert windowed.prefill.logits == full.prefill.logits and windowed.prefill.spectra == low["joint"].prefill.spectra
+    assert windowed.prefill.projections == 2 * 2 * 100 * 64 * 32 * 3  # only the prompt's keys are projected
     per_head = key_cache_generation_flops(1, 9, 3, 10, 2, 64, torch.tensor([16, 32, 48]), "calibrated")
     assert per_head.decode.logits == key_cache_generation_flops(1, 9, 3, 10, 2, 64, 32, "calibrated").decode.logits
     with pytest.raises(ValueError, match="basis must be"):
