@@ -42,7 +42,7 @@ from drrl_env.cli import add_env_arguments, env_kwargs, share_or_none
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.files import check_output_folder
-from drrl_env.lowrank import SPECTRAL_MODES
+from drrl_env.lowrank import PER_INPUT_MODES, SPECTRAL_MODES
 from drrl_env.perplexity import LayerRanks, forward_seconds
 from oracle.policy import RankPolicy
 
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         nargs="+",
         choices=SPECTRAL_MODES,
-        default=list(SPECTRAL_MODES),
-        help="spectral modes (default: both)",
+        default=list(PER_INPUT_MODES),
+        help="spectral modes (default: separate joint; calibrated too on request)",
     )
     parser.add_argument(
         "--episodes", type=int, default=4, help="test episodes per policy, corpus and mode (default: 4)"

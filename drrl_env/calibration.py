@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,15 +39,24 @@ class CalibrationGrams:
     query: torch.Tensor
     key: torch.Tensor
     source: dict[str, str]
+    _layer_bases: dict[tuple[int, tuple[int, ...]], KeyBasis] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def layer_basis(self, layer: int, ranks: torch.Tensor) -> KeyBasis:
+        """The ``calibrated`` :class:`KeyBasis` ``(1, Hkv, d, R)`` of ``layer`` at ``ranks (Hkv,)``, memoised."""
+        key = (layer, tuple(int(rank) for rank in ranks))
+        if key not in self._layer_bases:
+            self._layer_bases[key] = basis_from_grams(
+                self.query[layer : layer + 1], self.key[layer : layer + 1], torch.tensor(key[1]), "calibrated"
+            )
+        return self._layer_bases[key]
 
     def bases(self, ranks: torch.Tensor) -> list[KeyBasis]:
         """One ``calibrated`` :class:`KeyBasis` ``(1, Hkv, d, R_l)`` per layer for ranks ``(L, Hkv)``."""
         if len(ranks) != self.query.shape[0]:
             raise ValueError(f"got ranks for {len(ranks)} layers, the calibration has {self.query.shape[0]}")
-        return [
-            basis_from_grams(self.query[layer : layer + 1], self.key[layer : layer + 1], ranks[layer], "calibrated")
-            for layer in range(len(ranks))
-        ]
+        return [self.layer_basis(layer, ranks[layer]) for layer in range(len(ranks))]
 
 
 @torch.no_grad()
@@ -100,3 +109,22 @@ def calibration_grams(
     source = {**source, "chunks": grams.source["chunks"]}
     write_atomic(path, lambda temporary: save_file({"query": grams.query, "key": grams.key}, temporary, source))
     return CalibrationGrams(grams.query, grams.key, source)
+
+
+def attach_calibration(
+    loaded: LoadedModel,
+    corpus: str = DEFAULT_CORPUS,
+    split: str = CALIBRATION_SPLIT,
+    tokens: int = CALIBRATION_TOKENS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
+) -> CalibrationGrams:
+    """Put :func:`calibration_grams` of this text on ``loaded``'s attention hook (the ``calibrated`` spectral mode).
+
+    Idempotent for the same text; a different text replaces the model's calibration.
+    """
+    hook = install(loaded.model)
+    wanted = {"model": loaded.name, "corpus": corpus, "split": split, "tokens": str(tokens), "seq_len": str(seq_len)}
+    current = hook.calibration
+    if current is None or any(current.source.get(name) != value for name, value in wanted.items()):
+        hook.calibration = calibration_grams(loaded, corpus, split, tokens, seq_len)
+    return hook.calibration

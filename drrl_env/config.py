@@ -42,7 +42,8 @@ class EnvConfig:
     per_head: bool = False
     """one rank per key/value head group (MultiDiscrete) instead of one per layer"""
     spectral_mode: str = "separate"
-    """'separate' (the paper's Q/K truncation) or 'joint' (optimal logit truncation)"""
+    """'separate' (the paper's Q/K truncation), 'joint' (optimal logit truncation) or 'calibrated' (no per-input
+    spectra: each key/value group's joint basis of the wiki validation split, drrl_env.calibration, cached on disk)"""
     flops_budget: float | tuple[float, float] | None = 0.625
     """episode logit FLOPs over full attention's (0.625: mean rank 40 of 64), enforced by the mask; (lo, hi): drawn per
     episode; None: no budget (the paper's MDP)"""

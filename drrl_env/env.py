@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from drrl_env.calibration import attach_calibration
 from drrl_env.config import DEFAULT_RANKS, EnvConfig
 from drrl_env.corpora import corpus_tokens, sample_batch
 from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
@@ -120,6 +121,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self.device = resolve_device(cfg.device)
         self.loaded: LoadedModel = load_causal_lm(cfg.model, device=str(self.device))
         self.hook = install(self.loaded.model)
+        if cfg.spectral_mode == "calibrated":
+            attach_calibration(self.loaded)
         shape = self.loaded.attention_shape
         self.num_layers, self.q_heads, self.kv_heads, self.head_dim = (
             shape.num_layers,

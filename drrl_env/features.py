@@ -17,6 +17,7 @@ from gymnasium import spaces
 from transformers import PreTrainedModel
 
 from drrl_env.bounds import normalized_energy_ratio
+from drrl_env.guardrail import truncation_errors
 from drrl_env.hook import AttentionCall, UnsupportedModelError
 from drrl_env.spectra import power_iteration_spectral_norm
 
@@ -103,7 +104,9 @@ def layer_weight_statistics(model: PreTrainedModel) -> np.ndarray:
 def candidate_ner(call: AttentionCall, ranks: torch.Tensor, mode: str, kv_heads: int) -> torch.Tensor:
     """NER (Eq. 14) of every candidate rank per key/value group, ``(K, Hkv)``, averaged over the step's blocks.
 
-    ``separate`` mode: the mean of the Q and K NERs; ``joint`` mode: the NER of the logits.
+    ``separate`` mode: the mean of the Q and K NERs; ``joint`` mode: the NER of the logits;
+    ``calibrated`` mode (no per-input truncation): the share of this input's logit energy the
+    calibrated basis keeps, ``1 - ||S - S_r||_F^2 / ||S||_F^2`` (1 at rank ``d``).
     """
     candidates = ranks.view(-1, 1, 1).to(call.query.device)  # (K, 1, 1) against (B, H, d)
 
@@ -113,6 +116,9 @@ def candidate_ner(call: AttentionCall, ranks: torch.Tensor, mode: str, kv_heads:
     if mode == "joint":
         _, core_s, _ = call.logit_core
         return per_group(normalized_energy_ratio(core_s, candidates)).cpu()
+    if mode == "calibrated":
+        relative = truncation_errors(call, ranks, mode).relative(per_group=True)  # (K, Hkv)
+        return (1.0 - relative.square()).clamp(-FEATURE_CLIP, 1.0).cpu()
     ner_q = normalized_energy_ratio(call.query_spectrum.singular_values, candidates)
     ner_k = normalized_energy_ratio(call.key_spectrum.singular_values, candidates)
     return (0.5 * (per_group(ner_q) + per_group(ner_k))).cpu()

@@ -110,8 +110,12 @@ def low_rank_attention_flops(
         # core R_q R_k^T and its SVD per query head; W_q, W_k (2 d^2 r each); q', k' per query head.
         spectra += blocks_q * (2 * d**3 + SVD_FLOPS_FACTOR * d**3)
         projections = batch * (4 * d * d * rank_sum_q + 2 * (m + n) * d * rank_sum_q)
+    elif mode == "calibrated":
+        # no spectra: fixed group maps; q' per query head, k' per key/value head.
+        spectra = 0.0
+        projections = batch * (2 * m * d * rank_sum_q + 2 * n * d * float(ranks.sum()))
     else:
-        raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
+        raise ValueError(f"spectral mode must be 'separate', 'joint' or 'calibrated', got {mode!r}")
     return AttentionFlops(
         logits=2.0 * pairs * rank_sum_q,
         softmax=float(SOFTMAX_FLOPS_PER_LOGIT * pairs * q_heads),

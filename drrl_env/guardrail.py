@@ -77,6 +77,38 @@ def _per_group(change: torch.Tensor, logit_energy: torch.Tensor, hkv: int, scale
     return LogitErrors(change=change_energy, total=total_energy)
 
 
+def calibrated_logit_maps(call: AttentionCall, ranks: torch.Tensor) -> torch.Tensor:
+    """``M = W_q W_k^T`` of the layer's calibrated bases at each row of ``ranks (K, Hkv)``: ``(K, Hkv, d, d)`` float64.
+
+    The calibrated logits of a query ``q`` and key ``k`` of group ``h`` are ``q M_h k^T``; rank ``d`` in
+    every head is full attention (``M = I``).
+    """
+    d = call.query.shape[-1]
+    maps = []
+    for row in ranks:
+        if bool((row == d).all()):
+            maps.append(torch.eye(d, dtype=torch.float64).expand(len(row), d, d))
+            continue
+        if call.calibration is None:
+            raise ValueError("spectral mode 'calibrated' needs the model's calibration on its hook")
+        basis = call.calibration.layer_basis(call.layer, row)
+        maps.append((basis.query_map @ basis.key_map.transpose(-1, -2))[0])
+    return torch.stack(maps).to(call.query.device)
+
+
+def calibrated_logit_change(call: AttentionCall, difference: torch.Tensor) -> torch.Tensor:
+    """``||Q_h A_g K^T||_F`` per candidate and query head, ``(K, B, Hq)``, for ``difference`` ``A (K, Hkv, d, d)``.
+
+    Exact, from the blocks' Grams: ``||Q A K^T||_F^2 = tr(A^T Q^T Q A K^T K)``. Unscaled; float64.
+    """
+    groups = call.query.shape[1] // call.key.shape[1]
+    gram_q = call.query_spectrum.gram()  # (B, Hq, d, d)
+    gram_k = expand_kv_heads(call.key_spectrum.gram(), groups)  # (B, Hq, d, d)
+    per_head = expand_kv_heads(difference, groups).unsqueeze(1)  # (K, 1, Hq, d, d)
+    inner = per_head.transpose(-1, -2) @ gram_q @ per_head  # (K, B, Hq, d, d)
+    return (inner * gram_k).sum(dim=(-1, -2)).clamp_min(0.0).sqrt()
+
+
 def transition_energies(
     call: AttentionCall, rank_from: torch.Tensor, candidates: torch.Tensor, mode: str
 ) -> LogitErrors:
@@ -93,8 +125,13 @@ def transition_energies(
         _, core_s, _ = call.logit_core  # (B, Hq, d)
         change = transition_norm(core_s, frm[:, None, :], to[:, None, :])
         logit_energy = core_s.square().sum(-1)  # (B, Hq)
+    elif mode == "calibrated":
+        targets = candidates.view(-1, 1).expand(-1, hkv)
+        before = calibrated_logit_maps(call, rank_from.view(1, hkv))
+        change = calibrated_logit_change(call, before - calibrated_logit_maps(call, targets))
+        logit_energy = logit_core(call.query_spectrum, call.key_spectrum).square().sum(dim=(-1, -2))
     else:
-        raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
+        raise ValueError(f"spectral mode must be 'separate', 'joint' or 'calibrated', got {mode!r}")
     return _per_group(change, logit_energy, hkv, call.scale)  # change: (K, B, Hq)
 
 
@@ -127,8 +164,13 @@ def truncation_errors(call: AttentionCall, candidates: torch.Tensor, mode: str) 
         _, core_s, _ = call.logit_core  # (B, Hq, d)
         change = tail_energy_norm(core_s, candidates.view(-1, 1, 1).to(core_s.device))  # (K, B, Hq)
         logit_energy = core_s.square().sum(-1)
+    elif mode == "calibrated":
+        d = call.query.shape[-1]
+        maps = calibrated_logit_maps(call, candidates.view(-1, 1).expand(-1, call.key.shape[1]))
+        change = calibrated_logit_change(call, torch.eye(d, dtype=maps.dtype, device=maps.device) - maps)
+        logit_energy = logit_core(call.query_spectrum, call.key_spectrum).square().sum(dim=(-1, -2))
     else:
-        raise ValueError(f"spectral mode must be 'separate' or 'joint', got {mode!r}")
+        raise ValueError(f"spectral mode must be 'separate', 'joint' or 'calibrated', got {mode!r}")
     return _per_group(change, logit_energy, call.key_spectrum.singular_values.shape[1], call.scale)
 
 

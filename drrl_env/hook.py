@@ -21,13 +21,25 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from drrl_env.lowrank import LogitCore, SpectralMode, full_attention, logit_core_svd, low_rank_attention
+from drrl_env.lowrank import (
+    LogitCore,
+    SpectralMode,
+    as_rank_vector,
+    attend,
+    full_attention,
+    logit_core_svd,
+    low_rank_attention,
+)
 from drrl_env.spectra import BlockSpectrum, block_spectrum
+
+if TYPE_CHECKING:  # drrl_env.calibration imports this module
+    from drrl_env.calibration import CalibrationGrams
 
 ATTENTION_NAME = "drrl"
 
@@ -51,6 +63,7 @@ class AttentionCall:
         scale: the model's logit scale (``1/sqrt(d)`` for standard models).
         hidden_states: ``(B, m, hidden)`` input of the attention module for the segment's tokens
             (after the layer's input norm), or None where the module was called without it.
+        calibration: the model's calibration Grams (the ``calibrated`` spectral mode), or None.
     """
 
     layer: int
@@ -62,6 +75,7 @@ class AttentionCall:
     mask: torch.Tensor | None
     scale: float
     hidden_states: torch.Tensor | None = None
+    calibration: CalibrationGrams | None = None
 
     @cached_property
     def query_spectrum(self) -> BlockSpectrum:
@@ -93,29 +107,48 @@ class AttentionCall:
         ``(K, Hkv)`` table of candidates.
 
         Rank ``d`` in every head is full attention, and is computed as such (no projection): the
-        output is then exactly :meth:`full`'s.
+        output is then exactly :meth:`full`'s. ``calibrated`` (``drrl_env.lowrank``) needs
+        :attr:`calibration`.
         """
         d = self.query.shape[-1]
         ranks = torch.as_tensor(rank)
         if ranks.dim() < 2 and bool((ranks == d).all()):
             return self.full()
-        core = self.logit_core if mode == "joint" else None
-        output = low_rank_attention(
-            self.query,
-            self.key,
-            self.value,
-            rank,
-            mode,
-            self.scale,
-            self.mask,
-            self.query_spectrum,
-            self.key_spectrum,
-            core=core,
-        )
+        if mode == "calibrated":
+            output = self._calibrated_low_rank(rank)
+        else:
+            core = self.logit_core if mode == "joint" else None
+            output = low_rank_attention(
+                self.query,
+                self.key,
+                self.value,
+                rank,
+                mode,
+                self.scale,
+                self.mask,
+                self.query_spectrum,
+                self.key_spectrum,
+                core=core,
+            )
         if ranks.dim() == 2:  # rows with every head at rank d: full attention, exactly
             full_rows = (ranks == d).all(dim=1)
             output[full_rows.to(output.device)] = self.full().to(output.dtype)
         return output
+
+    def _calibrated_low_rank(self, rank: int | torch.Tensor) -> torch.Tensor:
+        """Attention through the layer's calibrated group bases: ``(B, Hq, m, d)``, or ``(K, ...)`` for a table."""
+        if self.calibration is None:
+            raise ValueError(
+                "spectral mode 'calibrated' needs the model's calibration on its hook "
+                "(drrl_env.calibration.attach_calibration)"
+            )
+        table = as_rank_vector(rank, self.key.shape[1], self.query.shape[-1])
+        outputs = []
+        for row in table.view(-1, table.shape[-1]):
+            basis = self.calibration.layer_basis(self.layer, row).to(self.query.dtype, self.query.device)
+            query, key = basis.project_queries(self.query), basis.project_keys(self.key)
+            outputs.append(attend(query, key, self.value, self.scale, self.mask))
+        return outputs[0] if table.dim() == 1 else torch.stack(outputs)
 
 
 Handler = Callable[[AttentionCall], torch.Tensor]
@@ -128,11 +161,16 @@ def segment_spans(q_len: int, segment_len: int | None) -> list[tuple[int, int]]:
 
 
 class AttentionHook:
-    """Per-model state of the hook: the per-thread handlers and segment lengths."""
+    """Per-model state of the hook: the per-thread handlers and segment lengths, and the model's calibration.
+
+    ``calibration`` (the Grams of the ``calibrated`` spectral mode, shared by every thread) is
+    handed to each :class:`AttentionCall`; :func:`drrl_env.calibration.attach_calibration` sets it.
+    """
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self._local = threading.local()
+        self.calibration: CalibrationGrams | None = None
 
     @property
     def handler(self) -> Handler | None:
@@ -191,6 +229,7 @@ class AttentionHook:
                 mask=None if mask is None else mask[:, :, start:stop, :visible],
                 scale=scale,
                 hidden_states=None if hidden is None else hidden[:, start:stop],
+                calibration=self.calibration,
             )
             outputs.append(handler(call))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)

@@ -25,6 +25,12 @@ Gram matrices is ``d x d`` work.
 
 In both modes the scores use the model's own scale (``1/sqrt(d)``), the values keep width ``d``,
 and ``r = d`` reproduces full attention.
+
+A third mode, ``calibrated``, has no per-input spectra: each layer's key/value groups use the
+``joint`` basis of Grams summed over calibration text (:mod:`drrl_env.calibration`, the low-rank
+key cache's basis, shared by the query heads of a group). It needs the model's calibration on the
+attention hook and runs in :meth:`drrl_env.hook.AttentionCall.low_rank`; this module's functions
+take the two per-input modes only.
 """
 
 from __future__ import annotations
@@ -36,17 +42,18 @@ import torch.nn.functional as F
 
 from drrl_env.spectra import BlockSpectrum, block_spectrum
 
-SpectralMode = Literal["separate", "joint"]
-SPECTRAL_MODES: tuple[str, ...] = ("separate", "joint")
+SpectralMode = Literal["separate", "joint", "calibrated"]
+PER_INPUT_MODES: tuple[str, ...] = ("separate", "joint")
+SPECTRAL_MODES: tuple[str, ...] = (*PER_INPUT_MODES, "calibrated")
 # Core singular values below this fraction of the largest are treated as zero in ``joint``: they
 # come from the eigenvalues of C^T C (float64), whose absolute error is about 1e-16 * s_1^2.
 JOINT_RELATIVE_CUTOFF = 1e-7
 
 
-def check_mode(mode: str) -> None:
-    """Raise a ``ValueError`` unless ``mode`` is a known spectral mode."""
-    if mode not in SPECTRAL_MODES:
-        raise ValueError(f"spectral mode must be one of {SPECTRAL_MODES}, got {mode!r}")
+def check_mode(mode: str, modes: tuple[str, ...] = PER_INPUT_MODES) -> None:
+    """Raise a ``ValueError`` unless ``mode`` is one of ``modes`` (by default the per-input spectral modes)."""
+    if mode not in modes:
+        raise ValueError(f"spectral mode must be one of {modes}, got {mode!r}")
 
 
 def as_rank_vector(rank: int | torch.Tensor | list[int], kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from drrl_env.calibration import attach_calibration
 from drrl_env.cli import at_least
 from drrl_env.corpora import (
     BUILTIN_CORPORA,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranks", type=at_least(1), nargs="+", default=[16, 32, 48], help="fixed ranks to evaluate (<= head dim)"
     )
     parser.add_argument(
-        "--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes"
+        "--modes", nargs="+", choices=SPECTRAL_MODES, default=list(SPECTRAL_MODES), help="spectral modes (default: all)"
     )
     parser.add_argument(
         "--key-bases", nargs="*", choices=BASIS_KINDS, default=[], help="key bases of the low-rank key cache to add"
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelNotAvailableError, CorpusNotAvailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if "calibrated" in args.modes:
+        attach_calibration(loaded)
     shape = loaded.attention_shape
     heads, kv_heads, head_dim = shape.q_heads, shape.kv_heads, shape.head_dim
     full_flops = full_attention_flops(1, heads, args.seq_len, args.seq_len, head_dim).total

@@ -41,6 +41,10 @@ class BlockSpectrum:
         """``||X||_2 = sigma_1``, ``(...)``."""
         return self.singular_values[..., 0]
 
+    def gram(self) -> torch.Tensor:
+        """``X^T X = V diag(sigma^2) V^T``, ``(..., d, d)``, in ``EIGH_DTYPE``."""
+        return (self.right_vectors * self.energies.unsqueeze(-2)) @ self.right_vectors.transpose(-1, -2)
+
     def root_factor(self) -> torch.Tensor:
         """``R = diag(sigma) V^T`` with ``R^T R = X^T X``: a square-root factor, ``(..., d, d)``."""
         return self.singular_values.unsqueeze(-1) * self.right_vectors.transpose(-1, -2)

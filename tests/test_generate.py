@@ -289,7 +289,9 @@ def test_perplexity_command_adds_key_bases(tiny_model_dir, tmp_path, monkeypatch
     from drrl_env import perplexity
 
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
-    argv = ["--model", tiny_model_dir, "--seq-len", "32", "--max-tokens", "128", "--ranks", "8", "--modes", "joint"]
-    assert perplexity.main(argv + ["--key-bases", "joint", "calibrated", "--device", "cpu"]) == 0
+    argv = ["--model", tiny_model_dir, "--seq-len", "32", "--max-tokens", "128", "--ranks", "8"]
+    argv += ["--modes", "joint", "calibrated", "--key-bases", "joint", "calibrated", "--device", "cpu"]
+    assert perplexity.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any("key:joint" in line for line in lines) and any("key:calibrated" in line for line in lines)
+    assert any(line.split()[1:2] == ["calibrated"] for line in lines)  # the env's calibrated spectral mode
