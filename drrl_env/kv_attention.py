@@ -125,10 +125,13 @@ def attention_with_sinks(
         scores.scatter_(-1, sinks.index.view(B, 1, 1, -1).expand(-1, kv_heads, groups * m, -1), exact)
     if recent is not None and window > 0:
         span = recent.shape[-2]
-        query_position = torch.arange(n - m, n, device=query.device).view(m, 1)
-        band = torch.arange(n - span, n, device=query.device).view(1, span) > query_position - window  # (m, w)
         exact = stacked @ recent.transpose(-1, -2)  # (B, Hkv, G m, w)
-        scores[..., n - span :] = torch.where(band.repeat(groups, 1), exact, scores[..., n - span :])
+        if m == 1 and span <= window:  # a decode step: its whole recent window is exact
+            scores[..., n - span :] = exact
+        else:
+            query_position = torch.arange(n - m, n, device=query.device).view(m, 1)
+            band = torch.arange(n - span, n, device=query.device).view(1, span) > query_position - window  # (m, w)
+            scores[..., n - span :] = torch.where(band.repeat(groups, 1), exact, scores[..., n - span :])
     scores = scores.view(B, kv_heads, groups, m, n).mul_(scale)
     if mask is None and m > 1:
         mask = causal_mask(m, n, query.device)

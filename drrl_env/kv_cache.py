@@ -48,7 +48,7 @@ class LowRankKeyLayer(DynamicLayer):
         if self.basis is not None:
             if self.recent is not None:
                 keep = self.recent_tokens + key_states.shape[-2] - 1
-                self.recent = torch.cat([self.recent, key_states], dim=-2)[..., -keep:, :].contiguous()
+                self.recent = torch.cat([self.recent, key_states], dim=-2)[..., -keep:, :]
             key_states = self.basis.project_keys(key_states)
         return super().update(key_states, value_states)
 
