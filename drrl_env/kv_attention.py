@@ -132,13 +132,13 @@ def attention_with_sinks(
             query_position = torch.arange(n - m, n, device=query.device).view(m, 1)
             band = torch.arange(n - span, n, device=query.device).view(1, span) > query_position - window  # (m, w)
             scores[..., n - span :] = torch.where(band.repeat(groups, 1), exact, scores[..., n - span :])
-    scores = scores.view(B, kv_heads, groups, m, n).mul_(scale)
+    scores = scores.mul_(scale)
     if mask is None and m > 1:
         mask = causal_mask(m, n, query.device)
     if mask is not None:
-        scores.masked_fill_(~mask.view(-1, 1, 1, m, n), float("-inf"))
+        scores.view(B, kv_heads, groups, m, n).masked_fill_(~mask.view(-1, 1, 1, m, n), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return (probs @ value.unsqueeze(2)).view(B, Hq, m, d)
+    return (probs @ value).view(B, Hq, m, d)  # (B, Hkv, G m, d): one read of each group's values
 
 
 class KeyBasisAttention:

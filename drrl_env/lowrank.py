@@ -50,10 +50,10 @@ SPECTRAL_MODES: tuple[str, ...] = (*PER_INPUT_MODES, "calibrated")
 JOINT_RELATIVE_CUTOFF = 1e-7
 
 
-def check_mode(mode: str, modes: tuple[str, ...] = PER_INPUT_MODES) -> None:
-    """Raise a ``ValueError`` unless ``mode`` is one of ``modes`` (by default the per-input spectral modes)."""
-    if mode not in modes:
-        raise ValueError(f"spectral mode must be one of {modes}, got {mode!r}")
+def check_mode(mode: str) -> None:
+    """Raise a ``ValueError`` unless ``mode`` is a per-input spectral mode (``calibrated`` runs in the hook)."""
+    if mode not in PER_INPUT_MODES:
+        raise ValueError(f"spectral mode must be one of {PER_INPUT_MODES} here, got {mode!r}")
 
 
 def as_rank_vector(rank: int | torch.Tensor | list[int], kv_heads: int, head_dim: int) -> torch.Tensor:
