@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from drrl_env.hook import AttentionCall
 from drrl_env.kv_basis import PER_PROMPT_KINDS, KeyBasis, basis_from_grams, check_basis_kind, group_grams
-from drrl_env.lowrank import causal_mask
+from drrl_env.lowrank import attend, causal_mask
 
 SINK_TOKENS = 1
 RECENT_TOKENS = 64
@@ -205,7 +205,7 @@ class KeyBasisAttention:
         else:
             keys = layer.compress(basis, sinks, self.recent_tokens)
             if self.exact_prefill:
-                return call.full()
+                return attend(call.query, call.key, call.value, call.scale, call.mask, causal_kernel=True)
         return attention_with_sinks(
             call.query, basis.project_queries(call.query), keys, call.value, call.scale, call.mask, sinks
         )
