@@ -24,6 +24,7 @@ import torch
 
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
+from drrl_env.calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, calibration_grams
 from drrl_env.cli import add_env_arguments, at_least, env_kwargs
 from drrl_env.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv
@@ -69,20 +70,20 @@ def compare_with_full(
     full = generate(loaded, prompt, "full", max_new_tokens=args.max_new_tokens, do_sample=False)
     continuation = full[:, prompt.shape[1] :]
     reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, **cache_options(args))
+    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, **cache_options(loaded, args))
     kl = next_token_kl(reference, low)
     width = min(continuation.shape[1], generated.shape[1])
     agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
     return kl, agreement
 
 
-def cache_options(args: argparse.Namespace) -> dict:
-    """The keys kept exact and the prefill, as :func:`drrl_env.generate.generate` takes them."""
-    return {
-        "sink_tokens": args.sink_tokens,
-        "recent_tokens": args.recent_tokens,
-        "exact_prefill": not args.low_rank_prefill,
-    }
+def cache_options(loaded: LoadedModel, args: argparse.Namespace) -> dict:
+    """The keys kept exact, the prefill and the calibration, as :func:`drrl_env.generate.generate` takes them."""
+    options = {"sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens}
+    options["exact_prefill"] = not args.low_rank_prefill
+    if args.basis == "calibrated":
+        options["calibration"] = calibration_grams(loaded, tokens=args.calibration_tokens, seq_len=args.calibration_len)
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(0),
         default=RECENT_TOKENS,
         help=f"window of last positions whose keys stay exact for each decode step (default: {RECENT_TOKENS})",
+    )
+    parser.add_argument(
+        "--calibration-len",
+        type=at_least(2),
+        default=CALIBRATION_SEQ_LEN,
+        help=f"--basis calibrated: tokens per calibration chunk (default: {CALIBRATION_SEQ_LEN}); use at least the "
+        "prompt length plus the new tokens: bases calibrated on 512 tokens collapse at 4096 (docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=at_least(2),
+        default=CALIBRATION_TOKENS,
+        help=f"--basis calibrated: validation tokens the bases are fitted on (default: {CALIBRATION_TOKENS})",
     )
     parser.add_argument(
         "--low-rank-prefill", action="store_true", help="attend the prompt through the basis too (default: exactly)"
@@ -155,7 +169,7 @@ def report(
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     ranks = policy_ranks(policy, kwargs, prompt, args.seed + index)
     out = generate(
-        loaded, prompt, ranks, basis=args.basis, **cache_options(args), max_new_tokens=args.max_new_tokens,
+        loaded, prompt, ranks, basis=args.basis, **cache_options(loaded, args), max_new_tokens=args.max_new_tokens,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id, **sampling,
     )  # fmt: skip
     generated = out.sequences[:, prompt.shape[1] :].cpu()

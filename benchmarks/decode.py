@@ -83,7 +83,7 @@ def timed_generation(
 ):
     """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token).
 
-    ``options``: the exact keys and prefill (``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill``).
+    ``options``: ``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill`` and ``calibration``.
     """
     clock = StepClock(sync)
     settings = dict(
@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS, help="window of exact recent keys")
     parser.add_argument("--sink-tokens", type=int, default=SINK_TOKENS, help="first tokens whose keys stay exact")
     parser.add_argument("--low-rank-prefill", action="store_true", help="attend the prompt through the basis too")
+    parser.add_argument(
+        "--calibration-len", type=int, default=4096, help="calibrated basis: tokens per calibration chunk (>= context)"
+    )
+    parser.add_argument("--calibration-tokens", type=int, default=32768, help="calibrated basis: validation tokens")
     parser.add_argument("--quality-prompts", type=int, default=4, help="prompts per context for KL and agreement")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -144,7 +148,9 @@ def main() -> None:
     loaded = load_causal_lm(args.model, args.device)
     device = loaded.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    calibration_grams(loaded)  # computed (or loaded) once, outside every timing
+    # computed (or loaded) once, outside every timing; the generations take it with the other cache options
+    calibration = calibration_grams(loaded, tokens=args.calibration_tokens, seq_len=args.calibration_len)
+    generation = {**options, "calibration": calibration}
     tokens = corpus_tokens("wiki", "test", loaded.tokenizer)
     parameter_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     bandwidth = read_bandwidth_gbs(device)
@@ -156,19 +162,19 @@ def main() -> None:
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
         quality_prompts = chunks[: args.quality_prompts]
-        reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync, options)
+        reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync, generation)
         full_logits = teacher_forced_logits(loaded, quality_prompts, reference, "full")
         quality = {}
         for basis, rank in configs[1:]:
-            low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **options)
+            low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **generation)
             quality[basis, rank] = kl_and_agreement(full_logits, low)
         for batch in args.batches:
             prompts = chunks[:batch]
-            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, options)  # warm-up
+            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, generation)  # warm-up
             baseline = None
             for basis, rank in configs:
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, basis, rank, sync, options
+                    loaded, prompts, args.new_tokens, basis, rank, sync, generation
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
@@ -188,8 +194,10 @@ def main() -> None:
                 )  # fmt: skip
                 print(format_row(rows[-1]), flush=True)
     if args.out is not None:
+        calibrated_on = {"calibration_len": args.calibration_len, "calibration_tokens": args.calibration_tokens}
         write_text_atomic(
-            args.out, json.dumps({"bandwidth_gbs": bandwidth, "options": options, "rows": rows}, indent=1)
+            args.out,
+            json.dumps({"bandwidth_gbs": bandwidth, "options": {**options, **calibrated_on}, "rows": rows}, indent=1),
         )
 
 

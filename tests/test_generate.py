@@ -251,8 +251,10 @@ def test_teacher_forced_logits_are_the_decode_steps_logits():
         torch.testing.assert_close(forced.float(), torch.stack(out.logits, dim=1), rtol=1e-6, atol=1e-6)
 
 
-def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys):
+def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys, tmp_path, monkeypatch):
     from agents.generate import main
+
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
 
     argv = ["--model", tiny_model_dir, "--policy", "fixed:8", "--prompt", "The river flows", "--max-new-tokens", "3"]
     assert main(argv + ["--ranks", "8", "16", "--device", "cpu"]) == 0
@@ -260,6 +262,19 @@ def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys):
     assert "ranks per layer: 8/8 8/8" in out and "against full attention: KL" in out
     assert main(argv + ["--policy", "energy:0.9", "--basis", "separate", "--no-compare", "--ranks", "8", "16"]) == 0
     assert "KV cache" in capsys.readouterr().out
+    calibrated = [
+        "--basis",
+        "calibrated",
+        "--calibration-len",
+        "16",
+        "--calibration-tokens",
+        "64",
+        "--recent-tokens",
+        "2",
+    ]
+    assert main(argv + calibrated + ["--ranks", "8", "16"]) == 0
+    assert "against full attention: KL" in capsys.readouterr().out
+    assert len(list((tmp_path / "calibration").glob("*.safetensors"))) == 1  # fitted on 16-token chunks, stored
 
 
 def test_generate_command_names_bad_arguments(tiny_model_dir, capsys):
