@@ -20,6 +20,10 @@ It also measures the memory bandwidth the machine reaches on a plain reduction a
 decode step reaches (parameter bytes plus cache bytes read per step, over the step time), to say
 what bounds decode.
 
+Set ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` for timings on Linux:
+otherwise glibc may return the cache's per-step allocations to the OS and fault them back in,
+which made full attention's decode time vary 2x between runs (docs/benchmarks.md).
+
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
                                 [--low-rank-prefill] [--out FILE.json]
 """
