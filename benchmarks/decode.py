@@ -161,6 +161,7 @@ def main() -> None:
     print(
         f"model {args.model} on {device}; torch threads {torch.get_num_threads()}; read bandwidth {bandwidth:.1f} GB/s"
     )
+    print(HEADER)
     configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks]
     rows = []
     for context in args.contexts:
@@ -222,5 +223,4 @@ def format_row(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(HEADER)
     main()
