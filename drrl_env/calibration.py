@@ -87,6 +87,11 @@ def calibration_path(loaded: LoadedModel, corpus: str, split: str, tokens: int, 
     return cache_dir() / "calibration" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
+def calibration_source(loaded: LoadedModel, corpus: str, split: str, tokens: int, seq_len: int) -> dict[str, str]:
+    """What a calibration was fitted on, as :attr:`CalibrationGrams.source` records it (safetensors metadata)."""
+    return {"model": loaded.name, "corpus": corpus, "split": split, "tokens": str(tokens), "seq_len": str(seq_len)}
+
+
 def calibration_grams(
     loaded: LoadedModel,
     corpus: str = DEFAULT_CORPUS,
@@ -100,7 +105,7 @@ def calibration_grams(
         ValueError: the split has fewer than ``seq_len`` tokens.
     """
     path = calibration_path(loaded, corpus, split, tokens, seq_len)
-    source = {"model": loaded.name, "corpus": corpus, "split": split, "tokens": str(tokens), "seq_len": str(seq_len)}
+    source = calibration_source(loaded, corpus, split, tokens, seq_len)
     if path.exists():
         stored = load_file(path)
         return CalibrationGrams(stored["query"], stored["key"], source)
@@ -123,7 +128,7 @@ def attach_calibration(
     Idempotent for the same text; a different text replaces the model's calibration.
     """
     hook = install(loaded.model)
-    wanted = {"model": loaded.name, "corpus": corpus, "split": split, "tokens": str(tokens), "seq_len": str(seq_len)}
+    wanted = calibration_source(loaded, corpus, split, tokens, seq_len)
     current = hook.calibration
     if current is None or any(current.source.get(name) != value for name, value in wanted.items()):
         hook.calibration = calibration_grams(loaded, corpus, split, tokens, seq_len)

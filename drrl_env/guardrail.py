@@ -89,9 +89,7 @@ def calibrated_logit_maps(call: AttentionCall, ranks: torch.Tensor) -> torch.Ten
         if bool((row == d).all()):
             maps.append(torch.eye(d, dtype=torch.float64).expand(len(row), d, d))
             continue
-        if call.calibration is None:
-            raise ValueError("spectral mode 'calibrated' needs the model's calibration on its hook")
-        basis = call.calibration.layer_basis(call.layer, row)
+        basis = call.calibrated_basis(row)
         maps.append((basis.query_map @ basis.key_map.transpose(-1, -2))[0])
     return torch.stack(maps).to(call.query.device)
 

@@ -40,6 +40,7 @@ from drrl_env.spectra import BlockSpectrum, block_spectrum
 
 if TYPE_CHECKING:  # drrl_env.calibration imports this module
     from drrl_env.calibration import CalibrationGrams
+    from drrl_env.kv_basis import KeyBasis
 
 ATTENTION_NAME = "drrl"
 
@@ -135,17 +136,25 @@ class AttentionCall:
             output[full_rows.to(output.device)] = self.full().to(output.dtype)
         return output
 
-    def _calibrated_low_rank(self, rank: int | torch.Tensor) -> torch.Tensor:
-        """Attention through the layer's calibrated group bases: ``(B, Hq, m, d)``, or ``(K, ...)`` for a table."""
+    def calibrated_basis(self, ranks: torch.Tensor) -> KeyBasis:
+        """The layer's calibrated group basis (float64) at ``ranks (Hkv,)``.
+
+        Raises:
+            ValueError: the model has no calibration on its hook.
+        """
         if self.calibration is None:
             raise ValueError(
                 "spectral mode 'calibrated' needs the model's calibration on its hook "
                 "(drrl_env.calibration.attach_calibration)"
             )
+        return self.calibration.layer_basis(self.layer, ranks)
+
+    def _calibrated_low_rank(self, rank: int | torch.Tensor) -> torch.Tensor:
+        """Attention through the layer's calibrated group bases: ``(B, Hq, m, d)``, or ``(K, ...)`` for a table."""
         table = as_rank_vector(rank, self.key.shape[1], self.query.shape[-1])
         outputs = []
         for row in table.view(-1, table.shape[-1]):
-            basis = self.calibration.layer_basis(self.layer, row).to(self.query.dtype, self.query.device)
+            basis = self.calibrated_basis(row).to(self.query.dtype, self.query.device)
             query, key = basis.project_queries(self.query), basis.project_keys(self.key)
             outputs.append(attend(query, key, self.value, self.scale, self.mask))
         return outputs[0] if table.dim() == 1 else torch.stack(outputs)
