@@ -2,7 +2,7 @@
 
 ``train_agent.py`` behaviour-clones it before reinforcement learning (``--warm-start hindsight``,
 the default). The oracle is :class:`oracle.hindsight.HindsightOracle` with the Fisher estimate of
-the layer KL profile (``hindsight:fisher``; :mod:`oracle.fisher`): the water-fill of the episode's
+the layer KL profile (``hindsight:fisher``; :mod:`drrl_env.sensitivity`): the water-fill of the episode's
 budget over what each layer's rank costs on this very input, label-free. The dataset lives under
 ``$DRRL_CACHE_DIR/datasets/`` in a folder named by a digest of the env configuration and the seed,
 so a second run with the same options reuses it, and a run asking for more episodes extends it

@@ -61,6 +61,10 @@ class EnvConfig:
     reference_ranks: tuple[int, ...] | None = None
     """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
     baselines score each episode against and that drrl_env.wrappers.RankOffsets offsets; None: none"""
+    sensitivity_samples: int = 0
+    """label samples of the Fisher estimate of this input's layer sensitivity profile, computed at reset (one
+    forward and this many backward passes; drrl_env.sensitivity) and shown in the observation's 'sensitivity'
+    part; 0: no such part (the observation of earlier versions)"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5
@@ -93,6 +97,7 @@ class EnvConfig:
 
         positive_int("batch_size", self.batch_size)
         positive_int("seq_len", self.seq_len, 2)
+        positive_int("sensitivity_samples", self.sensitivity_samples, 0)
         if self.segment_len is not None:
             positive_int("segment_len", self.segment_len)
             if self.segment_len > self.seq_len:

@@ -19,6 +19,7 @@ from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_erro
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
+from drrl_env.sensitivity import fisher_kl_profile, rank_shares, sensitivity_features
 
 __all__ = ["DEFAULT_RANKS", "CandidateRewards", "DRRLAttentionEnv", "EnvConfig", "rank_heatmap_rgb"]
 
@@ -108,11 +109,14 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self.action_space = (
             spaces.MultiDiscrete([num_candidates] * self.kv_heads) if cfg.per_head else spaces.Discrete(num_candidates)
         )
-        self.layout = ObservationLayout(num_candidates, self.kv_heads if cfg.per_head else 1)
+        self.layout = ObservationLayout(
+            num_candidates, self.kv_heads if cfg.per_head else 1, sensitivity=cfg.sensitivity_samples > 0
+        )
         self.observation_slices: dict[str, slice] = self.layout.slices
         """Where each part of the observation lies, e.g. ``obs[slices["ner"]]``."""
         self.observation_space = self.layout.space
         self._episode: Episode | None = None
+        self._sensitivity: np.ndarray | None = None
 
     # ----------------------------------------------------------------- set-up and pickling
     def _attach(self) -> None:
@@ -187,6 +191,11 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         if cfg.flops_budget is not None:
             lo, hi = cfg.flops_budget
             share = lo if lo == hi else float(rng.uniform(lo, hi))
+        self._sensitivity = None
+        if cfg.sensitivity_samples:
+            self._sensitivity = fisher_kl_profile(
+                self.loaded, batch, cfg.ranks, cfg.spectral_mode, cfg.segment_len, samples=cfg.sensitivity_samples
+            )
         needs_reference = cfg.reward_kind == "kl" or cfg.terminal_lm_weight > 0
         reference = ReferencePass.run(self.loaded, self.hook, batch, cfg.segment_len) if needs_reference else None
         self._episode = Episode(
@@ -284,6 +293,16 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         return self._require_episode("input_ids").batch
 
     @property
+    def sensitivity_profile(self) -> np.ndarray | None:
+        """``(L, K)`` what each layer's rank costs on this episode's batch (Fisher estimate), or None.
+
+        The per-token KL the observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0``
+        (``drrl_env.sensitivity``).
+        """
+        self._require_episode("sensitivity_profile")
+        return self._sensitivity
+
+    @property
     def budget_share(self) -> float | None:
         """The current episode's FLOPs budget (a share of full attention's logit FLOPs), or None without one."""
         return self._require_episode("budget_share").budget.share if self.config.flops_budget is not None else None
@@ -326,17 +345,23 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         call = episode.call
         ner = candidate_ner(call, self.candidate_ranks, cfg.spectral_mode, self.kv_heads)  # (K, Hkv)
         prev = episode.previous_ranks.double() / self.head_dim
+        budget_left = episode.budget.left_share(episode.step_index)
+        parts = {}
+        if self._sensitivity is not None:
+            shares = rank_shares(cfg.ranks, self.head_dim)
+            parts["sensitivity"] = sensitivity_features(self._sensitivity, call.layer, shares, budget_left)
         return self.layout.build(
             sequence_dynamics=self._sequence_dynamics(call.hidden_states),
             weight_statistics=self._weight_stats[call.layer],
             previous_rank=prev.numpy() if cfg.per_head else [float(prev.mean())],
             ner=ner.T.reshape(-1).numpy() if cfg.per_head else ner.mean(-1).numpy(),
-            budget=[episode.budget.share, episode.budget.left_share(episode.step_index)],
+            budget=[episode.budget.share, budget_left],
             context=[
                 call.layer / max(self.num_layers - 1, 1),
                 call.segment / max(call.num_segments - 1, 1),
                 self.epsilon / cfg.eps0,
             ],
+            **parts,
         )
 
     def _action_indices(self, action: Any) -> torch.Tensor:

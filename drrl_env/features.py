@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from drrl_env.bounds import normalized_energy_ratio
 from drrl_env.guardrail import truncation_errors
 from drrl_env.hook import AttentionCall, UnsupportedModelError
+from drrl_env.sensitivity import sensitivity_width
 from drrl_env.spectra import power_iteration_spectral_norm
 
 CONV_CHANNELS = 8
@@ -137,7 +138,10 @@ class ObservationLayout:
     * ``budget`` (2): the episode's budget (a share of full logit FLOPs; 1 without budget) and the
       share left: the budget not yet spent over the full cost of the remaining steps, i.e. the
       mean rank share the rest of the episode may use;
-    * ``context`` (3): depth ``l / (L - 1)``, segment ``s / (S - 1)`` (0 with one segment) and ``eps_t / eps0``.
+    * ``context`` (3): depth ``l / (L - 1)``, segment ``s / (S - 1)`` (0 with one segment) and ``eps_t / eps0``;
+    * ``sensitivity`` (2K + 1, only with ``sensitivity_samples > 0``): what each candidate rank costs on this
+      input at this layer and at the later layers, and the hindsight water-fill's share for this layer
+      (:func:`drrl_env.sensitivity.sensitivity_features`).
 
     Every entry is clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``.
     """
@@ -146,10 +150,12 @@ class ObservationLayout:
     groups: int
     """1, or Hkv with per-head ranks"""
     conv_width: int = 2 * CONV_CHANNELS
+    sensitivity: bool = False
+    """whether the ``sensitivity`` part is there (the env's ``sensitivity_samples > 0``)"""
 
     @property
     def widths(self) -> dict[str, int]:
-        return {
+        widths = {
             "sequence_dynamics": self.conv_width,
             "weight_statistics": 9,
             "previous_rank": self.groups,
@@ -157,6 +163,9 @@ class ObservationLayout:
             "budget": 2,
             "context": 3,
         }
+        if self.sensitivity:
+            widths["sensitivity"] = sensitivity_width(self.num_candidates)
+        return widths
 
     @property
     def slices(self) -> dict[str, slice]:

@@ -34,46 +34,12 @@ from drrl_env.guardrail import nearest_allowed
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
-from oracle.fisher import candidates_below_full, fisher_kl_profile
+from drrl_env.sensitivity import allocate_ranks, candidates_below_full, fisher_kl_profile, rank_shares
 
 PROFILE_ESTIMATES = ("exact", "fisher")
 """how a layer KL profile is measured: one forward per cell (:func:`layer_kl_profile`) or its Fisher estimate"""
 FISHER_SAMPLES = 16
 """label samples of the Fisher estimate (measured: cell Spearman 0.98 with the exact profile, 4-5x cheaper)"""
-
-
-def rank_shares(ranks: tuple[int, ...] | list[int], head_dim: int) -> np.ndarray:
-    """``(K,)`` logit-FLOPs share of a layer at each candidate rank: ``min(r, d) / d`` (the env's budget unit)."""
-    return np.minimum(np.asarray(ranks, dtype=np.float64), head_dim) / head_dim
-
-
-def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[int]:
-    """Greedy marginal allocation: candidate index per layer whose mean FLOPs share is ``<= budget``.
-
-    Args:
-        cost: ``(L, K)`` cost (KL, or loss increase) of each layer alone at each candidate rank (ascending ranks).
-        flops: ``(K,)`` FLOPs share of a layer at each candidate rank (the same for every layer).
-        budget: target mean FLOPs share over layers. If even the minimum ranks exceed it, all
-            layers end at the minimum.
-
-    Starting from the largest candidate everywhere, each move lowers one layer by one candidate,
-    the one with the smallest ``cost increase / FLOPs saved``.
-    """
-    num_layers, num_candidates = cost.shape
-    chosen = [num_candidates - 1] * num_layers
-    while np.mean(flops[chosen]) > budget + 1e-12:
-        best, best_price = None, np.inf
-        for layer, index in enumerate(chosen):
-            if index == 0:
-                continue
-            saved = flops[index] - flops[index - 1]
-            price = (cost[layer, index - 1] - cost[layer, index]) / max(saved, 1e-12)
-            if price < best_price:
-                best, best_price = layer, price
-        if best is None:
-            break
-        chosen[best] -= 1
-    return chosen
 
 
 def decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList | None:
@@ -215,7 +181,7 @@ class HindsightOracle(LayerAllocationPolicy):
     the episode's budget (``env.budget_share``, in shares of full attention's logit FLOPs, so a
     layer at rank ``r`` costs ``r / d``); then it plays the allocation, taking the nearest allowed
     candidate where the mask forbids a choice. ``per_head=False`` only; needs a ``flops_budget``.
-    ``estimate="fisher"`` profiles by :func:`oracle.fisher.fisher_kl_profile` (``hindsight:fisher``).
+    ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` (``hindsight:fisher``).
     """
 
     def __init__(self, estimate: str = "exact") -> None:
@@ -235,7 +201,10 @@ class HindsightOracle(LayerAllocationPolicy):
             raise ValueError("the hindsight oracle supports per_head=False only (one rank per layer)")
         if env.budget_share is None:
             raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
-        self.last_profile = kl_profile(
-            env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, self.estimate
-        )
+        if self.estimate == "fisher" and config.sensitivity_samples == FISHER_SAMPLES:
+            self.last_profile = env.sensitivity_profile  # the same estimate, already made for the observation
+        else:
+            self.last_profile = kl_profile(
+                env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, self.estimate
+            )
         return allocate_ranks(self.last_profile, rank_shares(config.ranks, env.head_dim), env.budget_share)

@@ -8,7 +8,7 @@ the full model's, and by the perplexity (reported only; no choice sees labels):
 - ``uniform``: the largest candidate rank within the budget, in every layer;
 - ``static``: the water-fill of the layer KL profile averaged over validation chunks;
 - ``hindsight``: the water-fill of each test chunk's own layer KL profile (label-free);
-- ``hindsight:fisher``: the same on the profile's Fisher estimate (:mod:`oracle.fisher`), with how
+- ``hindsight:fisher``: the same on the profile's Fisher estimate (:mod:`drrl_env.sensitivity`), with how
   well it ranks the exact profile's cells (Spearman) and what it costs.
 
 The hindsight allocation is optimal under the additive model (the KL of several layers at
@@ -37,7 +37,7 @@ from drrl_env.hook import install
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.perplexity import LayerRanks
 from drrl_env.reward import lm_loss, next_token_kl
-from oracle.fisher import fisher_kl_profile
+from drrl_env.sensitivity import fisher_kl_profile
 from oracle.hindsight import FISHER_SAMPLES, allocate_ranks, layer_kl_profile, rank_shares
 
 

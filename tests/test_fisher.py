@@ -5,7 +5,7 @@ from scipy.stats import spearmanr
 
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
-from oracle.fisher import fisher_kl_profile
+from drrl_env.sensitivity import fisher_kl_profile
 from oracle.hindsight import layer_kl_profile
 from tests.conftest import sharpen_first_layer, tiny_llama
 

@@ -1,9 +1,9 @@
-"""A cheap estimate of the hindsight profile: the Fisher information of the model's own predictions.
+"""The input's sensitivity profile: what each layer's rank costs on this input, estimated without its labels.
 
-:func:`oracle.hindsight.layer_kl_profile` measures ``cost[l, k]``, the mean per-token
-``KL(p_full || p)`` when layer ``l`` alone runs at candidate rank ``k``, with about
-``L * (K - 1) / 2`` forwards. To second order in the change ``delta[l, k]`` of layer ``l``'s
-attention output (low-rank minus full),
+``cost[l, k]`` is the mean per-token ``KL(p_full || p)`` of the next-token distribution when layer
+``l`` alone runs at candidate rank ``k`` (measured exactly, one forward per cell, by
+:func:`oracle.hindsight.layer_kl_profile`). To second order in the change ``delta[l, k]`` of layer
+``l``'s attention output (low-rank minus full),
 
     KL ~= 1/2 * delta^T J^T F J delta,    F = E_{y ~ p_full}[(e_y - p)(e_y - p)^T] per position,
 
@@ -15,10 +15,14 @@ labels ``y`` sampled from the full model itself (no labels of the text are used)
     cost[l, k] ~= 1/2 * mean over samples of (g_l . delta[l, k])^2 / tokens        (Eq. F)
 
 needs one forward with the candidates' outputs, computed from the same spectra, and one backward
-pass per sample, whatever ``L`` and ``K`` are. The cost of the estimate is noise: one sample is a
-chi-square variable with one degree of freedom (relative spread ``sqrt(2 / samples)``), and the
-second-order model misses what the exact profile sees at low ranks. How well the allocations it
-gives agree with the exact ones is measured in docs/results.md.
+pass per sample, whatever ``L`` and ``K`` are (:func:`fisher_kl_profile`). The cost of the estimate
+is noise: one sample is a chi-square variable with one degree of freedom (relative spread
+``sqrt(2 / samples)``), and the second-order model misses what the exact profile sees at low ranks
+(docs/results.md measures how well its allocations agree with the exact ones).
+
+The profile serves three users: the hindsight oracle and the static allocation spend a budget over
+it by the marginal water-fill (:func:`allocate_ranks`), and the env shows it to the agent
+(``sensitivity_samples > 0``: :func:`sensitivity_features`, the observation's ``sensitivity`` part).
 """
 
 from __future__ import annotations
@@ -31,6 +35,40 @@ import torch
 
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import AttentionShape, LoadedModel
+
+
+def rank_shares(ranks: tuple[int, ...] | list[int], head_dim: int) -> np.ndarray:
+    """``(K,)`` logit-FLOPs share of a layer at each candidate rank: ``min(r, d) / d`` (the env's budget unit)."""
+    return np.minimum(np.asarray(ranks, dtype=np.float64), head_dim) / head_dim
+
+
+def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[int]:
+    """Greedy marginal allocation: candidate index per layer whose mean FLOPs share is ``<= budget``.
+
+    Args:
+        cost: ``(L, K)`` cost (KL, or loss increase) of each layer alone at each candidate rank (ascending ranks).
+        flops: ``(K,)`` FLOPs share of a layer at each candidate rank (the same for every layer).
+        budget: target mean FLOPs share over layers. If even the minimum ranks exceed it, all
+            layers end at the minimum.
+
+    Starting from the largest candidate everywhere, each move lowers one layer by one candidate,
+    the one with the smallest ``cost increase / FLOPs saved``.
+    """
+    num_layers, num_candidates = cost.shape
+    chosen = [num_candidates - 1] * num_layers
+    while np.mean(flops[chosen]) > budget + 1e-12:
+        best, best_price = None, np.inf
+        for layer, index in enumerate(chosen):
+            if index == 0:
+                continue
+            saved = flops[index] - flops[index - 1]
+            price = (cost[layer, index - 1] - cost[layer, index]) / max(saved, 1e-12)
+            if price < best_price:
+                best, best_price = layer, price
+        if best is None:
+            break
+        chosen[best] -= 1
+    return chosen
 
 
 @contextlib.contextmanager
@@ -110,3 +148,34 @@ def fisher_kl_profile(
     estimate = 0.5 * squares.sum(dim=2) / samples / (rows * tokens)  # (L, C) per token
     cost[:, below] = estimate.numpy()
     return cost
+
+
+SENSITIVITY_FLOOR = 1e-6
+"""KL per token below which a cost is shown as this floor (log scale; full rank costs 0)"""
+
+
+def sensitivity_width(num_candidates: int) -> int:
+    """Width of the observation's ``sensitivity`` part: two profile rows and the water-fill's share."""
+    return 2 * num_candidates + 1
+
+
+def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, budget_left: float) -> np.ndarray:
+    """The observation's ``sensitivity`` part at ``layer``, ``(2K + 1,)``.
+
+    * ``log10(cost[layer, k] + floor)`` for each candidate ``k``: what this layer's rank costs on this input;
+    * ``log10(sum_{j > layer} cost[j, k] + floor)``: what the later layers' ranks cost (the floor after the last);
+    * the rank share ``r / d`` that the water-fill (:func:`allocate_ranks`) of ``budget_left`` (the mean share the
+      remaining steps may use) over layers ``layer .. L - 1`` of the profile gives this layer: the hindsight
+      oracle's choice re-planned from here, whatever was played before.
+
+    Args:
+        profile: ``(L, K)`` the input's cost (:func:`fisher_kl_profile`).
+        layer: the current layer.
+        shares: ``(K,)`` logit-FLOPs share of each candidate (:func:`rank_shares`).
+        budget_left: the mean share the remaining steps may use (1 without a budget).
+    """
+    later = profile[layer + 1 :].sum(axis=0) if layer + 1 < len(profile) else np.zeros(profile.shape[1])
+    plan = allocate_ranks(profile[layer:], shares, budget_left)
+    return np.concatenate(
+        [np.log10(profile[layer] + SENSITIVITY_FLOOR), np.log10(later + SENSITIVITY_FLOOR), [shares[plan[0]]]]
+    )

@@ -1,0 +1,96 @@
+"""The observation's ``sensitivity`` part: the input's Fisher profile, as the env shows it to the agent."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+import oracle.hindsight
+from drrl_env.config import EnvConfig
+from drrl_env.sensitivity import (
+    SENSITIVITY_FLOOR,
+    allocate_ranks,
+    fisher_kl_profile,
+    rank_shares,
+    sensitivity_features,
+    sensitivity_width,
+)
+from oracle.hindsight import HindsightOracle
+
+RANKS = (2, 4, 8, 12, 16)
+
+
+def test_features_are_the_rows_and_the_replanned_water_fill():
+    rng = np.random.default_rng(0)
+    profile = np.sort(rng.exponential(1e-3, (4, 5)), axis=1)[:, ::-1].copy()  # cost falls with rank
+    profile[:, -1] = 0.0
+    shares = rank_shares(RANKS, 16)
+    for layer in range(4):
+        for left in (0.2, 0.5, 0.9):
+            features = sensitivity_features(profile, layer, shares, left)
+            assert features.shape == (sensitivity_width(5),) == (11,)
+            np.testing.assert_allclose(features[:5], np.log10(profile[layer] + SENSITIVITY_FLOOR))
+            later = profile[layer + 1 :].sum(axis=0) if layer < 3 else np.zeros(5)
+            np.testing.assert_allclose(features[5:10], np.log10(later + SENSITIVITY_FLOOR))
+            assert features[10] == shares[allocate_ranks(profile[layer:], shares, left)[0]]
+    assert sensitivity_features(profile, 0, shares, 1.0)[10] == 1.0  # no budget: full rank
+    assert sensitivity_features(profile, 3, shares, 0.01)[10] == shares[0]  # below the smallest: the smallest
+
+
+def test_water_fill_share_follows_the_costs():
+    """The layer whose costs are far larger than the later layers' keeps a larger rank than the cheap one."""
+    shares = rank_shares(RANKS, 16)
+    costly, cheap = np.array([1.0, 0.5, 0.1, 0.01, 0.0]), np.array([1e-5, 5e-6, 1e-6, 1e-7, 0.0])
+    assert sensitivity_features(np.stack([costly, cheap, cheap]), 0, shares, 0.5)[10] > 0.5
+    assert sensitivity_features(np.stack([cheap, costly, costly]), 0, shares, 0.5)[10] < 0.5
+
+
+@pytest.mark.parametrize("segment_len", [None, 8])
+def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, segment_len=segment_len)
+    kwargs.update(device="cpu", guardrail="off", spectral_mode="joint", sensitivity_samples=3)
+    env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    plain = gym.make("DRRL-Attention-v0", **{**kwargs, "sensitivity_samples": 0}).unwrapped
+    assert env.observation_space.shape[0] == plain.observation_space.shape[0] + sensitivity_width(len(RANKS))
+    assert "sensitivity" not in plain.observation_slices
+    observation, _ = env.reset(seed=5)
+    plain_observation, _ = plain.reset(seed=5)
+    assert plain.sensitivity_profile is None
+    profile = env.sensitivity_profile
+    expected = fisher_kl_profile(env.loaded, env.input_ids, RANKS, "joint", segment_len, samples=3)
+    np.testing.assert_array_equal(profile, expected)  # the same seed: the same label samples
+    assert (profile[:, 0] > profile[:, -1]).all() and (profile[:, -1] == 0).all()
+    terminated = False
+    while not terminated:
+        part = observation[env.observation_slices["sensitivity"]]
+        layer, budget_left = env.attention_call.layer, observation[env.observation_slices["budget"]][1]
+        np.testing.assert_allclose(
+            part, sensitivity_features(profile, layer, rank_shares(RANKS, 16), float(budget_left)), rtol=1e-5
+        )
+        common = slice(0, env.observation_slices["sensitivity"].start)
+        np.testing.assert_array_equal(observation[common], plain_observation)  # the other parts as without it
+        action = int(env.action_masks().nonzero()[0][-1])
+        observation, _, terminated, _, _ = env.step(action)
+        plain_observation, *_ = plain.step(action)
+    check_env(env)
+
+
+def test_hindsight_reuses_the_env_profile(tiny_layered_model_dir, monkeypatch):
+    monkeypatch.setattr(oracle.hindsight, "FISHER_SAMPLES", 2)
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    for samples, reused in ((2, True), (3, False)):
+        env = gym.make("DRRL-Attention-v0", **kwargs, sensitivity_samples=samples).unwrapped
+        observation, _ = env.reset(seed=1)
+        policy = HindsightOracle("fisher")
+        policy.act(observation, env.action_masks(), env)
+        assert (policy.last_profile is env.sensitivity_profile) is reused
+        if not reused:
+            expected = fisher_kl_profile(env.loaded, env.input_ids, RANKS, "separate", samples=2)
+            np.testing.assert_array_equal(policy.last_profile, expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "4"])
+def test_sensitivity_samples_is_checked(bad):
+    with pytest.raises(ValueError, match="sensitivity_samples must be an integer >= 0"):
+        EnvConfig(sensitivity_samples=bad)
