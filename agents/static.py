@@ -4,7 +4,7 @@ It profiles, on validation text, the KL from the full model's next-token distrib
 layer alone costs at each candidate rank (all other layers at full attention;
 :func:`oracle.hindsight.layer_kl_profile`, label-free), averages the profile over the
 validation batches, and spends a budget of logit FLOPs (the env's ``flops_budget`` unit: a layer
-at rank ``r`` costs ``r / d``) by the marginal water-fill of :func:`oracle.hindsight.allocate_ranks`.
+at rank ``r`` costs ``r / d``) by the marginal water-fill of :func:`drrl_env.sensitivity.allocate_ranks`.
 The hindsight oracle does the same on each input's own profile; an input-adaptive agent has to
 beat this allocation (and uniform ranks) at equal FLOPs for adaptivity to mean anything.
 """
@@ -69,11 +69,13 @@ class StaticAllocation(LayerAllocationPolicy):
 
         The validation split of the env's corpus is used, or of the default corpus for an
         evaluation-only corpus (news, shakespeare): the allocation is chosen on text other than
-        the text it is evaluated on. Profiles are cached per process.
+        the text it is evaluated on. ``max_tokens`` validation tokens are profiled (at least one sequence of
+        ``seq_len``). Profiles are cached per process.
         """
         if budget is not None and not 0 < budget <= 1:
             raise ValueError(f"budget (a share of full attention's logit FLOPs) must lie in (0, 1], got {budget}")
         config = EnvConfig(**env_kwargs)
+        max_tokens = max(max_tokens, config.seq_len)  # at least one sequence, however long
         corpus = DEFAULT_CORPUS if config.corpus in EVALUATION_ONLY else config.corpus
         args = (config.model, corpus, config.seq_len, config.segment_len, config.ranks, config.spectral_mode)
         cost, head_dim = validation_profile(*args, config.device, max_tokens, progress, estimate)

@@ -85,3 +85,10 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
     assert make_baseline("static:0.5:fisher", kwargs).name == "static:0.5:fisher"
     with pytest.raises(ValueError, match="bad parameter in policy spec 'hindsight:fast'"):
         make_baseline("hindsight:fast", kwargs)
+
+
+def test_static_profiles_at_least_one_sequence(tiny_layered_model_dir):
+    """A sequence longer than the profiled tokens (generation at long contexts) still gets a profile."""
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=64, batch_size=1, device="cpu", guardrail="off")
+    static = StaticAllocation.profile(0.5, kwargs, max_tokens=16, progress=False)
+    assert np.isfinite(static.cost).all() and (static.cost[:, 0] > 0).all()
