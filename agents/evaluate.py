@@ -70,15 +70,18 @@ def evaluate_policy(
     """
     # the reward is not used here; eq13 lets the greedy oracle score candidates, and the reference pass gives the KL
     kwargs = {**env_kwargs, "split": split, "reward": "eq13", "terminal_lm_weight": 1.0}
+    if not isinstance(policy, (ModelPolicy, RLlibPolicy)):
+        kwargs["sensitivity_samples"] = 0  # only a trained agent reads the observation's sensitivity part
     env: DRRLAttentionEnv = gym.make(ENV_ID, **kwargs).unwrapped
     cfg = env.config
     episode_grids = []
     decision_flops = float(getattr(policy, "flops_per_decision", 0.0))
     losses, full_losses, kls, ranks, violations = [], [], [], [], []
-    flops = flops_core = flops_full = flops_logits = flops_logits_full = 0.0
+    flops = flops_core = flops_full = flops_logits = flops_logits_full = profile_flops = 0.0
     try:
         for episode in range(episodes):
-            observation, _ = env.reset(seed=seed + episode)
+            observation, reset_info = env.reset(seed=seed + episode)
+            profile_flops += reset_info["flops_sensitivity"]  # the observation's Fisher profile: the agent's cost
             policy.reset(seed + episode)
             terminated = False
             episode_grid = np.zeros((env.num_layers, env.num_segments))
@@ -126,7 +129,7 @@ def evaluate_policy(
         ms_per_token_full=ms_full,
         rank_per_layer=grid.mean(axis=1).round(2).tolist(),
         rank_grid=grid.round(2).tolist(),
-        flops_policy_ratio=decision_flops * len(ranks) / flops_full,
+        flops_policy_ratio=(decision_flops * len(ranks) + profile_flops) / flops_full,
         episode_rank_per_layer=[episode_grid.mean(axis=1).round(2).tolist() for episode_grid in episode_grids],
         episode_kl=[float(kl) for kl in kls],
     )

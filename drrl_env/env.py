@@ -14,7 +14,7 @@ from drrl_env.config import DEFAULT_RANKS, EnvConfig
 from drrl_env.corpora import corpus_tokens, sample_batch
 from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
 from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
-from drrl_env.flops import attended_pairs
+from drrl_env.flops import attended_pairs, sensitivity_profile_flops
 from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
@@ -47,8 +47,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ## Observation Space
     ``Box(-10, 10, (D,), float32)``: sequence dynamics, weight statistics, previous rank, NER of
     every candidate, the budget and the share of it left, and context (depth, segment,
-    ``eps_t / eps0``); ``drrl_env.features.ObservationLayout`` documents each part and
-    ``env.observation_slices`` says where it lies.
+    ``eps_t / eps0``), and with ``sensitivity_samples > 0`` what each candidate rank costs on this
+    input (its Fisher profile, ``drrl_env.sensitivity``); ``drrl_env.features.ObservationLayout``
+    documents each part and ``env.observation_slices`` says where it lies.
 
     ## Rewards
     ``reward="kl"`` (the default under a budget): the return of an episode is ``-KL``, the mean
@@ -76,7 +77,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     A batch drawn with a per-episode seed from ``self.np_random`` (``info["episode_seed"]``; pass
     ``options={"episode_seed": s}`` to replay one), or the token ids given as
     ``options={"input_ids": ids}`` (``(batch_size, seq_len)``: a policy choosing ranks for given
-    prompts, as ``agents.generate`` does); the forward pass runs up to layer 0's attention.
+    prompts, as ``agents.generate`` does); the forward pass runs up to layer 0's attention. With
+    ``sensitivity_samples > 0`` the batch's Fisher profile is computed first (``sensitivity_profile``;
+    its FLOPs estimate is ``info["flops_sensitivity"]``, 0 otherwise).
 
     ## Episode End
     Terminates after the last layer (and segment): ``L * S`` steps. No truncation. The last
@@ -138,6 +141,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             raise ValueError(f"ranks must not exceed the model's head_dim ({self.head_dim}), got {list(cfg.ranks)}")
         self._tokens = corpus_tokens(cfg.corpus, cfg.split, self.loaded.tokenizer)
         self._weight_stats = layer_weight_statistics(self.loaded.model)
+        self._parameters = sum(parameter.numel() for parameter in self.loaded.model.parameters())
         self._sequence_dynamics = SequenceDynamics(int(self.loaded.model.config.hidden_size))
         spans = segment_spans(cfg.seq_len, cfg.segment_len)  # prefill: segment s sees keys up to its end
         self.num_segments = len(spans)
@@ -157,7 +161,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("loaded", "hook", "_tokens", "_weight_stats", "_sequence_dynamics", "_episode"):
+        for name in ("loaded", "hook", "_tokens", "_weight_stats", "_parameters", "_sequence_dynamics", "_episode"):
             state.pop(name, None)
         return state
 
@@ -217,6 +221,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "epsilon": self.epsilon,
             "budget": share,
             "episode_seed": episode_seed,
+            "flops_sensitivity": sensitivity_profile_flops(self._parameters, batch.numel(), cfg.sensitivity_samples),
         }
 
     def _given_batch(self, input_ids: Any) -> torch.Tensor:

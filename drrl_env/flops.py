@@ -203,3 +203,14 @@ def key_cache_generation_flops(
         projections=0.0 if full else batch * steps * 2 * d * (rank_sum_q + rank_sum_kv),
     )
     return GenerationFlops(prefill=prefill, decode=decode)
+
+
+def sensitivity_profile_flops(parameters: int, tokens: int, samples: int) -> float:
+    """FLOPs of the input's Fisher sensitivity profile (``drrl_env.sensitivity.fisher_kl_profile``): an estimate.
+
+    A forward costs 2 FLOPs per weight and token, a backward 4 (the usual count); the profile is one
+    forward that keeps the graph and one backward per label sample: ``2 P T (1 + 2 samples)`` for
+    ``P`` weights and ``T`` tokens. The candidates' low-rank outputs and attention's own share are
+    left out (small against the weights' at short sequences). 0 without samples.
+    """
+    return 2.0 * parameters * tokens * (1 + 2 * samples) if samples else 0.0

@@ -155,18 +155,19 @@ SENSITIVITY_FLOOR = 1e-6
 
 
 def sensitivity_width(num_candidates: int) -> int:
-    """Width of the observation's ``sensitivity`` part: two profile rows and the water-fill's share."""
-    return 2 * num_candidates + 1
+    """Width of the observation's ``sensitivity`` part: two profile rows and the water-fill's choice, one-hot."""
+    return 3 * num_candidates
 
 
 def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, budget_left: float) -> np.ndarray:
-    """The observation's ``sensitivity`` part at ``layer``, ``(2K + 1,)``.
+    """The observation's ``sensitivity`` part at ``layer``, ``(3K,)``.
 
     * ``log10(cost[layer, k] + floor)`` for each candidate ``k``: what this layer's rank costs on this input;
     * ``log10(sum_{j > layer} cost[j, k] + floor)``: what the later layers' ranks cost (the floor after the last);
-    * the rank share ``r / d`` that the water-fill (:func:`allocate_ranks`) of ``budget_left`` (the mean share the
-      remaining steps may use) over layers ``layer .. L - 1`` of the profile gives this layer: the hindsight
-      oracle's choice re-planned from here, whatever was played before.
+    * one-hot over the candidates: the one the water-fill (:func:`allocate_ranks`) of ``budget_left`` (the mean
+      share the remaining steps may use) over layers ``layer .. L - 1`` of the profile gives this layer, i.e. the
+      hindsight oracle's choice re-planned from here, whatever was played before (one-hot, so that a categorical
+      policy maps it to its action by one weight per candidate).
 
     Args:
         profile: ``(L, K)`` the input's cost (:func:`fisher_kl_profile`).
@@ -175,7 +176,6 @@ def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, bu
         budget_left: the mean share the remaining steps may use (1 without a budget).
     """
     later = profile[layer + 1 :].sum(axis=0) if layer + 1 < len(profile) else np.zeros(profile.shape[1])
-    plan = allocate_ranks(profile[layer:], shares, budget_left)
-    return np.concatenate(
-        [np.log10(profile[layer] + SENSITIVITY_FLOOR), np.log10(later + SENSITIVITY_FLOOR), [shares[plan[0]]]]
-    )
+    plan = np.zeros(profile.shape[1])
+    plan[allocate_ranks(profile[layer:], shares, budget_left)[0]] = 1.0
+    return np.concatenate([np.log10(profile[layer] + SENSITIVITY_FLOOR), np.log10(later + SENSITIVITY_FLOOR), plan])

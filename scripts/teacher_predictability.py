@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(np.unique(episode))} episodes, {len(offset)} steps; teacher - static offsets: {counts}")
     explained = offset.var() - per_input.var()
     print(f"variance of the offset {offset.var():.3f}: per layer {explained:.3f}, per input {per_input.var():.3f}")
-    slices = ObservationLayout(len(config["ranks"]), 1).slices
+    slices = ObservationLayout(len(config["ranks"]), 1, sensitivity=config.get("sensitivity_samples", 0) > 0).slices
     blocks = {name: observation[:, part] for name, part in slices.items()}
+    if "sensitivity" in slices:  # its last K entries: the water-fill of the input's own profile, one-hot
+        end = slices["sensitivity"].stop
+        blocks["water-fill choice"] = observation[:, end - len(config["ranks"]) : end]
     blocks["whole observation"] = observation
     for name, features in blocks.items():
         print(f"R^2 of the per-input offset from {name:20s} {loo_r2(features, per_input, episode):+.3f}")

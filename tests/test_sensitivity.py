@@ -29,21 +29,22 @@ def test_features_are_the_rows_and_the_replanned_water_fill():
     for layer in range(4):
         for left in (0.2, 0.5, 0.9):
             features = sensitivity_features(profile, layer, shares, left)
-            assert features.shape == (sensitivity_width(5),) == (11,)
+            assert features.shape == (sensitivity_width(5),) == (15,)
             np.testing.assert_allclose(features[:5], np.log10(profile[layer] + SENSITIVITY_FLOOR))
             later = profile[layer + 1 :].sum(axis=0) if layer < 3 else np.zeros(5)
             np.testing.assert_allclose(features[5:10], np.log10(later + SENSITIVITY_FLOOR))
-            assert features[10] == shares[allocate_ranks(profile[layer:], shares, left)[0]]
-    assert sensitivity_features(profile, 0, shares, 1.0)[10] == 1.0  # no budget: full rank
-    assert sensitivity_features(profile, 3, shares, 0.01)[10] == shares[0]  # below the smallest: the smallest
+            expected = np.eye(5)[allocate_ranks(profile[layer:], shares, left)[0]]
+            np.testing.assert_array_equal(features[10:], expected)
+    assert sensitivity_features(profile, 0, shares, 1.0)[10:].argmax() == 4  # no budget: full rank
+    assert sensitivity_features(profile, 3, shares, 0.01)[10:].argmax() == 0  # below the smallest: the smallest
 
 
 def test_water_fill_share_follows_the_costs():
     """The layer whose costs are far larger than the later layers' keeps a larger rank than the cheap one."""
     shares = rank_shares(RANKS, 16)
     costly, cheap = np.array([1.0, 0.5, 0.1, 0.01, 0.0]), np.array([1e-5, 5e-6, 1e-6, 1e-7, 0.0])
-    assert sensitivity_features(np.stack([costly, cheap, cheap]), 0, shares, 0.5)[10] > 0.5
-    assert sensitivity_features(np.stack([cheap, costly, costly]), 0, shares, 0.5)[10] < 0.5
+    assert shares[sensitivity_features(np.stack([costly, cheap, cheap]), 0, shares, 0.5)[10:].argmax()] > 0.5
+    assert shares[sensitivity_features(np.stack([cheap, costly, costly]), 0, shares, 0.5)[10:].argmax()] < 0.5
 
 
 @pytest.mark.parametrize("segment_len", [None, 8])
@@ -54,8 +55,10 @@ def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
     plain = gym.make("DRRL-Attention-v0", **{**kwargs, "sensitivity_samples": 0}).unwrapped
     assert env.observation_space.shape[0] == plain.observation_space.shape[0] + sensitivity_width(len(RANKS))
     assert "sensitivity" not in plain.observation_slices
-    observation, _ = env.reset(seed=5)
-    plain_observation, _ = plain.reset(seed=5)
+    observation, info = env.reset(seed=5)
+    plain_observation, plain_info = plain.reset(seed=5)
+    weights = sum(parameter.numel() for parameter in env.loaded.model.parameters())
+    assert info["flops_sensitivity"] == 2.0 * weights * 64 * (1 + 2 * 3) and plain_info["flops_sensitivity"] == 0
     assert plain.sensitivity_profile is None
     profile = env.sensitivity_profile
     expected = fisher_kl_profile(env.loaded, env.input_ids, RANKS, "joint", segment_len, samples=3)
