@@ -68,6 +68,22 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     assert figure is not None and any(axis.lines for axis in figure.axes)
 
 
+def test_agent_with_the_sensitivity_part_pays_for_it(tiny_model_dir, tmp_path):
+    """--sensitivity-samples: the teacher, BC and PPO see the part; the comparison charges the profile to the agent."""
+    options = [*tiny_options(tiny_model_dir), "--warm-start", "hindsight", "--warm-start-episodes", "2"]
+    out = run(
+        "train_agent.py", *options, "--sensitivity-samples", "2", "--total-timesteps", "32", "--n-steps", "32",
+        "--eval-episodes", "1", "--timing-repeats", "0", "--compare", "fixed:8", "--logdir", str(tmp_path / "runs"),
+        DRRL_CACHE_DIR=str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")]
+    column = [cell.strip() for cell in lines[0]].index("FLOPs (+overhead +policy)")
+    rows = {cells[1].strip(): float(cells[column]) for cells in lines[1:]}
+    fixed, agent = rows["fixed:8"], rows["maskable_ppo (this run)"]
+    assert agent > 10 * fixed  # 2 weights-FLOPs per token, 5 passes, against a 2-layer tiny attention
+
+
 def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
     from train_agent import main
 
