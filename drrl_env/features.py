@@ -139,9 +139,9 @@ class ObservationLayout:
       share left: the budget not yet spent over the full cost of the remaining steps, i.e. the
       mean rank share the rest of the episode may use;
     * ``context`` (3): depth ``l / (L - 1)``, segment ``s / (S - 1)`` (0 with one segment) and ``eps_t / eps0``;
-    * ``sensitivity`` (2K + 1, only with ``sensitivity_samples > 0``): what each candidate rank costs on this
-      input at this layer and at the later layers, and the hindsight water-fill's share for this layer
-      (:func:`drrl_env.sensitivity.sensitivity_features`).
+    * ``sensitivity`` (3K, only with ``sensitivity_samples > 0``): what each candidate rank costs on this
+      input at this layer and at the later layers, and, one-hot, the candidate the hindsight water-fill
+      re-planned from this step gives this layer (:func:`drrl_env.sensitivity.sensitivity_features`).
 
     Every entry is clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``.
     """
