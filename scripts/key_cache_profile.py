@@ -1,0 +1,74 @@
+"""Per-layer key-cache ranks from a profile taken where the key cache works: decode, not prefill.
+
+The static allocation of the env (``static:fisher``) profiles what a layer's rank costs in a
+prefill where every query is projected; in the key cache (``drrl_env.generate``) the prompt is
+attended exactly and only the generated tokens' queries meet compressed keys, beyond the recent
+window. This script profiles that regime on validation text: for each layer ``l`` and candidate
+rank ``r``, the mean per-step KL(full || low rank) of a teacher-forced continuation with layer
+``l`` alone at rank ``r`` (every other layer's keys at full width), then water-fills a budget of
+mean rank share over the layers (``drrl_env.sensitivity.allocate_ranks``) and scores the
+allocation on test prompts against uniform ranks at the same mean, each teacher-forced on full
+attention's greedy continuation (as ``python -m agents.generate`` does).
+
+    python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from drrl_env.corpora import corpus_tokens, sequential_chunks
+from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.models import load_causal_lm
+from drrl_env.reward import next_token_kl
+from drrl_env.sensitivity import allocate_ranks, rank_shares
+
+
+def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list) -> list[float]:
+    """KL(full || low rank) per step, teacher-forced on full attention's greedy continuation, for each ranks spec."""
+    full = generate(loaded, prompt, "full", max_new_tokens=tokens, do_sample=False)
+    continuation = full[:, prompt.shape[1] :]
+    reference = teacher_forced_logits(loaded, prompt, continuation, "full")
+    return [next_token_kl(reference, teacher_forced_logits(loaded, prompt, continuation, r)) for r in ranks_list]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile-context", type=int, default=1024, help="validation prompt length of the profile")
+    parser.add_argument("--profile-prompts", type=int, default=1, help="validation prompts the profile averages")
+    parser.add_argument("--profile-tokens", type=int, default=64, help="teacher-forced tokens per profile cell")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="candidate ranks below d")
+    parser.add_argument("--mean-rank", type=float, default=32, help="mean rank of the allocation")
+    parser.add_argument("--context", type=int, default=4096, help="test prompt length")
+    parser.add_argument("--prompts", type=int, default=4, help="test prompts")
+    parser.add_argument("--tokens", type=int, default=128, help="teacher-forced tokens per test prompt")
+    args = parser.parse_args()
+    loaded = load_causal_lm()
+    shape = loaded.attention_shape
+    d, layers = shape.head_dim, shape.num_layers
+    candidates = tuple(sorted(set(args.ranks) | {d}))
+    start = time.time()
+    validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), args.profile_context)
+    cost = np.zeros((layers, len(candidates)))
+    for prompt in validation[: args.profile_prompts]:
+        specs = [[rank if j == layer else d for j in range(layers)] for layer in range(layers) for rank in args.ranks]
+        kls = continuation_kl(loaded, prompt[None], args.profile_tokens, specs)
+        cost[:, : len(args.ranks)] += np.asarray(kls).reshape(layers, len(args.ranks)) / args.profile_prompts
+    print(f"profile ({time.time() - start:.0f} s), KL per layer at ranks {args.ranks}:")
+    print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
+    chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
+    allocation = [candidates[k] for k in chosen]
+    print("allocation:", allocation, "mean", np.mean(allocation))
+    test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)[: args.prompts]
+    rows = [continuation_kl(loaded, prompt[None], args.tokens, [int(args.mean_rank), allocation]) for prompt in test]
+    uniform, allocated = np.asarray(rows).T
+    print(f"uniform {int(args.mean_rank)}: {np.round(uniform, 4).tolist()} mean {uniform.mean():.4f}")
+    print(f"allocated: {np.round(allocated, 4).tolist()} mean {allocated.mean():.4f}  ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
