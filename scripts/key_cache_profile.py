@@ -23,7 +23,7 @@ import torch
 
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.generate import generate, teacher_forced_logits
-from drrl_env.models import load_causal_lm
+from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.reward import next_token_kl
 from drrl_env.sensitivity import allocate_ranks, rank_shares
 
@@ -36,8 +36,9 @@ def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list)
     return [next_token_kl(reference, teacher_forced_logits(loaded, prompt, continuation, r)) for r in ranks_list]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
     parser.add_argument("--profile-context", type=int, default=1024, help="validation prompt length of the profile")
     parser.add_argument("--profile-prompts", type=int, default=1, help="validation prompts the profile averages")
     parser.add_argument("--profile-tokens", type=int, default=64, help="teacher-forced tokens per profile cell")
@@ -46,8 +47,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096, help="test prompt length")
     parser.add_argument("--prompts", type=int, default=4, help="test prompts")
     parser.add_argument("--tokens", type=int, default=128, help="teacher-forced tokens per test prompt")
-    args = parser.parse_args()
-    loaded = load_causal_lm()
+    args = parser.parse_args(argv)
+    loaded = load_causal_lm(args.model)
     shape = loaded.attention_shape
     d, layers = shape.head_dim, shape.num_layers
     candidates = tuple(sorted(set(args.ranks) | {d}))
