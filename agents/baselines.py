@@ -21,6 +21,8 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
 ``static:F``    static per-layer allocation of a budget ``F`` of logit FLOPs, from a label-free KL profile
                 of validation text (see :mod:`agents.static`); ``static``: each episode's own budget;
                 ``static:fisher``, ``static:F:fisher``: the profile's Fisher estimate
+``layers:R,R,…`` one given rank per layer, e.g. an allocation ``scripts/key_cache_profile.py`` printed (the
+                candidate nearest to each; the nearest allowed where the mask forbids it)
 ``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
 ``hindsight``   the hindsight oracle (:class:`oracle.hindsight.HindsightOracle`): the same water-fill on
                 each input's own KL profile, the ceiling of per-input layer allocation;
@@ -39,7 +41,7 @@ from agents.static import StaticAllocation
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
-from oracle.hindsight import PROFILE_ESTIMATES, HindsightOracle
+from oracle.hindsight import PROFILE_ESTIMATES, HindsightOracle, LayerAllocationPolicy
 from oracle.policy import GreedyOracle, RankPolicy
 
 
@@ -216,6 +218,26 @@ class GumbelRank:
         return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
 
 
+class GivenAllocation(LayerAllocationPolicy):
+    """One given rank per layer, whatever the input and the budget (the mask still rules each step)."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__()
+        if not ranks or any(rank < 1 for rank in ranks):
+            raise ValueError(f"layers: needs one positive rank per layer, got {ranks}")
+        self.ranks = ranks
+
+    @property
+    def name(self) -> str:
+        return "layers:" + ",".join(str(rank) for rank in self.ranks)
+
+    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
+        if len(self.ranks) != env.num_layers:
+            raise ValueError(f"layers: got {len(self.ranks)} ranks for a model of {env.num_layers} layers")
+        candidates = np.asarray(env.config.ranks)
+        return [int(np.argmin(np.abs(candidates - rank))) for rank in self.ranks]
+
+
 def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
     """``static[:F][:ESTIMATE]``: the budget ``F`` (none: each episode's) and the profile estimate, in any order."""
     budget, estimate = None, "exact"
@@ -229,7 +251,7 @@ def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
 
 BASELINES = (
     "full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle",
-    "hindsight",
+    "hindsight", "layers",
 )  # fmt: skip
 
 
@@ -259,6 +281,8 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
             return static_from_spec(param, env_kwargs or {})
         if name == "hindsight":
             return HindsightOracle(param or "exact")
+        if name == "layers":
+            return GivenAllocation([int(rank) for rank in param.split(",") if rank.strip()])
     except ValueError as error:
         raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
     raise ValueError(f"unknown baseline {spec!r}; expected one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)")

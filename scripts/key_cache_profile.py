@@ -11,6 +11,8 @@ allocation on test prompts against uniform ranks at the same mean, each teacher-
 attention's greedy continuation (as ``python -m agents.generate`` does).
 
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
+
+The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``.
 """
 
 from __future__ import annotations

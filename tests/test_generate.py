@@ -262,6 +262,11 @@ def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys, 
     assert "ranks per layer: 8/8 8/8" in out and "against full attention: KL" in out
     assert main(argv + ["--policy", "energy:0.9", "--basis", "separate", "--no-compare", "--ranks", "8", "16"]) == 0
     assert "KV cache" in capsys.readouterr().out
+    given = ["--policy", "layers:16,8", "--no-compare", "--ranks", "8", "16", "--flops-budget", "0.75"]
+    assert main(argv + given) == 0  # one given rank per layer (scripts/key_cache_profile.py's allocation)
+    assert "ranks per layer: 16/16 8/8" in capsys.readouterr().out
+    assert main(argv + ["--policy", "layers:8", "--no-compare", "--ranks", "8", "16"]) == 2
+    assert "layers: got 1 ranks for a model of 2 layers" in capsys.readouterr().err
     calibrated = [
         "--basis",
         "calibrated",
