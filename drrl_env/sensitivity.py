@@ -175,7 +175,7 @@ def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, bu
         shares: ``(K,)`` logit-FLOPs share of each candidate (:func:`rank_shares`).
         budget_left: the mean share the remaining steps may use (1 without a budget).
     """
-    later = profile[layer + 1 :].sum(axis=0) if layer + 1 < len(profile) else np.zeros(profile.shape[1])
+    later = profile[layer + 1 :].sum(axis=0)  # zeros after the last layer (an empty sum)
     plan = np.zeros(profile.shape[1])
     plan[allocate_ranks(profile[layer:], shares, budget_left)[0]] = 1.0
     return np.concatenate([np.log10(profile[layer] + SENSITIVITY_FLOOR), np.log10(later + SENSITIVITY_FLOOR), plan])

@@ -1,5 +1,6 @@
 """scripts/key_cache_profile.py on a tiny Llama: the decode-regime profile, its allocation and the comparison."""
 
+import ast
 import sys
 from pathlib import Path
 
@@ -31,6 +32,6 @@ def test_script_prints_profile_allocation_and_comparison(tiny_model_dir, capsys)
          "--mean-rank", "8", "--context", "100", "--prompts", "1", "--tokens", "4"]
     )  # fmt: skip
     out = capsys.readouterr().out
-    allocation = eval(out.split("allocation: ")[1].split(" mean")[0])  # a printed Python list
+    allocation = ast.literal_eval(out.split("allocation: ")[1].split(" mean")[0])  # a printed Python list
     assert len(allocation) == 2 and np.mean(allocation) <= 8 and set(allocation) <= {4, 8, 12, 16}
     assert "uniform 8:" in out and "allocated:" in out
