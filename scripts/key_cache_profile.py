@@ -53,15 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_causal_lm(args.model)
     shape = loaded.attention_shape
     d, layers = shape.head_dim, shape.num_layers
-    candidates = tuple(sorted(set(args.ranks) | {d}))
+    below = sorted({rank for rank in args.ranks if rank < d})  # profiled; the cost columns follow this order
+    candidates = (*below, d)
     start = time.time()
     validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), args.profile_context)
     cost = np.zeros((layers, len(candidates)))
     for prompt in validation[: args.profile_prompts]:
-        specs = [[rank if j == layer else d for j in range(layers)] for layer in range(layers) for rank in args.ranks]
+        specs = [[rank if j == layer else d for j in range(layers)] for layer in range(layers) for rank in below]
         kls = continuation_kl(loaded, prompt[None], args.profile_tokens, specs)
-        cost[:, : len(args.ranks)] += np.asarray(kls).reshape(layers, len(args.ranks)) / args.profile_prompts
-    print(f"profile ({time.time() - start:.0f} s), KL per layer at ranks {args.ranks}:")
+        cost[:, : len(below)] += np.asarray(kls).reshape(layers, len(below)) / args.profile_prompts
+    print(f"profile ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
     print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
     chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
     allocation = [candidates[k] for k in chosen]
