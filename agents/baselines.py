@@ -20,7 +20,8 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
                 ``NER(r) - r / d`` (energy kept minus width used), a seeded Gumbel-max sample
 ``static:F``    static per-layer allocation of a budget ``F`` of logit FLOPs, from a label-free KL profile
                 of validation text (see :mod:`agents.static`); ``static``: each episode's own budget;
-                ``static:fisher``, ``static:F:fisher``: the profile's Fisher estimate
+                ``static:fisher``, ``static:F:fisher``: the profile's Fisher estimate; ``static:decode``,
+                ``static:F:decode``: a profile of generation with a low-rank key cache (for ``agents.generate``)
 ``layers:R,R,…`` one given rank per layer, e.g. an allocation ``scripts/key_cache_profile.py`` printed (the
                 candidate nearest to each; the nearest allowed where the mask forbids it)
 ``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
@@ -37,11 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from agents.static import StaticAllocation
+from agents.static import STATIC_ESTIMATES, StaticAllocation
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
-from oracle.hindsight import PROFILE_ESTIMATES, HindsightOracle, LayerAllocationPolicy
+from oracle.hindsight import HindsightOracle, LayerAllocationPolicy
 from oracle.policy import GreedyOracle, RankPolicy
 
 
@@ -242,7 +243,7 @@ def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
     """``static[:F][:ESTIMATE]``: the budget ``F`` (none: each episode's) and the profile estimate, in any order."""
     budget, estimate = None, "exact"
     for part in filter(None, param.split(":")):
-        if part in PROFILE_ESTIMATES:
+        if part in STATIC_ESTIMATES:
             estimate = part
         else:
             budget = float(part)

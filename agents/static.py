@@ -7,22 +7,38 @@ validation batches, and spends a budget of logit FLOPs (the env's ``flops_budget
 at rank ``r`` costs ``r / d``) by the marginal water-fill of :func:`drrl_env.sensitivity.allocate_ranks`.
 The hindsight oracle does the same on each input's own profile; an input-adaptive agent has to
 beat this allocation (and uniform ranks) at equal FLOPs for adaptivity to mean anything.
+
+The ``decode`` estimate profiles generation with a low-rank key cache instead of a prefill
+(:func:`drrl_env.kv_profile.decode_kl_profile`, basis = the env's spectral mode): the allocation
+to use for ``python -m agents.generate`` (a prefill profile does not transfer there; measured).
+Profiles are cached in memory and on disk (``$DRRL_CACHE_DIR/profiles``, written atomically).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from drrl_env.calibration import calibration_grams
 from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
-from drrl_env.models import load_causal_lm, resolve_device
-from oracle.hindsight import LayerAllocationPolicy, allocate_ranks, kl_profile, rank_shares
+from drrl_env.files import write_text_atomic
+from drrl_env.kv_profile import DECODE_PROFILE_TOKENS, decode_kl_profile
+from drrl_env.models import cache_dir, load_causal_lm, resolve_device
+from oracle.hindsight import PROFILE_ESTIMATES, LayerAllocationPolicy, allocate_ranks, kl_profile, rank_shares
 
 PROFILE_BATCH = 4
 """validation sequences per profiling forward"""
+STATIC_ESTIMATES = (*PROFILE_ESTIMATES, "decode")
+"""how the validation profile is measured: a prefill's (exact, its Fisher estimate) or generation's (decode)"""
+DECODE_PROFILE_PROMPTS = 4
+"""at most this many validation prompts in a decode profile (one of 1024 tokens sufficed: docs/benchmarks.md)"""
 
 
 class StaticAllocation(LayerAllocationPolicy):
@@ -70,16 +86,26 @@ class StaticAllocation(LayerAllocationPolicy):
         The validation split of the env's corpus is used, or of the default corpus for an
         evaluation-only corpus (news, shakespeare): the allocation is chosen on text other than
         the text it is evaluated on. ``max_tokens`` validation tokens are profiled (at least one sequence of
-        ``seq_len``). Profiles are cached per process.
+        ``seq_len``); the ``decode`` estimate profiles ``max_tokens // seq_len`` prompts of ``seq_len``
+        (at least one, at most ``DECODE_PROFILE_PROMPTS``), each with a continuation of ``DECODE_PROFILE_TOKENS``.
         """
         if budget is not None and not 0 < budget <= 1:
             raise ValueError(f"budget (a share of full attention's logit FLOPs) must lie in (0, 1], got {budget}")
+        if estimate not in STATIC_ESTIMATES:
+            raise ValueError(f"profile estimate must be one of {STATIC_ESTIMATES}, got {estimate!r}")
         config = EnvConfig(**env_kwargs)
         max_tokens = max(max_tokens, config.seq_len)  # at least one sequence, however long
         corpus = DEFAULT_CORPUS if config.corpus in EVALUATION_ONLY else config.corpus
         args = (config.model, corpus, config.seq_len, config.segment_len, config.ranks, config.spectral_mode)
         cost, head_dim = validation_profile(*args, config.device, max_tokens, progress, estimate)
         return cls(budget, cost, config.ranks, head_dim, estimate)
+
+
+def profile_path(key: dict) -> Path:
+    """Where a validation profile is kept: ``$DRRL_CACHE_DIR/profiles/<model>-<digest>.json``."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(key["model"]).name)[:48] or "model"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "profiles" / f"{slug}-{digest}.json"
 
 
 @functools.cache
@@ -95,11 +121,50 @@ def validation_profile(
     progress: bool,
     estimate: str = "exact",
 ) -> tuple[np.ndarray, int]:
-    """``(L, K)`` per-token KL of each layer alone at each rank, averaged over validation text; and the head dim."""
+    """``(L, K)`` per-token KL of each layer alone at each rank, averaged over validation text; and the head dim.
+
+    Read from the disk cache when this model, text and estimate were profiled before (any process).
+    """
+    key = {
+        "model": model, "corpus": corpus, "seq_len": seq_len, "segment_len": segment_len, "ranks": list(ranks),
+        "mode": mode, "max_tokens": max_tokens, "estimate": estimate, "version": 1,
+    }  # fmt: skip
+    if estimate == "decode":
+        key |= {"decode_tokens": DECODE_PROFILE_TOKENS, "decode_prompts": DECODE_PROFILE_PROMPTS}
+    path = profile_path(key)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return np.asarray(stored["cost"], dtype=np.float64), int(stored["head_dim"])
+    cost, head_dim = measure_validation_profile(model, corpus, seq_len, segment_len, ranks, mode, device, max_tokens,
+                                                progress, estimate)  # fmt: skip
+    write_text_atomic(path, json.dumps({"key": key, "cost": cost.tolist(), "head_dim": head_dim}))
+    return cost, head_dim
+
+
+def measure_validation_profile(
+    model: str,
+    corpus: str,
+    seq_len: int,
+    segment_len: int | None,
+    ranks: tuple[int, ...],
+    mode: str,
+    device: str,
+    max_tokens: int,
+    progress: bool,
+    estimate: str,
+) -> tuple[np.ndarray, int]:
+    """:func:`validation_profile` measured: the prefill profile of every batch, or the decode profile."""
     loaded = load_causal_lm(model, device=str(resolve_device(device)))
+    head_dim = loaded.attention_shape.head_dim
     chunks = sequential_chunks(corpus_tokens(corpus, "validation", loaded.tokenizer), seq_len, max_tokens)
+    if estimate == "decode":
+        calibration = calibration_grams(loaded) if mode == "calibrated" else None
+        prompts = chunks[: min(DECODE_PROFILE_PROMPTS, max(1, max_tokens // seq_len))]
+        cost = decode_kl_profile(loaded, prompts, ranks, basis=mode, calibration=calibration, progress=progress)
+        return cost, head_dim
     batches = list(chunks.split(PROFILE_BATCH))
     total = np.zeros((loaded.attention_shape.num_layers, len(ranks)))
     for batch in tqdm(batches, desc="static allocation: validation KL profile", disable=not progress):
         total += kl_profile(loaded, batch, ranks, mode, segment_len, estimate) * batch.shape[0]
-    return total / chunks.shape[0], loaded.attention_shape.head_dim
+    return total / chunks.shape[0], head_dim

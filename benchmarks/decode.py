@@ -4,9 +4,11 @@ For each context length n (wiki test prompts of exactly n tokens) and batch size
 generation of T new tokens (EOS suppressed, so every run generates T):
 
 * ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention);
-* each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), through
-  :func:`drrl_env.generate.generate`, with its defaults (one exact sink key, the last
-  ``--recent-tokens`` keys exact for each decode step, the prompt attended exactly) unless told.
+* each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), and at
+  each ``--layer-ranks`` allocation (one rank per layer, e.g. the ``static:F:decode`` allocation
+  that ``scripts/key_cache_profile.py`` prints), through :func:`drrl_env.generate.generate`, with
+  its defaults (one exact sink key, the last ``--recent-tokens`` keys exact for each decode step,
+  the prompt attended exactly) unless told.
 
 Columns: key/value cache bytes at the end (measured from the cache's tensors) and their ratio to
 full; prefill ms; decode ms/token (median over the T - 1 decode steps of one generation, after a
@@ -25,7 +27,7 @@ otherwise glibc may return the cache's per-step allocations to the OS and fault 
 which made full attention's decode time vary 2x between runs (docs/benchmarks.md).
 
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
-                                [--low-rank-prefill] [--out FILE.json]
+                                [--layer-ranks R,R,...] [--low-rank-prefill] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -114,17 +116,32 @@ def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tup
 
 
 def attention_flops_ratio(
-    loaded: LoadedModel, context: int, new_tokens: int, rank: int, basis: str, options: dict
+    loaded: LoadedModel, context: int, new_tokens: int, rank: int | list[int], basis: str, options: dict
 ) -> float:
-    """Decode attention FLOPs (with overheads) at ``rank`` over full, for one sequence."""
+    """Decode attention FLOPs (with overheads) at ``rank`` (one for every layer, or one per layer) over full."""
     shape = loaded.attention_shape
-    flops = {
-        r: key_cache_generation_flops(
-            1, shape.q_heads, shape.kv_heads, context, new_tokens - 1, shape.head_dim, r, basis, **options
-        )
-        for r in (rank, shape.head_dim)
-    }
-    return flops[rank].decode.total / flops[shape.head_dim].decode.total
+    ranks = [rank] * shape.num_layers if isinstance(rank, int) else rank
+
+    def decode_flops(r: int) -> float:
+        args = (1, shape.q_heads, shape.kv_heads, context, new_tokens - 1, shape.head_dim, r, basis)
+        return key_cache_generation_flops(*args, **options).decode.total
+
+    return sum(decode_flops(r) for r in ranks) / (shape.num_layers * decode_flops(shape.head_dim))
+
+
+def layer_ranks(text: str) -> list[int]:
+    """``--layer-ranks``: comma-separated ranks, one per layer."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer ranks, got {text!r}") from None
+
+
+def rank_label(rank: int | list[int] | None) -> str:
+    """A row's rank column: ``full``, the rank, or an allocation's mean rank."""
+    if rank is None:
+        return "full"
+    return str(rank) if isinstance(rank, int) else f"layers (mean {sum(rank) / len(rank):.2f})"
 
 
 def main() -> None:
@@ -135,6 +152,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes B for the timing")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (T)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[48, 32, 16], help="ranks r (every layer)")
+    parser.add_argument(
+        "--layer-ranks",
+        type=layer_ranks,
+        action="append",
+        default=[],
+        help="also an allocation of one rank per layer, comma-separated (repeat for several)",
+    )
     parser.add_argument("--bases", nargs="+", default=list(BASIS_KINDS), choices=BASIS_KINDS, help="key bases")
     parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS, help="window of exact recent keys")
     parser.add_argument("--sink-tokens", type=int, default=SINK_TOKENS, help="first tokens whose keys stay exact")
@@ -153,7 +177,11 @@ def main() -> None:
     device = loaded.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # computed (or loaded) once, outside every timing; the generations take it with the other cache options
-    calibration = calibration_grams(loaded, tokens=args.calibration_tokens, seq_len=args.calibration_len)
+    calibration = (
+        calibration_grams(loaded, tokens=args.calibration_tokens, seq_len=args.calibration_len)
+        if "calibrated" in args.bases
+        else None
+    )
     generation = {**options, "calibration": calibration}
     tokens = corpus_tokens("wiki", "test", loaded.tokenizer)
     parameter_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -162,7 +190,9 @@ def main() -> None:
         f"model {args.model} on {device}; torch threads {torch.get_num_threads()}; read bandwidth {bandwidth:.1f} GB/s"
     )
     print(HEADER)
-    configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks]
+    if any(len(ranks) != loaded.attention_shape.num_layers for ranks in args.layer_ranks):
+        parser.error(f"--layer-ranks needs one rank per layer ({loaded.attention_shape.num_layers})")
+    configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
     rows = []
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
@@ -172,7 +202,7 @@ def main() -> None:
         quality = {}
         for basis, rank in configs[1:]:
             low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **generation)
-            quality[basis, rank] = kl_and_agreement(full_logits, low)
+            quality[basis, str(rank)] = kl_and_agreement(full_logits, low)
         for batch in args.batches:
             prompts = chunks[:batch]
             timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, generation)  # warm-up
@@ -183,10 +213,12 @@ def main() -> None:
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
-                kl, top1 = quality.get((basis, rank), (0.0, 1.0))
+                kl, top1 = quality.get((basis, str(rank)), (0.0, 1.0))
                 rows.append(
                     {
-                        "context": context, "batch": batch, "basis": basis or "full", "rank": rank or "full",
+                        "context": context, "batch": batch, "basis": basis or "full",
+                        "rank": rank if isinstance(rank, int) else rank_label(rank),
+                        "layer_ranks": rank if isinstance(rank, list) else None,
                         "cache_mb": sizes["total"] / 2**20, "cache_ratio": sizes["total"] / baseline[1]["total"],
                         "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
                         "decode_ratio": step_ms / baseline[2],

@@ -3,16 +3,18 @@
 The static allocation of the env (``static:fisher``) profiles what a layer's rank costs in a
 prefill where every query is projected; in the key cache (``drrl_env.generate``) the prompt is
 attended exactly and only the generated tokens' queries meet compressed keys, beyond the recent
-window. This script profiles that regime on validation text: for each layer ``l`` and candidate
-rank ``r``, the mean per-step KL(full || low rank) of a teacher-forced continuation with layer
-``l`` alone at rank ``r`` (every other layer's keys at full width), then water-fills a budget of
+window. This script profiles that regime on validation text (:func:`drrl_env.kv_profile.decode_kl_profile`:
+for each layer ``l`` and candidate rank ``r``, the mean per-step KL(full || low rank) of a
+teacher-forced continuation with layer ``l`` alone at rank ``r``, every other layer's keys at full
+width), then water-fills a budget of
 mean rank share over the layers (``drrl_env.sensitivity.allocate_ranks``) and scores the
 allocation on test prompts against uniform ranks at the same mean, each teacher-forced on full
 attention's greedy continuation (as ``python -m agents.generate`` does).
 
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
 
-The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``.
+The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``;
+``--policy static:F:decode`` profiles and allocates the same way inside the zoo (cached on disk).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 from drrl_env.corpora import corpus_tokens, sequential_chunks
-from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.generate import teacher_forced_logits
+from drrl_env.kv_profile import decode_kl_profile, greedy_continuation
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.reward import next_token_kl
 from drrl_env.sensitivity import allocate_ranks, rank_shares
@@ -32,8 +35,7 @@ from drrl_env.sensitivity import allocate_ranks, rank_shares
 
 def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list) -> list[float]:
     """KL(full || low rank) per step, teacher-forced on full attention's greedy continuation, for each ranks spec."""
-    full = generate(loaded, prompt, "full", max_new_tokens=tokens, do_sample=False)
-    continuation = full[:, prompt.shape[1] :]
+    continuation = greedy_continuation(loaded, prompt, tokens)
     reference = teacher_forced_logits(loaded, prompt, continuation, "full")
     return [next_token_kl(reference, teacher_forced_logits(loaded, prompt, continuation, r)) for r in ranks_list]
 
@@ -51,17 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128, help="teacher-forced tokens per test prompt")
     args = parser.parse_args(argv)
     loaded = load_causal_lm(args.model)
-    shape = loaded.attention_shape
-    d, layers = shape.head_dim, shape.num_layers
+    d = loaded.attention_shape.head_dim
     below = sorted({rank for rank in args.ranks if rank < d})  # profiled; the cost columns follow this order
     candidates = (*below, d)
     start = time.time()
     validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), args.profile_context)
-    cost = np.zeros((layers, len(candidates)))
-    for prompt in validation[: args.profile_prompts]:
-        specs = [[rank if j == layer else d for j in range(layers)] for layer in range(layers) for rank in below]
-        kls = continuation_kl(loaded, prompt[None], args.profile_tokens, specs)
-        cost[:, : len(below)] += np.asarray(kls).reshape(layers, len(below)) / args.profile_prompts
+    cost = decode_kl_profile(loaded, validation[: args.profile_prompts], candidates, args.profile_tokens, progress=True)
     print(f"profile ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
     print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
     chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)

@@ -1,0 +1,117 @@
+"""What each layer's key-cache rank costs in decode: the layer profile of generation, not of a prefill.
+
+In generation with a low-rank key cache (:mod:`drrl_env.generate`) the prompt is attended exactly
+and only the generated tokens' queries meet compressed keys, beyond each query's recent window. A
+layer profile taken in a prefill, where every query is projected (``static``, ``static:fisher``),
+does not transfer to that regime (measured in docs/benchmarks.md: at the same key cache its
+allocation is worse than uniform ranks). :func:`decode_kl_profile` measures the regime itself:
+for each layer ``l`` and candidate rank ``r``, the mean per-step KL(full || low rank) of the
+next-token distribution over a teacher-forced continuation of ``T`` tokens (full attention's own
+greedy continuation: no labels of the text), with layer ``l``'s keys alone at rank ``r`` and every
+other layer's at full width.
+
+It costs one prefill per candidate rank instead of one per cell: the prefill attends exactly, so
+its hidden states, and every layer's cache, do not depend on the other layers' ranks. The prompt
+is prefilled once at full width and once with every layer at ``r``; the cache of cell ``(l, r)``
+takes layer ``l`` from the second and the rest from the first, and only the ``T - 1``
+continuation tokens run per cell. The result equals the cell-by-cell measurement
+(:func:`drrl_env.generate.teacher_forced_logits` per cell; tested).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from drrl_env.calibration import CalibrationGrams
+from drrl_env.generate import CACHE_KEYWORD, generate, key_cache_attention, rank_table, teacher_forced_logits
+from drrl_env.hook import install
+from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
+from drrl_env.kv_cache import LowRankKeyCache
+from drrl_env.models import LoadedModel
+from drrl_env.reward import next_token_kl
+
+DECODE_PROFILE_TOKENS = 64
+"""teacher-forced continuation tokens per profiled prompt (measured enough: docs/benchmarks.md)"""
+
+
+def greedy_continuation(loaded: LoadedModel, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``(B, tokens)``: full attention's greedy continuation of ``prompt`` ``(B, n)``, exactly ``tokens`` long."""
+    pad = {} if loaded.tokenizer is None else {"pad_token_id": loaded.tokenizer.eos_token_id}
+    out = generate(loaded, prompt, "full", max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **pad)
+    return out[:, prompt.shape[1] :].cpu()
+
+
+@torch.no_grad()
+def decode_kl_profile(
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    ranks: Sequence[int],
+    tokens: int = DECODE_PROFILE_TOKENS,
+    basis: str = "joint",
+    calibration: CalibrationGrams | None = None,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    progress: bool = False,
+) -> np.ndarray:
+    """``(L, K)`` mean per-step KL of each layer alone at each candidate rank in decode (module docstring).
+
+    Args:
+        loaded: the model.
+        prompts: ``(P, n)`` prompts (validation text), profiled one at a time and averaged.
+        ranks: the ``K`` candidate ranks; a rank ``>= d`` costs 0.
+        tokens: teacher-forced continuation tokens per prompt (at least 2).
+        basis: the key basis (``separate``, ``joint`` or ``calibrated``); the prompt is attended exactly.
+        calibration: the Grams of a ``calibrated`` basis (default: :func:`drrl_env.calibration.calibration_grams`).
+        sink_tokens: first tokens of each prompt whose keys stay exact.
+        recent_tokens: the window of last positions whose keys stay exact for each decode step.
+        progress: show a progress bar over prompts and ranks.
+    """
+    if tokens < 2:
+        raise ValueError(f"tokens (teacher-forced continuation per prompt) must be >= 2, got {tokens}")
+    if prompts.dim() != 2 or prompts.shape[0] == 0:
+        raise ValueError(f"prompts must be a non-empty (P, n) token tensor, got shape {tuple(prompts.shape)}")
+    shape = loaded.attention_shape
+    layers, head_dim = shape.num_layers, shape.head_dim
+    below = sorted({int(rank) for rank in ranks if rank < head_dim})
+    options = {"calibration": calibration, "sink_tokens": sink_tokens, "recent_tokens": recent_tokens}
+    cost = np.zeros((layers, len(ranks)))
+    bar = tqdm(total=prompts.shape[0] * len(below), desc="decode KL profile", disable=not progress)
+    for prompt in prompts:
+        prompt = prompt[None]
+        continuation = greedy_continuation(loaded, prompt, tokens)
+        reference = teacher_forced_logits(loaded, prompt, continuation, "full")
+        full_cache, _, first = _prefilled(loaded, prompt, "full", basis, options)
+        for rank in below:
+            low_cache, low_handler, _ = _prefilled(loaded, prompt, rank, basis, options)
+            for layer in range(layers):
+                table = torch.full((layers,), head_dim)
+                table[layer] = rank
+                cache = LowRankKeyCache(layers)
+                cache.layers = [copy.copy((low_cache if j == layer else full_cache).layers[j]) for j in range(layers)]
+                handler = KeyBasisAttention(
+                    rank_table(table, shape), basis, low_handler.calibrated, cache, sink_tokens, recent_tokens
+                )
+                with install(loaded.model).use(handler):
+                    rest = loaded.model(
+                        input_ids=continuation[:, :-1].to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}
+                    ).logits
+                kl = next_token_kl(reference, torch.cat([first, rest], dim=1))
+                cost[layer, ranks.index(rank)] += kl / prompts.shape[0]
+            bar.update()
+    bar.close()
+    return cost
+
+
+def _prefilled(
+    loaded: LoadedModel, prompt: torch.Tensor, ranks: str | int, basis: str, options: dict
+) -> tuple[LowRankKeyCache, KeyBasisAttention, torch.Tensor]:
+    """The key cache after an exact prefill of ``prompt`` with every layer at ``ranks``, its handler, last logits."""
+    cache, handler = key_cache_attention(loaded, ranks, basis, exact_prefill=True, **options)
+    with install(loaded.model).use(handler):
+        logits = loaded.model(input_ids=prompt.to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}).logits
+    return cache, handler, logits[:, -1:]

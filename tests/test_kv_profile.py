@@ -1,0 +1,76 @@
+"""The decode-regime layer profile (drrl_env.kv_profile) and the static allocation built on it (static:decode)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agents import static
+from agents.baselines import make_baseline
+from drrl_env.calibration import collect_grams
+from drrl_env.generate import teacher_forced_logits
+from drrl_env.kv_profile import decode_kl_profile, greedy_continuation
+from drrl_env.models import load_causal_lm
+from drrl_env.reward import next_token_kl
+
+PROMPT_LEN, TOKENS, RANKS = 90, 6, (4, 12, 16)
+
+
+def cell_by_cell(loaded, prompts, basis, **options) -> np.ndarray:
+    """The profile by its definition: one teacher-forced generation per prompt and cell, every other layer full."""
+    layers, d = loaded.attention_shape.num_layers, loaded.attention_shape.head_dim
+    cost = np.zeros((layers, len(RANKS)))
+    for prompt in prompts:
+        prompt = prompt[None]
+        continuation = greedy_continuation(loaded, prompt, TOKENS)
+        reference = teacher_forced_logits(loaded, prompt, continuation, "full")
+        for layer in range(layers):
+            for k, rank in enumerate(RANKS):
+                spec = [rank if j == layer else d for j in range(layers)]
+                low = teacher_forced_logits(loaded, prompt, continuation, spec, basis, **options)
+                cost[layer, k] += next_token_kl(reference, low) / len(prompts)
+    return cost
+
+
+@pytest.mark.parametrize("basis", ["joint", "separate", "calibrated"])
+def test_profile_equals_the_cell_by_cell_measurement(tiny_layered_model_dir, basis):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")  # sharp attention in layer 0
+    prompts = torch.randint(0, 1000, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    options = {"recent_tokens": 8}  # the continuation reaches keys beyond its window
+    if basis == "calibrated":
+        options["calibration"] = collect_grams(loaded, torch.randint(0, 1000, (2, 64)))
+    cost = decode_kl_profile(loaded, prompts, RANKS, TOKENS, basis, **options)
+    assert cost.shape == (2, 3) and np.all(cost[:, -1] == 0)  # rank 16 = d costs nothing
+    assert cost[0, 0] > cost[0, 1] > 0  # rank 4 costs more than 12 in the sharp layer
+    np.testing.assert_allclose(cost, cell_by_cell(loaded, prompts, basis, **options), rtol=1e-5, atol=1e-9)
+
+
+def test_profile_names_bad_arguments(tiny_layered_model_dir):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    with pytest.raises(ValueError, match="tokens"):
+        decode_kl_profile(loaded, torch.zeros(1, 8, dtype=torch.long), RANKS, tokens=1)
+    with pytest.raises(ValueError, match="prompts"):
+        decode_kl_profile(loaded, torch.zeros(8, dtype=torch.long), RANKS)
+
+
+def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_layered_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
+    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=64, batch_size=1)
+    policy = make_baseline("static:0.5:decode", kwargs)
+    assert policy.name == "static:0.5:decode" and policy.cost.shape == (2, 4)
+    assert np.all(policy.cost[:, -1] == 0) and np.all(policy.cost[:, :-1] >= 0)
+    chosen = [policy.ranks[k] for k in policy.allocation(0.5)]
+    assert np.mean(chosen) <= 8 and chosen[0] >= chosen[1]  # the sharp layer gets at least the flat one's rank
+    (stored,) = (tmp_path / "profiles").glob("*.json")
+    assert json.loads(stored.read_text())["cost"] == policy.cost.tolist()
+    static.validation_profile.cache_clear()
+
+    def measure(*args):
+        raise AssertionError("the profile should come from the disk cache")
+
+    monkeypatch.setattr(static, "measure_validation_profile", measure)
+    again = make_baseline("static:0.5:decode", kwargs)
+    np.testing.assert_array_equal(again.cost, policy.cost)
+    with pytest.raises(ValueError, match="estimate"):
+        static.StaticAllocation.profile(0.5, kwargs, estimate="guess")
