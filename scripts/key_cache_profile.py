@@ -12,6 +12,7 @@ allocation on test prompts against uniform ranks at the same mean, each teacher-
 attention's greedy continuation (as ``python -m agents.generate`` does).
 
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
+    python scripts/key_cache_profile.py --profile-context 1024 4096 --profile-prompts 2 --mean-rank 31 --prompts 8
 
 The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``;
 ``--policy static:F:decode`` profiles and allocates the same way inside the zoo (cached on disk).
@@ -43,7 +44,13 @@ def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
-    parser.add_argument("--profile-context", type=int, default=1024, help="validation prompt length of the profile")
+    parser.add_argument(
+        "--profile-context",
+        type=int,
+        nargs="+",
+        default=[1024],
+        help="validation prompt length of the profile (several: one profile and allocation each, scored side by side)",
+    )
     parser.add_argument("--profile-prompts", type=int, default=1, help="validation prompts the profile averages")
     parser.add_argument("--profile-tokens", type=int, default=64, help="teacher-forced tokens per profile cell")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="candidate ranks below d")
@@ -56,19 +63,23 @@ def main(argv: list[str] | None = None) -> None:
     d = loaded.attention_shape.head_dim
     below = sorted({rank for rank in args.ranks if rank < d})  # profiled; the cost columns follow this order
     candidates = (*below, d)
-    start = time.time()
-    validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), args.profile_context)
-    cost = decode_kl_profile(loaded, validation[: args.profile_prompts], candidates, args.profile_tokens, progress=True)
-    print(f"profile ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
-    print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
-    chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
-    allocation = [candidates[k] for k in chosen]
-    print("allocation:", allocation, "mean", np.mean(allocation))
+    start, allocations = time.time(), {}
+    for context in args.profile_context:
+        validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), context)
+        prompts = validation[: args.profile_prompts]
+        cost = decode_kl_profile(loaded, prompts, candidates, args.profile_tokens, progress=True)
+        print(f"profile at {context} ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
+        print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
+        chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
+        allocations[context] = [candidates[k] for k in chosen]
+        print("allocation:", allocations[context], "mean", np.mean(allocations[context]))
     test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)[: args.prompts]
-    rows = [continuation_kl(loaded, prompt[None], args.tokens, [int(args.mean_rank), allocation]) for prompt in test]
-    uniform, allocated = np.asarray(rows).T
-    print(f"uniform {int(args.mean_rank)}: {np.round(uniform, 4).tolist()} mean {uniform.mean():.4f}")
-    print(f"allocated: {np.round(allocated, 4).tolist()} mean {allocated.mean():.4f}  ({time.time() - start:.0f} s)")
+    specs = [int(args.mean_rank), *allocations.values()]
+    rows = np.asarray([continuation_kl(loaded, prompt[None], args.tokens, specs) for prompt in test]).T
+    names = [f"uniform {int(args.mean_rank)}"] + [f"allocated, profile at {context}" for context in allocations]
+    for name, row in zip(names, rows, strict=True):
+        print(f"{name}: {np.round(row, 4).tolist()} mean {row.mean():.4f}")
+    print(f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

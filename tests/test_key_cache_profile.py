@@ -34,4 +34,4 @@ def test_script_prints_profile_allocation_and_comparison(tiny_model_dir, capsys)
     out = capsys.readouterr().out
     allocation = ast.literal_eval(out.split("allocation: ")[1].split(" mean")[0])  # a printed Python list
     assert len(allocation) == 2 and np.mean(allocation) <= 8 and set(allocation) <= {4, 8, 12, 16}
-    assert "uniform 8:" in out and "allocated:" in out
+    assert "uniform 8:" in out and "allocated, profile at 100:" in out
