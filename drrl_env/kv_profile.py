@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drrl_env.calibration import CalibrationGrams
-from drrl_env.generate import CACHE_KEYWORD, generate, key_cache_attention, rank_table, teacher_forced_logits
+from drrl_env.generate import CACHE_KEYWORD, generate, key_cache_attention, rank_table
 from drrl_env.hook import install
 from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.kv_cache import LowRankKeyCache
@@ -84,27 +84,43 @@ def decode_kl_profile(
     for prompt in prompts:
         prompt = prompt[None]
         continuation = greedy_continuation(loaded, prompt, tokens)
-        reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-        full_cache, _, first = _prefilled(loaded, prompt, "full", basis, options)
+        full_cache, full_handler, first = _prefilled(loaded, prompt, "full", basis, options)
+        reference = _continued(loaded, full_cache.layers, full_handler, continuation, first)
         for rank in below:
             low_cache, low_handler, _ = _prefilled(loaded, prompt, rank, basis, options)
             for layer in range(layers):
                 table = torch.full((layers,), head_dim)
                 table[layer] = rank
-                cache = LowRankKeyCache(layers)
-                cache.layers = [copy.copy((low_cache if j == layer else full_cache).layers[j]) for j in range(layers)]
                 handler = KeyBasisAttention(
-                    rank_table(table, shape), basis, low_handler.calibrated, cache, sink_tokens, recent_tokens
+                    rank_table(table, shape), basis, low_handler.calibrated, None, sink_tokens, recent_tokens
                 )
-                with install(loaded.model).use(handler):
-                    rest = loaded.model(
-                        input_ids=continuation[:, :-1].to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}
-                    ).logits
-                kl = next_token_kl(reference, torch.cat([first, rest], dim=1))
+                cache_layers = [(low_cache if j == layer else full_cache).layers[j] for j in range(layers)]
+                kl = next_token_kl(reference, _continued(loaded, cache_layers, handler, continuation, first))
                 cost[layer, ranks.index(rank)] += kl / prompts.shape[0]
             bar.update()
     bar.close()
     return cost
+
+
+def _continued(
+    loaded: LoadedModel,
+    cache_layers: list,
+    handler: KeyBasisAttention,
+    continuation: torch.Tensor,
+    first: torch.Tensor,
+) -> torch.Tensor:
+    """``(1, T, V)`` logits of the continuation read through a cache of (copies of) ``cache_layers`` after the prefill.
+
+    The copies are shallow: a layer's update rebinds its tensors, so the prefilled layers stay as they were.
+    """
+    cache = LowRankKeyCache(len(cache_layers))
+    cache.layers = [copy.copy(layer) for layer in cache_layers]
+    handler.cache = cache
+    with install(loaded.model).use(handler):
+        rest = loaded.model(
+            input_ids=continuation[:, :-1].to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}
+        ).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def _prefilled(

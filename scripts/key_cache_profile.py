@@ -13,6 +13,7 @@ attention's greedy continuation (as ``python -m agents.generate`` does).
 
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
     python scripts/key_cache_profile.py --profile-context 1024 4096 --profile-prompts 2 --mean-rank 31 --prompts 8
+    python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --hindsight   # and the per-prompt ceiling
 
 The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``;
 ``--policy static:F:decode`` profiles and allocates the same way inside the zoo (cached on disk).
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=4096, help="test prompt length")
     parser.add_argument("--prompts", type=int, default=4, help="test prompts")
     parser.add_argument("--tokens", type=int, default=128, help="teacher-forced tokens per test prompt")
+    parser.add_argument(
+        "--hindsight",
+        action="store_true",
+        help="also the ceiling: each test prompt's allocation from its own decode profile (its scored continuation)",
+    )
     args = parser.parse_args(argv)
     loaded = load_causal_lm(args.model)
     d = loaded.attention_shape.head_dim
@@ -74,9 +80,17 @@ def main(argv: list[str] | None = None) -> None:
         allocations[context] = [candidates[k] for k in chosen]
         print("allocation:", allocations[context], "mean", np.mean(allocations[context]))
     test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)[: args.prompts]
-    specs = [int(args.mean_rank), *allocations.values()]
-    rows = np.asarray([continuation_kl(loaded, prompt[None], args.tokens, specs) for prompt in test]).T
     names = [f"uniform {int(args.mean_rank)}"] + [f"allocated, profile at {context}" for context in allocations]
+    rows = []
+    for prompt in test:
+        specs = [int(args.mean_rank), *allocations.values()]
+        if args.hindsight:  # the prompt's own profile, label-free: full attention's continuation, the one scored
+            cost = decode_kl_profile(loaded, prompt[None], candidates, args.tokens)
+            specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
+            print("hindsight allocation:", specs[-1], "mean", np.mean(specs[-1]))
+        rows.append(continuation_kl(loaded, prompt[None], args.tokens, specs))
+    rows = np.asarray(rows).T
+    names += ["hindsight (each prompt's own profile)"] if args.hindsight else []
     for name, row in zip(names, rows, strict=True):
         print(f"{name}: {np.round(row, 4).tolist()} mean {row.mean():.4f}")
     print(f"({time.time() - start:.0f} s)")
