@@ -12,6 +12,12 @@ agreement.
 
     python -m agents.generate --policy static:fisher --prompt "The history of the city" --max-new-tokens 48
     python -m agents.generate --policy fixed:32 --corpus wiki --context 512 --prompts 2
+    python -m agents.generate --policy static:0.484:decode --seq-len 1024 --ranks 16 32 48 64 --context 4096
+
+``static:F:decode`` water-fills a profile of generation itself (:mod:`drrl_env.kv_profile`, on
+``--seq-len``-token validation prompts, cached on disk): the per-layer ranks that meet the key
+cache's accuracy and memory targets together at 4096 tokens (docs/benchmarks.md, run 6); a
+profile of a prefill (``static``, ``static:fisher``) does not transfer to decode.
 """
 
 from __future__ import annotations
