@@ -14,6 +14,7 @@ attention's greedy continuation (as ``python -m agents.generate`` does).
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
     python scripts/key_cache_profile.py --profile-context 1024 4096 --profile-prompts 2 --mean-rank 31 --prompts 8
     python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --hindsight   # and the per-prompt ceiling
+    python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --self-profile 16   # a causal per-prompt profile
 
 The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``;
 ``--policy static:F:decode`` profiles and allocates the same way inside the zoo (cached on disk).
@@ -35,11 +36,16 @@ from drrl_env.reward import next_token_kl
 from drrl_env.sensitivity import allocate_ranks, rank_shares
 
 
-def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list) -> list[float]:
-    """KL(full || low rank) per step, teacher-forced on full attention's greedy continuation, for each ranks spec."""
+def continuation_kl(loaded, prompt: torch.Tensor, tokens: int, ranks_list: list, skip: int = 0) -> list[float]:
+    """KL(full || low rank) per step, teacher-forced on full attention's greedy continuation, for each ranks spec.
+
+    The first ``skip`` steps are left out of the mean.
+    """
     continuation = greedy_continuation(loaded, prompt, tokens)
-    reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-    return [next_token_kl(reference, teacher_forced_logits(loaded, prompt, continuation, r)) for r in ranks_list]
+    reference = teacher_forced_logits(loaded, prompt, continuation, "full")[:, skip:]
+    return [
+        next_token_kl(reference, teacher_forced_logits(loaded, prompt, continuation, r)[:, skip:]) for r in ranks_list
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also the ceiling: each test prompt's allocation from its own decode profile (its scored continuation)",
     )
+    parser.add_argument(
+        "--self-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a causal per-prompt allocation: each test prompt's decode profile over the first N tokens full "
+        "attention generates for it; every row is then scored on the steps after those N",
+    )
     args = parser.parse_args(argv)
     loaded = load_causal_lm(args.model)
     d = loaded.attention_shape.head_dim
@@ -81,16 +95,21 @@ def main(argv: list[str] | None = None) -> None:
         print("allocation:", allocations[context], "mean", np.mean(allocations[context]))
     test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)[: args.prompts]
     names = [f"uniform {int(args.mean_rank)}"] + [f"allocated, profile at {context}" for context in allocations]
+    names += ["hindsight (each prompt's own profile)"] if args.hindsight else []
+    names += [f"self-profile (each prompt's first {args.self_profile} generated tokens)"] if args.self_profile else []
     rows = []
     for prompt in test:
         specs = [int(args.mean_rank), *allocations.values()]
-        if args.hindsight:  # the prompt's own profile, label-free: full attention's continuation, the one scored
-            cost = decode_kl_profile(loaded, prompt[None], candidates, args.tokens)
+        own = [("hindsight", args.tokens)] if args.hindsight else []  # label-free, but the continuation scored
+        own += [("self-profile", args.self_profile)] if args.self_profile else []  # only what precedes the scored steps
+        for name, tokens in own:
+            cost = decode_kl_profile(loaded, prompt[None], candidates, tokens)
             specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
-            print("hindsight allocation:", specs[-1], "mean", np.mean(specs[-1]))
-        rows.append(continuation_kl(loaded, prompt[None], args.tokens, specs))
+            print(f"{name} allocation:", specs[-1], "mean", np.mean(specs[-1]))
+        rows.append(continuation_kl(loaded, prompt[None], args.tokens, specs, skip=args.self_profile))
     rows = np.asarray(rows).T
-    names += ["hindsight (each prompt's own profile)"] if args.hindsight else []
+    if args.self_profile:
+        print(f"KL over the steps after the first {args.self_profile}:")
     for name, row in zip(names, rows, strict=True):
         print(f"{name}: {np.round(row, 4).tolist()} mean {row.mean():.4f}")
     print(f"({time.time() - start:.0f} s)")
