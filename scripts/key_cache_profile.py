@@ -14,7 +14,7 @@ attention's greedy continuation (as ``python -m agents.generate`` does).
     python scripts/key_cache_profile.py --profile-context 1024 --profile-tokens 64 --context 4096 --prompts 4
     python scripts/key_cache_profile.py --profile-context 1024 4096 --profile-prompts 2 --mean-rank 31 --prompts 8
     python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --hindsight   # and the per-prompt ceiling
-    python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --self-profile 16   # a causal per-prompt profile
+    python scripts/key_cache_profile.py --mean-rank 31 --prompts 8 --self-profile 16 --blend 0.5   # causal, per prompt
 
 The printed allocation plays in generation as ``python -m agents.generate --policy layers:R,R,...``;
 ``--policy static:F:decode`` profiles and allocates the same way inside the zoo (cached on disk).
@@ -78,16 +78,23 @@ def main(argv: list[str] | None = None) -> None:
         help="also a causal per-prompt allocation: each test prompt's decode profile over the first N tokens full "
         "attention generates for it; every row is then scored on the steps after those N",
     )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        default=None,
+        metavar="W",
+        help="with --self-profile: also allocate (1 - W) x the first validation profile + W x the prompt's own",
+    )
     args = parser.parse_args(argv)
     loaded = load_causal_lm(args.model)
     d = loaded.attention_shape.head_dim
     below = sorted({rank for rank in args.ranks if rank < d})  # profiled; the cost columns follow this order
     candidates = (*below, d)
-    start, allocations = time.time(), {}
+    start, allocations, costs = time.time(), {}, {}
     for context in args.profile_context:
         validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), context)
         prompts = validation[: args.profile_prompts]
-        cost = decode_kl_profile(loaded, prompts, candidates, args.profile_tokens, progress=True)
+        cost = costs[context] = decode_kl_profile(loaded, prompts, candidates, args.profile_tokens, progress=True)
         print(f"profile at {context} ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
         print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
         chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
@@ -97,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [f"uniform {int(args.mean_rank)}"] + [f"allocated, profile at {context}" for context in allocations]
     names += ["hindsight (each prompt's own profile)"] if args.hindsight else []
     names += [f"self-profile (each prompt's first {args.self_profile} generated tokens)"] if args.self_profile else []
+    blend = args.self_profile and args.blend is not None
+    names += [f"blend {1 - args.blend:g} x validation + {args.blend:g} x self-profile"] if blend else []
     rows = []
     for prompt in test:
         specs = [int(args.mean_rank), *allocations.values()]
@@ -106,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             cost = decode_kl_profile(loaded, prompt[None], candidates, tokens)
             specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
             print(f"{name} allocation:", specs[-1], "mean", np.mean(specs[-1]))
+        if blend:  # cost is the self-profile's: shrink it toward the validation profile
+            cost = (1 - args.blend) * costs[args.profile_context[0]] + args.blend * cost
+            specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
+            print("blend allocation:", specs[-1], "mean", np.mean(specs[-1]))
         rows.append(continuation_kl(loaded, prompt[None], args.tokens, specs, skip=args.self_profile))
     rows = np.asarray(rows).T
     if args.self_profile:

@@ -30,10 +30,11 @@ def test_script_prints_profile_allocation_and_comparison(tiny_model_dir, capsys)
     key_cache_profile.main(
         ["--model", tiny_model_dir, "--profile-context", "100", "--profile-tokens", "4", "--ranks", "4", "8", "12",
          "--mean-rank", "8", "--context", "100", "--prompts", "1", "--tokens", "4", "--hindsight",
-         "--self-profile", "2"]
+         "--self-profile", "2", "--blend", "0.5"]
     )  # fmt: skip
     out = capsys.readouterr().out
     allocation = ast.literal_eval(out.split("allocation: ")[1].split(" mean")[0])  # a printed Python list
     assert len(allocation) == 2 and np.mean(allocation) <= 8 and set(allocation) <= {4, 8, 12, 16}
     assert "uniform 8:" in out and "allocated, profile at 100:" in out
     assert "hindsight (each prompt's own profile):" in out and "self-profile (each prompt's first 2" in out
+    assert "blend 0.5 x validation + 0.5 x self-profile:" in out
