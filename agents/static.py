@@ -17,10 +17,7 @@ Profiles are cached in memory and on disk (``$DRRL_CACHE_DIR/profiles``, written
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,7 +27,7 @@ from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, seq
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.files import write_text_atomic
 from drrl_env.kv_profile import DECODE_PROFILE_TOKENS, decode_kl_profile
-from drrl_env.models import cache_dir, load_causal_lm, resolve_device
+from drrl_env.models import cache_file, load_causal_lm, resolve_device
 from oracle.hindsight import PROFILE_ESTIMATES, LayerAllocationPolicy, allocate_ranks, kl_profile, rank_shares
 
 PROFILE_BATCH = 4
@@ -101,13 +98,6 @@ class StaticAllocation(LayerAllocationPolicy):
         return cls(budget, cost, config.ranks, head_dim, estimate)
 
 
-def profile_path(key: dict) -> Path:
-    """Where a validation profile is kept: ``$DRRL_CACHE_DIR/profiles/<model>-<digest>.json``."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(key["model"]).name)[:48] or "model"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "profiles" / f"{slug}-{digest}.json"
-
-
 @functools.cache
 def validation_profile(
     model: str,
@@ -131,30 +121,20 @@ def validation_profile(
     }  # fmt: skip
     if estimate == "decode":
         key |= {"decode_tokens": DECODE_PROFILE_TOKENS, "decode_prompts": DECODE_PROFILE_PROMPTS}
-    path = profile_path(key)
+    path = cache_file("profiles", model, key, ".json")
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return np.asarray(stored["cost"], dtype=np.float64), int(stored["head_dim"])
-    cost, head_dim = measure_validation_profile(model, corpus, seq_len, segment_len, ranks, mode, device, max_tokens,
-                                                progress, estimate)  # fmt: skip
+    cost, head_dim = measure_validation_profile(key, device, progress)
     write_text_atomic(path, json.dumps({"key": key, "cost": cost.tolist(), "head_dim": head_dim}))
     return cost, head_dim
 
 
-def measure_validation_profile(
-    model: str,
-    corpus: str,
-    seq_len: int,
-    segment_len: int | None,
-    ranks: tuple[int, ...],
-    mode: str,
-    device: str,
-    max_tokens: int,
-    progress: bool,
-    estimate: str,
-) -> tuple[np.ndarray, int]:
-    """:func:`validation_profile` measured: the prefill profile of every batch, or the decode profile."""
+def measure_validation_profile(key: dict, device: str, progress: bool) -> tuple[np.ndarray, int]:
+    """:func:`validation_profile` measured for its cache ``key``: the prefill profile of every batch, or decode's."""
+    model, corpus, seq_len, mode = key["model"], key["corpus"], key["seq_len"], key["mode"]
+    ranks, max_tokens, estimate = tuple(key["ranks"]), key["max_tokens"], key["estimate"]
     loaded = load_causal_lm(model, device=str(resolve_device(device)))
     head_dim = loaded.attention_shape.head_dim
     chunks = sequential_chunks(corpus_tokens(corpus, "validation", loaded.tokenizer), seq_len, max_tokens)
@@ -166,5 +146,5 @@ def measure_validation_profile(
     batches = list(chunks.split(PROFILE_BATCH))
     total = np.zeros((loaded.attention_shape.num_layers, len(ranks)))
     for batch in tqdm(batches, desc="static allocation: validation KL profile", disable=not progress):
-        total += kl_profile(loaded, batch, ranks, mode, segment_len, estimate) * batch.shape[0]
+        total += kl_profile(loaded, batch, ranks, mode, key["segment_len"], estimate) * batch.shape[0]
     return total / chunks.shape[0], head_dim

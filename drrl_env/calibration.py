@@ -11,9 +11,6 @@ The default text is the wiki corpus' validation split: no test text is ever seen
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from drrl_env.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
 from drrl_env.files import write_atomic
 from drrl_env.hook import AttentionCall, install
 from drrl_env.kv_basis import KeyBasis, basis_from_grams, group_grams
-from drrl_env.models import LoadedModel, cache_dir
+from drrl_env.models import LoadedModel, cache_file
 
 CALIBRATION_SPLIT = "validation"
 CALIBRATION_TOKENS = 16384
@@ -82,9 +79,8 @@ def collect_grams(loaded: LoadedModel, chunks: torch.Tensor, batch_size: int = C
 
 def calibration_path(loaded: LoadedModel, corpus: str, split: str, tokens: int, seq_len: int) -> Path:
     """Where the Grams of this model and text are kept: ``$DRRL_CACHE_DIR/calibration/<model>-<digest>.safetensors``."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(loaded.name).name)[:48] or "model"
-    key = json.dumps([loaded.name, corpus, split, tokens, seq_len, str(loaded.model.dtype)])
-    return cache_dir() / "calibration" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    key = [loaded.name, corpus, split, tokens, seq_len, str(loaded.model.dtype)]
+    return cache_file("calibration", loaded.name, key, ".safetensors")
 
 
 def calibration_source(loaded: LoadedModel, corpus: str, split: str, tokens: int, seq_len: int) -> dict[str, str]:

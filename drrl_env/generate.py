@@ -162,10 +162,15 @@ def teacher_forced_logits(
     predicts ``continuation[:, t]``: compare it with ``ranks="full"`` for the per-step KL.
     """
     cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill)
-    model, keyword = loaded.model, {CACHE_KEYWORD: cache}
-    with install(model).use(handler):
-        first = model(input_ids=prompt.to(loaded.device), use_cache=True, **keyword).logits[:, -1:]
-        if continuation.shape[1] == 1:
-            return first
-        rest = model(input_ids=continuation[:, :-1].to(loaded.device), use_cache=True, **keyword).logits
-    return torch.cat([first, rest], dim=1)
+    first = cached_forward(loaded, handler, cache, prompt)[:, -1:]
+    if continuation.shape[1] == 1:
+        return first
+    return torch.cat([first, cached_forward(loaded, handler, cache, continuation[:, :-1])], dim=1)
+
+
+def cached_forward(
+    loaded: LoadedModel, handler: KeyBasisAttention, cache: LowRankKeyCache, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``(B, m, V)`` of one forward of ``input_ids`` through ``cache`` (filled and read by ``handler``)."""
+    with install(loaded.model).use(handler):
+        return loaded.model(input_ids=input_ids.to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}).logits

@@ -28,8 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drrl_env.calibration import CalibrationGrams
-from drrl_env.generate import CACHE_KEYWORD, generate, key_cache_attention, rank_table
-from drrl_env.hook import install
+from drrl_env.generate import cached_forward, generate, key_cache_attention, rank_table
 from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.kv_cache import LowRankKeyCache
 from drrl_env.models import LoadedModel
@@ -116,11 +115,7 @@ def _continued(
     cache = LowRankKeyCache(len(cache_layers))
     cache.layers = [copy.copy(layer) for layer in cache_layers]
     handler.cache = cache
-    with install(loaded.model).use(handler):
-        rest = loaded.model(
-            input_ids=continuation[:, :-1].to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}
-        ).logits
-    return torch.cat([first, rest], dim=1)
+    return torch.cat([first, cached_forward(loaded, handler, cache, continuation[:, :-1])], dim=1)
 
 
 def _prefilled(
@@ -128,6 +123,4 @@ def _prefilled(
 ) -> tuple[LowRankKeyCache, KeyBasisAttention, torch.Tensor]:
     """The key cache after an exact prefill of ``prompt`` with every layer at ``ranks``, its handler, last logits."""
     cache, handler = key_cache_attention(loaded, ranks, basis, exact_prefill=True, **options)
-    with install(loaded.model).use(handler):
-        logits = loaded.model(input_ids=prompt.to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}).logits
-    return cache, handler, logits[:, -1:]
+    return cache, handler, cached_forward(loaded, handler, cache, prompt)[:, -1:]

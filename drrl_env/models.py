@@ -11,8 +11,11 @@ leaves nothing half-written.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +41,13 @@ def cache_dir() -> Path:
         return Path(os.environ["DRRL_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "drrl"
+
+
+def cache_file(kind: str, model: str, key: object, suffix: str) -> Path:
+    """``cache_dir()/kind/<model>-<digest><suffix>``: the digest of ``key`` (JSON, sorted) names what was cached."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name)[:48] or "model"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{slug}-{digest}{suffix}"
 
 
 @dataclass(frozen=True)

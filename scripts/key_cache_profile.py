@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     d = loaded.attention_shape.head_dim
     below = sorted({rank for rank in args.ranks if rank < d})  # profiled; the cost columns follow this order
     candidates = (*below, d)
+
+    def allocate(cost: np.ndarray) -> list[int]:
+        """The candidate ranks of the water-fill of ``cost`` at the mean rank."""
+        return [candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)]
+
     start, allocations, costs = time.time(), {}, {}
     for context in args.profile_context:
         validation = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), context)
@@ -97,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         cost = costs[context] = decode_kl_profile(loaded, prompts, candidates, args.profile_tokens, progress=True)
         print(f"profile at {context} ({time.time() - start:.0f} s), KL per layer at ranks {below}:")
         print(np.array2string(cost[:, :-1], precision=4, suppress_small=True))
-        chosen = allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)
-        allocations[context] = [candidates[k] for k in chosen]
+        allocations[context] = allocate(cost)
         print("allocation:", allocations[context], "mean", np.mean(allocations[context]))
     test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)[: args.prompts]
     names = [f"uniform {int(args.mean_rank)}"] + [f"allocated, profile at {context}" for context in allocations]
@@ -113,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         own += [("self-profile", args.self_profile)] if args.self_profile else []  # only what precedes the scored steps
         for name, tokens in own:
             cost = decode_kl_profile(loaded, prompt[None], candidates, tokens)
-            specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
+            specs.append(allocate(cost))
             print(f"{name} allocation:", specs[-1], "mean", np.mean(specs[-1]))
         if blend:  # cost is the self-profile's: shrink it toward the validation profile
             cost = (1 - args.blend) * costs[args.profile_context[0]] + args.blend * cost
-            specs.append([candidates[k] for k in allocate_ranks(cost, rank_shares(candidates, d), args.mean_rank / d)])
+            specs.append(allocate(cost))
             print("blend allocation:", specs[-1], "mean", np.mean(specs[-1]))
         rows.append(continuation_kl(loaded, prompt[None], args.tokens, specs, skip=args.self_profile))
     rows = np.asarray(rows).T
