@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from drrl_env.calibration import CalibrationGrams
 from drrl_env.generate import cached_forward, generate, key_cache_attention, rank_table
-from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
+from drrl_env.hook import AttentionCall, install
+from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention, find_sinks, key_validity
+from drrl_env.kv_basis import basis_from_grams, group_grams
 from drrl_env.kv_cache import LowRankKeyCache
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
@@ -124,3 +126,50 @@ def _prefilled(
     """The key cache after an exact prefill of ``prompt`` with every layer at ``ranks``, its handler, last logits."""
     cache, handler = key_cache_attention(loaded, ranks, basis, exact_prefill=True, **options)
     return cache, handler, cached_forward(loaded, handler, cache, prompt)[:, -1:]
+
+
+@torch.no_grad()
+def prefill_logit_errors(
+    loaded: LoadedModel,
+    prompt: torch.Tensor,
+    ranks: Sequence[int],
+    window: int = 64,
+    basis: str = "joint",
+    sink_tokens: int = SINK_TOKENS,
+) -> np.ndarray:
+    """``(L, K)`` relative logit error of the prompt's last ``window`` queries with each layer's key basis at each rank.
+
+    What one exact prefill of ``prompt`` ``(1, n)`` computes anyway: per layer, the key basis
+    generation builds from the whole prompt (``basis``: ``joint`` or ``separate``; sinks exact
+    and left out), and for the last ``window`` queries ``Q_w`` (those nearest the decode steps)
+    ``||Q_w (I - W_q W_k^T) K^T||_F^2 / ||Q_w K^T||_F^2`` summed over key/value groups, at each
+    candidate rank (0 at ranks ``>= d``). With ``M = I - W_q W_k^T`` the numerator is
+    ``tr(M G_k M^T G_w)`` of the ``d x d`` Grams of the keys and of the window's queries.
+    """
+    if prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise ValueError(f"prompt must be one (1, n) token row, got shape {tuple(prompt.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    shape = loaded.attention_shape
+    errors = np.zeros((shape.num_layers, len(ranks)))
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        valid = key_validity(call)
+        sinks = find_sinks(call.key, valid, sink_tokens)
+        key_valid = valid if sinks is None else valid.scatter(1, sinks.index, False)
+        query, key = call.query.double(), call.key.double()
+        gram_q, gram_k = group_grams(query, key, valid, key_valid)
+        gram_w, _ = group_grams(query[..., -window:, :], key[..., -window:, :])
+        total = torch.einsum("bhij,bhji->", gram_k, gram_w)
+        for k, rank in enumerate(ranks):
+            if rank >= shape.head_dim:
+                continue
+            maps = basis_from_grams(gram_q, gram_k, torch.full((shape.kv_heads,), int(rank)), basis)
+            residual = torch.eye(shape.head_dim, dtype=torch.float64) - maps.query_map @ maps.key_map.transpose(-1, -2)
+            error = torch.einsum("bhij,bhjk,bhlk,bhli->", residual, gram_k, residual, gram_w)
+            errors[call.layer, k] = float(error / total)
+        return call.full()
+
+    with install(loaded.model).use(handler):
+        loaded.model(input_ids=prompt.to(loaded.device))
+    return errors

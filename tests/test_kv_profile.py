@@ -10,7 +10,8 @@ from agents import static
 from agents.baselines import make_baseline
 from drrl_env.calibration import collect_grams
 from drrl_env.generate import teacher_forced_logits
-from drrl_env.kv_profile import decode_kl_profile, greedy_continuation
+from drrl_env.hook import install
+from drrl_env.kv_profile import decode_kl_profile, greedy_continuation, prefill_logit_errors
 from drrl_env.models import load_causal_lm
 from drrl_env.reward import next_token_kl
 
@@ -74,3 +75,35 @@ def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_lay
     np.testing.assert_array_equal(again.cost, policy.cost)
     with pytest.raises(ValueError, match="estimate"):
         static.StaticAllocation.profile(0.5, kwargs, estimate="guess")
+
+
+def test_prefill_logit_errors_equal_the_eckart_young_truncation_of_the_stacked_logits(tiny_layered_model_dir):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    shape, window = loaded.attention_shape, 7
+    prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(2))
+    captured = []
+
+    def keep(call):
+        captured.append((call.query[0].double(), call.key[0].double()))
+        return call.full()
+
+    with torch.no_grad(), install(loaded.model).use(keep):
+        loaded.model(input_ids=prompt)
+    errors = prefill_logit_errors(loaded, prompt, RANKS, window=window)
+    assert errors.shape == (shape.num_layers, len(RANKS)) and np.all(errors[:, -1] == 0)
+    groups = shape.q_heads // shape.kv_heads
+    for layer, (query, key) in enumerate(captured):
+        for k, rank in enumerate(RANKS[:-1]):
+            error = total = 0.0
+            for head in range(shape.kv_heads):
+                stacked = query[head * groups : (head + 1) * groups]  # (G, n, d)
+                logits = stacked.reshape(-1, shape.head_dim) @ key[head, 1:].T  # the sink (token 0) stays exact
+                u, s, vh = torch.linalg.svd(logits, full_matrices=False)
+                truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+                rows = (torch.arange(logits.shape[0]) % prompt.shape[1]) >= prompt.shape[1] - window
+                error += float(((logits - truncated)[rows] ** 2).sum())
+                total += float((logits[rows] ** 2).sum())
+            assert errors[layer, k] == pytest.approx(error / total, rel=1e-6, abs=1e-12)
+    assert errors[0, 0] > errors[0, 1] > 0
+    with pytest.raises(ValueError, match="window"):
+        prefill_logit_errors(loaded, prompt, RANKS, window=0)
