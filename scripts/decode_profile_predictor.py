@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         y_test = log_deviation(test_cost[:, :, k], static[:, k])
         held = 1 - ((y_test - slopes[-1] * x_test) ** 2).sum() / (y_test * y_test).sum()
         corr = np.corrcoef(x_test.ravel(), y_test.ravel())[0, 1]
-        print(
-            f"rank {candidates[k]}: slope {slopes[-1]:.3f}, R2 train {fit:.3f}, R2 test {held:.3f}, corr test {corr:.3f}"
-        )
+        print(f"rank {candidates[k]}: slope {slopes[-1]:.3f}, R2 train {fit:.3f}, test {held:.3f} (corr {corr:.3f})")
 
     names = [f"uniform {args.mean_rank:g}", "static (train mean)", "predicted (prefill feature)", "hindsight (own)"]
     rows = []
