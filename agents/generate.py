@@ -36,7 +36,7 @@ from drrl_env.corpora import CorpusNotAvailableError, corpus_tokens, sequential_
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.generate import generate, teacher_forced_logits
 from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
-from drrl_env.kv_basis import BASIS_KINDS
+from drrl_env.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
 from drrl_env.kv_cache import cache_bytes
 from drrl_env.models import LoadedModel, ModelNotAvailableError, load_causal_lm
 from drrl_env.reward import next_token_kl
@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompts", type=at_least(1), default=1, help="without --prompt: prompts from --corpus")
     parser.add_argument("--prompt-split", default="test", help="without --prompt: corpus split the prompts come from")
-    parser.add_argument("--basis", choices=BASIS_KINDS, default="joint", help="key basis (default: joint)")
+    parser.add_argument(
+        "--basis",
+        choices=BASIS_KINDS,
+        default="joint",
+        help="key basis (default: joint); also the env's --spectral-mode unless that is given (joint for a calibrated "
+        "basis: the env's calibration is its own)",
+    )
     parser.add_argument(
         "--sink-tokens", type=at_least(0), default=SINK_TOKENS, help="first tokens whose keys stay exact"
     )
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's episode and of sampling")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with full attention")
     parser.add_argument("--trust-pickle", action="store_true", help="allow loading an SB3 .zip policy (a pickle)")
-    add_env_arguments(parser, spectral_mode="joint", guardrail="off")
+    add_env_arguments(parser, spectral_mode=None, guardrail="off")  # None: the key basis (--basis)
     return parser
 
 
@@ -150,6 +156,8 @@ def prompts_from_args(loaded: LoadedModel, args: argparse.Namespace) -> list[tor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.spectral_mode is None:  # a policy observes, and profiles, the basis generation uses
+        args.spectral_mode = args.basis if args.basis in PER_PROMPT_KINDS else "joint"
     kwargs = {**env_kwargs(args), "segment_len": None}  # one decision per layer: one key basis per layer
     try:
         loaded = load_causal_lm(args.model, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
