@@ -133,7 +133,7 @@ def prefill_logit_errors(
     loaded: LoadedModel,
     prompt: torch.Tensor,
     ranks: Sequence[int],
-    window: int = 64,
+    window: int | None = 64,
     basis: str = "joint",
     sink_tokens: int = SINK_TOKENS,
 ) -> np.ndarray:
@@ -145,11 +145,12 @@ def prefill_logit_errors(
     ``||Q_w (I - W_q W_k^T) K^T||_F^2 / ||Q_w K^T||_F^2`` summed over key/value groups, at each
     candidate rank (0 at ranks ``>= d``). With ``M = I - W_q W_k^T`` the numerator is
     ``tr(M G_k M^T G_w)`` of the ``d x d`` Grams of the keys and of the window's queries.
+    ``window=None`` takes every query (the in-sample error of the basis).
     """
     if prompt.dim() != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt must be one (1, n) token row, got shape {tuple(prompt.shape)}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
     shape = loaded.attention_shape
     errors = np.zeros((shape.num_layers, len(ranks)))
 
@@ -159,7 +160,7 @@ def prefill_logit_errors(
         key_valid = valid if sinks is None else valid.scatter(1, sinks.index, False)
         query, key = call.query.double(), call.key.double()
         gram_q, gram_k = group_grams(query, key, valid, key_valid)
-        gram_w, _ = group_grams(query[..., -window:, :], key[..., -window:, :])
+        gram_w = gram_q if window is None else group_grams(query[..., -window:, :], key[..., -window:, :])[0]
         total = torch.einsum("bhij,bhji->", gram_k, gram_w)
         for k, rank in enumerate(ranks):
             if rank >= shape.head_dim:

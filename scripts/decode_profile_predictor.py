@@ -40,12 +40,15 @@ FLOOR = 1e-5
 
 
 def profiled(loaded, prompts: torch.Tensor, candidates: tuple, tokens: int, window: int, desc: str):
-    """Per prompt: the ``(L, K)`` decode profile and the ``(L, K)`` prefill feature; stacked ``(P, L, K)``."""
+    """Per prompt: the ``(L, K)`` decode profile and the ``(2, L, K)`` prefill features (window, every query).
+
+    Stacked: ``(P, L, K)`` and ``(P, 2, L, K)``.
+    """
     costs, features = [], []
     for prompt in tqdm(prompts, desc=desc):
         costs.append(decode_kl_profile(loaded, prompt[None], candidates, tokens))
-        features.append(prefill_logit_errors(loaded, prompt[None], candidates, window=window))
-    return np.stack(costs), np.stack(features)
+        features.append([prefill_logit_errors(loaded, prompt[None], candidates, window=w) for w in (window, None)])
+    return np.stack(costs), np.asarray(features)
 
 
 def log_deviation(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=64, help="last prompt queries the feature is measured on")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48], help="candidate ranks below d")
     parser.add_argument("--mean-rank", type=float, default=31, help="mean rank of every allocation")
+    parser.add_argument("--save", default=None, help="write the profiles and features to this .npz")
     args = parser.parse_args(argv)
     loaded = load_causal_lm(args.model)
     d = loaded.attention_shape.head_dim
@@ -75,11 +79,21 @@ def main(argv: list[str] | None = None) -> None:
 
     train = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), args.context)
     test = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), args.context)
-    train_cost, train_feature = profiled(
+    train_cost, train_features = profiled(
         loaded, train[: args.train_prompts], candidates, args.tokens, args.window, "train"
     )
-    test_cost, test_feature = profiled(loaded, test[: args.test_prompts], candidates, args.tokens, args.window, "test")
+    test_cost, test_features = profiled(loaded, test[: args.test_prompts], candidates, args.tokens, args.window, "test")
     print(f"profiles and features ({time.time() - start:.0f} s)")
+    if args.save:
+        np.savez(
+            args.save,
+            train_cost=train_cost,
+            train_features=train_features,
+            test_cost=test_cost,
+            test_features=test_features,
+            candidates=np.asarray(candidates),
+        )
+    train_feature, test_feature = train_features[:, 0], test_features[:, 0]  # the window's
 
     static, mean_feature = train_cost.mean(axis=0), np.exp(np.log(train_feature + FLOOR).mean(axis=0))
     slopes = []
