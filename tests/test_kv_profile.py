@@ -77,9 +77,10 @@ def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_lay
         static.StaticAllocation.profile(0.5, kwargs, estimate="guess")
 
 
-def test_prefill_logit_errors_equal_the_eckart_young_truncation_of_the_stacked_logits(tiny_layered_model_dir):
+@pytest.mark.parametrize("window", [7, None])
+def test_prefill_logit_errors_equal_the_eckart_young_truncation_of_the_stacked_logits(tiny_layered_model_dir, window):
     loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
-    shape, window = loaded.attention_shape, 7
+    shape = loaded.attention_shape
     prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(2))
     captured = []
 
@@ -100,7 +101,9 @@ def test_prefill_logit_errors_equal_the_eckart_young_truncation_of_the_stacked_l
                 logits = stacked.reshape(-1, shape.head_dim) @ key[head, 1:].T  # the sink (token 0) stays exact
                 u, s, vh = torch.linalg.svd(logits, full_matrices=False)
                 truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
-                rows = (torch.arange(logits.shape[0]) % prompt.shape[1]) >= prompt.shape[1] - window
+                rows = (torch.arange(logits.shape[0]) % prompt.shape[1]) >= prompt.shape[1] - (
+                    window or prompt.shape[1]
+                )
                 error += float(((logits - truncated)[rows] ** 2).sum())
                 total += float((logits[rows] ** 2).sum())
             assert errors[layer, k] == pytest.approx(error / total, rel=1e-6, abs=1e-12)
