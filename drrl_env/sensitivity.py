@@ -42,7 +42,7 @@ def rank_shares(ranks: tuple[int, ...] | list[int], head_dim: int) -> np.ndarray
     return np.minimum(np.asarray(ranks, dtype=np.float64), head_dim) / head_dim
 
 
-def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[int]:
+def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float, weights: np.ndarray | None = None) -> list[int]:
     """Greedy marginal allocation: candidate index per layer whose mean FLOPs share is ``<= budget``.
 
     Args:
@@ -50,18 +50,23 @@ def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float) -> list[i
         flops: ``(K,)`` FLOPs share of a layer at each candidate rank (the same for every layer).
         budget: target mean FLOPs share over layers. If even the minimum ranks exceed it, all
             layers end at the minimum.
+        weights: ``(L,)`` relative FLOPs of each row (units of unequal size, e.g. causal query
+            segments; mean 1); None: equal. The mean share is then ``mean(weights * flops[chosen])``.
 
     Starting from the largest candidate everywhere, each move lowers one layer by one candidate,
     the one with the smallest ``cost increase / FLOPs saved``.
     """
     num_layers, num_candidates = cost.shape
+    weights = np.ones(num_layers) if weights is None else np.asarray(weights, dtype=np.float64)
+    if weights.shape != (num_layers,):
+        raise ValueError(f"weights must have shape ({num_layers},), got {weights.shape}")
     chosen = [num_candidates - 1] * num_layers
-    while np.mean(flops[chosen]) > budget + 1e-12:
+    while np.mean(weights * flops[chosen]) > budget + 1e-12:
         best, best_price = None, np.inf
         for layer, index in enumerate(chosen):
             if index == 0:
                 continue
-            saved = flops[index] - flops[index - 1]
+            saved = weights[layer] * (flops[index] - flops[index - 1])
             price = (cost[layer, index - 1] - cost[layer, index]) / max(saved, 1e-12)
             if price < best_price:
                 best, best_price = layer, price

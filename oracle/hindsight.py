@@ -31,7 +31,7 @@ import torch
 
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
-from drrl_env.hook import AttentionCall, install
+from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
 from drrl_env.sensitivity import allocate_ranks, candidates_below_full, fisher_kl_profile, rank_shares
@@ -69,7 +69,6 @@ def _skip_layers_before(layers: torch.nn.ModuleList, first: int, handed_on: Any)
             del layer.forward
 
 
-@torch.no_grad()
 def layer_kl_profile(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
@@ -86,6 +85,28 @@ def layer_kl_profile(
         mode: spectral mode of the low-rank attention.
         segment_len: query segments per layer call, as in the env (every segment of layer ``l`` at the rank).
     """
+    return unit_kl_profile(loaded, input_ids, ranks, mode, segment_len)[:, 0]
+
+
+@torch.no_grad()
+def unit_kl_profile(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple[int, ...],
+    mode: str = "separate",
+    segment_len: int | None = None,
+    per_head: bool = False,
+    per_segment: bool = False,
+) -> np.ndarray:
+    """``(L, U, K)``: :func:`layer_kl_profile` of finer units, one unit of one layer at one rank at a time.
+
+    A unit is the whole layer (``U = 1``), one key/value head group (``per_head``: the others stay
+    at full rank), one query segment of ``segment_len`` (``per_segment``: the other segments of the
+    layer stay full) or one head in one segment (both; ``U = S * Hkv``, segment-major). Each
+    layer's units and candidates share one replicated forward, as the layer profile's candidates do.
+    """
+    if per_segment and segment_len is None:
+        raise ValueError("per_segment needs a segment_len (the query segments the units are made of)")
     model, hook = loaded.model, install(loaded.model)
     shape = loaded.attention_shape
     input_ids = input_ids.to(loaded.device)
@@ -103,10 +124,14 @@ def layer_kl_profile(
         for recorder in recorders:
             recorder.remove()
     below, table = candidates_below_full(ranks, shape)
-    cost = np.zeros((shape.num_layers, len(ranks)))
+    heads = shape.kv_heads if per_head else 1
+    segments = len(segment_spans(input_ids.shape[1], segment_len)) if per_segment else 1
+    cost = np.zeros((shape.num_layers, segments * heads, len(ranks)))
     if not below:
         return cost
-    replicated = input_ids.repeat(len(below), 1)  # (C * B, n): replica c is rows c*B .. (c+1)*B - 1
+    table, replica_segment = _unit_table(table, shape.head_dim, segments, heads)  # replica u*C + c: unit u at c
+    copies = table.shape[0]
+    replicated = input_ids.repeat(copies, 1)  # replica r is rows r*B .. (r+1)*B - 1
     for layer in range(shape.num_layers):
 
         def handler(call: AttentionCall, layer: int = layer) -> torch.Tensor:
@@ -120,16 +145,39 @@ def layer_kl_profile(
                 mask=None if call.mask is None else call.mask[:rows],
                 hidden_states=None,
             )  # the replicas are identical up to here: one set of spectra serves every candidate
-            return original.low_rank(table, mode).flatten(0, 1)  # (C, B, Hq, m, d) -> (C * B, Hq, m, d)
+            ranks_now = table
+            if replica_segment is not None:  # replicas of other segments' units are full in this one
+                ranks_now = table.masked_fill((replica_segment != call.segment).unsqueeze(1), shape.head_dim)
+            return original.low_rank(ranks_now, mode).flatten(0, 1)  # (R, B, Hq, m, d) -> (R * B, Hq, m, d)
 
         prefix = contextlib.nullcontext()
         if layers is not None and layer > 0:
-            prefix = _skip_layers_before(layers, layer, _replicated(outputs[layer - 1], len(below)))
+            prefix = _skip_layers_before(layers, layer, _replicated(outputs[layer - 1], copies))
         with hook.use(handler, segment_len), prefix:
-            logits = model(input_ids=replicated).logits  # (C * B, n, V)
-        for c, k in enumerate(below):
-            cost[layer, k] = next_token_kl(full_logits, logits[c * rows : (c + 1) * rows])
+            logits = model(input_ids=replicated).logits  # (R * B, n, V)
+        for replica in range(copies):
+            unit, c = divmod(replica, len(below))
+            cost[layer, unit, below[c]] = next_token_kl(full_logits, logits[replica * rows : (replica + 1) * rows])
     return cost
+
+
+def _unit_table(
+    table: torch.Tensor, head_dim: int, segments: int, heads: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(U * C, Hkv)`` rank table of every unit at every candidate, and each replica's segment (None: all).
+
+    Unit ``u = s * heads + h``: with ``heads > 1`` only group ``h`` takes the candidate, the others stay full.
+    """
+    candidates, kv_heads = table.shape
+    units = segments * heads
+    unit_table = table.repeat(units, 1)
+    if heads > 1:
+        unit_head = torch.arange(units).repeat_interleave(candidates) % heads  # (U * C,)
+        others = unit_head.unsqueeze(1) != torch.arange(kv_heads).unsqueeze(0)
+        unit_table = unit_table.masked_fill(others, head_dim)
+    if segments == 1:
+        return unit_table, None
+    return unit_table, torch.arange(units).repeat_interleave(candidates) // heads
 
 
 def kl_profile(

@@ -10,7 +10,7 @@ from drrl_env.hook import install
 from drrl_env.models import LoadedModel, load_causal_lm
 from drrl_env.perplexity import LayerRanks
 from drrl_env.reward import next_token_kl
-from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile
+from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile, unit_kl_profile
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -32,6 +32,48 @@ def test_profile_equals_one_forward_per_cell(tiny_layered_model_dir, mode, segme
             assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
     assert (profile[:, -1] == 0).all() and (profile >= 0).all()
     assert (profile[:, 0] > 0).all()  # rank 2 of 16 costs something in every layer
+
+
+@pytest.mark.parametrize("per_head, per_segment", [(True, False), (False, True), (True, True)])
+def test_unit_profile_equals_one_forward_per_cell(tiny_layered_model_dir, per_head, per_segment):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    shape, segment_len = loaded.attention_shape, 12  # 32 tokens: segments of 12, 12 and 8 queries
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    profile = unit_kl_profile(loaded, ids, RANKS, "joint", segment_len, per_head, per_segment)
+    heads, segments = (shape.kv_heads if per_head else 1), (3 if per_segment else 1)
+    assert profile.shape == (shape.num_layers, segments * heads, len(RANKS))
+    hook = install(loaded.model)
+    with torch.no_grad(), hook.use(None, segment_len):
+        full = loaded.model(input_ids=ids).logits
+    for layer in range(shape.num_layers):
+        for unit in range(segments * heads):
+            segment, head = divmod(unit, heads)
+            for k in (0, 2):
+
+                def one_cell(call, layer=layer, segment=segment, head=head, rank=RANKS[k]):
+                    if call.layer != layer or (per_segment and call.segment != segment):
+                        return call.full()
+                    ranks = torch.full((shape.kv_heads,), rank)
+                    if per_head:
+                        ranks = torch.full((shape.kv_heads,), shape.head_dim).index_fill(0, torch.tensor([head]), rank)
+                    return call.low_rank(ranks, "joint")
+
+                with torch.no_grad(), hook.use(one_cell, segment_len):
+                    expected = next_token_kl(full, loaded.model(input_ids=ids).logits)
+                assert profile[layer, unit, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, unit, k)
+    assert (profile[..., -1] == 0).all() and (profile[0, :, 0] > 0).all()
+    with pytest.raises(ValueError, match="segment_len"):
+        unit_kl_profile(loaded, ids, RANKS, "joint", None, per_segment=True)
+
+
+def test_allocation_weights_count_unequal_units():
+    cost = np.array([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])  # two units with equal costs
+    flops = np.array([0.25, 0.5, 1.0])
+    assert allocate_ranks(cost, flops, 0.75) == [1, 2] or allocate_ranks(cost, flops, 0.75) == [2, 1]
+    heavy_last = allocate_ranks(cost, flops, 0.75, weights=np.array([0.5, 1.5]))  # the second unit costs 3x the first
+    assert heavy_last == [2, 1] and np.mean(np.array([0.5, 1.5]) * flops[heavy_last]) <= 0.75
+    with pytest.raises(ValueError, match="weights"):
+        allocate_ranks(cost, flops, 0.75, weights=np.ones(3))
 
 
 def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
