@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             if name.startswith("hindsight"):
                 reference = kl[name.replace("hindsight", "static")]
                 gap = f"{100 * (1 - kl[name] / reference):.0f} %"
-            print(f"| {budget:g} | {name} | {kl[name]:.4f} | {ppl:.3f} | {100 * (ppl / full_ppl - 1):+.2f} | {gap} |")
+            print(f"| {budget:g} | {name} | {kl[name]:.5f} | {ppl:.3f} | {100 * (ppl / full_ppl - 1):+.2f} | {gap} |")
 
 
 if __name__ == "__main__":
