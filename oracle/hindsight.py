@@ -200,26 +200,32 @@ class LayerAllocationPolicy:
     """A rank policy that fixes one candidate per layer at each episode's first step, then plays it.
 
     Subclasses say how in :meth:`allocate`; where the mask forbids a layer's candidate, the
-    nearest allowed one is taken.
+    nearest allowed one is taken. In a ``per_head`` env an allocation's entry per layer may be a
+    list of one candidate per key/value group (each group then takes the nearest allowed in its
+    part of the group-major mask); a single index is played in every group.
     """
 
     def __init__(self) -> None:
-        self._allocation: list[int] | None = None
+        self._allocation: list | None = None
 
     def reset(self, seed: int) -> None:
         del seed
         self._allocation = None
 
-    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
-        """Candidate index per layer for the episode ``env`` has just started."""
+    def allocate(self, env: DRRLAttentionEnv) -> list:
+        """Candidate index per layer (or per layer and key/value group) for the episode ``env`` has just started."""
         raise NotImplementedError
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        call = env.attention_call
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        call, ranks = env.attention_call, env.config.ranks
         if self._allocation is None or (call.layer, call.segment) == (0, 0):
             self._allocation = self.allocate(env)
-        rank = env.config.ranks[self._allocation[call.layer]]
-        return nearest_allowed(rank, action_mask, env.config.ranks)
+        chosen = self._allocation[call.layer]
+        if not env.config.per_head:
+            return nearest_allowed(ranks[chosen], action_mask, ranks)
+        groups = np.broadcast_to(np.asarray(chosen), (env.kv_heads,))
+        masks = np.asarray(action_mask).reshape(env.kv_heads, len(ranks))
+        return np.array([nearest_allowed(ranks[k], mask, ranks) for k, mask in zip(groups, masks, strict=True)])
 
 
 class HindsightOracle(LayerAllocationPolicy):
@@ -228,7 +234,9 @@ class HindsightOracle(LayerAllocationPolicy):
     At an episode's first step it profiles the episode's batch (``env.input_ids``) and allocates
     the episode's budget (``env.budget_share``, in shares of full attention's logit FLOPs, so a
     layer at rank ``r`` costs ``r / d``); then it plays the allocation, taking the nearest allowed
-    candidate where the mask forbids a choice. ``per_head=False`` only; needs a ``flops_budget``.
+    candidate where the mask forbids a choice. Needs a ``flops_budget``. In a ``per_head`` env it
+    profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`;
+    exact estimate only), where the headroom is largest (docs/results.md, section 3).
     ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` (``hindsight:fisher``).
     """
 
@@ -243,16 +251,23 @@ class HindsightOracle(LayerAllocationPolicy):
     def name(self) -> str:
         return "hindsight" if self.estimate == "exact" else f"hindsight:{self.estimate}"
 
-    def allocate(self, env: DRRLAttentionEnv) -> list[int]:
+    def allocate(self, env: DRRLAttentionEnv) -> list:
         config = env.config
-        if config.per_head:
-            raise ValueError("the hindsight oracle supports per_head=False only (one rank per layer)")
         if env.budget_share is None:
             raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
+        shares = rank_shares(config.ranks, env.head_dim)
+        if config.per_head:
+            if self.estimate != "exact":
+                raise ValueError(f"a per_head env needs the exact profile, not {self.estimate!r}")
+            self.last_profile = unit_kl_profile(
+                env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, per_head=True
+            )  # (L, Hkv, K)
+            chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)
+            return np.asarray(chosen).reshape(env.num_layers, env.kv_heads).tolist()
         if self.estimate == "fisher" and config.sensitivity_samples == FISHER_SAMPLES:
             self.last_profile = env.sensitivity_profile  # the same estimate, already made for the observation
         else:
             self.last_profile = kl_profile(
                 env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, self.estimate
             )
-        return allocate_ranks(self.last_profile, rank_shares(config.ranks, env.head_dim), env.budget_share)
+        return allocate_ranks(self.last_profile, shares, env.budget_share)

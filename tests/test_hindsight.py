@@ -134,3 +134,24 @@ def test_static_profiles_at_least_one_sequence(tiny_layered_model_dir):
     kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=64, batch_size=1, device="cpu", guardrail="off")
     static = StaticAllocation.profile(0.5, kwargs, max_tokens=16, progress=False)
     assert np.isfinite(static.cost).all() and (static.cost[:, 0] > 0).all()
+
+
+def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    env = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off").unwrapped
+    policy = HindsightOracle()
+    observation, _ = env.reset(seed=3)
+    policy.reset(3)
+    terminated, played = False, []
+    while not terminated:
+        action = policy.act(observation, env.action_masks(), env)
+        assert action.shape == (env.kv_heads,)
+        observation, _, terminated, _, info = env.step(action)
+        played.append(list(info["rank"]))
+    assert policy.last_profile.shape == (env.num_layers, env.kv_heads, len(RANKS))
+    chosen = allocate_ranks(policy.last_profile.reshape(-1, len(RANKS)), np.asarray(RANKS) / 16, 0.5)
+    assert played == np.asarray(RANKS)[np.asarray(chosen)].reshape(env.num_layers, env.kv_heads).tolist()
+    assert info["budget_used"] <= 0.5 + 1e-9 and len({rank for ranks in played for rank in ranks}) > 1
+    env.reset(seed=4)
+    with pytest.raises(ValueError, match="per_head env needs the exact profile"):
+        HindsightOracle("fisher").allocate(env)
