@@ -77,6 +77,17 @@ def find_sinks(key: torch.Tensor, valid: torch.Tensor, count: int) -> Sinks | No
     return Sinks(index, key.gather(2, rows))
 
 
+def prompt_grams(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, sinks: Sinks | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group Grams a per-prompt key basis is built from: every valid query, the valid keys but the sinks.
+
+    The sinks' logits stay exact (:func:`attention_with_sinks`), so their keys are left out of the basis.
+    """
+    key_valid = valid if sinks is None else valid.scatter(1, sinks.index, False)
+    return group_grams(query, key, valid, key_valid)
+
+
 def attention_with_sinks(
     query: torch.Tensor,
     query_low: torch.Tensor,
@@ -185,8 +196,7 @@ class KeyBasisAttention:
             return self.calibrated[call.layer], sinks
         if call.query.shape[-2] != call.key.shape[-2]:
             raise ValueError("a per-prompt key basis is computed at the prefill, where queries and keys align")
-        key_valid = valid if sinks is None else valid.scatter(1, sinks.index, False)
-        gram_q, gram_k = group_grams(call.query, call.key, valid, key_valid)
+        gram_q, gram_k = prompt_grams(call.query, call.key, valid, sinks)
         basis = basis_from_grams(gram_q, gram_k, self.ranks[call.layer], self.kind)
         return basis.to(call.query.dtype, call.query.device), sinks
 

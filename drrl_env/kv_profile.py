@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from drrl_env.calibration import CalibrationGrams
 from drrl_env.generate import cached_forward, generate, key_cache_attention, rank_table
 from drrl_env.hook import AttentionCall, install
-from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention, find_sinks, key_validity
+from drrl_env.kv_attention import (
+    RECENT_TOKENS,
+    SINK_TOKENS,
+    KeyBasisAttention,
+    find_sinks,
+    key_validity,
+    prompt_grams,
+)
 from drrl_env.kv_basis import basis_from_grams, group_grams
 from drrl_env.kv_cache import LowRankKeyCache
 from drrl_env.models import LoadedModel
@@ -156,10 +163,8 @@ def prefill_logit_errors(
 
     def handler(call: AttentionCall) -> torch.Tensor:
         valid = key_validity(call)
-        sinks = find_sinks(call.key, valid, sink_tokens)
-        key_valid = valid if sinks is None else valid.scatter(1, sinks.index, False)
         query, key = call.query.double(), call.key.double()
-        gram_q, gram_k = group_grams(query, key, valid, key_valid)
+        gram_q, gram_k = prompt_grams(query, key, valid, find_sinks(call.key, valid, sink_tokens))
         gram_w = gram_q if window is None else group_grams(query[..., -window:, :], key[..., -window:, :])[0]
         total = torch.einsum("bhij,bhji->", gram_k, gram_w)
         for k, rank in enumerate(ranks):
