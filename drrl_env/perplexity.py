@@ -34,6 +34,7 @@ from drrl_env.kv_attention import SINK_TOKENS, KeyBasisAttention
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.lowrank import SPECTRAL_MODES, SpectralMode
 from drrl_env.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm, resolve_device
+from drrl_env.reward import lm_loss, next_token_kl
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,21 @@ class LayerRanks:
         if isinstance(rank, (tuple, list)):
             rank = rank[call.segment]
         return call.full() if rank is None else call.low_rank(rank, self.mode)
+
+
+@torch.no_grad()
+def replay_scores(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple,
+    mode: SpectralMode,
+    full_logits: torch.Tensor,
+    segment_len: int | None = None,
+) -> tuple[float, float]:
+    """(mean per-token KL from ``full_logits``, LM loss) of ``input_ids`` with the :class:`LayerRanks` ``ranks``."""
+    with install(loaded.model).use(LayerRanks(tuple(ranks), mode), segment_len):
+        logits = loaded.model(input_ids=input_ids.to(loaded.device)).logits
+    return next_token_kl(full_logits, logits), lm_loss(logits, input_ids.to(loaded.device))
 
 
 @dataclass(frozen=True)

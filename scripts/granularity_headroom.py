@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.hook import install, segment_spans
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
-from drrl_env.perplexity import LayerRanks
-from drrl_env.reward import lm_loss, next_token_kl
+from drrl_env.perplexity import replay_scores
+from drrl_env.reward import lm_loss
 from oracle.hindsight import allocate_ranks, rank_shares, unit_kl_profile
 
 GRANULARITIES = ("layer", "head", "segment")
@@ -62,14 +62,6 @@ def as_layer_ranks(chosen: list[int], ranks: tuple[int, ...], granularity: str, 
     if granularity == "segment":
         return tuple(tuple(int(rank) for rank in row) for row in table)
     return tuple(int(row[0]) for row in table)
-
-
-@torch.no_grad()
-def score(loaded, ids: torch.Tensor, spec: tuple, args: argparse.Namespace, full_logits) -> tuple[float, float]:
-    """(mean per-token KL from the full model, LM loss) of ``ids`` with the allocation ``spec``."""
-    with install(loaded.model).use(LayerRanks(spec, args.mode), args.segment_len):
-        logits = loaded.model(input_ids=ids).logits
-    return next_token_kl(full_logits, logits), lm_loss(logits, ids)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         for budget in args.budgets:
             uniform = max(k for k in range(len(args.ranks)) if flops[k] <= budget + 1e-12)
             results.setdefault((budget, "uniform"), []).append(
-                score(loaded, ids, as_layer_ranks([uniform] * layers, args.ranks, "layer", layers), args, full_logits)
+                replay_scores(loaded, ids, [args.ranks[uniform]] * layers, args.mode, full_logits, args.segment_len)
             )
         for granularity in args.granularities:
             own = profile(loaded, ids, args, granularity)
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                     assert np.mean(weights * flops[chosen]) <= budget + 1e-9, (granularity, name, budget)
                     spec = as_layer_ranks(chosen, args.ranks, granularity, layers)
                     results.setdefault((budget, f"{name} per {granularity}"), []).append(
-                        score(loaded, ids, spec, args, full_logits)
+                        replay_scores(loaded, ids, spec, args.mode, full_logits, args.segment_len)
                     )
     full_ppl = math.exp(np.mean(full_losses))
     print(f"\nmodel={args.model} corpus={args.corpus} mode={args.mode} test chunks={len(test)}x{args.seq_len}, "

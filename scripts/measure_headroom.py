@@ -35,19 +35,10 @@ from agents.static import validation_profile
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.hook import install
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
-from drrl_env.perplexity import LayerRanks
-from drrl_env.reward import lm_loss, next_token_kl
+from drrl_env.perplexity import replay_scores
+from drrl_env.reward import lm_loss
 from drrl_env.sensitivity import fisher_kl_profile
 from oracle.hindsight import FISHER_SAMPLES, allocate_ranks, layer_kl_profile, rank_shares
-
-
-@torch.no_grad()
-def score(loaded, ids, layer_ranks, mode, full_logits) -> tuple[float, float]:
-    """(mean per-token KL from the full model, LM loss) of ``ids (1, n)`` with every layer at its rank."""
-    hook = install(loaded.model)
-    with hook.use(LayerRanks(tuple(layer_ranks), mode)):
-        logits = loaded.model(input_ids=ids).logits
-    return next_token_kl(full_logits, logits), lm_loss(logits, ids)
 
 
 def mean_offdiagonal_correlation(rows: np.ndarray) -> float:
@@ -108,7 +99,7 @@ def main() -> None:
                 for name, chosen in choices.items():
                     assert np.mean(flops[chosen]) <= budget + 1e-9, (name, budget)
                     results.setdefault((budget, name), []).append(
-                        score(loaded, ids, [ranks[k] for k in chosen], mode, full_logits)
+                        replay_scores(loaded, ids, [ranks[k] for k in chosen], mode, full_logits)
                     )
         full_ppl = math.exp(np.mean(full_losses))
         flat = np.stack([p.ravel() for p in profiles])

@@ -8,8 +8,8 @@ from agents.baselines import UniformBudget, make_baseline
 from agents.static import StaticAllocation
 from drrl_env.hook import install
 from drrl_env.models import LoadedModel, load_causal_lm
-from drrl_env.perplexity import LayerRanks
-from drrl_env.reward import next_token_kl
+from drrl_env.perplexity import LayerRanks, replay_scores
+from drrl_env.reward import lm_loss, next_token_kl
 from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile, unit_kl_profile
 
 RANKS = (2, 4, 8, 12, 16)
@@ -155,3 +155,18 @@ def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
     env.reset(seed=4)
     with pytest.raises(ValueError, match="per_head env needs the exact profile"):
         HindsightOracle("fisher").allocate(env)
+
+
+def test_replay_scores_are_the_kl_and_loss_of_a_layer_ranks_forward(tiny_layered_model_dir):
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(5))
+    hook = install(loaded.model)
+    with torch.no_grad(), hook.use(None, 8):
+        full = loaded.model(input_ids=ids).logits
+    spec = ((2, 4, 8, 16), torch.tensor([4, 16]))  # layer 0 per segment, layer 1 per key/value group
+    with torch.no_grad(), hook.use(LayerRanks(spec, "joint"), 8):
+        logits = loaded.model(input_ids=ids).logits
+    kl, loss = replay_scores(loaded, ids, spec, "joint", full, segment_len=8)
+    assert kl == pytest.approx(next_token_kl(full, logits), rel=1e-6) and kl > 0
+    assert loss == pytest.approx(lm_loss(logits, ids), rel=1e-6)
+    assert replay_scores(loaded, ids, [None, None], "joint", full, segment_len=8)[0] == pytest.approx(0, abs=1e-7)
