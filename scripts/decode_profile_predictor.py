@@ -95,14 +95,20 @@ def main(argv: list[str] | None = None) -> None:
         )
     train_feature, test_feature = train_features[:, 0], test_features[:, 0]  # the window's
 
-    static, mean_feature = train_cost.mean(axis=0), np.exp(np.log(train_feature + FLOOR).mean(axis=0))
+    static, mean_log_feature = train_cost.mean(axis=0), np.log(train_feature + FLOOR).mean(axis=0)
+
+    def feature_deviation(feature: np.ndarray) -> np.ndarray:
+        """``log(feature + FLOOR)`` from its mean over the training prompts, cell by cell (``(..., L, K)``)."""
+        return np.log(feature + FLOOR) - mean_log_feature
+
+    train_x, test_x = feature_deviation(train_feature), feature_deviation(test_feature)
     slopes = []
     for k in range(below):  # per candidate rank: y = slope * x through the origin
-        x = np.log(train_feature[:, :, k] + FLOOR) - np.log(mean_feature[:, k])
+        x = train_x[:, :, k]
         y = log_deviation(train_cost[:, :, k], static[:, k])
         slopes.append(float((x * y).sum() / (x * x).sum()))
         fit = 1 - ((y - slopes[-1] * x) ** 2).sum() / (y * y).sum()
-        x_test = np.log(test_feature[:, :, k] + FLOOR) - np.log(mean_feature[:, k])
+        x_test = test_x[:, :, k]
         y_test = log_deviation(test_cost[:, :, k], static[:, k])
         held = 1 - ((y_test - slopes[-1] * x_test) ** 2).sum() / (y_test * y_test).sum()
         corr = np.corrcoef(x_test.ravel(), y_test.ravel())[0, 1]
@@ -113,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     for p, prompt in enumerate(tqdm(test[: args.test_prompts], desc="score")):
         predicted = static.copy()
         for k in range(below):
-            x = np.log(test_feature[p, :, k] + FLOOR) - np.log(mean_feature[:, k])
-            predicted[:, k] = np.exp(np.log(static[:, k] + FLOOR) + slopes[k] * x) - FLOOR
+            predicted[:, k] = np.exp(np.log(static[:, k] + FLOOR) + slopes[k] * test_x[p, :, k]) - FLOOR
         specs = [round(args.mean_rank), allocate(static), allocate(predicted), allocate(test_cost[p])]
         continuation = greedy_continuation(loaded, prompt[None], args.tokens)
         reference = teacher_forced_logits(loaded, prompt[None], continuation, "full")
