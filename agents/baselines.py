@@ -2,7 +2,11 @@
 
 Every policy here only picks ranks the guardrail allows: where its preferred rank is masked, it
 takes the allowed candidate nearest to it (ties: the larger), which is also what the env would
-execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, ``energy:0.9``):
+execute. In a ``per_head`` env each rule runs once per key/value group, on the group's part of the
+mask and of the observation's NER (:func:`for_each_group`; ``stable_rank`` and ``threshold`` keep one
+target per layer), and returns one candidate per group; where the groups' choices together would
+exceed the budget, the env lowers them (``drrl_env.episode``). Build one from a spec string with
+:func:`make_baseline` (``fixed:32``, ``energy:0.9``):
 
 ============== ===================================================================================
 ``full``        the largest candidate rank (for ``ranks`` up to ``head_dim``: full rank)
@@ -33,6 +37,7 @@ execute. Build one from a spec string with :func:`make_baseline` (``fixed:32``, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +59,24 @@ def smallest_allowed_at_least(target_rank: float, action_mask: np.ndarray, ranks
     return int(above[0]) if len(above) else int(np.flatnonzero(allowed)[-1])
 
 
+def for_each_group(
+    observation: np.ndarray,
+    action_mask: np.ndarray,
+    env: DRRLAttentionEnv,
+    choose: Callable[[np.ndarray, np.ndarray], int],
+) -> int | np.ndarray:
+    """A per-layer rule ``choose(mask (K,), ner (K,)) -> candidate index`` applied to each key/value group.
+
+    One rank per layer: one call with the step's mask and NER, its index returned. Per-head ranks: one
+    call per group with the group's parts of the group-major mask and NER, ``(Hkv,)`` indices returned.
+    """
+    num_candidates = len(env.config.ranks)
+    masks = np.asarray(action_mask, dtype=bool).reshape(-1, num_candidates)
+    ners = np.asarray(observation, dtype=np.float64)[env.observation_slices["ner"]].reshape(-1, num_candidates)
+    choices = [int(choose(mask, ner)) for mask, ner in zip(masks, ners, strict=True)]
+    return np.array(choices, dtype=np.int64) if env.config.per_head else choices[0]
+
+
 class _Deterministic:
     def reset(self, seed: int) -> None:
         del seed
@@ -64,8 +87,8 @@ class FullRank(_Deterministic):
 
     name = "full"
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        return int(np.flatnonzero(action_mask)[-1])
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        return for_each_group(observation, action_mask, env, lambda mask, ner: np.flatnonzero(mask)[-1])
 
 
 @dataclass
@@ -78,8 +101,10 @@ class FixedRank(_Deterministic):
     def name(self) -> str:
         return f"fixed:{self.rank}"
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        return nearest_allowed(self.rank, action_mask, env.config.ranks)
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        return for_each_group(
+            observation, action_mask, env, lambda mask, ner: nearest_allowed(self.rank, mask, env.config.ranks)
+        )
 
 
 class UniformBudget(_Deterministic):
@@ -90,12 +115,16 @@ class UniformBudget(_Deterministic):
 
     name = "uniform"
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
         _, left_share = np.asarray(observation)[env.observation_slices["budget"]]
         target = float(left_share) * env.head_dim * (1 + 1e-6)  # float32 rounding of the observation
         ranks = np.asarray(env.config.ranks)
-        within = np.flatnonzero(np.asarray(action_mask, dtype=bool) & (ranks <= target))
-        return int(within[-1]) if len(within) else smallest_allowed_at_least(0, action_mask, ranks)
+
+        def choose(mask: np.ndarray, ner: np.ndarray) -> int:
+            within = np.flatnonzero(mask & (ranks <= target))
+            return int(within[-1]) if len(within) else smallest_allowed_at_least(0, mask, ranks)
+
+        return for_each_group(observation, action_mask, env, choose)
 
 
 @dataclass
@@ -108,11 +137,14 @@ class EnergyThreshold(_Deterministic):
     def name(self) -> str:
         return f"energy:{self.threshold:g}"
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        ner = np.asarray(observation)[env.observation_slices["ner"]]  # (K,)
-        reaching = np.flatnonzero(ner >= self.threshold)
-        target = env.config.ranks[reaching[0]] if len(reaching) else env.config.ranks[-1]
-        return smallest_allowed_at_least(target, action_mask, env.config.ranks)
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        ranks = env.config.ranks
+
+        def choose(mask: np.ndarray, ner: np.ndarray) -> int:
+            reaching = np.flatnonzero(ner >= self.threshold)
+            return smallest_allowed_at_least(ranks[reaching[0]] if len(reaching) else ranks[-1], mask, ranks)
+
+        return for_each_group(observation, action_mask, env, choose)
 
 
 class RandomRank:
@@ -126,8 +158,8 @@ class RandomRank:
     def reset(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        return int(self.rng.choice(np.flatnonzero(action_mask)))
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        return for_each_group(observation, action_mask, env, lambda mask, ner: self.rng.choice(np.flatnonzero(mask)))
 
 
 def stable_rank(x: torch.Tensor, iterations: int = 3) -> torch.Tensor:
@@ -165,18 +197,25 @@ class StableRankController:
     def reset(self, seed: int) -> None:
         self._ema, self._current = None, None
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
         call = env.attention_call
         target = self.safety * max(
             float(stable_rank(call.query, self.iterations).mean()), float(stable_rank(call.key, self.iterations).mean())
         )
         self._ema = target if self._ema is None else self.smoothing * self._ema + (1 - self.smoothing) * target
+        ranks = env.config.ranks
         if self._current is None or abs(self._ema - self._current) > self.hysteresis * self._current:
-            index = smallest_allowed_at_least(self._ema, action_mask, env.config.ranks)
+            ema = self._ema
+            choice = for_each_group(
+                observation, action_mask, env, lambda mask, ner: smallest_allowed_at_least(ema, mask, ranks)
+            )
         else:
-            index = nearest_allowed(self._current, action_mask, env.config.ranks)
-        self._current = float(env.config.ranks[index])
-        return index
+            current = self._current
+            choice = for_each_group(
+                observation, action_mask, env, lambda mask, ner: nearest_allowed(current, mask, ranks)
+            )
+        self._current = float(np.mean(np.asarray(ranks)[choice]))
+        return choice
 
 
 @dataclass
@@ -189,13 +228,16 @@ class SpectralThreshold(_Deterministic):
     def name(self) -> str:
         return f"threshold:{self.delta:g}"
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
         call = env.attention_call
         counts = [
             (sigma > self.delta * sigma[..., :1]).sum(-1).double().mean()
             for sigma in (call.query_spectrum.singular_values, call.key_spectrum.singular_values)
         ]
-        return smallest_allowed_at_least(float(max(counts)), action_mask, env.config.ranks)
+        target, ranks = float(max(counts)), env.config.ranks
+        return for_each_group(
+            observation, action_mask, env, lambda mask, ner: smallest_allowed_at_least(target, mask, ranks)
+        )
 
 
 @dataclass
@@ -212,11 +254,14 @@ class GumbelRank:
     def reset(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        ner = np.asarray(observation, dtype=np.float64)[env.observation_slices["ner"]]
-        scores = (ner - np.asarray(env.config.ranks) / env.head_dim) / self.temperature
-        noisy = scores + self.rng.gumbel(size=scores.shape)
-        return int(np.argmax(np.where(np.asarray(action_mask, dtype=bool), noisy, -np.inf)))
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        widths = np.asarray(env.config.ranks) / env.head_dim
+
+        def choose(mask: np.ndarray, ner: np.ndarray) -> int:
+            noisy = (ner - widths) / self.temperature + self.rng.gumbel(size=ner.shape)
+            return int(np.argmax(np.where(mask, noisy, -np.inf)))
+
+        return for_each_group(observation, action_mask, env, choose)
 
 
 class GivenAllocation(LayerAllocationPolicy):

@@ -198,7 +198,13 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         self._sensitivity = None
         if cfg.sensitivity_samples:
             self._sensitivity = fisher_kl_profile(
-                self.loaded, batch, cfg.ranks, cfg.spectral_mode, cfg.segment_len, samples=cfg.sensitivity_samples
+                self.loaded,
+                batch,
+                cfg.ranks,
+                cfg.spectral_mode,
+                cfg.segment_len,
+                samples=cfg.sensitivity_samples,
+                per_head=cfg.per_head,
             )
         needs_reference = cfg.reward_kind == "kl" or cfg.terminal_lm_weight > 0
         reference = ReferencePass.run(self.loaded, self.hook, batch, cfg.segment_len) if needs_reference else None
@@ -301,8 +307,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     def sensitivity_profile(self) -> np.ndarray | None:
         """``(L, K)`` what each layer's rank costs on this episode's batch (Fisher estimate), or None.
 
-        The per-token KL the observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0``
-        (``drrl_env.sensitivity``).
+        ``(L, Hkv, K)`` with ``per_head`` (each key/value group alone at each rank). The per-token KL the
+        observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0`` (``drrl_env.sensitivity``).
         """
         self._require_episode("sensitivity_profile")
         return self._sensitivity

@@ -139,9 +139,10 @@ class ObservationLayout:
       share left: the budget not yet spent over the full cost of the remaining steps, i.e. the
       mean rank share the rest of the episode may use;
     * ``context`` (3): depth ``l / (L - 1)``, segment ``s / (S - 1)`` (0 with one segment) and ``eps_t / eps0``;
-    * ``sensitivity`` (3K, only with ``sensitivity_samples > 0``): what each candidate rank costs on this
-      input at this layer and at the later layers, and, one-hot, the candidate the hindsight water-fill
-      re-planned from this step gives this layer (:func:`drrl_env.sensitivity.sensitivity_features`).
+    * ``sensitivity`` (3K, or 3K * Hkv with per-head ranks; only with ``sensitivity_samples > 0``): what each
+      candidate rank costs on this input at this layer and at the later layers, and, one-hot, the candidate
+      the hindsight water-fill re-planned from this step gives this layer (or each of its key/value groups:
+      :func:`drrl_env.sensitivity.sensitivity_features`).
 
     Every entry is clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``.
     """
@@ -164,7 +165,7 @@ class ObservationLayout:
             "context": 3,
         }
         if self.sensitivity:
-            widths["sensitivity"] = sensitivity_width(self.num_candidates)
+            widths["sensitivity"] = sensitivity_width(self.num_candidates, self.groups)
         return widths
 
     @property

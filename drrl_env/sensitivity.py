@@ -102,8 +102,14 @@ def fisher_kl_profile(
     segment_len: int | None = None,
     samples: int = 16,
     seed: int = 0,
+    per_head: bool = False,
 ) -> np.ndarray:
     """``(L, K)`` Fisher estimate (Eq. F) of :func:`oracle.hindsight.layer_kl_profile`, label-free.
+
+    With ``per_head``: ``(L, Hkv, K)``, the estimate of :func:`oracle.hindsight.unit_kl_profile`'s per-head
+    profile (key/value group ``h`` alone at rank ``k``). Each group's truncation changes only the outputs of
+    its own query heads (query head ``i`` reads group ``i // (Hq / Hkv)``), so the same forward, deltas and
+    backward passes give every group's ``g . delta`` by summing over that group's heads only: no extra cost.
 
     Args:
         loaded: the model.
@@ -113,6 +119,7 @@ def fisher_kl_profile(
         segment_len: query segments per layer call, as in the env (every segment of a layer at the rank).
         samples: label samples drawn from the full model per position (backward passes).
         seed: seed of the label samples.
+        per_head: one profile row per key/value group of each layer.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -121,9 +128,10 @@ def fisher_kl_profile(
     input_ids = input_ids.to(loaded.device)
     rows, tokens = input_ids.shape
     below, table = candidates_below_full(ranks, shape)
-    cost = np.zeros((shape.num_layers, len(ranks)))
+    heads = shape.kv_heads if per_head else 1
+    cost = np.zeros((shape.num_layers, heads, len(ranks)))
     if not below:
-        return cost
+        return cost if per_head else cost[:, 0]
     taps: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, zero tap, (C, B, Hq, m, d) deltas)
 
     def handler(call: AttentionCall) -> torch.Tensor:
@@ -139,33 +147,37 @@ def fisher_kl_profile(
         log_p = torch.log_softmax(logits, dim=-1)
         generator = torch.Generator(device=log_p.device).manual_seed(seed)
         probabilities = log_p.detach().exp().flatten(0, 1)  # (B * n, V)
-        squares = torch.zeros(shape.num_layers, len(below), rows, dtype=torch.float64)
+        squares = torch.zeros(shape.num_layers, len(below), rows, heads, dtype=torch.float64)
         for sample in range(samples):
             labels = torch.multinomial(probabilities, 1, generator=generator).view(rows, tokens, 1)
             log_likelihood = log_p.gather(-1, labels).sum()
             gradients = torch.autograd.grad(
                 log_likelihood, [tap for _, tap, _ in taps], retain_graph=sample < samples - 1
             )
-            projections = torch.zeros(shape.num_layers, len(below), rows, dtype=torch.float64)
+            projections = torch.zeros(shape.num_layers, len(below), rows, heads, dtype=torch.float64)
             for (layer, _, delta), gradient in zip(taps, gradients, strict=True):
-                projections[layer] += (delta * gradient).sum(dim=(2, 3, 4)).double().cpu()  # (C, B): g . delta per row
+                per_group = (delta * gradient).unflatten(2, (heads, -1))  # (C, B, heads, Hq / heads, m, d)
+                projections[layer] += per_group.sum(dim=(3, 4, 5)).double().cpu()  # g . delta per row and group
             squares += projections**2
-    estimate = 0.5 * squares.sum(dim=2) / samples / (rows * tokens)  # (L, C) per token
-    cost[:, below] = estimate.numpy()
-    return cost
+    estimate = 0.5 * squares.sum(dim=2) / samples / (rows * tokens)  # (L, C, heads) per token
+    cost[:, :, below] = estimate.transpose(1, 2).numpy()
+    return cost if per_head else cost[:, 0]
 
 
 SENSITIVITY_FLOOR = 1e-6
 """KL per token below which a cost is shown as this floor (log scale; full rank costs 0)"""
 
 
-def sensitivity_width(num_candidates: int) -> int:
-    """Width of the observation's ``sensitivity`` part: two profile rows and the water-fill's choice, one-hot."""
-    return 3 * num_candidates
+def sensitivity_width(num_candidates: int, units: int = 1) -> int:
+    """Width of the observation's ``sensitivity`` part: two profile rows and the water-fill's choice, one-hot.
+
+    ``units``: profile rows per layer (``Hkv`` with per-head ranks); each of the three parts is per unit.
+    """
+    return 3 * num_candidates * units
 
 
 def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, budget_left: float) -> np.ndarray:
-    """The observation's ``sensitivity`` part at ``layer``, ``(3K,)``.
+    """The observation's ``sensitivity`` part at ``layer``, ``(3K,)``, or ``(3 U K,)`` for a ``(L, U, K)`` profile.
 
     * ``log10(cost[layer, k] + floor)`` for each candidate ``k``: what this layer's rank costs on this input;
     * ``log10(sum_{j > layer} cost[j, k] + floor)``: what the later layers' ranks cost (the floor after the last);
@@ -174,13 +186,21 @@ def sensitivity_features(profile: np.ndarray, layer: int, shares: np.ndarray, bu
       hindsight oracle's choice re-planned from here, whatever was played before (one-hot, so that a categorical
       policy maps it to its action by one weight per candidate).
 
+    With a per-unit profile ``(L, U, K)`` (one row per key/value group: ``fisher_kl_profile(per_head=True)``)
+    each part is ``(U, K)``, unit-major (as the observation's ``ner``), and the water-fill runs over every unit
+    of the layers from ``layer`` on.
+
     Args:
-        profile: ``(L, K)`` the input's cost (:func:`fisher_kl_profile`).
+        profile: ``(L, K)`` or ``(L, U, K)`` the input's cost (:func:`fisher_kl_profile`).
         layer: the current layer.
         shares: ``(K,)`` logit-FLOPs share of each candidate (:func:`rank_shares`).
         budget_left: the mean share the remaining steps may use (1 without a budget).
     """
-    later = profile[layer + 1 :].sum(axis=0)  # zeros after the last layer (an empty sum)
-    plan = np.zeros(profile.shape[1])
-    plan[allocate_ranks(profile[layer:], shares, budget_left)[0]] = 1.0
-    return np.concatenate([np.log10(profile[layer] + SENSITIVITY_FLOOR), np.log10(later + SENSITIVITY_FLOOR), plan])
+    units = profile.reshape(profile.shape[0], -1, profile.shape[-1])  # (L, U, K)
+    count, num_candidates = units.shape[1:]
+    later = units[layer + 1 :].sum(axis=0)  # zeros after the last layer (an empty sum)
+    chosen = allocate_ranks(units[layer:].reshape(-1, num_candidates), shares, budget_left)[:count]
+    plan = np.eye(num_candidates)[chosen]  # (U, K)
+    return np.concatenate(
+        [np.log10(units[layer] + SENSITIVITY_FLOOR).ravel(), np.log10(later + SENSITIVITY_FLOOR).ravel(), plan.ravel()]
+    )

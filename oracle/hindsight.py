@@ -187,12 +187,15 @@ def kl_profile(
     mode: str,
     segment_len: int | None,
     estimate: str = "exact",
+    per_head: bool = False,
 ) -> np.ndarray:
-    """``(L, K)`` layer KL profile of the batch: measured exactly, or estimated from the Fisher information."""
+    """``(L, K)`` layer KL profile of the batch (``(L, Hkv, K)`` per head): measured exactly, or by Fisher."""
     if estimate == "exact":
+        if per_head:
+            return unit_kl_profile(loaded, input_ids, ranks, mode, segment_len, per_head=True)
         return layer_kl_profile(loaded, input_ids, ranks, mode, segment_len)
     if estimate == "fisher":
-        return fisher_kl_profile(loaded, input_ids, ranks, mode, segment_len, samples=FISHER_SAMPLES)
+        return fisher_kl_profile(loaded, input_ids, ranks, mode, segment_len, samples=FISHER_SAMPLES, per_head=per_head)
     raise ValueError(f"profile estimate must be one of {PROFILE_ESTIMATES}, got {estimate!r}")
 
 
@@ -235,9 +238,10 @@ class HindsightOracle(LayerAllocationPolicy):
     the episode's budget (``env.budget_share``, in shares of full attention's logit FLOPs, so a
     layer at rank ``r`` costs ``r / d``); then it plays the allocation, taking the nearest allowed
     candidate where the mask forbids a choice. Needs a ``flops_budget``. In a ``per_head`` env it
-    profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`;
-    exact estimate only), where the headroom is largest (docs/results.md, section 3).
-    ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` (``hindsight:fisher``).
+    profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`, or its
+    Fisher estimate), where the headroom is largest (docs/results.md, section 3).
+    ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` (``hindsight:fisher``);
+    where the env already shows that estimate (``sensitivity_samples == FISHER_SAMPLES``) it is reused.
     """
 
     def __init__(self, estimate: str = "exact") -> None:
@@ -255,19 +259,18 @@ class HindsightOracle(LayerAllocationPolicy):
         config = env.config
         if env.budget_share is None:
             raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
-        shares = rank_shares(config.ranks, env.head_dim)
-        if config.per_head:
-            if self.estimate != "exact":
-                raise ValueError(f"a per_head env needs the exact profile, not {self.estimate!r}")
-            self.last_profile = unit_kl_profile(
-                env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, per_head=True
-            )  # (L, Hkv, K)
-            chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)
-            return np.asarray(chosen).reshape(env.num_layers, env.kv_heads).tolist()
         if self.estimate == "fisher" and config.sensitivity_samples == FISHER_SAMPLES:
             self.last_profile = env.sensitivity_profile  # the same estimate, already made for the observation
         else:
             self.last_profile = kl_profile(
-                env.loaded, env.input_ids, config.ranks, config.spectral_mode, config.segment_len, self.estimate
-            )
-        return allocate_ranks(self.last_profile, shares, env.budget_share)
+                env.loaded,
+                env.input_ids,
+                config.ranks,
+                config.spectral_mode,
+                config.segment_len,
+                self.estimate,
+                per_head=config.per_head,
+            )  # (L, K), or (L, Hkv, K) per head
+        shares = rank_shares(config.ranks, env.head_dim)
+        chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)
+        return np.asarray(chosen).reshape(env.num_layers, -1).tolist() if config.per_head else chosen

@@ -95,6 +95,37 @@ def test_heuristic_policies_only_pick_allowed_ranks(spec, budgeted, zoo_env_kwar
     assert masked_steps > 0  # the guardrail was active
 
 
+@pytest.mark.parametrize(
+    "spec", ["full", "uniform", "fixed:8", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05"]
+)
+@pytest.mark.parametrize("guardrail", ["exact", "off"])
+def test_baselines_pick_one_allowed_rank_per_group_in_a_per_head_env(spec, guardrail, zoo_env_kwargs):
+    kwargs = {**zoo_env_kwargs, "per_head": True, "flops_budget": 0.5, "guardrail": guardrail, "eps0": 0.3}
+    env = gym.make("DRRL-Attention-v0", **kwargs, eps_decay=0.0).unwrapped
+    layered = gym.make("DRRL-Attention-v0", **{**kwargs, "per_head": False}, eps_decay=0.0).unwrapped
+    policy, reference = make_baseline(spec, kwargs), make_baseline(spec, kwargs)
+    num_candidates = len(kwargs["ranks"])
+    for episode in range(2):
+        obs, _ = env.reset(seed=episode)
+        layered_obs, _ = layered.reset(seed=episode)
+        policy.reset(episode)
+        reference.reset(episode)
+        terminated, played = False, set()
+        while not terminated:
+            mask = env.action_masks().reshape(env.kv_heads, num_candidates)
+            action = policy.act(obs, env.action_masks(), env)
+            assert action.shape == (env.kv_heads,) and all(mask[group, k] for group, k in enumerate(action)), spec
+            if guardrail == "off" and spec in ("uniform", "fixed:8"):
+                # one target within the budget and no per-group guardrail: every group plays what one rank per
+                # layer would (a target above it meets per-group budget masks that assume the others smallest)
+                layered_action = reference.act(layered_obs, layered.action_masks(), layered)
+                assert set(action.tolist()) == {layered_action}, spec
+                layered_obs, *_ = layered.step(layered_action)
+            obs, _, terminated, _, info = env.step(action)
+            played.update(info["rank"])
+        assert info["budget_used"] <= 0.5 + 1e-9
+
+
 def test_baseline_specs_are_checked():
     with pytest.raises(ValueError, match="unknown baseline 'fixd:3'"):
         make_baseline("fixd:3")

@@ -6,7 +6,7 @@ from scipy.stats import spearmanr
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
 from drrl_env.sensitivity import fisher_kl_profile
-from oracle.hindsight import layer_kl_profile
+from oracle.hindsight import layer_kl_profile, unit_kl_profile
 from tests.conftest import sharpen_first_layer, tiny_llama
 
 RANKS = (2, 4, 8, 12, 16)
@@ -18,14 +18,23 @@ def sharp_tiny_llama(dtype: torch.dtype = torch.float32) -> LoadedModel:
     return LoadedModel("tiny", model, tokenizer=None)
 
 
-def second_order_kl(loaded: LoadedModel, ids: torch.Tensor, layer: int, rank: int, mode: str) -> float:
-    """``1/2 dz^T F dz`` per token in float64, ``dz`` the logits' directional derivative along layer's delta."""
+def second_order_kl(
+    loaded: LoadedModel, ids: torch.Tensor, layer: int, rank: int, mode: str, group: int | None = None
+) -> float:
+    """``1/2 dz^T F dz`` per token in float64, ``dz`` the logits' directional derivative along layer's delta.
+
+    ``group``: only that key/value group at ``rank`` (the others full), as a per-head profile cell.
+    """
     hook = install(loaded.model)
+    shape = loaded.attention_shape
+    ranks = torch.full((1, shape.kv_heads), rank if group is None else shape.head_dim)
+    if group is not None:
+        ranks[0, group] = rank
 
     def along(step: float):
         def handler(call: AttentionCall) -> torch.Tensor:
             full = call.full()
-            return full + step * (call.low_rank(rank, mode) - full) if call.layer == layer else full
+            return full + step * (call.low_rank(ranks, mode)[0] - full) if call.layer == layer else full
 
         return handler
 
@@ -53,6 +62,34 @@ def test_fisher_estimate_converges_to_the_second_order_kl(mode):
         # 2000 samples of a chi-square variable: relative spread about sqrt(2 / 2000) = 3 %
         assert estimate[0, rank_index] == pytest.approx(reference, rel=0.12), rank
     assert (estimate[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_per_head_fisher_estimate_converges_to_each_groups_second_order_kl(mode):
+    loaded = sharp_tiny_llama(torch.float64)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    estimate = fisher_kl_profile(loaded, ids, RANKS, mode, samples=2000, per_head=True)
+    assert estimate.shape == (2, loaded.attention_shape.kv_heads, len(RANKS))
+    for group in range(loaded.attention_shape.kv_heads):
+        for rank_index, rank in enumerate(RANKS[:2]):
+            reference = second_order_kl(loaded, ids, 0, rank, mode, group)
+            assert reference > 1e-6
+            assert estimate[0, group, rank_index] == pytest.approx(reference, rel=0.12), (group, rank)
+    assert (estimate[..., -1] == 0).all()
+    layer_estimate = fisher_kl_profile(loaded, ids, RANKS, mode, samples=2000)
+    assert not np.allclose(estimate.sum(1), layer_estimate, rtol=1e-3)  # a group's estimate is not a layer share
+
+
+@pytest.mark.parametrize("mode, segment_len", [("separate", None), ("joint", 8)])
+def test_per_head_fisher_estimate_ranks_cells_like_the_exact_unit_profile(mode, segment_len):
+    loaded = sharp_tiny_llama()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    exact = unit_kl_profile(loaded, ids, RANKS, mode, segment_len, per_head=True)
+    estimate = fisher_kl_profile(loaded, ids, RANKS, mode, segment_len, samples=64, seed=1, per_head=True)
+    assert estimate.shape == exact.shape and (estimate >= 0).all()
+    cells = exact[..., :-1].ravel() > 1e-6
+    assert spearmanr(exact[..., :-1].ravel()[cells], estimate[..., :-1].ravel()[cells])[0] > 0.7  # 4-8 cells
+    assert np.allclose(estimate, exact, rtol=0.5, atol=2e-5)  # second order, where the exact KL is small
 
 
 @pytest.mark.parametrize("mode, segment_len", [("separate", None), ("joint", 8)])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
+import oracle.hindsight
 from agents.baselines import UniformBudget, make_baseline
 from agents.static import StaticAllocation
 from drrl_env.hook import install
@@ -153,8 +154,23 @@ def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
     assert played == np.asarray(RANKS)[np.asarray(chosen)].reshape(env.num_layers, env.kv_heads).tolist()
     assert info["budget_used"] <= 0.5 + 1e-9 and len({rank for ranks in played for rank in ranks}) > 1
     env.reset(seed=4)
-    with pytest.raises(ValueError, match="per_head env needs the exact profile"):
-        HindsightOracle("fisher").allocate(env)
+    fisher = HindsightOracle("fisher")
+    allocation = fisher.allocate(env)
+    assert fisher.last_profile.shape == (env.num_layers, env.kv_heads, len(RANKS))
+    assert np.asarray(allocation).shape == (env.num_layers, env.kv_heads)
+
+
+def test_hindsight_fisher_reuses_the_per_head_env_profile(tiny_layered_model_dir, monkeypatch):
+    monkeypatch.setattr(oracle.hindsight, "FISHER_SAMPLES", 2)
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    env = gym.make(
+        "DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off", sensitivity_samples=2
+    ).unwrapped
+    observation, _ = env.reset(seed=3)
+    assert env.sensitivity_profile.shape == (env.num_layers, env.kv_heads, len(RANKS))
+    policy = HindsightOracle("fisher")
+    policy.act(observation, env.action_masks(), env)
+    assert policy.last_profile is env.sensitivity_profile
 
 
 def test_replay_scores_are_the_kl_and_loss_of_a_layer_ranks_forward(tiny_layered_model_dir):

@@ -39,6 +39,46 @@ def test_features_are_the_rows_and_the_replanned_water_fill():
     assert sensitivity_features(profile, 3, shares, 0.01)[10:].argmax() == 0  # below the smallest: the smallest
 
 
+def test_per_unit_features_are_each_units_rows_and_the_water_fill_over_units():
+    rng = np.random.default_rng(1)
+    profile = np.sort(rng.exponential(1e-3, (4, 3, 5)), axis=2)[:, :, ::-1].copy()  # (L, U, K)
+    profile[..., -1] = 0.0
+    shares = rank_shares(RANKS, 16)
+    for layer in range(4):
+        features = sensitivity_features(profile, layer, shares, 0.5)
+        assert features.shape == (sensitivity_width(5, 3),) == (45,)
+        np.testing.assert_allclose(features[:15], np.log10(profile[layer] + SENSITIVITY_FLOOR).ravel())
+        later = profile[layer + 1 :].sum(axis=0)
+        np.testing.assert_allclose(features[15:30], np.log10(later + SENSITIVITY_FLOOR).ravel())
+        chosen = allocate_ranks(profile[layer:].reshape(-1, 5), shares, 0.5)[:3]
+        np.testing.assert_array_equal(features[30:].reshape(3, 5), np.eye(5)[chosen])
+    one_unit = sensitivity_features(profile[:, :1], 1, shares, 0.5)
+    np.testing.assert_array_equal(one_unit, sensitivity_features(profile[:, 0], 1, shares, 0.5))
+
+
+def test_per_head_env_shows_each_groups_profile(tiny_layered_model_dir):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    env = gym.make(
+        "DRRL-Attention-v0", **kwargs, device="cpu", guardrail="off", sensitivity_samples=2, flops_budget=0.5
+    ).unwrapped
+    assert env.observation_slices["sensitivity"].stop - env.observation_slices["sensitivity"].start == 3 * 5 * 2
+    observation, _ = env.reset(seed=2)
+    profile = env.sensitivity_profile
+    expected = fisher_kl_profile(env.loaded, env.input_ids, RANKS, "separate", samples=2, per_head=True)
+    np.testing.assert_array_equal(profile, expected)
+    terminated = False
+    while not terminated:
+        layer, budget_left = env.attention_call.layer, observation[env.observation_slices["budget"]][1]
+        np.testing.assert_allclose(
+            observation[env.observation_slices["sensitivity"]],
+            sensitivity_features(profile, layer, rank_shares(RANKS, 16), float(budget_left)),
+            rtol=1e-5,
+        )
+        mask = env.action_masks().reshape(env.kv_heads, len(RANKS))
+        observation, _, terminated, _, _ = env.step(np.array([np.flatnonzero(row)[0] for row in mask]))
+    check_env(env)
+
+
 def test_water_fill_share_follows_the_costs():
     """The layer whose costs are far larger than the later layers' keeps a larger rank than the cheap one."""
     shares = rank_shares(RANKS, 16)
