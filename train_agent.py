@@ -147,11 +147,8 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path, setup: Pol
         start_at_reference(model, setup)
     elif not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
         kwargs = env_kwargs(args)
-        if args.per_head or kwargs["flops_budget"] is None or not algorithm.masked:
-            print(
-                "note: --warm-start hindsight needs maskable_ppo, a --flops-budget and one rank per layer; "
-                "starting from scratch"
-            )
+        if kwargs["flops_budget"] is None or not algorithm.masked:
+            print("note: --warm-start hindsight needs maskable_ppo and a --flops-budget; starting from scratch")
         else:
             args.bc_dataset = str(hindsight_teacher_dataset(kwargs, args.warm_start_episodes))
     if args.resume:

@@ -84,8 +84,8 @@ class Demonstrations:
     """Arrays of a trajectory dataset as the policy sees them."""
 
     observations: np.ndarray  # (N, D) or (N, W, D + 1)
-    masks: np.ndarray  # (N, K) bool
-    actions: np.ndarray  # (N,) int64
+    masks: np.ndarray  # (N, K) bool, or (N, Hkv * K) group-major with per-head ranks
+    actions: np.ndarray  # (N,) int64, or (N, Hkv) with per-head ranks
     episodes: np.ndarray  # (N,) int64
 
 
@@ -101,12 +101,13 @@ def load_demonstrations(directory: str | os.PathLike, history: int = 0) -> Demon
             windows.append(stack_states(list(observations[first : index + 1]), history))
         observations = np.stack(windows)
     masks = np.stack(data["action_mask"]).astype(bool)
-    return Demonstrations(observations, masks, np.asarray(data["action"], dtype=np.int64), episodes)
+    actions = np.stack(data["action"]) if len(data) and np.ndim(data["action"][0]) else np.asarray(data["action"])
+    return Demonstrations(observations, masks, actions.astype(np.int64), episodes)
 
 
 def _evaluate(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Mean masked cross-entropy and top-1 agreement on ``rows``."""
-    losses, hits = [], 0
+    """Mean masked cross-entropy and top-1 agreement on ``rows`` (per-head ranks: the share of groups that agree)."""
+    losses, hits = [], 0.0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
@@ -118,8 +119,12 @@ def _evaluate(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, batch
 
 def _batch_loss(
     model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, entropy_coef: float = 0.0
-) -> tuple[torch.Tensor, int]:
-    """Masked cross-entropy ``-log pi(a | s, mask)`` (minus ``entropy_coef`` times the entropy) and the hits."""
+) -> tuple[torch.Tensor, float]:
+    """Masked cross-entropy ``-log pi(a | s, mask)`` (minus ``entropy_coef`` times the entropy) and the hits.
+
+    With a MultiDiscrete action (per-head ranks) ``log pi`` sums over the groups, and a row's hit is the share
+    of its groups whose most likely candidate is the recorded one.
+    """
     policy = model.policy
     observations = torch.as_tensor(demos.observations[rows], device=policy.device)
     actions = torch.as_tensor(demos.actions[rows], device=policy.device)
@@ -127,8 +132,8 @@ def _batch_loss(
     loss = -distribution.log_prob(actions).mean()
     if entropy_coef:
         loss = loss - entropy_coef * distribution.entropy().mean()
-    predicted = distribution.distribution.probs.argmax(dim=-1)
-    return loss, int((predicted == actions).sum())
+    agree = (distribution.mode() == actions).double()
+    return loss, float(agree.reshape(len(rows), -1).mean(dim=1).sum())
 
 
 def behaviour_clone(

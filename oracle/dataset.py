@@ -66,13 +66,18 @@ class DatasetCorruptError(ValueError):
     """A file of a dataset is unreadable, or differs from the checksum recorded when it was written."""
 
 
-def trajectory_features(observation_size: int) -> datasets.Features:
-    """Columns of a trajectory dataset (one row per env step)."""
+def trajectory_features(observation_size: int, groups: int | None = None) -> datasets.Features:
+    """Columns of a trajectory dataset (one row per env step).
+
+    ``groups``: with per-head ranks (``per_head=True``), the key/value groups: ``action`` and ``rank`` are then
+    a sequence of that length (the MultiDiscrete action and the rank each group ran at); None: one integer each.
+    """
     value = datasets.Value
+    per_step = value("int64") if groups is None else datasets.Sequence(value("int64"), length=groups)
     columns = {
         "observation": datasets.Sequence(value("float32"), length=observation_size),
-        "action": value("int64"),
-        "rank": value("int64"),
+        "action": per_step,
+        "rank": per_step,
         "action_mask": datasets.Sequence(value("bool")),
         "reward": value("float64"),
         **{f"reward_{term}": value("float64") for term in REWARD_TERMS},
@@ -249,6 +254,7 @@ def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: i
     observation, info = env.reset(seed=seed)
     policy.reset(seed)
     step, terminated = 0, False
+    per_group = env.config.per_head
     while not terminated:
         mask = env.action_masks()
         action = policy.act(observation, mask, env)
@@ -256,8 +262,8 @@ def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: i
         terms = info["reward_terms"]
         yield {
             "observation": observation,
-            "action": int(np.asarray(action).reshape(())),
-            "rank": int(info["rank"]),
+            "action": np.asarray(action).reshape(-1).tolist() if per_group else int(np.asarray(action).reshape(())),
+            "rank": list(info["rank"]) if per_group else int(info["rank"]),
             "action_mask": mask,
             "reward": float(reward),
             **{f"reward_{term}": float(terms.get(term, 0.0)) for term in REWARD_TERMS},
@@ -291,7 +297,8 @@ def record_trajectories(
             are kept and the run continues from the first missing one.
         policy: a :class:`~oracle.policy.RankPolicy`.
         episodes: the total number of episodes the dataset should hold.
-        env_kwargs: ``gym.make("DRRL-Attention-v0", ...)`` keywords (``per_head`` must be False).
+        env_kwargs: ``gym.make("DRRL-Attention-v0", ...)`` keywords (with ``per_head``, the action and rank
+            columns hold one entry per key/value group).
         seed: episode ``i`` runs with seed ``seed + i``.
         episodes_per_shard: episodes per parquet shard (the unit of resumption).
         progress: show a progress bar (episodes/s and the mean episode return).
@@ -309,8 +316,6 @@ def record_trajectories(
         )
     env: DRRLAttentionEnv = gym.make(ENV_ID, **(env_kwargs or {})).unwrapped
     try:
-        if env.config.per_head:
-            raise ValueError("record_trajectories supports per_head=False only (one rank index per step)")
         metadata = dataset_metadata(env.config, policy.name, seed, episodes_per_shard)
         stored_episodes = _check_resumable(directory, metadata)
         remove_stale_temporaries(directory, [METADATA_FILE, CHECKSUMS_FILE])
@@ -324,7 +329,7 @@ def record_trajectories(
             print(f"warning: {error}; recomputing every shard", file=sys.stderr)
             ledger.clear()
         ledger.record(write_text_atomic(directory / METADATA_FILE, json.dumps(metadata, indent=2)))
-        features = trajectory_features(env.observation_space.shape[0])
+        features = trajectory_features(env.observation_space.shape[0], env.kv_heads if env.config.per_head else None)
         bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
         returns: list[float] = []
         for first in range(0, episodes, episodes_per_shard):

@@ -148,3 +148,28 @@ def test_entropy_bonus_keeps_the_cloned_policy_stochastic(oracle_dataset):
             return float(model.policy.get_distribution(observations).entropy().mean())
 
     assert entropy(0.5) > 1.5 * entropy(0.0)
+
+
+def test_per_head_hindsight_dataset_and_bc(tmp_path, tiny_layered_model_dir):
+    """Per-head ranks: the dataset keeps one action per key/value group, and BC clones the MultiDiscrete choice."""
+    from oracle.hindsight import HindsightOracle
+
+    kwargs = dict(
+        model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, batch_size=2, device="cpu",
+        guardrail="off", per_head=True, flops_budget=0.5, sensitivity_samples=16,
+    )  # fmt: skip
+    data = record_trajectories(tmp_path / "ds", HindsightOracle("fisher"), 24, kwargs, progress=False)
+    assert len(data) == 24 * 2 and len(data[0]["action"]) == len(data[0]["rank"]) == 2
+    demos = load_demonstrations(tmp_path / "ds")
+    assert demos.actions.shape == (48, 2) and demos.masks.shape == (48, 2 * 5)
+    ranks = np.asarray(kwargs["ranks"])
+    np.testing.assert_array_equal(ranks[demos.actions], np.stack(data.with_format("numpy")["rank"]))
+    assert len(np.unique(demos.actions)) > 1  # the groups' allocations differ
+    _, untrained = behaviour_clone(tmp_path / "ds", BCConfig(epochs=1, learning_rate=0.0), progress=False)
+    model, result = behaviour_clone(tmp_path / "ds", BCConfig(epochs=100), progress=False)
+    assert result.train_loss[-1] < 0.5 * result.train_loss[0]
+    assert result.val_accuracy[-1] >= max(0.8, untrained.val_accuracy[-1] + 0.3), (result.val_accuracy, untrained)
+    env = gym.make("DRRL-Attention-v0", **kwargs)
+    observation, _ = env.reset(seed=0)
+    action, _ = model.predict(observation, action_masks=env.unwrapped.action_masks(), deterministic=True)
+    assert action.shape == (2,)
