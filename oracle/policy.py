@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.guardrail import nearest_allowed
 
 
 @runtime_checkable
@@ -37,7 +38,9 @@ class GreedyOracle:
     (:meth:`DRRLAttentionEnv.candidate_rewards`), so a step of the oracle costs one layer of the
     LM plus ``K`` attention evaluations that share one set of spectra, not ``K`` forwards. Ties go
     to the lower rank (cheaper). The terminal LM-loss reward, which only the end of the episode
-    reveals, is not part of the choice. Supports ``per_head=False`` (one rank per layer).
+    reveals, is not part of the choice. In a ``per_head`` env it plays one candidate in every
+    key/value group (what :meth:`DRRLAttentionEnv.candidate_rewards` scores; ``K`` joint choices,
+    not ``K^Hkv``): the best one every group's mask allows, else each group's nearest allowed to the best.
 
     With ``lookahead = k > 0`` each allowed candidate is scored by its reward plus the rewards of
     the next ``k`` greedy steps after it (later layers see its low-rank output, the guardrail and
@@ -63,19 +66,23 @@ class GreedyOracle:
     def reset(self, seed: int) -> None:
         self._seed, self._prefix = seed, []
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int:
-        if env.config.per_head:
-            raise ValueError(
-                "GreedyOracle supports per_head=False only: with per_head the action space is K^Hkv joint ranks"
-            )
-        allowed = np.asarray(action_mask, dtype=bool)
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLAttentionEnv) -> int | np.ndarray:
+        ranks = env.config.ranks
+        group_masks = np.asarray(action_mask, dtype=bool).reshape(-1, len(ranks))  # (1 or Hkv, K)
+        if env.config.per_head and self.lookahead:
+            raise ValueError("GreedyOracle with lookahead needs one rank per layer (per_head=False)")
+        allowed = group_masks.all(axis=0)
+        if not allowed.any():  # the groups' masks share no candidate: score all, each group takes its nearest
+            allowed = group_masks.any(axis=0)
         scores = np.where(allowed, env.candidate_rewards().reward, -np.inf)
         if self.lookahead:
             for candidate in np.flatnonzero(allowed):
                 scores[candidate] = self._value_with_lookahead(env, int(candidate))
         choice = int(np.argmax(scores))
         self._prefix.append(choice)
-        return choice
+        if not env.config.per_head:
+            return choice
+        return np.array([nearest_allowed(ranks[choice], mask, ranks) for mask in group_masks], dtype=np.int64)
 
     def _value_with_lookahead(self, env: DRRLAttentionEnv, candidate: int) -> float:
         """Reward of ``candidate`` now plus ``lookahead`` greedy rewards after it, replayed in the scratch env."""

@@ -258,3 +258,23 @@ def test_teacher_folder_is_keyed_by_the_env_configuration(tmp_path, monkeypatch)
     assert teacher_folder({**base, "flops_budget": 0.5}) != folder
     assert teacher_folder(base, "exact") != folder
     assert teacher_folder({**base, "kl_shaping_weight": 0.0, "kl_baseline": "uniform"}) == folder  # rewards only
+
+
+def test_greedy_oracle_plays_its_joint_candidate_in_every_group_of_a_per_head_env(oracle_env_kwargs):
+    kwargs = {**oracle_env_kwargs, "guardrail": "off"}
+    env = gym.make("DRRL-Attention-v0", **kwargs, per_head=True).unwrapped
+    layered = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    oracle, reference = GreedyOracle(), GreedyOracle()
+    obs, _ = env.reset(seed=2)
+    layered_obs, _ = layered.reset(seed=2)
+    terminated = False
+    while not terminated:
+        action = oracle.act(obs, env.action_masks(), env)
+        expected = reference.act(layered_obs, layered.action_masks(), layered)
+        np.testing.assert_array_equal(action, [expected] * env.kv_heads)
+        obs, _, terminated, _, info = env.step(action)
+        layered_obs, *_ = layered.step(expected)
+        assert not info["masked_violation"]
+    with pytest.raises(ValueError, match="lookahead needs one rank per layer"):
+        env.reset(seed=2)
+        GreedyOracle(lookahead=1).act(obs, env.action_masks(), env)
