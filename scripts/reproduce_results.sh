@@ -9,11 +9,15 @@
 #   residual  train_agent.py --residual: MaskablePPO choosing offsets from the static allocation, rewarded by
 #             log(KL_static / KL) on each episode's batch, then the equal-FLOPs table at its budget
 #             (results/residual). About 12 minutes.
+#   per_head  one rank per key/value head group, the agent shown its input's 16-sample Fisher profile: per-head
+#             hindsight-teacher BC (budgets drawn from 0.5-0.75), then MaskablePPO; then uniform, static,
+#             hindsight:fisher and both agents at three budgets on three held-out corpora, joint mode
+#             (results/per-head). About 60 minutes.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 50 minutes.
 set -euo pipefail
-stages="${STAGES:-budgets residual paper}"
+stages="${STAGES:-budgets residual per_head paper}"
 start=$(date +%s)
 
 if [[ " $stages " == *" budgets "* ]]; then
@@ -41,6 +45,19 @@ if [[ " $stages " == *" residual "* ]]; then
   python -m agents.evaluate --seq-len 128 --batch-size 1 --guardrail off --modes joint --budgets 0.625 \
     --timing-repeats 1 --fig4-lengths --out results/residual --logdir runs/results-residual \
     --policies uniform static:fisher hindsight:fisher runs/results-residual/residual.safetensors
+fi
+
+if [[ " $stages " == *" per_head "* ]]; then
+  per_head_options=(--per-head --sensitivity-samples 16 --seq-len 128 --batch-size 1 --guardrail off)
+  rm -rf runs/results-per-head
+  python train_agent.py --per-head --sensitivity-samples 16 --flops-budget 0.5 0.75 --bc-epochs 100 \
+    --total-timesteps 1500 --logdir runs/results-per-head --compare
+  run=$(ls -d runs/results-per-head/*__maskable_ppo__0__* | head -1)
+  cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
+  cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
+  python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
+    --out results/per-head --logdir runs/results-per-head --policies uniform static:fisher hindsight:fisher \
+    runs/results-per-head/bc.safetensors runs/results-per-head/bc_ppo.safetensors
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
