@@ -31,7 +31,8 @@ exceed the budget, the env lowers them (``drrl_env.episode``). Build one from a 
 ``oracle``      the greedy oracle (:class:`oracle.GreedyOracle`)
 ``hindsight``   the hindsight oracle (:class:`oracle.hindsight.HindsightOracle`): the same water-fill on
                 each input's own KL profile, the ceiling of per-input layer allocation;
-                ``hindsight:fisher`` estimates the profile from the Fisher information (4-5x cheaper)
+                ``hindsight:fisher`` estimates the profile from the Fisher information (4-5x cheaper),
+                ``hindsight:fisher:S`` from ``S`` label samples (default 16)
 ============== ===================================================================================
 """
 
@@ -326,7 +327,10 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
         if name == "static":
             return static_from_spec(param, env_kwargs or {})
         if name == "hindsight":
-            return HindsightOracle(param or "exact")
+            estimate, _, samples = (param or "exact").partition(":")
+            if samples and estimate != "fisher":
+                raise ValueError("only the fisher estimate takes a sample count (hindsight:fisher:S)")
+            return HindsightOracle(estimate, int(samples)) if samples else HindsightOracle(estimate)
         if name == "layers":
             return GivenAllocation([int(rank) for rank in param.split(",") if rank.strip()])
     except ValueError as error:

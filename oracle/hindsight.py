@@ -188,14 +188,18 @@ def kl_profile(
     segment_len: int | None,
     estimate: str = "exact",
     per_head: bool = False,
+    samples: int = FISHER_SAMPLES,
 ) -> np.ndarray:
-    """``(L, K)`` layer KL profile of the batch (``(L, Hkv, K)`` per head): measured exactly, or by Fisher."""
+    """``(L, K)`` layer KL profile of the batch (``(L, Hkv, K)`` per head): measured exactly, or by Fisher.
+
+    ``samples``: label samples of the Fisher estimate (backward passes).
+    """
     if estimate == "exact":
         if per_head:
             return unit_kl_profile(loaded, input_ids, ranks, mode, segment_len, per_head=True)
         return layer_kl_profile(loaded, input_ids, ranks, mode, segment_len)
     if estimate == "fisher":
-        return fisher_kl_profile(loaded, input_ids, ranks, mode, segment_len, samples=FISHER_SAMPLES, per_head=per_head)
+        return fisher_kl_profile(loaded, input_ids, ranks, mode, segment_len, samples=samples, per_head=per_head)
     raise ValueError(f"profile estimate must be one of {PROFILE_ESTIMATES}, got {estimate!r}")
 
 
@@ -240,26 +244,31 @@ class HindsightOracle(LayerAllocationPolicy):
     candidate where the mask forbids a choice. Needs a ``flops_budget``. In a ``per_head`` env it
     profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`, or its
     Fisher estimate), where the headroom is largest (docs/results.md, section 3).
-    ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` (``hindsight:fisher``);
-    where the env already shows that estimate (``sensitivity_samples == FISHER_SAMPLES``) it is reused.
+    ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` with ``samples`` label
+    samples (``hindsight:fisher``, ``hindsight:fisher:S``); where the env already shows that estimate
+    (``sensitivity_samples == samples``) it is reused.
     """
 
-    def __init__(self, estimate: str = "exact") -> None:
+    def __init__(self, estimate: str = "exact", samples: int = FISHER_SAMPLES) -> None:
         super().__init__()
         if estimate not in PROFILE_ESTIMATES:
             raise ValueError(f"profile estimate must be one of {PROFILE_ESTIMATES}, got {estimate!r}")
-        self.estimate = estimate
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        self.estimate, self.samples = estimate, samples
         self.last_profile: np.ndarray | None = None
 
     @property
     def name(self) -> str:
-        return "hindsight" if self.estimate == "exact" else f"hindsight:{self.estimate}"
+        if self.estimate == "exact":
+            return "hindsight"
+        return "hindsight:fisher" if self.samples == FISHER_SAMPLES else f"hindsight:fisher:{self.samples}"
 
     def allocate(self, env: DRRLAttentionEnv) -> list:
         config = env.config
         if env.budget_share is None:
             raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
-        if self.estimate == "fisher" and config.sensitivity_samples == FISHER_SAMPLES:
+        if self.estimate == "fisher" and config.sensitivity_samples == self.samples:
             self.last_profile = env.sensitivity_profile  # the same estimate, already made for the observation
         else:
             self.last_profile = kl_profile(
@@ -270,6 +279,7 @@ class HindsightOracle(LayerAllocationPolicy):
                 config.segment_len,
                 self.estimate,
                 per_head=config.per_head,
+                samples=self.samples,
             )  # (L, K), or (L, Hkv, K) per head
         shares = rank_shares(config.ranks, env.head_dim)
         chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-import oracle.hindsight
 from agents.baselines import UniformBudget, make_baseline
 from agents.static import StaticAllocation
 from drrl_env.hook import install
 from drrl_env.models import LoadedModel, load_causal_lm
 from drrl_env.perplexity import LayerRanks, replay_scores
 from drrl_env.reward import lm_loss, next_token_kl
+from drrl_env.sensitivity import fisher_kl_profile
 from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile, unit_kl_profile
 
 RANKS = (2, 4, 8, 12, 16)
@@ -160,15 +160,14 @@ def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
     assert np.asarray(allocation).shape == (env.num_layers, env.kv_heads)
 
 
-def test_hindsight_fisher_reuses_the_per_head_env_profile(tiny_layered_model_dir, monkeypatch):
-    monkeypatch.setattr(oracle.hindsight, "FISHER_SAMPLES", 2)
+def test_hindsight_fisher_reuses_the_per_head_env_profile(tiny_layered_model_dir):
     kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
     env = gym.make(
         "DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off", sensitivity_samples=2
     ).unwrapped
     observation, _ = env.reset(seed=3)
     assert env.sensitivity_profile.shape == (env.num_layers, env.kv_heads, len(RANKS))
-    policy = HindsightOracle("fisher")
+    policy = HindsightOracle("fisher", samples=2)
     policy.act(observation, env.action_masks(), env)
     assert policy.last_profile is env.sensitivity_profile
 
@@ -186,3 +185,21 @@ def test_replay_scores_are_the_kl_and_loss_of_a_layer_ranks_forward(tiny_layered
     assert kl == pytest.approx(next_token_kl(full, logits), rel=1e-6) and kl > 0
     assert loss == pytest.approx(lm_loss(logits, ids), rel=1e-6)
     assert replay_scores(loaded, ids, [None, None], "joint", full, segment_len=8)[0] == pytest.approx(0, abs=1e-7)
+
+
+def test_hindsight_fisher_sample_count_in_the_spec(tiny_layered_model_dir):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    policy = make_baseline("hindsight:fisher:3", kwargs)
+    assert policy.name == "hindsight:fisher:3" and make_baseline("hindsight:fisher").name == "hindsight:fisher"
+    env = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5, sensitivity_samples=3).unwrapped
+    observation, _ = env.reset(seed=1)
+    policy.act(observation, env.action_masks(), env)
+    assert policy.last_profile is env.sensitivity_profile  # the env's 3-sample estimate, reused
+    plain = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5).unwrapped
+    plain.reset(seed=1)
+    policy.allocate(plain)
+    expected = fisher_kl_profile(plain.loaded, plain.input_ids, RANKS, "separate", samples=3)
+    np.testing.assert_array_equal(policy.last_profile, expected)
+    for bad in ("hindsight:exact:3", "hindsight:fisher:0", "hindsight:fisher:x"):
+        with pytest.raises(ValueError, match="bad parameter in policy spec"):
+            make_baseline(bad, kwargs)

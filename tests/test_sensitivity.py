@@ -6,7 +6,6 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-import oracle.hindsight
 from drrl_env.config import EnvConfig
 from drrl_env.sensitivity import (
     SENSITIVITY_FLOOR,
@@ -119,13 +118,12 @@ def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
     check_env(env)
 
 
-def test_hindsight_reuses_the_env_profile(tiny_layered_model_dir, monkeypatch):
-    monkeypatch.setattr(oracle.hindsight, "FISHER_SAMPLES", 2)
+def test_hindsight_reuses_the_env_profile(tiny_layered_model_dir):
     kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
     for samples, reused in ((2, True), (3, False)):
         env = gym.make("DRRL-Attention-v0", **kwargs, sensitivity_samples=samples).unwrapped
         observation, _ = env.reset(seed=1)
-        policy = HindsightOracle("fisher")
+        policy = HindsightOracle("fisher", samples=2)
         policy.act(observation, env.action_masks(), env)
         assert (policy.last_profile is env.sensitivity_profile) is reused
         if not reused:
