@@ -291,3 +291,19 @@ def nearest_allowed(target_rank: float, action_mask: np.ndarray, ranks: np.ndarr
     distance = np.abs(ranks[allowed] - target_rank)
     best = np.flatnonzero(distance == distance.min())
     return int(allowed[best[-1]])  # ranks are sorted: the last of the tied is the larger
+
+
+def nearest_allowed_per_group(
+    target_ranks: np.ndarray | list[float], action_mask: np.ndarray, ranks: np.ndarray | tuple
+) -> np.ndarray:
+    """``(Hkv,)`` indices: :func:`nearest_allowed` per key/value group, in its part of the mask.
+
+    ``target_ranks``: one rank per group, or one for all; ``action_mask``: group-major ``(Hkv * K,)``
+    (a per-head env's ``action_masks()``).
+    """
+    group_masks = np.asarray(action_mask, dtype=bool).reshape(-1, len(ranks))
+    targets = np.broadcast_to(np.asarray(target_ranks, dtype=np.float64), (len(group_masks),))
+    return np.array(
+        [nearest_allowed(target, mask, ranks) for target, mask in zip(targets, group_masks, strict=True)],
+        dtype=np.int64,
+    )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.guardrail import nearest_allowed
+from drrl_env.guardrail import nearest_allowed, nearest_allowed_per_group
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
@@ -230,9 +230,7 @@ class LayerAllocationPolicy:
         chosen = self._allocation[call.layer]
         if not env.config.per_head:
             return nearest_allowed(ranks[chosen], action_mask, ranks)
-        groups = np.broadcast_to(np.asarray(chosen), (env.kv_heads,))
-        masks = np.asarray(action_mask).reshape(env.kv_heads, len(ranks))
-        return np.array([nearest_allowed(ranks[k], mask, ranks) for k, mask in zip(groups, masks, strict=True)])
+        return nearest_allowed_per_group(np.asarray(ranks)[np.asarray(chosen)], action_mask, ranks)
 
 
 class HindsightOracle(LayerAllocationPolicy):

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.guardrail import nearest_allowed
+from drrl_env.guardrail import nearest_allowed_per_group
 
 
 @runtime_checkable
@@ -82,7 +82,7 @@ class GreedyOracle:
         self._prefix.append(choice)
         if not env.config.per_head:
             return choice
-        return np.array([nearest_allowed(ranks[choice], mask, ranks) for mask in group_masks], dtype=np.int64)
+        return nearest_allowed_per_group(ranks[choice], action_mask, ranks)
 
     def _value_with_lookahead(self, env: DRRLAttentionEnv, candidate: int) -> float:
         """Reward of ``candidate`` now plus ``lookahead`` greedy rewards after it, replayed in the scratch env."""
