@@ -164,6 +164,43 @@ def fisher_kl_profile(
     return cost if per_head else cost[:, 0]
 
 
+@torch.no_grad()
+def delta_energy_profile(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple[int, ...],
+    mode: str = "separate",
+    segment_len: int | None = None,
+    per_head: bool = False,
+) -> np.ndarray:
+    """``(L, K)`` (``(L, Hkv, K)`` with ``per_head``): ``||delta[l, k]||^2`` per token, one forward pass.
+
+    The energy of the change of layer ``l``'s attention output (summed over the unit's query heads,
+    positions and channels; divided by ``B * n`` tokens) when it alone runs at candidate rank ``k``, every
+    layer before it full. Eq. F with the gradient taken as independent of ``delta``: ``cost ~= s * energy``
+    with a per-cell scale ``s`` that does not depend on the input; no backward pass, no labels.
+    """
+    model, hook = loaded.model, install(loaded.model)
+    shape = loaded.attention_shape
+    input_ids = input_ids.to(loaded.device)
+    below, table = candidates_below_full(ranks, shape)
+    heads = shape.kv_heads if per_head else 1
+    energy = np.zeros((shape.num_layers, heads, len(ranks)))
+    if not below:
+        return energy if per_head else energy[:, 0]
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        full = call.full()
+        delta = (call.low_rank(table, mode) - full).unflatten(2, (heads, -1))  # (C, B, heads, Hq / heads, m, d)
+        energy[call.layer][:, below] += delta.double().pow(2).sum(dim=(1, 3, 4, 5)).T.cpu().numpy()
+        return full
+
+    with hook.use(handler, segment_len):
+        model(input_ids=input_ids)
+    energy /= input_ids.numel()
+    return energy if per_head else energy[:, 0]
+
+
 SENSITIVITY_FLOOR = 1e-6
 """KL per token below which a cost is shown as this floor (log scale; full rank costs 0)"""
 

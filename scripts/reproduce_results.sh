@@ -56,8 +56,8 @@ if [[ " $stages " == *" per_head "* ]]; then
   cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
   cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
   python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
-    --out results/per-head --logdir runs/results-per-head --policies uniform static:fisher hindsight:fisher \
-    runs/results-per-head/bc.safetensors runs/results-per-head/bc_ppo.safetensors
+    --out results/per-head --logdir runs/results-per-head --policies uniform static:fisher energy:0.9 \
+    hindsight:fisher runs/results-per-head/bc.safetensors runs/results-per-head/bc_ppo.safetensors
 fi
 
 if [[ " $stages " == *" paper "* ]]; then

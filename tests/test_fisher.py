@@ -5,7 +5,7 @@ from scipy.stats import spearmanr
 
 from drrl_env.hook import AttentionCall, install
 from drrl_env.models import LoadedModel
-from drrl_env.sensitivity import fisher_kl_profile
+from drrl_env.sensitivity import delta_energy_profile, fisher_kl_profile
 from oracle.hindsight import layer_kl_profile, unit_kl_profile
 from tests.conftest import sharpen_first_layer, tiny_llama
 
@@ -116,3 +116,35 @@ def test_fisher_restores_gradient_flags_and_rejects_no_samples():
     assert all(parameter.grad is None for parameter in loaded.model.parameters())
     with pytest.raises(ValueError, match="samples"):
         fisher_kl_profile(loaded, ids, RANKS, samples=0)
+
+
+@pytest.mark.parametrize("mode, segment_len", [("separate", None), ("joint", 8)])
+def test_delta_energy_is_each_units_output_change_alone(mode, segment_len):
+    loaded = sharp_tiny_llama(torch.float64)
+    shape = loaded.attention_shape
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    per_head = delta_energy_profile(loaded, ids, RANKS, mode, segment_len, per_head=True)
+    per_layer = delta_energy_profile(loaded, ids, RANKS, mode, segment_len)
+    assert per_head.shape == (2, shape.kv_heads, len(RANKS)) and per_layer.shape == (2, len(RANKS))
+    # reference: one unit at one rank per forward, every other unit and layer full, energy summed by hand
+    heads_per_group = shape.q_heads // shape.kv_heads
+    for rank_index, rank in enumerate(RANKS):
+        for group in range(shape.kv_heads):
+            ranks = torch.full((1, shape.kv_heads), shape.head_dim)
+            ranks[0, group] = rank
+            energy = np.zeros(2)
+
+            def handler(call: AttentionCall, ranks=ranks, energy=energy) -> torch.Tensor:
+                delta = call.low_rank(ranks, mode)[0] - call.full()  # (B, Hq, m, d)
+                energy[call.layer] += float(delta.pow(2).sum())
+                return call.full()
+
+            with install(loaded.model).use(handler, segment_len), torch.no_grad():
+                loaded.model(input_ids=ids)
+            reference = energy / ids.numel()
+            assert per_head[:, group, rank_index] == pytest.approx(reference, rel=1e-9, abs=1e-20)
+            if rank < shape.head_dim:
+                assert reference[0] > 0 and heads_per_group == 2
+    # a group's truncation changes only its own query heads, so the layer's energy is the groups' sum
+    assert np.allclose(per_layer, per_head.sum(axis=1), rtol=1e-9)
+    assert (per_head[..., -1] == 0).all()
