@@ -94,8 +94,9 @@ def main() -> None:
         for policy in policies:
             started = time.perf_counter()
             row = evaluate_policy(policy, env_kwargs, args.episodes, timing_repeats=0)
+            delta_ppl = 100 * (np.exp(row.nll - row.nll_full) - 1)
             print(
-                f"budget {budget} {policy.name:24s} KL {row.kl:.5f}  dPPL {100 * (np.exp(row.nll - row.nll_full) - 1):+.2f}%"
+                f"budget {budget} {policy.name:24s} KL {row.kl:.5f}  dPPL {delta_ppl:+.2f}%"
                 f"  logit FLOPs {row.flops_logits_ratio:.3f}  ({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
