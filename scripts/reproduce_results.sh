@@ -12,11 +12,12 @@
 #   per_head  one rank per key/value head group, the agent shown its input's 16-sample Fisher profile: per-head
 #             hindsight-teacher BC (budgets drawn from 0.5-0.75), then MaskablePPO; then uniform, static,
 #             hindsight:fisher and both agents at three budgets on three held-out corpora, joint mode
-#             (results/per-head). About 60 minutes.
+#             (results/per-head). About 30 minutes.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
-#             the Table II ablations; results/. About 50 minutes.
+#             the Table II ablations; results/. About 80 minutes.
 set -euo pipefail
+# `--compare` with no policies skips train_agent.py's closing comparison: each stage evaluates afterwards
 stages="${STAGES:-budgets residual per_head paper}"
 start=$(date +%s)
 
