@@ -21,6 +21,7 @@ import numpy as np
 
 from agents.evaluate import evaluate_policy
 from agents.zoo import make_policy
+from drrl_env.config import DEFAULT_RANKS
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.models import load_causal_lm
 from drrl_env.sensitivity import delta_energy_profile, fisher_kl_profile
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     kwargs = dict(seq_len=128, batch_size=1, guardrail="off", per_head=True, spectral_mode=args.mode)
     loaded = load_causal_lm()
-    ranks = (16, 32, 48, 64)
+    ranks = DEFAULT_RANKS
     start = time.perf_counter()
     chunks = sequential_chunks(corpus_tokens("wiki", "validation", loaded.tokenizer), 128, args.validation_tokens)
     fisher = np.zeros(1)
@@ -72,7 +73,7 @@ def main() -> None:
     scale = np.divide(fisher, energy, out=np.zeros_like(fisher), where=energy > 0)
     print(f"calibration on {len(chunks)} validation chunks: {time.perf_counter() - start:.0f} s")
     for layer in range(0, scale.shape[0], 10):
-        print(f"  layer {layer} scale per group (rank 32):", np.round(scale[layer, :, 1], 4).tolist())
+        print(f"  layer {layer} scale per group (middle candidate):", np.round(scale[layer, :, len(ranks) // 2], 4).tolist())
 
     # agreement with each test input's own Fisher profile (the 16-sample teacher's signal)
     test = sequential_chunks(corpus_tokens(args.corpus, "test", loaded.tokenizer), 128)[:4]
@@ -81,9 +82,9 @@ def main() -> None:
         own = delta_energy_profile(loaded, batch, ranks, args.mode, None, per_head=True)
         seconds = time.perf_counter() - started
         teacher = fisher_kl_profile(loaded, batch, ranks, args.mode, None, 16, per_head=True)
-        below = teacher[..., :3].ravel()
+        below = teacher[..., :-1].ravel()
         for label, estimate in (("delta x scale", own * scale), ("scale only", fisher), ("raw delta", own)):
-            rho = np.corrcoef(np.log(estimate[..., :3].ravel() + 1e-9), np.log(below + 1e-9))[0, 1]
+            rho = np.corrcoef(np.log(estimate[..., :-1].ravel() + 1e-9), np.log(below + 1e-9))[0, 1]
             print(f"test chunk {index}: log-corr with its Fisher profile, {label}: {rho:.3f}")
         print(f"  delta profile {seconds:.1f} s")
 
