@@ -32,7 +32,9 @@ exceed the budget, the env lowers them (``drrl_env.episode``). Build one from a 
 ``hindsight``   the hindsight oracle (:class:`oracle.hindsight.HindsightOracle`): the same water-fill on
                 each input's own KL profile, the ceiling of per-input layer allocation;
                 ``hindsight:fisher`` estimates the profile from the Fisher information (4-5x cheaper),
-                ``hindsight:fisher:S`` from ``S`` label samples (default 16)
+                ``hindsight:fisher:S`` from ``S`` label samples (default 16); ``hindsight:scaled_delta[:S]``
+                from the input's attention-output change times a scale fitted on validation text (one
+                forward per input; :mod:`drrl_env.delta_scale`)
 ============== ===================================================================================
 """
 
@@ -328,8 +330,8 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
             return static_from_spec(param, env_kwargs or {})
         if name == "hindsight":
             estimate, _, samples = (param or "exact").partition(":")
-            if samples and estimate != "fisher":
-                raise ValueError("only the fisher estimate takes a sample count (hindsight:fisher:S)")
+            if samples and estimate == "exact":
+                raise ValueError("only the estimates take a sample count (hindsight:fisher:S, ...:scaled_delta:S)")
             return HindsightOracle(estimate, int(samples)) if samples else HindsightOracle(estimate)
         if name == "layers":
             return GivenAllocation([int(rank) for rank in param.split(",") if rank.strip()])

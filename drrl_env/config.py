@@ -19,6 +19,7 @@ REWARDS = ("auto", "kl", "eq13")
 KL_BASELINES = ("none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
+SENSITIVITY_ESTIMATES = ("fisher", "scaled_delta")
 
 
 @dataclass
@@ -65,6 +66,11 @@ class EnvConfig:
     """label samples of the Fisher estimate of this input's layer sensitivity profile, computed at reset (one
     forward and this many backward passes; drrl_env.sensitivity) and shown in the observation's 'sensitivity'
     part; 0: no such part (the observation of earlier versions)"""
+    sensitivity_estimate: str = "fisher"
+    """how the 'sensitivity' part is estimated: 'fisher', each input's Fisher profile (sensitivity_samples backward
+    passes per episode); 'scaled_delta', each input's attention-output change at every candidate (one forward
+    pass, no backward) times a per-cell scale fitted once on validation text by a sensitivity_samples Fisher
+    profile and cached (drrl_env.delta_scale)"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5
@@ -115,6 +121,7 @@ class EnvConfig:
         choice("reward", REWARDS)
         choice("kl_baseline", KL_BASELINES)
         choice("guardrail", GUARDRAILS)
+        choice("sensitivity_estimate", SENSITIVITY_ESTIMATES)
         for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "kl_shaping_weight"):
             _check_number(name, getattr(self, name), minimum=0.0, maximum=MAX_WEIGHT)
         _check_number("eps_decay", self.eps_decay, minimum=0.0)

@@ -12,14 +12,20 @@ from gymnasium import spaces
 from drrl_env.calibration import attach_calibration
 from drrl_env.config import DEFAULT_RANKS, EnvConfig
 from drrl_env.corpora import corpus_tokens, sample_batch
+from drrl_env.delta_scale import estimated_profile
 from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
 from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
-from drrl_env.flops import attended_pairs, sensitivity_profile_flops
+from drrl_env.flops import (
+    attended_pairs,
+    candidate_attention_flops,
+    scaled_delta_profile_flops,
+    sensitivity_profile_flops,
+)
 from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
-from drrl_env.sensitivity import fisher_kl_profile, rank_shares, sensitivity_features
+from drrl_env.sensitivity import rank_shares, sensitivity_features
 
 __all__ = ["DEFAULT_RANKS", "CandidateRewards", "DRRLAttentionEnv", "EnvConfig", "rank_heatmap_rgb"]
 
@@ -48,7 +54,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ``Box(-10, 10, (D,), float32)``: sequence dynamics, weight statistics, previous rank, NER of
     every candidate, the budget and the share of it left, and context (depth, segment,
     ``eps_t / eps0``), and with ``sensitivity_samples > 0`` what each candidate rank costs on this
-    input (its Fisher profile, ``drrl_env.sensitivity``); ``drrl_env.features.ObservationLayout``
+    input (its Fisher profile, ``drrl_env.sensitivity``, or with ``sensitivity_estimate="scaled_delta"`` its
+    output-change energy times a scale fitted on validation text, ``drrl_env.delta_scale``);
+    ``drrl_env.features.ObservationLayout``
     documents each part and ``env.observation_slices`` says where it lies.
 
     ## Rewards
@@ -78,7 +86,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ``options={"episode_seed": s}`` to replay one), or the token ids given as
     ``options={"input_ids": ids}`` (``(batch_size, seq_len)``: a policy choosing ranks for given
     prompts, as ``agents.generate`` does); the forward pass runs up to layer 0's attention. With
-    ``sensitivity_samples > 0`` the batch's Fisher profile is computed first (``sensitivity_profile``;
+    ``sensitivity_samples > 0`` the batch's sensitivity profile is computed first (``sensitivity_profile``;
     its FLOPs estimate is ``info["flops_sensitivity"]``, 0 otherwise).
 
     ## Episode End
@@ -197,14 +205,15 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             share = lo if lo == hi else float(rng.uniform(lo, hi))
         self._sensitivity = None
         if cfg.sensitivity_samples:
-            self._sensitivity = fisher_kl_profile(
+            self._sensitivity = estimated_profile(
                 self.loaded,
                 batch,
                 cfg.ranks,
                 cfg.spectral_mode,
                 cfg.segment_len,
-                samples=cfg.sensitivity_samples,
-                per_head=cfg.per_head,
+                cfg.sensitivity_estimate,
+                cfg.sensitivity_samples,
+                cfg.per_head,
             )
         needs_reference = cfg.reward_kind == "kl" or cfg.terminal_lm_weight > 0
         reference = ReferencePass.run(self.loaded, self.hook, batch, cfg.segment_len) if needs_reference else None
@@ -227,8 +236,19 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "epsilon": self.epsilon,
             "budget": share,
             "episode_seed": episode_seed,
-            "flops_sensitivity": sensitivity_profile_flops(self._parameters, batch.numel(), cfg.sensitivity_samples),
+            "flops_sensitivity": self._sensitivity_flops(batch.numel()),
         }
+
+    def _sensitivity_flops(self, tokens: int) -> float:
+        """FLOPs estimate of this episode's sensitivity profile (``info["flops_sensitivity"]``); 0 without one."""
+        cfg = self.config
+        if not cfg.sensitivity_samples:
+            return 0.0
+        if cfg.sensitivity_estimate == "fisher":
+            return sensitivity_profile_flops(self._parameters, tokens, cfg.sensitivity_samples)
+        shape = (self.num_layers, cfg.batch_size, self.q_heads, self.kv_heads, cfg.seq_len, self.head_dim)
+        candidates = candidate_attention_flops(*shape, cfg.ranks, cfg.spectral_mode)
+        return scaled_delta_profile_flops(self._parameters, tokens, candidates)
 
     def _given_batch(self, input_ids: Any) -> torch.Tensor:
         """``reset(options={"input_ids": ...})``: the tokens as a ``(batch_size, seq_len)`` int64 device tensor."""
@@ -305,7 +325,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     @property
     def sensitivity_profile(self) -> np.ndarray | None:
-        """``(L, K)`` what each layer's rank costs on this episode's batch (Fisher estimate), or None.
+        """``(L, K)`` what each layer's rank costs on this episode's batch (``sensitivity_estimate``), or None.
 
         ``(L, Hkv, K)`` with ``per_head`` (each key/value group alone at each rank). The per-token KL the
         observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0`` (``drrl_env.sensitivity``).

@@ -214,3 +214,32 @@ def sensitivity_profile_flops(parameters: int, tokens: int, samples: int) -> flo
     left out (small against the weights' at short sequences). 0 without samples.
     """
     return 2.0 * parameters * tokens * (1 + 2 * samples) if samples else 0.0
+
+
+def scaled_delta_profile_flops(parameters: int, tokens: int, candidate_attention: float) -> float:
+    """FLOPs of the input's scaled output-delta profile (``drrl_env.delta_scale.scaled_delta_profile``): an estimate.
+
+    One forward pass, ``2 P T``, plus ``candidate_attention``: the low-rank attention of every candidate below
+    full in every layer (:func:`candidate_attention_flops`), which the Fisher count leaves out but which is most
+    of what this estimate adds to the forward pass. The scale's one-off fit on validation text is not counted.
+    """
+    return 2.0 * parameters * tokens + candidate_attention
+
+
+def candidate_attention_flops(
+    num_layers: int,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    seq_len: int,
+    head_dim: int,
+    ranks: tuple[int, ...],
+    mode: str,
+) -> float:
+    """Total FLOPs of every layer's low-rank attention at every candidate below ``head_dim``, over whole sequences."""
+    per_layer = sum(
+        low_rank_attention_flops(batch, q_heads, kv_heads, seq_len, seq_len, head_dim, rank, mode).total
+        for rank in ranks
+        if rank < head_dim
+    )
+    return num_layers * per_layer

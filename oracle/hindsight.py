@@ -29,15 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from drrl_env.delta_scale import estimated_profile
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed, nearest_allowed_per_group
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
-from drrl_env.sensitivity import allocate_ranks, candidates_below_full, fisher_kl_profile, rank_shares
+from drrl_env.sensitivity import allocate_ranks, candidates_below_full, rank_shares
 
-PROFILE_ESTIMATES = ("exact", "fisher")
-"""how a layer KL profile is measured: one forward per cell (:func:`layer_kl_profile`) or its Fisher estimate"""
+PROFILE_ESTIMATES = ("exact", "fisher", "scaled_delta")
+"""how a layer KL profile is measured: one forward per cell (:func:`layer_kl_profile`), its Fisher estimate, or
+the input's output-delta energy times a Fisher scale fitted on validation text (:mod:`drrl_env.delta_scale`)"""
 FISHER_SAMPLES = 16
 """label samples of the Fisher estimate (measured: cell Spearman 0.98 with the exact profile, 4-5x cheaper)"""
 
@@ -190,16 +192,16 @@ def kl_profile(
     per_head: bool = False,
     samples: int = FISHER_SAMPLES,
 ) -> np.ndarray:
-    """``(L, K)`` layer KL profile of the batch (``(L, Hkv, K)`` per head): measured exactly, or by Fisher.
+    """``(L, K)`` layer KL profile of the batch (``(L, Hkv, K)`` per head): measured exactly, or estimated.
 
-    ``samples``: label samples of the Fisher estimate (backward passes).
+    ``samples``: label samples of the Fisher estimate (backward passes; for 'scaled_delta', of its scale's fit).
     """
     if estimate == "exact":
         if per_head:
             return unit_kl_profile(loaded, input_ids, ranks, mode, segment_len, per_head=True)
         return layer_kl_profile(loaded, input_ids, ranks, mode, segment_len)
-    if estimate == "fisher":
-        return fisher_kl_profile(loaded, input_ids, ranks, mode, segment_len, samples=samples, per_head=per_head)
+    if estimate in ("fisher", "scaled_delta"):
+        return estimated_profile(loaded, input_ids, ranks, mode, segment_len, estimate, samples, per_head)
     raise ValueError(f"profile estimate must be one of {PROFILE_ESTIMATES}, got {estimate!r}")
 
 
@@ -243,8 +245,10 @@ class HindsightOracle(LayerAllocationPolicy):
     profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`, or its
     Fisher estimate), where the headroom is largest (docs/results.md, section 3).
     ``estimate="fisher"`` profiles by :func:`drrl_env.sensitivity.fisher_kl_profile` with ``samples`` label
-    samples (``hindsight:fisher``, ``hindsight:fisher:S``); where the env already shows that estimate
-    (``sensitivity_samples == samples``) it is reused.
+    samples (``hindsight:fisher``, ``hindsight:fisher:S``); ``estimate="scaled_delta"`` by
+    :func:`drrl_env.delta_scale.scaled_delta_profile` (one forward per input; ``samples`` fit its scale on
+    validation text). Where the env already shows that estimate (the same ``sensitivity_estimate`` and
+    ``sensitivity_samples == samples``) it is reused.
     """
 
     def __init__(self, estimate: str = "exact", samples: int = FISHER_SAMPLES) -> None:
@@ -260,13 +264,15 @@ class HindsightOracle(LayerAllocationPolicy):
     def name(self) -> str:
         if self.estimate == "exact":
             return "hindsight"
-        return "hindsight:fisher" if self.samples == FISHER_SAMPLES else f"hindsight:fisher:{self.samples}"
+        name = f"hindsight:{self.estimate}"
+        return name if self.samples == FISHER_SAMPLES else f"{name}:{self.samples}"
 
     def allocate(self, env: DRRLAttentionEnv) -> list:
         config = env.config
         if env.budget_share is None:
             raise ValueError("the hindsight oracle allocates a FLOPs budget: give the env a flops_budget")
-        if self.estimate == "fisher" and config.sensitivity_samples == self.samples:
+        shown = (config.sensitivity_estimate, config.sensitivity_samples)
+        if shown == (self.estimate, self.samples):
             self.last_profile = env.sensitivity_profile  # the same estimate, already made for the observation
         else:
             self.last_profile = kl_profile(
