@@ -13,12 +13,16 @@
 #             hindsight-teacher BC (budgets drawn from 0.5-0.75), then MaskablePPO; then uniform, static,
 #             hindsight:fisher and both agents at three budgets on three held-out corpora, joint mode
 #             (results/per-head). About 30 minutes.
+#   per_head_delta  the same per-head agent shown Eq. S instead (its input's attention-output change times a
+#             scale fitted on validation text: one forward pass per input, no backward), taught by the same
+#             16-sample Fisher hindsight teacher, PPO at learning rate 1e-5; evaluated like per_head beside
+#             hindsight:scaled_delta (results/per-head-delta). About 30 minutes.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
 set -euo pipefail
 # `--compare` with no policies skips train_agent.py's closing comparison: each stage evaluates afterwards
-stages="${STAGES:-budgets residual per_head paper}"
+stages="${STAGES:-budgets residual per_head per_head_delta paper}"
 start=$(date +%s)
 
 if [[ " $stages " == *" budgets "* ]]; then
@@ -59,6 +63,20 @@ if [[ " $stages " == *" per_head "* ]]; then
   python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
     --out results/per-head --logdir runs/results-per-head --policies uniform static:fisher energy:0.9 \
     hindsight:fisher runs/results-per-head/bc.safetensors runs/results-per-head/bc_ppo.safetensors
+fi
+
+if [[ " $stages " == *" per_head_delta "* ]]; then
+  delta_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta)
+  rm -rf runs/results-per-head-delta
+  python train_agent.py "${delta_options[@]}" --flops-budget 0.5 0.75 --bc-epochs 100 --total-timesteps 1500 \
+    --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir runs/results-per-head-delta --compare
+  run=$(ls -d runs/results-per-head-delta/*__maskable_ppo__0__* | head -1)
+  cp "$run/bc_model.safetensors" runs/results-per-head-delta/bc.safetensors
+  cp "$run/model.safetensors" runs/results-per-head-delta/bc_ppo.safetensors
+  python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes joint \
+    --budgets 0.75 0.625 0.5 --timing-repeats 0 --out results/per-head-delta --logdir runs/results-per-head-delta \
+    --policies uniform static:fisher hindsight:fisher hindsight:scaled_delta \
+    runs/results-per-head-delta/bc.safetensors runs/results-per-head-delta/bc_ppo.safetensors
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
