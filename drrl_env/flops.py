@@ -236,10 +236,16 @@ def candidate_attention_flops(
     ranks: tuple[int, ...],
     mode: str,
 ) -> float:
-    """Total FLOPs of every layer's low-rank attention at every candidate below ``head_dim``, over whole sequences."""
-    per_layer = sum(
-        low_rank_attention_flops(batch, q_heads, kv_heads, seq_len, seq_len, head_dim, rank, mode).total
+    """FLOPs of every layer's low-rank attention at every candidate below ``head_dim``, over whole sequences.
+
+    One set of spectra serves every candidate of a layer (``AttentionCall.low_rank`` of a rank table): it is
+    counted once per layer; the projections and the core once per candidate.
+    """
+    below = [
+        low_rank_attention_flops(batch, q_heads, kv_heads, seq_len, seq_len, head_dim, rank, mode)
         for rank in ranks
         if rank < head_dim
-    )
-    return num_layers * per_layer
+    ]
+    if not below:
+        return 0.0
+    return num_layers * (below[0].spectra + sum(flops.core + flops.projections for flops in below))

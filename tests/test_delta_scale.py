@@ -73,7 +73,9 @@ def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_
     expected = scaled_delta_profile(env.loaded, env.input_ids, RANKS, "joint", None, 2, per_head=True)
     np.testing.assert_array_equal(env.sensitivity_profile, expected)
     weights = sum(parameter.numel() for parameter in env.loaded.model.parameters())
-    per_layer = sum(low_rank_attention_flops(2, 4, 2, 32, 32, 16, r, "joint").total for r in RANKS[:-1])
+    candidates = [low_rank_attention_flops(2, 4, 2, 32, 32, 16, r, "joint") for r in RANKS[:-1]]
+    per_layer = candidates[0].spectra + sum(flops.core + flops.projections for flops in candidates)
+    assert all(flops.spectra == candidates[0].spectra for flops in candidates)  # one set of spectra per layer
     assert candidate_attention_flops(2, 2, 4, 2, 32, 16, RANKS, "joint") == 2 * per_layer
     assert info["flops_sensitivity"] == 2.0 * weights * 64 + 2 * per_layer
     assert info["flops_sensitivity"] < fisher_info["flops_sensitivity"] / 4  # one forward against 1 + 2 x 2 passes
