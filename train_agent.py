@@ -50,7 +50,7 @@ from agents.train_config import (
     resume_arguments,
 )
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
-from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset
+from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, teacher_estimate
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
@@ -145,12 +145,13 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path, setup: Pol
         model = algorithm.make(env, setup, args.seed, None, **extra)
     if args.residual and not args.resume:
         start_at_reference(model, setup)
-    elif not args.resume and args.warm_start == "hindsight" and not (args.bc_dataset or args.bc_model):
+    elif not args.resume and args.warm_start != "none" and not (args.bc_dataset or args.bc_model):
         kwargs = env_kwargs(args)
         if kwargs["flops_budget"] is None or not algorithm.masked:
             print("note: --warm-start hindsight needs maskable_ppo and a --flops-budget; starting from scratch")
         else:
-            args.bc_dataset = str(hindsight_teacher_dataset(kwargs, args.warm_start_episodes))
+            estimate = teacher_estimate(args.warm_start)
+            args.bc_dataset = str(hindsight_teacher_dataset(kwargs, args.warm_start_episodes, estimate))
     if args.resume:
         files = latest_checkpoint(run_dir / "checkpoints")
         if files is None:

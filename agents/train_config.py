@@ -55,8 +55,10 @@ class TrainConfig:
     warm_start: str = "hindsight"
     """'hindsight': behaviour-clone the hindsight oracle first (the water-fill of each episode's budget over
     the Fisher estimate of what each layer's rank costs on that input), on a dataset of --warm-start-episodes
-    episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'none': start from
-    scratch. --bc-dataset or --bc-model replace it"""
+    episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'hindsight:scaled_delta':
+    the same water-fill over Eq. S (each input's attention-output change times a scale fitted on validation text),
+    the teacher an agent shown --sensitivity-estimate scaled_delta can copy exactly; 'none': start from scratch.
+    --bc-dataset or --bc-model replace it"""
     residual: bool = False
     """a residual agent: its action is an offset (-2..+2 candidate steps) from the static allocation of the budget
     (agents.static, Fisher profile of validation text; drrl_env.wrappers.RankOffsets), it starts there (offset 0's

@@ -21,9 +21,11 @@ from typing import Any
 from drrl_env.config import EnvConfig
 from drrl_env.models import cache_dir
 from oracle.dataset import record_trajectories
-from oracle.hindsight import HindsightOracle
+from oracle.hindsight import FISHER_SAMPLES, HindsightOracle
 
-WARM_STARTS = ("hindsight", "none")
+WARM_STARTS = ("hindsight", "hindsight:scaled_delta", "none")
+"""--warm-start choices: the hindsight teacher by the Fisher profile, or by Eq. S (the agent's own
+``sensitivity_estimate="scaled_delta"`` observation then shows the teacher's plan exactly), or none"""
 REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "alpha", "beta", "gamma", "violation_penalty",
                   "terminal_lm_weight", "reference_ranks")  # fmt: skip
 """options that change only the rewards: the teacher's actions and observations do not depend on them, so its
@@ -50,11 +52,24 @@ def teacher_folder(env_kwargs: dict[str, Any], estimate: str = "fisher") -> Path
     return cache_dir() / "datasets" / f"hindsight-{estimate}-{digest}"
 
 
+def teacher_estimate(warm_start: str) -> str:
+    """The profile estimate of a --warm-start choice's teacher: ``hindsight`` -> 'fisher', ``hindsight:E`` -> E."""
+    if warm_start not in WARM_STARTS or warm_start == "none":
+        raise ValueError(f"warm start must be one of {WARM_STARTS[:-1]} to have a teacher, got {warm_start!r}")
+    return warm_start.partition(":")[2] or "fisher"
+
+
 def hindsight_teacher_dataset(
     env_kwargs: dict[str, Any], episodes: int, estimate: str = "fisher", progress: bool = True
 ) -> Path:
-    """Build (or reuse, or extend) the hindsight-oracle dataset of ``episodes`` episodes for ``env_kwargs``."""
+    """Build (or reuse, or extend) the hindsight-oracle dataset of ``episodes`` episodes for ``env_kwargs``.
+
+    The teacher is ``HindsightOracle(estimate)``; a 'scaled_delta' teacher fits its scale with the env's
+    ``sensitivity_samples`` (16 without them), so that it reuses the profile the env shows.
+    """
     folder = teacher_folder(env_kwargs, estimate)
     kwargs = teacher_env_kwargs(env_kwargs)
-    record_trajectories(folder, HindsightOracle(estimate), episodes, kwargs, TEACHER_SEED, progress=progress)
+    samples = (kwargs.get("sensitivity_samples") or FISHER_SAMPLES) if estimate == "scaled_delta" else FISHER_SAMPLES
+    teacher = HindsightOracle(estimate, samples)
+    record_trajectories(folder, teacher, episodes, kwargs, TEACHER_SEED, progress=progress)
     return folder

@@ -94,3 +94,18 @@ def test_estimate_and_spec_errors_are_clear():
         EnvConfig(sensitivity_estimate="delta")
     with pytest.raises(ValueError, match="only the estimates take a sample count"):
         make_baseline("hindsight:exact:4")
+
+
+def test_the_scaled_delta_teacher_builds_its_own_dataset(tiny_layered_model_dir, cache):
+    from agents.warm_start import hindsight_teacher_dataset, teacher_estimate
+    from oracle.dataset import load_trajectories, read_metadata
+
+    assert [teacher_estimate(name) for name in ("hindsight", "hindsight:scaled_delta")] == ["fisher", "scaled_delta"]
+    with pytest.raises(ValueError, match="to have a teacher"):
+        teacher_estimate("none")
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=1, device="cpu", guardrail="off")
+    kwargs.update(per_head=True, flops_budget=0.5, sensitivity_samples=2, sensitivity_estimate="scaled_delta")
+    folder = hindsight_teacher_dataset(kwargs, 2, "scaled_delta", progress=False)
+    assert read_metadata(folder)["policy"] == "hindsight:scaled_delta:2"
+    assert folder != hindsight_teacher_dataset(kwargs, 2, "fisher", progress=False)  # one cache folder per teacher
+    assert len(load_trajectories(folder)) == 2 * 2  # two episodes of two layers
