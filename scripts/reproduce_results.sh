@@ -13,10 +13,10 @@
 #             hindsight-teacher BC (budgets drawn from 0.5-0.75), then MaskablePPO; then uniform, static,
 #             hindsight:fisher and both agents at three budgets on three held-out corpora, joint mode
 #             (results/per-head). About 30 minutes.
-#   per_head_delta  the same per-head agent shown Eq. S instead (its input's attention-output change times a
-#             scale fitted on validation text: one forward pass per input, no backward), taught by the same
-#             16-sample Fisher hindsight teacher, PPO at learning rate 1e-5; evaluated like per_head beside
-#             hindsight:scaled_delta (results/per-head-delta). About 30 minutes.
+#   per_head_delta  the per-head agent shown Eq. S instead (its input's attention-output change times a
+#             scale fitted on validation text: one forward pass per input, no backward), taught by the Eq. S
+#             hindsight teacher whose plan it sees, PPO at learning rate 1e-5; evaluated like per_head beside
+#             hindsight:scaled_delta (results/per-head-delta). About 20 minutes.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
@@ -69,7 +69,8 @@ if [[ " $stages " == *" per_head_delta "* ]]; then
   delta_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta)
   rm -rf runs/results-per-head-delta
   python train_agent.py "${delta_options[@]}" --flops-budget 0.5 0.75 --bc-epochs 100 --total-timesteps 1500 \
-    --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir runs/results-per-head-delta --compare
+    --warm-start hindsight:scaled_delta --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' \
+    --logdir runs/results-per-head-delta --compare
   run=$(ls -d runs/results-per-head-delta/*__maskable_ppo__0__* | head -1)
   cp "$run/bc_model.safetensors" runs/results-per-head-delta/bc.safetensors
   cp "$run/model.safetensors" runs/results-per-head-delta/bc_ppo.safetensors
