@@ -100,6 +100,7 @@ def evaluate_policy(
                 flops_logits += info["flops_logits"]
                 flops_logits_full += info["flops_logits_full"]
             kls.append(info["kl"])
+            profile_flops += float(getattr(policy, "profile_flops", 0.0))  # a hindsight rule's own profile
             episode_grids.append(episode_grid)
             losses.append(info["lm_loss"])
             full_losses.append(info["lm_loss_full"])

@@ -242,10 +242,24 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     def _sensitivity_flops(self, tokens: int) -> float:
         """FLOPs estimate of this episode's sensitivity profile (``info["flops_sensitivity"]``); 0 without one."""
         cfg = self.config
-        if not cfg.sensitivity_samples:
-            return 0.0
-        if cfg.sensitivity_estimate == "fisher":
-            return sensitivity_profile_flops(self._parameters, tokens, cfg.sensitivity_samples)
+        return (
+            self.profile_flops(cfg.sensitivity_estimate, cfg.sensitivity_samples, tokens)
+            if cfg.sensitivity_samples
+            else 0.0
+        )
+
+    def profile_flops(self, estimate: str, samples: int, tokens: int | None = None) -> float:
+        """FLOPs estimate of a label-free profile of a batch of ``tokens`` (default: this env's batch size).
+
+        ``estimate`` 'fisher' (``samples`` backward passes; ``drrl_env.flops.sensitivity_profile_flops``) or
+        'scaled_delta' (one forward with every candidate's attention; ``scaled_delta_profile_flops``).
+        """
+        cfg = self.config
+        tokens = cfg.batch_size * cfg.seq_len if tokens is None else tokens
+        if estimate == "fisher":
+            return sensitivity_profile_flops(self._parameters, tokens, samples)
+        if estimate != "scaled_delta":
+            raise ValueError(f"estimate must be 'fisher' or 'scaled_delta', got {estimate!r}")
         shape = (self.num_layers, cfg.batch_size, self.q_heads, self.kv_heads, cfg.seq_len, self.head_dim)
         candidates = candidate_attention_flops(*shape, cfg.ranks, cfg.spectral_mode)
         return scaled_delta_profile_flops(self._parameters, tokens, candidates)

@@ -259,6 +259,8 @@ class HindsightOracle(LayerAllocationPolicy):
             raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
         self.estimate, self.samples = estimate, samples
         self.last_profile: np.ndarray | None = None
+        self.profile_flops = 0.0
+        """FLOPs estimate of the last episode's profile (``env.profile_flops``; 0 for the exact one, a ceiling)"""
 
     @property
     def name(self) -> str:
@@ -285,6 +287,7 @@ class HindsightOracle(LayerAllocationPolicy):
                 per_head=config.per_head,
                 samples=self.samples,
             )  # (L, K), or (L, Hkv, K) per head
+        self.profile_flops = 0.0 if self.estimate == "exact" else env.profile_flops(self.estimate, self.samples)
         shares = rank_shares(config.ranks, env.head_dim)
         chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)
         return np.asarray(chosen).reshape(env.num_layers, -1).tolist() if config.per_head else chosen

@@ -8,6 +8,7 @@ from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from agents.baselines import make_baseline
+from agents.evaluate import evaluate_policy
 from drrl_env import delta_scale as delta_scale_module
 from drrl_env.config import EnvConfig
 from drrl_env.corpora import corpus_tokens, sequential_chunks
@@ -83,10 +84,16 @@ def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_
     assert isinstance(policy, HindsightOracle) and policy.name == "hindsight:scaled_delta:2"
     policy.act(observation, env.action_masks(), env)
     assert policy.last_profile is env.sensitivity_profile  # the env's estimate, reused
+    assert policy.profile_flops == info["flops_sensitivity"] == env.profile_flops("scaled_delta", 2)
     other = HindsightOracle("fisher", samples=2)
     other.act(observation, env.action_masks(), env)
     assert other.last_profile is not env.sensitivity_profile  # another estimate: profiled anew
+    assert other.profile_flops == fisher_info["flops_sensitivity"]
+    with pytest.raises(ValueError, match="estimate must be 'fisher' or 'scaled_delta'"):
+        env.profile_flops("exact", 2)
     check_env(env)
+    row = evaluate_policy(HindsightOracle("scaled_delta", 2), kwargs, 1, timing_repeats=0)
+    assert row.flops_policy_ratio > 0 and row.flops_with_policy_ratio > row.flops_ratio  # its profile is counted
 
 
 def test_estimate_and_spec_errors_are_clear():
