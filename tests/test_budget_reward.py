@@ -46,7 +46,7 @@ def test_random_actions_never_end_an_episode_over_budget(tiny_env_kwargs, overri
         )
 
     steps, budgets = 0, set()
-    while steps < 700:
+    while steps < 300:
         infos = run_episode(env, choose, seed=steps)
         steps += len(infos)
         spent = sum(int(i["flops_logits"]) for i in infos)  # integers: exact in float64

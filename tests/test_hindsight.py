@@ -97,7 +97,7 @@ def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
     assert not any("forward" in vars(layer) for layer in decoder_layers(tiny_model, 3))  # patches undone
 
 
-def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir):
+def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir, monkeypatch):
     kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, segment_len=8, batch_size=2)
     kwargs.update(flops_budget=(0.4, 0.8), device="cpu", guardrail="off")  # the guardrail would move ranks
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
@@ -107,7 +107,7 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
         HindsightOracle("fisher"),
         UniformBudget(),
         StaticAllocation.profile(None, kwargs, max_tokens=256),
-        make_baseline("static:fisher", kwargs),
+        StaticAllocation.profile(None, kwargs, max_tokens=256, estimate="fisher"),
     )
     for policy in policies:
         observation, info = env.reset(seed=3)
@@ -125,7 +125,10 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
             assert ranks == [rank for rank in expected for _ in range(4)]  # every segment of a layer
     assert set(kls) == {"hindsight", "hindsight:fisher", "uniform", "static", "static:fisher"}
     assert all(np.isfinite(list(kls.values())))
-    assert make_baseline("static:0.5:fisher", kwargs).name == "static:0.5:fisher"
+    profiled = []  # the spec's budget and estimate reach the profile (profiling itself is covered above)
+    monkeypatch.setattr(StaticAllocation, "profile", classmethod(lambda cls, *args, **kw: profiled.append((args, kw))))
+    make_baseline("static:0.5:fisher", kwargs)
+    assert profiled[0][0][0] == 0.5 and profiled[0][1]["estimate"] == "fisher"
     with pytest.raises(ValueError, match="bad parameter in policy spec 'hindsight:fast'"):
         make_baseline("hindsight:fast", kwargs)
 
