@@ -148,7 +148,8 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path, setup: Pol
     elif not args.resume and args.warm_start != "none" and not (args.bc_dataset or args.bc_model):
         kwargs = env_kwargs(args)
         if kwargs["flops_budget"] is None or not algorithm.masked:
-            print("note: --warm-start hindsight needs maskable_ppo and a --flops-budget; starting from scratch")
+            needs = "needs maskable_ppo and a --flops-budget; starting from scratch"
+            print(f"note: --warm-start {args.warm_start} {needs}")
         else:
             estimate = teacher_estimate(args.warm_start)
             args.bc_dataset = str(hindsight_teacher_dataset(kwargs, args.warm_start_episodes, estimate))

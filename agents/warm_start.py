@@ -54,8 +54,9 @@ def teacher_folder(env_kwargs: dict[str, Any], estimate: str = "fisher") -> Path
 
 def teacher_estimate(warm_start: str) -> str:
     """The profile estimate of a --warm-start choice's teacher: ``hindsight`` -> 'fisher', ``hindsight:E`` -> E."""
-    if warm_start not in WARM_STARTS or warm_start == "none":
-        raise ValueError(f"warm start must be one of {WARM_STARTS[:-1]} to have a teacher, got {warm_start!r}")
+    teachers = tuple(choice for choice in WARM_STARTS if choice != "none")
+    if warm_start not in teachers:
+        raise ValueError(f"warm start must be one of {teachers} to have a teacher, got {warm_start!r}")
     return warm_start.partition(":")[2] or "fisher"
 
 

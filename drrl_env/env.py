@@ -236,26 +236,19 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "epsilon": self.epsilon,
             "budget": share,
             "episode_seed": episode_seed,
-            "flops_sensitivity": self._sensitivity_flops(batch.numel()),
+            "flops_sensitivity": self.profile_flops(cfg.sensitivity_estimate, cfg.sensitivity_samples)
+            if cfg.sensitivity_samples
+            else 0.0,
         }
 
-    def _sensitivity_flops(self, tokens: int) -> float:
-        """FLOPs estimate of this episode's sensitivity profile (``info["flops_sensitivity"]``); 0 without one."""
-        cfg = self.config
-        return (
-            self.profile_flops(cfg.sensitivity_estimate, cfg.sensitivity_samples, tokens)
-            if cfg.sensitivity_samples
-            else 0.0
-        )
-
-    def profile_flops(self, estimate: str, samples: int, tokens: int | None = None) -> float:
-        """FLOPs estimate of a label-free profile of a batch of ``tokens`` (default: this env's batch size).
+    def profile_flops(self, estimate: str, samples: int) -> float:
+        """FLOPs estimate of a label-free sensitivity profile of one of this env's batches (``batch_size x seq_len``).
 
         ``estimate`` 'fisher' (``samples`` backward passes; ``drrl_env.flops.sensitivity_profile_flops``) or
         'scaled_delta' (one forward with every candidate's attention; ``scaled_delta_profile_flops``).
         """
         cfg = self.config
-        tokens = cfg.batch_size * cfg.seq_len if tokens is None else tokens
+        tokens = cfg.batch_size * cfg.seq_len
         if estimate == "fisher":
             return sensitivity_profile_flops(self._parameters, tokens, samples)
         if estimate != "scaled_delta":
