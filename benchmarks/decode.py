@@ -45,7 +45,7 @@ from drrl_env.calibration import calibration_grams
 from drrl_env.corpora import corpus_tokens, sequential_chunks
 from drrl_env.files import write_text_atomic
 from drrl_env.flops import key_cache_generation_flops
-from drrl_env.generate import generate, teacher_forced_logits
+from drrl_env.generate import CACHE_KEYWORD, generate, teacher_forced_logits
 from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.kv_basis import BASIS_KINDS
 from drrl_env.kv_cache import cache_bytes
@@ -106,7 +106,7 @@ def timed_generation(
     else:
         out = generate(loaded, prompts, rank, basis=basis, **settings, **options)
     prefill_ms, step_ms = clock.prefill_and_step_ms()
-    return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(out.cache), prefill_ms, step_ms
+    return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(getattr(out, CACHE_KEYWORD)), prefill_ms, step_ms
 
 
 def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tuple[float, float]:
@@ -192,6 +192,13 @@ def main() -> None:
     print(HEADER)
     if any(len(ranks) != loaded.attention_shape.num_layers for ranks in args.layer_ranks):
         parser.error(f"--layer-ranks needs one rank per layer ({loaded.attention_shape.num_layers})")
+    for context in args.contexts:  # a batch larger than the split's prompts would silently time fewer
+        available = tokens.numel() // context
+        if max(args.batches + [args.quality_prompts]) > available:
+            parser.error(
+                f"--batches {max(args.batches)} / --quality-prompts {args.quality_prompts}: the wiki test split has "
+                f"{available} prompts of {context} tokens; ask for at most {available}"
+            )
     configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
     rows = []
     for context in args.contexts:
