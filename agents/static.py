@@ -28,7 +28,8 @@ from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.files import write_text_atomic
 from drrl_env.kv_profile import DECODE_PROFILE_TOKENS, decode_kl_profile
 from drrl_env.models import cache_file, load_causal_lm, resolve_device
-from oracle.hindsight import PROFILE_ESTIMATES, LayerAllocationPolicy, allocate_ranks, kl_profile, rank_shares
+from drrl_env.sensitivity import allocate_ranks, rank_shares
+from oracle.hindsight import PROFILE_ESTIMATES, LayerAllocationPolicy, kl_profile
 
 PROFILE_BATCH = 4
 """validation sequences per profiling forward"""

@@ -16,7 +16,9 @@ from drrl_env.models import DEFAULT_MODEL
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
-KL_BASELINES = ("none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio")
+KL_BASELINES = (
+    "none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio", "waterfill", "waterfill_log_ratio"
+)  # fmt: skip
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 SENSITIVITY_ESTIMATES = ("fisher", "scaled_delta")
@@ -58,6 +60,9 @@ class EnvConfig:
     the same batch (one more forward per episode), so the return measures the policy against a fixed rule on this
     input; 'uniform_log_ratio' makes it log(KL_uniform / KL), the relative improvement, free of the input's scale
     too; 'reference' and 'reference_log_ratio' do the same against ``reference_ranks`` (e.g. the static allocation);
+    'waterfill' and 'waterfill_log_ratio' against the water-fill of the episode's own sensitivity profile at its
+    budget (the hindsight teacher's allocation of this batch; needs sensitivity_samples > 0 and a flops_budget), so
+    the return is what the policy's allocation gains over its teacher's on this input;
     'none': the plain -KL (drrl_env.reward.kl_terminal_reward)"""
     reference_ranks: tuple[int, ...] | None = None
     """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
@@ -135,6 +140,11 @@ class EnvConfig:
             self.reference_ranks = reference
         if self.kl_baseline.startswith("reference") and self.reference_ranks is None:
             raise ValueError(f"kl_baseline={self.kl_baseline!r} needs reference_ranks (one candidate rank per layer)")
+        if self.kl_baseline.startswith("waterfill") and (not self.sensitivity_samples or self.flops_budget is None):
+            raise ValueError(
+                f"kl_baseline={self.kl_baseline!r} water-fills the episode's sensitivity profile and needs "
+                f"sensitivity_samples > 0 and a flops_budget (got {self.sensitivity_samples} and {self.flops_budget})"
+            )
 
     @property
     def reward_kind(self) -> str:

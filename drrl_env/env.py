@@ -25,7 +25,7 @@ from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_erro
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
-from drrl_env.sensitivity import rank_shares, sensitivity_features
+from drrl_env.sensitivity import rank_shares, sensitivity_features, waterfill_indices
 
 __all__ = ["DEFAULT_RANKS", "CandidateRewards", "DRRLAttentionEnv", "EnvConfig", "rank_heatmap_rgb"]
 
@@ -228,6 +228,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             episode_seed=episode_seed,
             guardrail_step=self.guardrail_step,
             num_segments=self.num_segments,
+            baseline_ranks=self._baseline_ranks(share),
         )
         return self._observation(), {
             "layer": self._episode.call.layer,
@@ -240,6 +241,14 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             if cfg.sensitivity_samples
             else 0.0,
         }
+
+    def _baseline_ranks(self, share: float) -> list | None:
+        """The fixed allocation a 'reference' / 'waterfill' kl baseline scores (``Episode.baseline_ranks``)."""
+        cfg = self.config
+        if not cfg.kl_baseline.startswith("waterfill"):
+            return None if cfg.reference_ranks is None else list(cfg.reference_ranks)
+        chosen = waterfill_indices(self._sensitivity, rank_shares(cfg.ranks, self.head_dim), share)
+        return [np.asarray(cfg.ranks)[np.asarray(index)].tolist() for index in chosen]
 
     def profile_flops(self, estimate: str, samples: int) -> float:
         """FLOPs estimate of a label-free sensitivity profile of one of this env's batches (``batch_size x seq_len``).

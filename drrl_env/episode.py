@@ -116,6 +116,9 @@ class Episode:
     episode_seed: int
     guardrail_step: int
     num_segments: int
+    baseline_ranks: list | None = None
+    """the fixed allocation the 'reference' / 'waterfill' kl baselines score on this batch: a rank per layer, or a
+    list of ranks per key/value group per layer"""
     call: AttentionCall | None = field(init=False)
     steps: list[dict[str, Any]] = field(init=False, default_factory=list)
     final: dict[str, Any] = field(init=False, default_factory=dict)
@@ -295,16 +298,20 @@ class Episode:
         self.runner.logits = None  # free the (B, n, V) logits
 
     def _fixed_rule_kl(self, rule: str) -> float:
-        """KL from the full model on this batch of a fixed allocation, ``"uniform"`` or ``"reference"``.
+        """KL from the full model on this batch of a fixed allocation ("uniform", "reference" or "waterfill").
 
-        ``"uniform"``: every step at the largest candidate rank within the budget; ``"reference"``: the
-        config's ``reference_ranks``, one per layer.
+        ``"uniform"``: every step at the largest candidate rank within the budget; otherwise the episode's
+        ``baseline_ranks`` (the config's ``reference_ranks``, or the water-fill of the episode's sensitivity profile).
         """
-        uniform, mode = self.budget.uniform_rank(), self.config.spectral_mode
-        reference = self.config.reference_ranks
+        uniform, mode, fixed = self.budget.uniform_rank(), self.config.spectral_mode, self.baseline_ranks
+        if rule != "uniform" and fixed is None:
+            raise ValueError(f"kl baseline {rule!r} needs the episode's baseline_ranks")
 
-        def rank_of(call: AttentionCall) -> int:
-            return uniform if rule == "uniform" else reference[call.layer]
+        def rank_of(call: AttentionCall) -> int | torch.Tensor:
+            if rule == "uniform":
+                return uniform
+            ranks = fixed[call.layer]
+            return ranks if isinstance(ranks, int) else torch.as_tensor(ranks)
 
         with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank_of(call), mode), self.config.segment_len):
             logits = self.loaded.model(input_ids=self.batch).logits

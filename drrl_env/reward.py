@@ -82,9 +82,10 @@ def next_token_kl(logits_full: torch.Tensor, logits_low: torch.Tensor) -> float:
 def kl_terminal_reward(kl: float, kl_baseline: float | None, baseline: str) -> float:
     """The kl reward's terminal term from the episode's KL to the full model (and a fixed rule's on the same batch).
 
-    ``"none"``: ``-KL``; ``"uniform"`` / ``"reference"``: ``KL_baseline - KL`` (the plain difference, with
-    ``KL_baseline`` the KL of uniform ranks at the episode's budget / of the env's ``reference_ranks`` on
-    the same batch); ``"uniform_log_ratio"`` / ``"reference_log_ratio"``: ``log(KL_baseline / KL)``, the
+    ``"none"``: ``-KL``; ``"uniform"`` / ``"reference"`` / ``"waterfill"``: ``KL_baseline - KL`` (the plain
+    difference, with ``KL_baseline`` the KL of uniform ranks at the episode's budget / of the env's
+    ``reference_ranks`` / of the water-fill of the episode's sensitivity profile, on the same batch);
+    ``"uniform_log_ratio"`` / ``"reference_log_ratio"`` / ``"waterfill_log_ratio"``: ``log(KL_baseline / KL)``, the
     relative improvement, free of the input's scale (uniform ranks' KL varies 3-4x between inputs; a
     difference keeps that spread, a ratio does not). KLs are floored at 1e-9 nats, so an exact episode
     gives a finite reward.
@@ -93,9 +94,9 @@ def kl_terminal_reward(kl: float, kl_baseline: float | None, baseline: str) -> f
         return -kl
     if kl_baseline is None:
         raise ValueError(f"kl baseline {baseline!r} needs the KL of its fixed rule on the episode's batch")
-    if baseline in ("uniform", "reference"):
+    if baseline in ("uniform", "reference", "waterfill"):
         return kl_baseline - kl
-    if baseline in ("uniform_log_ratio", "reference_log_ratio"):
+    if baseline in ("uniform_log_ratio", "reference_log_ratio", "waterfill_log_ratio"):
         return math.log(max(kl_baseline, 1e-9) / max(kl, 1e-9))
     raise ValueError(f"unknown kl baseline {baseline!r}")
 

@@ -76,6 +76,16 @@ def allocate_ranks(cost: np.ndarray, flops: np.ndarray, budget: float, weights: 
     return chosen
 
 
+def waterfill_indices(profile: np.ndarray, shares: np.ndarray, budget: float) -> list:
+    """:func:`allocate_ranks` over every row of an ``(L, K)`` or ``(L, U, K)`` profile at ``budget``.
+
+    Returns the candidate index per layer (an int each), or per layer a list of one index per unit (``U``
+    key/value groups): the hindsight teacher's allocation of the profiled input.
+    """
+    chosen = allocate_ranks(profile.reshape(-1, profile.shape[-1]), shares, budget)
+    return np.asarray(chosen).reshape(profile.shape[0], -1).tolist() if profile.ndim == 3 else chosen
+
+
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module) -> Iterator[None]:
     """Within the block no parameter requires a gradient (the backward passes need only the activations')."""

@@ -35,7 +35,7 @@ from drrl_env.guardrail import nearest_allowed, nearest_allowed_per_group
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel
 from drrl_env.reward import next_token_kl
-from drrl_env.sensitivity import allocate_ranks, candidates_below_full, rank_shares
+from drrl_env.sensitivity import candidates_below_full, rank_shares, waterfill_indices
 
 PROFILE_ESTIMATES = ("exact", "fisher", "scaled_delta")
 """how a layer KL profile is measured: one forward per cell (:func:`layer_kl_profile`), its Fisher estimate, or
@@ -288,6 +288,4 @@ class HindsightOracle(LayerAllocationPolicy):
                 samples=self.samples,
             )  # (L, K), or (L, Hkv, K) per head
         self.profile_flops = 0.0 if self.estimate == "exact" else env.profile_flops(self.estimate, self.samples)
-        shares = rank_shares(config.ranks, env.head_dim)
-        chosen = allocate_ranks(self.last_profile.reshape(-1, len(config.ranks)), shares, env.budget_share)
-        return np.asarray(chosen).reshape(env.num_layers, -1).tolist() if config.per_head else chosen
+        return waterfill_indices(self.last_profile, rank_shares(config.ranks, env.head_dim), env.budget_share)

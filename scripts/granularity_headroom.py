@@ -35,7 +35,8 @@ from drrl_env.hook import install, segment_spans
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.perplexity import replay_scores
 from drrl_env.reward import lm_loss
-from oracle.hindsight import allocate_ranks, rank_shares, unit_kl_profile
+from drrl_env.sensitivity import allocate_ranks, rank_shares
+from oracle.hindsight import unit_kl_profile
 
 GRANULARITIES = ("layer", "head", "segment")
 

@@ -37,8 +37,8 @@ from drrl_env.hook import install
 from drrl_env.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.perplexity import replay_scores
 from drrl_env.reward import lm_loss
-from drrl_env.sensitivity import fisher_kl_profile
-from oracle.hindsight import FISHER_SAMPLES, allocate_ranks, layer_kl_profile, rank_shares
+from drrl_env.sensitivity import allocate_ranks, fisher_kl_profile, rank_shares
+from oracle.hindsight import FISHER_SAMPLES, layer_kl_profile
 
 
 def mean_offdiagonal_correlation(rows: np.ndarray) -> float:

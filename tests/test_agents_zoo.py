@@ -14,7 +14,7 @@ from agents.baselines import BASELINES, FullRank, make_baseline
 from agents.evaluate import evaluate_policy
 from agents.policies import policy_setup
 from drrl_env.corpora import corpus_tokens, sample_batch
-from oracle.hindsight import allocate_ranks
+from drrl_env.sensitivity import allocate_ranks
 from tests.conftest import PAPER_MDP
 
 ROOT = Path(__file__).resolve().parents[1]

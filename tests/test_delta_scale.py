@@ -96,6 +96,32 @@ def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_
     assert row.flops_policy_ratio > 0 and row.flops_with_policy_ratio > row.flops_ratio  # its profile is counted
 
 
+def test_kl_baseline_waterfill_scores_the_episode_against_its_teachers_allocation(tiny_layered_model_dir, cache):
+    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    kwargs.update(spectral_mode="joint", per_head=True, flops_budget=0.5, sensitivity_samples=2, reward="kl")
+    env = gym.make(
+        "DRRL-Attention-v0", **kwargs, sensitivity_estimate="scaled_delta", kl_baseline="waterfill_log_ratio"
+    ).unwrapped
+    teacher = HindsightOracle("scaled_delta", 2)
+    for policy in (teacher, None):  # the teacher's own allocation scores log 1 = 0; the smallest ranks do worse
+        observation, _ = env.reset(seed=4)
+        teacher.reset(4)
+        ranks = np.asarray(RANKS)[np.asarray(teacher.allocate(env))]
+        assert env._episode.baseline_ranks == ranks.tolist()  # (L, Hkv) ranks of the water-fill of this batch
+        terminated = False
+        while not terminated:
+            mask = env.action_masks()
+            action = teacher.act(observation, mask, env) if policy else np.zeros(env.kv_heads, dtype=np.int64)
+            observation, _, terminated, _, info = env.step(action)
+        assert info["reward_terms"]["terminal"] == pytest.approx(np.log(info["kl_waterfill"] / info["kl"]), abs=1e-9)
+        if policy:
+            assert info["kl_waterfill"] == pytest.approx(info["kl"], rel=1e-5) and info["kl"] > 1e-5
+        else:
+            assert info["reward_terms"]["terminal"] < -0.1
+    with pytest.raises(ValueError, match="needs sensitivity_samples > 0 and a flops_budget"):
+        EnvConfig(kl_baseline="waterfill", flops_budget=0.5)
+
+
 def test_estimate_and_spec_errors_are_clear():
     with pytest.raises(ValueError, match="sensitivity_estimate must be one of"):
         EnvConfig(sensitivity_estimate="delta")

@@ -10,8 +10,8 @@ from drrl_env.hook import install
 from drrl_env.models import LoadedModel, load_causal_lm
 from drrl_env.perplexity import LayerRanks, replay_scores
 from drrl_env.reward import lm_loss, next_token_kl
-from drrl_env.sensitivity import fisher_kl_profile
-from oracle.hindsight import HindsightOracle, allocate_ranks, decoder_layers, layer_kl_profile, unit_kl_profile
+from drrl_env.sensitivity import allocate_ranks, fisher_kl_profile
+from oracle.hindsight import HindsightOracle, decoder_layers, layer_kl_profile, unit_kl_profile
 
 RANKS = (2, 4, 8, 12, 16)
 
