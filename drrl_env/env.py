@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from drrl_env.actions import action_indices
 from drrl_env.calibration import attach_calibration
 from drrl_env.config import DEFAULT_RANKS, EnvConfig
 from drrl_env.corpora import corpus_tokens, sample_batch
@@ -63,7 +64,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ``reward="kl"`` (the default under a budget): the return of an episode is ``-KL``, the mean
     per-token KL of the next-token distribution from the full model's on the episode's batch,
     given at the last step; every step also gets a potential-based shaping term that sums to 0
-    over the episode (``drrl_env.reward``). ``reward="eq13"`` (the default without a budget): the
+    over the episode (``drrl_env.reward``); ``kl_baseline`` scores the terminal term against a fixed allocation's KL
+    on the same batch (uniform ranks, ``reference_ranks``, or ``"waterfill"``: the water-fill of the episode's own
+    sensitivity profile, i.e. its hindsight teacher). ``reward="eq13"`` (the default without a budget): the
     paper's per-step ``alpha * sim - beta * FLOPs(r_t) - gamma * ||dA||``, plus
     ``terminal_lm_weight * (loss_full - loss)`` at the end if that weight is > 0. Both subtract
     ``violation_penalty`` for a masked action. ``info["reward_terms"]`` has every term.
@@ -278,7 +281,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         episode = self._require_episode("step()")
-        requested = self._action_indices(action)  # (Hkv,)
+        requested = action_indices(action, len(self.config.ranks), self.kv_heads, self.config.per_head)  # (Hkv,)
         outcome: StepOutcome = episode.step(requested)
         info = outcome.info
         info["action_mask"] = self.action_masks() if not outcome.terminated else np.zeros_like(info["mask_before"])
@@ -410,39 +413,3 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             ],
             **parts,
         )
-
-    def _action_indices(self, action: Any) -> torch.Tensor:
-        """Validate an action; return candidate indices per key/value group, ``(Hkv,)``."""
-        expected = f"shape ({self.kv_heads},)" if self.config.per_head else "a scalar (or shape (1,))"
-        try:
-            array = np.asarray(action)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}") from error
-        if array.dtype == object:  # e.g. a list mixing types: accept only if every entry is an integral number
-            entries = array.ravel().tolist()
-            if not all(
-                isinstance(e, (int, float, np.integer, np.floating)) and not isinstance(e, bool) for e in entries
-            ):
-                raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}")
-            array = array.astype(np.float64)
-        if array.dtype.kind not in "iuf":
-            raise ValueError(f"action must be integer index(es) into ranks, {expected}; got {action!r}")
-        if array.dtype.kind == "f":
-            if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-                raise ValueError(f"action must be integer index(es) into ranks, got {action!r} (NaN or fractional)")
-            if np.abs(array).max(initial=0) >= 2**62:
-                raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {action!r}")
-            array = array.astype(np.int64)
-        if array.dtype.kind == "u" and array.max(initial=0) >= 2**63:
-            raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {action!r}")
-        if self.config.per_head:
-            if array.shape != (self.kv_heads,):
-                raise ValueError(f"action must have {expected} (one index per key/value head), got shape {array.shape}")
-        elif array.size != 1:
-            raise ValueError(f"action must be {expected}, got shape {array.shape}")
-        indices = array.reshape(-1).astype(np.int64)
-        if indices.min() < 0 or indices.max() >= len(self.config.ranks):
-            raise ValueError(f"action index(es) must lie in [0, {len(self.config.ranks) - 1}], got {array.tolist()}")
-        if not self.config.per_head:
-            indices = np.repeat(indices, self.kv_heads)
-        return torch.as_tensor(indices)
