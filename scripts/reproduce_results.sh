@@ -16,7 +16,8 @@
 #   per_head_delta  the per-head agent shown Eq. S instead (its input's attention-output change times a
 #             scale fitted on validation text: one forward pass per input, no backward), taught by the Eq. S
 #             hindsight teacher whose plan it sees, PPO at learning rate 1e-5; evaluated like per_head beside
-#             hindsight:scaled_delta (results/per-head-delta). About 20 minutes.
+#             hindsight:scaled_delta and energy, in joint (results/per-head-delta) and separate mode
+#             (results/per-head-delta-separate; DELTA_MODES picks). About 25 minutes per mode.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
@@ -67,17 +68,20 @@ fi
 
 if [[ " $stages " == *" per_head_delta "* ]]; then
   delta_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta)
-  rm -rf runs/results-per-head-delta
-  python train_agent.py "${delta_options[@]}" --flops-budget 0.5 0.75 --bc-epochs 100 --total-timesteps 1500 \
-    --warm-start hindsight:scaled_delta --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' \
-    --logdir runs/results-per-head-delta --compare
-  run=$(ls -d runs/results-per-head-delta/*__maskable_ppo__0__* | head -1)
-  cp "$run/bc_model.safetensors" runs/results-per-head-delta/bc.safetensors
-  cp "$run/model.safetensors" runs/results-per-head-delta/bc_ppo.safetensors
-  python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes joint \
-    --budgets 0.75 0.625 0.5 --timing-repeats 0 --out results/per-head-delta --logdir runs/results-per-head-delta \
-    --policies uniform static:fisher hindsight:fisher hindsight:scaled_delta \
-    runs/results-per-head-delta/bc.safetensors runs/results-per-head-delta/bc_ppo.safetensors
+  for mode in ${DELTA_MODES:-joint separate}; do
+    name=per-head-delta$([[ $mode == joint ]] || echo "-$mode")  # joint keeps the folder name it was first run with
+    rm -rf "runs/results-$name"
+    python train_agent.py "${delta_options[@]}" --spectral-mode "$mode" --flops-budget 0.5 0.75 --bc-epochs 100 \
+      --total-timesteps 1500 --warm-start hindsight:scaled_delta \
+      --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir "runs/results-$name" --compare
+    run=$(ls -d "runs/results-$name"/*__maskable_ppo__0__* | head -1)
+    cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
+    cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
+    python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes "$mode" \
+      --budgets 0.75 0.625 0.5 --timing-repeats 0 --out "results/$name" --logdir "runs/results-$name" \
+      --policies uniform static:fisher energy:0.9 hindsight:fisher hindsight:scaled_delta \
+      "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors"
+  done
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
