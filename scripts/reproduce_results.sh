@@ -17,7 +17,7 @@
 #             scale fitted on validation text: one forward pass per input, no backward), taught by the Eq. S
 #             hindsight teacher whose plan it sees, PPO at learning rate 1e-5; evaluated like per_head beside
 #             hindsight:scaled_delta and energy, in joint (results/per-head-delta) and separate mode
-#             (results/per-head-delta-separate; DELTA_MODES picks). About 25 minutes per mode.
+#             (results/per-head-delta-separate; DELTA_MODES picks). About 20 minutes per mode.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
