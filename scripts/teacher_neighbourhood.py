@@ -6,8 +6,11 @@ scored by its KL to the full model on that batch, and so are ``--swaps`` random 
 key/value group of one layer one candidate down, another group one candidate up: the same logit FLOPs, since the
 candidates are evenly spaced) and ``--rounds`` rounds of greedy hill-climbing on those moves. It prints, per batch,
 uniform ranks' KL, the teacher's, the share of moves that lower it and the best move's gain, and the climb's end:
-the room that a policy starting on the teacher (BC) has for PPO to find by local changes. Label-free throughout
-(KL to the full model); nothing here is a policy, since every score reads the batch it scores.
+the room that a policy starting on the teacher (BC) has for PPO to find by local changes; and whether the profile
+the agent is shown ranks the moves (Spearman of the additive model's change against the KL's, and the share of
+helpful moves among the quarter it predicts cheapest: the observation can point at the room only if these beat
+chance). Label-free throughout (KL to the full model); nothing here is a policy, since every score reads the batch
+it scores.
 
     python scripts/teacher_neighbourhood.py [--episodes 6] [--swaps 120] [--rounds 2] [--budget 0.625]
 """
@@ -19,6 +22,7 @@ import argparse
 import gymnasium as gym
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env import ENV_ID
@@ -59,6 +63,12 @@ def moved(indices: np.ndarray, move: tuple[int, int], num_candidates: int) -> np
     return flat.reshape(indices.shape)
 
 
+def additive_change(cost: np.ndarray, indices: np.ndarray, candidate: np.ndarray) -> float:
+    """The additive model's change: the summed ``(units, K)`` profile ``cost`` at ``candidate`` minus at ``indices``."""
+    rows = np.arange(cost.shape[0])
+    return float(cost[rows, candidate.reshape(-1)].sum() - cost[rows, indices.reshape(-1)].sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=6, help="batches (episode seeds seed .. seed + n - 1)")
@@ -82,9 +92,12 @@ def main() -> None:
     print(
         f"{args.split} batches, 1 x 128, {args.mode}, budget {args.budget}, {args.swaps} moves x {args.rounds} rounds"
     )
-    print("| seed | uniform KL | teacher KL | moves that lower it | best move | after the climb | climb gain |")
-    print("|---|---|---|---|---|---|---|")
-    gains, shares_better = [], []
+    print(
+        "| seed | uniform KL | teacher KL | moves that lower it | best move | after the climb | climb gain "
+        "| Spearman(profile's change, KL's change) | moves that help among the profile's cheapest quarter |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    gains, shares_better, agreement = [], [], []
     for episode in range(args.episodes):
         env.reset(seed=args.seed + episode)
         with torch.no_grad():
@@ -94,16 +107,21 @@ def main() -> None:
         uniform = allocation_kl(env, uniform_indices, full_logits)
         current = np.asarray(teacher.allocate(env))
         teacher_kl = best_kl = allocation_kl(env, current, full_logits)
+        cost = teacher.last_profile.reshape(-1, num_candidates)  # what the observation shows, per group
         first_best = None
         for round_index in range(args.rounds):
-            scored = []
+            scored, predicted = [], []
             for move in neutral_moves(current, num_candidates, args.swaps, rng):
                 candidate = moved(current, move, num_candidates)
                 if candidate is not None:
                     scored.append((allocation_kl(env, candidate, full_logits), candidate))
+                    predicted.append(additive_change(cost, current, candidate))
             if round_index == 0:
-                shares_better.append(np.mean([kl < teacher_kl for kl, _ in scored]))
-                first_best = min(kl for kl, _ in scored)
+                actual = np.array([kl - teacher_kl for kl, _ in scored])
+                shares_better.append(np.mean(actual < 0))
+                first_best = teacher_kl + actual.min()
+                cheapest = np.argsort(predicted)[: max(1, len(predicted) // 4)]
+                agreement.append((spearmanr(predicted, actual)[0], np.mean(actual[cheapest] < 0)))
             kl, candidate = min(scored, key=lambda item: item[0])
             if kl >= best_kl:
                 break
@@ -111,10 +129,15 @@ def main() -> None:
         gains.append(1 - best_kl / teacher_kl)
         print(
             f"| {args.seed + episode} | {uniform:.5f} | {teacher_kl:.5f} | {shares_better[-1]:.0%} | "
-            f"{first_best:.5f} ({1 - first_best / teacher_kl:+.1%}) | {best_kl:.5f} | {gains[-1]:.1%} |",
+            f"{first_best:.5f} ({1 - first_best / teacher_kl:+.1%}) | {best_kl:.5f} | {gains[-1]:.1%} | "
+            f"{agreement[-1][0]:.2f} | {agreement[-1][1]:.0%} |",
             flush=True,
         )
-    print(f"mean share of moves that help {np.mean(shares_better):.1%}; mean climb gain {np.mean(gains):.1%}")
+    rho, cheap = np.mean(agreement, axis=0)
+    print(
+        f"mean share of moves that help {np.mean(shares_better):.1%}; mean climb gain {np.mean(gains):.1%}; "
+        f"mean Spearman {rho:.2f}; helpful among the profile's cheapest quarter {cheap:.1%}"
+    )
 
 
 if __name__ == "__main__":
