@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env import ENV_ID
-from drrl_env.reward import next_token_kl
+from drrl_env.perplexity import replay_scores
 from drrl_env.sensitivity import rank_shares
 from oracle.hindsight import HindsightOracle
 
@@ -34,11 +34,8 @@ from oracle.hindsight import HindsightOracle
 def allocation_kl(env, indices: np.ndarray, full_logits: torch.Tensor) -> float:
     """KL from the full model of the env's current batch with group ranks ``ranks[indices]`` ``(L, Hkv)``."""
     cfg = env.config
-    ranks = torch.as_tensor(np.asarray(cfg.ranks)[indices])
-    handler = lambda call: call.low_rank(ranks[call.layer], cfg.spectral_mode)  # noqa: E731
-    with torch.no_grad(), env.hook.use(handler, cfg.segment_len):
-        logits = env.loaded.model(input_ids=env.input_ids).logits
-    return next_token_kl(full_logits, logits)
+    ranks = tuple(torch.as_tensor(np.asarray(cfg.ranks)[indices]))  # a tensor per layer: one rank per group
+    return replay_scores(env.loaded, env.input_ids, ranks, cfg.spectral_mode, full_logits, cfg.segment_len)[0]
 
 
 def neutral_moves(
