@@ -69,7 +69,8 @@ def evaluate_policy(
     The test split reports; the validation split selects (hyperparameters, checkpoints) without touching it.
     """
     # the reward is not used here; eq13 lets the greedy oracle score candidates, and the reference pass gives the KL
-    kwargs = {**env_kwargs, "split": split, "reward": "eq13", "terminal_lm_weight": 1.0, "kl_baseline": "none"}
+    kwargs = {**env_kwargs, "split": split, "reward": "eq13", "terminal_lm_weight": 1.0}
+    kwargs.update(kl_baseline="none", kl_credit="terminal")
     if not isinstance(policy, (ModelPolicy, RLlibPolicy)):
         kwargs["sensitivity_samples"] = 0  # only a trained agent reads the observation's sensitivity part
     env: DRRLAttentionEnv = gym.make(ENV_ID, **kwargs).unwrapped

@@ -103,7 +103,15 @@ def step_metrics(info: dict[str, Any]) -> dict[str, float]:
     metrics = {f"reward_terms/{term}": float(value) for term, value in info["reward_terms"].items()}
     metrics["flops_saved"] = 1.0 - info["flops"] / info["flops_full"]
     metrics["flops_logits_ratio"] = info["flops_logits"] / info["flops_logits_full"]
-    for name in ("guardrail_mask_rate", "budget_mask_rate", "kl", "fidelity", "perturbation"):
+    for name in (
+        "guardrail_mask_rate",
+        "budget_mask_rate",
+        "kl",
+        "kl_waterfill",
+        "credit_forwards",
+        "fidelity",
+        "perturbation",
+    ):
         if name in info:
             metrics[name] = float(info[name])
     metrics["violation_rate"] = float(info["masked_violation"])

@@ -26,8 +26,8 @@ from oracle.hindsight import FISHER_SAMPLES, HindsightOracle
 WARM_STARTS = ("hindsight", "hindsight:scaled_delta", "none")
 """--warm-start choices: the hindsight teacher by the Fisher profile, or by Eq. S (the agent's own
 ``sensitivity_estimate="scaled_delta"`` observation then shows the teacher's plan exactly), or none"""
-REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "alpha", "beta", "gamma", "violation_penalty",
-                  "terminal_lm_weight", "reference_ranks")  # fmt: skip
+REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "kl_credit", "alpha", "beta", "gamma",
+                  "violation_penalty", "terminal_lm_weight", "reference_ranks")  # fmt: skip
 """options that change only the rewards: the teacher's actions and observations do not depend on them, so its
 dataset is recorded with their defaults and shared by runs that differ only in them"""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.config import GUARDRAILS, KL_BASELINES, REWARDS, SPLITS, EnvConfig
+from drrl_env.config import GUARDRAILS, KL_BASELINES, KL_CREDITS, REWARDS, SPLITS, EnvConfig
 from drrl_env.lowrank import SPECTRAL_MODES
 
 _CHOICES = {
@@ -26,6 +26,7 @@ _CHOICES = {
     "reward": REWARDS,
     "guardrail": GUARDRAILS,
     "kl_baseline": KL_BASELINES,
+    "kl_credit": KL_CREDITS,
 }
 
 

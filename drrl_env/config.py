@@ -19,6 +19,7 @@ REWARDS = ("auto", "kl", "eq13")
 KL_BASELINES = (
     "none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio", "waterfill", "waterfill_log_ratio"
 )  # fmt: skip
+KL_CREDITS = ("terminal", "completion")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 SENSITIVITY_ESTIMATES = ("fisher", "scaled_delta")
@@ -64,6 +65,11 @@ class EnvConfig:
     budget (the hindsight teacher's allocation of this batch; needs sensitivity_samples > 0 and a flops_budget), so
     the return is what the policy's allocation gains over its teacher's on this input;
     'none': the plain -KL (drrl_env.reward.kl_terminal_reward)"""
+    kl_credit: str = "terminal"
+    """kl reward with a 'waterfill' baseline: 'terminal' gives the return at the last step; 'completion' credits each
+    step with what it changes in the KL of its plan completed by the teacher (the ranks taken so far, then the
+    water-fill of the budget left over the rest of the profile): potential-based shaping that sums to the terminal
+    reward, one forward pass per step that leaves the plan (drrl_env.credit; needs one segment per layer)"""
     reference_ranks: tuple[int, ...] | None = None
     """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
     baselines score each episode against and that drrl_env.wrappers.RankOffsets offsets; None: none"""
@@ -125,6 +131,7 @@ class EnvConfig:
         choice("split", SPLITS)
         choice("reward", REWARDS)
         choice("kl_baseline", KL_BASELINES)
+        choice("kl_credit", KL_CREDITS)
         choice("guardrail", GUARDRAILS)
         choice("sensitivity_estimate", SENSITIVITY_ESTIMATES)
         for name in ("alpha", "beta", "gamma", "violation_penalty", "terminal_lm_weight", "kl_shaping_weight"):
@@ -144,6 +151,16 @@ class EnvConfig:
             raise ValueError(
                 f"kl_baseline={self.kl_baseline!r} water-fills the episode's sensitivity profile and needs "
                 f"sensitivity_samples > 0 and a flops_budget (got {self.sensitivity_samples} and {self.flops_budget})"
+            )
+        if self.kl_credit == "completion" and not self.kl_baseline.startswith("waterfill"):
+            raise ValueError(
+                f"kl_credit='completion' completes each step's plan with the water-fill teacher and needs "
+                f"kl_baseline='waterfill' or 'waterfill_log_ratio', got {self.kl_baseline!r}"
+            )
+        if self.kl_credit == "completion" and self.segment_len is not None and self.segment_len < self.seq_len:
+            raise ValueError(
+                f"kl_credit='completion' plans one rank per layer and needs one segment per layer "
+                f"(segment_len None or >= seq_len), got segment_len={self.segment_len} with seq_len={self.seq_len}"
             )
 
     @property

@@ -26,7 +26,7 @@ from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_erro
 from drrl_env.hook import AttentionCall, install, segment_spans
 from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
-from drrl_env.sensitivity import rank_shares, sensitivity_features, waterfill_indices
+from drrl_env.sensitivity import rank_shares, sensitivity_features, waterfill_plan
 
 __all__ = ["DEFAULT_RANKS", "CandidateRewards", "DRRLAttentionEnv", "EnvConfig", "rank_heatmap_rgb"]
 
@@ -66,7 +66,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     given at the last step; every step also gets a potential-based shaping term that sums to 0
     over the episode (``drrl_env.reward``); ``kl_baseline`` scores the terminal term against a fixed allocation's KL
     on the same batch (uniform ranks, ``reference_ranks``, or ``"waterfill"``: the water-fill of the episode's own
-    sensitivity profile, i.e. its hindsight teacher). ``reward="eq13"`` (the default without a budget): the
+    sensitivity profile, i.e. its hindsight teacher); with that baseline ``kl_credit="completion"`` pays the same
+    return step by step, each step what it changes in the KL of its teacher-completed plan (``drrl_env.credit``).
+    ``reward="eq13"`` (the default without a budget): the
     paper's per-step ``alpha * sim - beta * FLOPs(r_t) - gamma * ||dA||``, plus
     ``terminal_lm_weight * (loss_full - loss)`` at the end if that weight is > 0. Both subtract
     ``violation_penalty`` for a masked action. ``info["reward_terms"]`` has every term.
@@ -232,6 +234,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             guardrail_step=self.guardrail_step,
             num_segments=self.num_segments,
             baseline_ranks=self._baseline_ranks(share),
+            sensitivity=self._sensitivity,
         )
         return self._observation(), {
             "layer": self._episode.call.layer,
@@ -250,8 +253,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         cfg = self.config
         if not cfg.kl_baseline.startswith("waterfill"):
             return None if cfg.reference_ranks is None else list(cfg.reference_ranks)
-        chosen = waterfill_indices(self._sensitivity, rank_shares(cfg.ranks, self.head_dim), share)
-        return [np.asarray(cfg.ranks)[np.asarray(index)].tolist() for index in chosen]
+        return waterfill_plan(self._sensitivity, cfg.ranks, self.head_dim, share)
 
     def profile_flops(self, estimate: str, samples: int) -> float:
         """FLOPs estimate of a label-free sensitivity profile of one of this env's batches (``batch_size x seq_len``).

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from drrl_env.config import EnvConfig
+from drrl_env.credit import CompletionCredit
 from drrl_env.flops import AttentionFlops, full_attention_flops, low_rank_attention_flops
 from drrl_env.guardrail import (
     FlopsBudget,
@@ -119,6 +120,8 @@ class Episode:
     baseline_ranks: list | None = None
     """the fixed allocation the 'reference' / 'waterfill' kl baselines score on this batch: a rank per layer, or a
     list of ranks per key/value group per layer"""
+    sensitivity: np.ndarray | None = None
+    """the batch's sensitivity profile (what ``kl_credit="completion"`` water-fills the rest of the budget over)"""
     call: AttentionCall | None = field(init=False)
     steps: list[dict[str, Any]] = field(init=False, default_factory=list)
     final: dict[str, Any] = field(init=False, default_factory=dict)
@@ -135,6 +138,16 @@ class Episode:
         )
         self.call = self.runner.start()
         self.deviation = self._deviation()
+        self.credit: CompletionCredit | None = None
+        if self.config.reward_kind == "kl" and self.config.kl_credit == "completion":
+            self.credit = CompletionCredit(
+                self.sensitivity,
+                self.config.ranks,
+                self.head_dim,
+                list(self.baseline_ranks),
+                self._plan_kl,
+                self.config.kl_baseline,
+            )
         self._prepare()
 
     # ----------------------------------------------------------------- masks
@@ -260,6 +273,8 @@ class Episode:
             previous_deviation, self.deviation = self.deviation, self._deviation()  # 0 at the terminal state
             shaping = cfg.kl_shaping_weight * (previous_deviation - self.deviation)  # Phi_{t+1} - Phi_t
             terms = {"shaping": shaping, "violation": violation_term}
+            if self.credit is not None and not terminated:
+                terms["credit"] = self.credit.step(call.layer, rank_value, self.budget.left_share(self.step_index))
         else:
             terms = eq13_terms(fidelity, flops_ratio, perturbation, cfg.alpha, cfg.beta, cfg.gamma)
             terms["violation"] = violation_term
@@ -289,9 +304,14 @@ class Episode:
             )
             if cfg.reward_kind == "kl":
                 rule = cfg.kl_baseline.removesuffix("_log_ratio")
-                if rule != "none":
+                if self.credit is not None:
+                    terms["credit"] = self.credit.finish(self.final["kl"])
+                    self.final.update(kl_waterfill=self.credit.initial_kl, credit_forwards=self.credit.forwards)
+                elif rule != "none":
                     self.final[f"kl_{rule}"] = self._fixed_rule_kl(rule)
-                terms["terminal"] = kl_terminal_reward(self.final["kl"], self.final.get(f"kl_{rule}"), cfg.kl_baseline)
+                    terms["terminal"] = kl_terminal_reward(self.final["kl"], self.final[f"kl_{rule}"], cfg.kl_baseline)
+                else:
+                    terms["terminal"] = kl_terminal_reward(self.final["kl"], None, cfg.kl_baseline)
             else:
                 terms["terminal"] = cfg.terminal_lm_weight * (self.final["lm_loss_full"] - self.final["lm_loss"])
         info.update(self.final)
@@ -303,14 +323,18 @@ class Episode:
         ``"uniform"``: every step at the largest candidate rank within the budget; otherwise the episode's
         ``baseline_ranks`` (the config's ``reference_ranks``, or the water-fill of the episode's sensitivity profile).
         """
-        uniform, mode, fixed = self.budget.uniform_rank(), self.config.spectral_mode, self.baseline_ranks
-        if rule != "uniform" and fixed is None:
+        if rule == "uniform":
+            return self._plan_kl([self.budget.uniform_rank()] * self.loaded.attention_shape.num_layers)
+        if self.baseline_ranks is None:
             raise ValueError(f"kl baseline {rule!r} needs the episode's baseline_ranks")
+        return self._plan_kl(self.baseline_ranks)
+
+    def _plan_kl(self, plan: list) -> float:
+        """KL from the full model on this batch of ``plan``: a rank per layer, or a list of group ranks per layer."""
+        mode = self.config.spectral_mode
 
         def rank_of(call: AttentionCall) -> int | torch.Tensor:
-            if rule == "uniform":
-                return uniform
-            ranks = fixed[call.layer]
+            ranks = plan[call.layer]
             return ranks if isinstance(ranks, int) else torch.as_tensor(ranks)
 
         with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank_of(call), mode), self.config.segment_len):

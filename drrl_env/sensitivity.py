@@ -86,6 +86,12 @@ def waterfill_indices(profile: np.ndarray, shares: np.ndarray, budget: float) ->
     return np.asarray(chosen).reshape(profile.shape[0], -1).tolist() if profile.ndim == 3 else chosen
 
 
+def waterfill_plan(profile: np.ndarray, ranks: tuple[int, ...], head_dim: int, budget: float) -> list:
+    """:func:`waterfill_indices` as ranks: a rank per layer, or per layer a list of one rank per key/value group."""
+    chosen = waterfill_indices(profile, rank_shares(ranks, head_dim), budget)
+    return np.asarray(ranks)[np.asarray(chosen, dtype=np.int64)].tolist()
+
+
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module) -> Iterator[None]:
     """Within the block no parameter requires a gradient (the backward passes need only the activations')."""
