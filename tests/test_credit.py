@@ -20,8 +20,10 @@ def kwargs(tiny_layered_model_dir, tmp_path, monkeypatch):
     return values
 
 
-def _index(ranks) -> np.ndarray:
-    return np.array([RANKS.index(rank) for rank in ranks])
+def _action(env, ranks: int | list[int]) -> np.ndarray | int:
+    """The action that plays ``ranks`` (a list per key/value group, or one rank for the layer)."""
+    indices = np.array([RANKS.index(rank) for rank in np.atleast_1d(ranks)])
+    return indices if env.config.per_head else int(indices[0])
 
 
 def _run(env, seed: int, first_action: np.ndarray | None) -> tuple[list, list, dict]:
@@ -34,7 +36,7 @@ def _run(env, seed: int, first_action: np.ndarray | None) -> tuple[list, list, d
     while not terminated:
         episode = env._episode
         plan = episode.credit.plan if episode.credit else episode.baseline_ranks
-        action = first_action if first_action is not None and not actions else _index(plan[episode.call.layer])
+        action = first_action if first_action is not None and not actions else _action(env, plan[episode.call.layer])
         _, reward, terminated, _, info = env.step(action)
         if first_action is not None and len(actions) == 0 and episode.credit:
             left = episode.budget.left_share(1)
@@ -53,12 +55,14 @@ def test_following_the_teachers_plan_earns_nothing_and_costs_one_forward(kwargs)
     assert info["credit_forwards"] == 1 and info["kl_waterfill"] == pytest.approx(info["kl"], rel=1e-5)
 
 
-def test_a_deviation_is_credited_where_it_is_made_and_the_credits_sum_to_the_terminal_reward(kwargs):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_a_deviation_is_credited_where_it_is_made_and_the_credits_sum_to_the_terminal_reward(kwargs, per_head):
+    kwargs["per_head"] = per_head
     env = gym.make("DRRL-Attention-v0", **kwargs, kl_credit="completion").unwrapped
     env.reset(options={"episode_seed": 3})
     teacher_first = env._episode.baseline_ranks[0]
-    smallest = np.zeros(env.kv_heads, dtype=np.int64)
-    assert teacher_first != [RANKS[0]] * env.kv_heads  # the deviation below is one
+    smallest = _action(env, [RANKS[0]] * env.kv_heads)
+    assert teacher_first != ([RANKS[0]] * env.kv_heads if per_head else RANKS[0])  # the deviation below is one
     actions, rewards, info = _run(env, 3, smallest)
     # layer 0 at the smallest ranks, the rest re-planned once (checked in _run), then followed
     assert info["credit_forwards"] == 2  # the teacher's plan, and the one re-planned at layer 0
