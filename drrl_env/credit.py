@@ -49,7 +49,7 @@ class CompletionCredit:
     plan: Plan
     score: Callable[[Plan], float]
     baseline: str
-    forwards: int = 0
+    forwards: int = field(default=0, init=False)
     initial_kl: float | None = field(default=None, init=False)
     _kl: float | None = field(default=None, init=False)
 

@@ -28,6 +28,7 @@ from drrl_env.guardrail import (
 )
 from drrl_env.hook import AttentionCall, AttentionHook
 from drrl_env.models import LoadedModel
+from drrl_env.perplexity import replay_logits
 from drrl_env.reward import (
     attention_output_similarity,
     eq13_terms,
@@ -303,15 +304,16 @@ class Episode:
                 lm_loss_full=lm_loss(self.reference.logits, self.batch),
             )
             if cfg.reward_kind == "kl":
-                rule = cfg.kl_baseline.removesuffix("_log_ratio")
-                if self.credit is not None:
+                if self.credit is not None:  # the return was paid step by step (drrl_env.credit)
                     terms["credit"] = self.credit.finish(self.final["kl"])
                     self.final.update(kl_waterfill=self.credit.initial_kl, credit_forwards=self.credit.forwards)
-                elif rule != "none":
-                    self.final[f"kl_{rule}"] = self._fixed_rule_kl(rule)
-                    terms["terminal"] = kl_terminal_reward(self.final["kl"], self.final[f"kl_{rule}"], cfg.kl_baseline)
                 else:
-                    terms["terminal"] = kl_terminal_reward(self.final["kl"], None, cfg.kl_baseline)
+                    rule = cfg.kl_baseline.removesuffix("_log_ratio")
+                    if rule != "none":
+                        self.final[f"kl_{rule}"] = self._fixed_rule_kl(rule)
+                    terms["terminal"] = kl_terminal_reward(
+                        self.final["kl"], self.final.get(f"kl_{rule}"), cfg.kl_baseline
+                    )
             else:
                 terms["terminal"] = cfg.terminal_lm_weight * (self.final["lm_loss_full"] - self.final["lm_loss"])
         info.update(self.final)
@@ -331,14 +333,9 @@ class Episode:
 
     def _plan_kl(self, plan: list) -> float:
         """KL from the full model on this batch of ``plan``: a rank per layer, or a list of group ranks per layer."""
-        mode = self.config.spectral_mode
-
-        def rank_of(call: AttentionCall) -> int | torch.Tensor:
-            ranks = plan[call.layer]
-            return ranks if isinstance(ranks, int) else torch.as_tensor(ranks)
-
-        with torch.no_grad(), self.hook.use(lambda call: call.low_rank(rank_of(call), mode), self.config.segment_len):
-            logits = self.loaded.model(input_ids=self.batch).logits
+        # LayerRanks reads a list as per-segment ranks and a tensor as one rank per key/value group
+        ranks = [rank if isinstance(rank, int) else torch.as_tensor(rank) for rank in plan]
+        logits = replay_logits(self.loaded, self.batch, ranks, self.config.spectral_mode, self.config.segment_len)
         return next_token_kl(self.reference.logits, logits)
 
     def candidates(self) -> CandidateRewards:

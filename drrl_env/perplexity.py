@@ -66,6 +66,14 @@ class LayerRanks:
 
 
 @torch.no_grad()
+def replay_logits(
+    loaded: LoadedModel, input_ids: torch.Tensor, ranks: tuple, mode: SpectralMode, segment_len: int | None = None
+) -> torch.Tensor:
+    """``(B, n, V)`` logits of ``input_ids`` with the :class:`LayerRanks` ``ranks`` replayed."""
+    with install(loaded.model).use(LayerRanks(tuple(ranks), mode), segment_len):
+        return loaded.model(input_ids=input_ids.to(loaded.device)).logits
+
+
 def replay_scores(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
@@ -75,8 +83,7 @@ def replay_scores(
     segment_len: int | None = None,
 ) -> tuple[float, float]:
     """(mean per-token KL from ``full_logits``, LM loss) of ``input_ids`` with the :class:`LayerRanks` ``ranks``."""
-    with install(loaded.model).use(LayerRanks(tuple(ranks), mode), segment_len):
-        logits = loaded.model(input_ids=input_ids.to(loaded.device)).logits
+    logits = replay_logits(loaded, input_ids, ranks, mode, segment_len)
     return next_token_kl(full_logits, logits), lm_loss(logits, input_ids.to(loaded.device))
 
 
