@@ -31,6 +31,9 @@ SETTINGS = {  # label: env arguments
     "paper MDP: eq13, eq9 guardrail, no budget": dict(flops_budget=None, reward="eq13", guardrail="eq9", eps0=0.5),
     "eq13, no guardrail, no budget": dict(flops_budget=None, reward="eq13", guardrail="off"),
     "default: kl reward, exact guardrail, budget 0.625": dict(),
+    "kl reward, Eq. S profile, completion credit (the fixed action leaves the plan: a forward per step)": dict(
+        sensitivity_samples=16, sensitivity_estimate="scaled_delta", kl_baseline="waterfill", kl_credit="completion"
+    ),
 }
 PARTS = {  # label: (file, function) as cProfile names them
     "reference pass (kl reward, in reset)": ("episode.py", "run"),
