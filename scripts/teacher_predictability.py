@@ -29,16 +29,26 @@ RIDGE = 10.0
 FOLDS = 6
 
 
-def loo_r2(features: np.ndarray, target: np.ndarray, episode: np.ndarray) -> float:
-    """R^2 of a ridge regression of ``target`` on standardized ``features``, predicted for held-out episodes."""
+def held_out_ridge(features: np.ndarray, target: np.ndarray, episode: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """Ridge regression of ``target`` on standardized ``features``, each prediction made with its episode held out.
+
+    The episodes are split into ``FOLDS`` folds; every fold is predicted by a fit on the others, so no
+    prediction has seen its own input.
+    """
     prediction = np.zeros_like(target)
     for held_out in np.array_split(np.unique(episode), FOLDS):
         test = np.isin(episode, held_out)
         x, y = features[~test], target[~test]
         mean, scale = x.mean(0), x.std(0) + 1e-9
         xs = (x - mean) / scale
-        weights = np.linalg.solve(xs.T @ xs + RIDGE * np.eye(xs.shape[1]), xs.T @ (y - y.mean()))
+        weights = np.linalg.solve(xs.T @ xs + ridge * np.eye(xs.shape[1]), xs.T @ (y - y.mean()))
         prediction[test] = ((features[test] - mean) / scale) @ weights + y.mean()
+    return prediction
+
+
+def loo_r2(features: np.ndarray, target: np.ndarray, episode: np.ndarray) -> float:
+    """R^2 of :func:`held_out_ridge`'s predictions of ``target`` for held-out episodes."""
+    prediction = held_out_ridge(features, target, episode)
     return float(1 - ((target - prediction) ** 2).sum() / ((target - target.mean()) ** 2).sum())
 
 
