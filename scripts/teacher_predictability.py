@@ -18,6 +18,7 @@ as ``train_agent.py`` builds; or ``python -m oracle --policy hindsight:fisher``)
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,8 +30,24 @@ RIDGE = 10.0
 FOLDS = 6
 
 
-def held_out_ridge(features: np.ndarray, target: np.ndarray, episode: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """Ridge regression of ``target`` on standardized ``features``, each prediction made with its episode held out.
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def ridge_fit(features: np.ndarray, target: np.ndarray, ridge: float = RIDGE) -> Predictor:
+    """A ridge regression of ``target`` on standardized ``features``, as a function of new features."""
+    mean, scale = features.mean(0), features.std(0) + 1e-9
+    xs = (features - mean) / scale
+    weights = np.linalg.solve(xs.T @ xs + ridge * np.eye(xs.shape[1]), xs.T @ (target - target.mean()))
+    return lambda new: ((new - mean) / scale) @ weights + target.mean()
+
+
+def held_out_predictions(
+    features: np.ndarray,
+    target: np.ndarray,
+    episode: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray], Predictor] = ridge_fit,
+) -> np.ndarray:
+    """Predictions of ``target`` by ``fit``, each made with its episode held out.
 
     The episodes are split into ``FOLDS`` folds; every fold is predicted by a fit on the others, so no
     prediction has seen its own input.
@@ -38,17 +55,13 @@ def held_out_ridge(features: np.ndarray, target: np.ndarray, episode: np.ndarray
     prediction = np.zeros_like(target)
     for held_out in np.array_split(np.unique(episode), FOLDS):
         test = np.isin(episode, held_out)
-        x, y = features[~test], target[~test]
-        mean, scale = x.mean(0), x.std(0) + 1e-9
-        xs = (x - mean) / scale
-        weights = np.linalg.solve(xs.T @ xs + ridge * np.eye(xs.shape[1]), xs.T @ (y - y.mean()))
-        prediction[test] = ((features[test] - mean) / scale) @ weights + y.mean()
+        prediction[test] = fit(features[~test], target[~test])(features[test])
     return prediction
 
 
 def loo_r2(features: np.ndarray, target: np.ndarray, episode: np.ndarray) -> float:
-    """R^2 of :func:`held_out_ridge`'s predictions of ``target`` for held-out episodes."""
-    prediction = held_out_ridge(features, target, episode)
+    """R^2 of a ridge regression's predictions of ``target`` for held-out episodes (:func:`held_out_predictions`)."""
+    prediction = held_out_predictions(features, target, episode)
     return float(1 - ((target - prediction) ** 2).sum() / ((target - target.mean()) ** 2).sum())
 
 

@@ -1,0 +1,169 @@
+"""Is the room next to the Eq. S teacher learnable from what the agent sees? Move values, fitted out of sample.
+
+``scripts/teacher_neighbourhood.py`` found that about a quarter of the budget-neutral moves from the teacher's
+allocation lower the KL, and that the additive model of the Eq. S profile (what the observation shows) ranks
+them only weakly. A policy that improves on its behaviour-cloned start has to learn which move helps on *this*
+input from that observation. This script asks whether any function of the observation can, before any RL:
+for each of ``--episodes`` batches it scores ``--moves`` random budget-neutral moves from the teacher's
+allocation by their exact KL to the full model (label-free; hindsight, so this is data, not a policy), builds
+features of each move from the episode's Eq. S profile alone (the additive model's change, the two groups'
+marginal costs, candidates, depths, the profile's mass before and after each layer, the input's total), and
+fits ridge regressions of log(KL_move / KL_teacher) leave-episodes-out (each input predicted by a fit on the
+others). It prints, for the additive model and for the fitted one, the mean within-input Spearman against the
+real changes, the share of helpful moves among the quarter each predicts best, and what playing each one's
+single best-predicted move per input would change the KL by: the improvement over the teacher that a learned
+rule over this observation could take, out of sample. A small network on the same features is fitted the same way;
+the real changes themselves (hindsight) are the last row.
+
+    python scripts/move_value_fit.py [--episodes 30] [--moves 60] [--save moves.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from teacher_neighbourhood import additive_change, allocation_kl, moved, neutral_moves
+from teacher_predictability import Predictor, held_out_predictions, ridge_fit
+
+import drrl_env  # noqa: F401  (registers the env)
+from drrl_env import ENV_ID
+from oracle.hindsight import HindsightOracle
+
+RIDGES = (1.0, 10.0, 100.0)
+MLP_STEPS = 300
+
+
+def mlp_fit(features: np.ndarray, target: np.ndarray) -> Predictor:
+    """A one-hidden-layer network (32 tanh units, Adam, weight decay) of ``target`` on standardized ``features``."""
+    torch.manual_seed(0)
+    mean, scale = features.mean(0), features.std(0) + 1e-9
+    x = torch.tensor((features - mean) / scale, dtype=torch.float32)
+    y = torch.tensor(target, dtype=torch.float32)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(MLP_STEPS):
+        optimizer.zero_grad()
+        ((net(x).squeeze(-1) - y) ** 2).mean().backward()
+        optimizer.step()
+
+    def predict(new: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.tensor((new - mean) / scale, dtype=torch.float32)).squeeze(-1).numpy()
+
+    return predict
+
+
+def move_features(cost: np.ndarray, indices: np.ndarray, move: tuple[int, int], kv_heads: int) -> np.ndarray:
+    """Features of one budget-neutral ``move`` (flat group lowered, flat group raised) from the profile alone.
+
+    ``cost`` is the ``(L * Hkv, K)`` Eq. S profile the observation shows, ``indices`` the teacher's ``(L, Hkv)``
+    candidate indices.
+    """
+    flat = indices.reshape(-1)
+    layers = cost.shape[0] // kv_heads
+    chosen = cost[np.arange(cost.shape[0]), flat]  # each group's cost at the teacher's choice
+    per_layer = chosen.reshape(layers, kv_heads).sum(1)
+    down, up = move
+    down_layer, up_layer = down // kv_heads, up // kv_heads
+    down_cost = cost[down, flat[down] - 1] - cost[down, flat[down]]  # >= 0: what lowering it adds
+    up_gain = cost[up, flat[up]] - cost[up, flat[up] + 1]  # >= 0: what raising it removes
+    total = chosen.sum()
+    return np.array([
+        down_cost - up_gain, down_cost, up_gain, np.log(down_cost + 1e-9), np.log(up_gain + 1e-9),
+        np.log(down_cost + 1e-9) - np.log(up_gain + 1e-9), cost[down, flat[down]], cost[up, flat[up]],
+        flat[down], flat[up], down_layer / layers, up_layer / layers, (down_layer - up_layer) / layers,
+        abs(down_layer - up_layer) / layers, float(down_layer == up_layer), float(down % kv_heads == up % kv_heads),
+        per_layer[down_layer + 1 :].sum() / total, per_layer[up_layer + 1 :].sum() / total,
+        per_layer[down_layer] / total, per_layer[up_layer] / total, np.log(total),
+        down_cost * down_layer / layers, up_gain * up_layer / layers,
+    ])  # fmt: skip
+
+
+def summary(name: str, predicted: np.ndarray, actual: np.ndarray, episode: np.ndarray) -> str:
+    """Within-input Spearman, helpful share among the best-predicted quarter, the best-predicted move's change."""
+    rhos, helpful, picked = [], [], []
+    for key in np.unique(episode):
+        rows = episode == key
+        p, a = predicted[rows], actual[rows]
+        rhos.append(spearmanr(p, a)[0])
+        helpful.append(np.mean(a[np.argsort(p)[: max(1, len(p) // 4)]] < 0))
+        picked.append(a[np.argmin(p)])
+    picked = np.asarray(picked)
+    return (
+        f"| {name} | {np.mean(rhos):.2f} | {np.mean(helpful):.0%} | {np.mean(picked):+.4f} "
+        f"± {picked.std(ddof=1) / np.sqrt(len(picked)):.4f} | {np.mean(picked < 0):.0%} |"
+    )
+
+
+def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Score ``args.moves`` random budget-neutral moves from the teacher on each of ``args.episodes`` batches."""
+    kwargs = dict(
+        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
+        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
+    )  # fmt: skip
+    env = gym.make(ENV_ID, **kwargs).unwrapped
+    num_candidates, rng = len(env.config.ranks), np.random.default_rng(args.seed)
+    teacher = HindsightOracle("scaled_delta", 16)
+    features, actual, additive, episode = [], [], [], []
+    start = time.time()
+    for index in range(args.episodes):
+        env.reset(seed=args.seed + index)
+        with torch.no_grad():
+            full_logits = env.loaded.model(input_ids=env.input_ids).logits
+        current = np.asarray(teacher.allocate(env))
+        teacher_kl = allocation_kl(env, current, full_logits)
+        cost = teacher.last_profile.reshape(-1, num_candidates)
+        for move in neutral_moves(current, num_candidates, args.moves, rng):
+            candidate = moved(current, move, num_candidates)
+            if candidate is None:
+                continue
+            actual.append(np.log(allocation_kl(env, candidate, full_logits) / teacher_kl))
+            additive.append(additive_change(cost, current, candidate))
+            features.append(move_features(cost, current, move, env.kv_heads))
+            episode.append(index)
+        print(f"episode {index + 1}/{args.episodes}: {time.time() - start:.0f} s", flush=True)
+    return {
+        "features": np.asarray(features), "actual": np.asarray(actual), "additive": np.asarray(additive),
+        "episode": np.asarray(episode),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=30, help="batches (episode seeds seed .. seed + n - 1)")
+    parser.add_argument("--moves", type=int, default=60, help="random budget-neutral moves scored per batch")
+    parser.add_argument("--budget", type=float, default=0.625, help="logit-FLOPs share of full attention")
+    parser.add_argument("--mode", default="joint", help="spectral mode")
+    parser.add_argument("--split", default="validation", help="corpus split of the batches")
+    parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+    parser.add_argument("--save", help="write the scored moves to this .npz file")
+    parser.add_argument("--load", help="read scored moves from this .npz file instead of scoring them")
+    args = parser.parse_args()
+    data = dict(np.load(args.load)) if args.load else collect(args)
+    if args.save:
+        np.savez(args.save, **data)
+    actual, episode = data["actual"], data["episode"]
+    print(
+        f"{len(actual)} moves on {len(np.unique(episode))} inputs; {np.mean(actual < 0):.1%} lower the KL; "
+        f"the best of each input's moves: {np.mean([actual[episode == e].min() for e in np.unique(episode)]):+.4f}"
+    )
+    print("| predictor (out of sample) | Spearman within input | helpful among its best quarter "
+          "| log KL change of its best move per input | inputs where that move helps |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    print(summary("additive model of the Eq. S profile", data["additive"], actual, episode))
+    for ridge in RIDGES:
+        predicted = held_out_predictions(data["features"], actual, episode, functools.partial(ridge_fit, ridge=ridge))
+        print(summary(f"ridge on the move's features (penalty {ridge:g})", predicted, actual, episode))
+    predicted = held_out_predictions(data["features"], actual, episode, mlp_fit)
+    print(summary("a small network on the move's features (32 tanh units)", predicted, actual, episode))
+    print(summary("hindsight: the real changes (no policy can)", actual, actual, episode))
+
+
+if __name__ == "__main__":
+    main()
