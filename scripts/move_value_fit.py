@@ -13,7 +13,10 @@ others). It prints, for the additive model and for the fitted one, the mean with
 real changes, the share of helpful moves among the quarter each predicts best, and what playing each one's
 single best-predicted move per input would change the KL by: the improvement over the teacher that a learned
 rule over this observation could take, out of sample. A small network on the same features is fitted the same way;
-the real changes themselves (hindsight) are the last row.
+the real changes themselves (hindsight) are the last row. Both fits are repeated with features the observation
+does not have: the residual stream's drift from the full model's under the teacher's plan, entering and leaving
+each of the two layers and at the end (one more forward pass per batch): does a view of the layers'
+interaction on this input make the moves predictable?
 
     python scripts/move_value_fit.py [--episodes 30] [--moves 60] [--save moves.npz]
 """
@@ -33,6 +36,8 @@ from teacher_predictability import Predictor, held_out_predictions, ridge_fit
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env import ENV_ID
+from drrl_env.hook import install
+from drrl_env.perplexity import LayerRanks
 from oracle.hindsight import HindsightOracle
 
 RIDGES = (1.0, 10.0, 100.0)
@@ -85,6 +90,42 @@ def move_features(cost: np.ndarray, indices: np.ndarray, move: tuple[int, int], 
     ])  # fmt: skip
 
 
+def residual_deviation(env: gym.Env, indices: np.ndarray, full_hidden: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """``(L + 1,)`` drift of the residual stream under the allocation ``indices`` from the full model's.
+
+    Entry ``l`` is ``||h_plan - h_full|| / ||h_full||`` over the batch at the input of layer ``l`` (entry ``L``:
+    after the last layer).
+    """
+    cfg = env.config
+    ranks = tuple(torch.as_tensor(np.asarray(cfg.ranks)[indices]))
+    with torch.no_grad(), install(env.loaded.model).use(LayerRanks(ranks, cfg.spectral_mode), cfg.segment_len):
+        hidden = env.loaded.model(input_ids=env.input_ids, output_hidden_states=True).hidden_states
+    return np.array([float((h - f).norm() / f.norm()) for h, f in zip(hidden, full_hidden, strict=True)])
+
+
+def interaction_features(
+    deviation: np.ndarray, cost: np.ndarray, indices: np.ndarray, move: tuple[int, int]
+) -> np.ndarray:
+    """Features of ``move`` from the residual stream's deviation under the teacher's plan (not in the observation).
+
+    How far the stream has drifted entering the lowered and the raised group's layers, what each of the two
+    layers adds to it, how much it grows after each, the final drift, and the drift times each group's
+    marginal cost: what an observation of the layers' interaction on this input could show.
+    """
+    flat, kv_heads = indices.reshape(-1), indices.shape[1]
+    (down, up), layers = move, indices.shape[0]
+    down_layer, up_layer = down // kv_heads, up // kv_heads
+    down_cost = cost[down, flat[down] - 1] - cost[down, flat[down]]
+    up_gain = cost[up, flat[up]] - cost[up, flat[up] + 1]
+    final = deviation[layers]
+    return np.array([
+        deviation[down_layer], deviation[up_layer], deviation[down_layer + 1] - deviation[down_layer],
+        deviation[up_layer + 1] - deviation[up_layer], np.log(final / deviation[down_layer + 1]),
+        np.log(final / deviation[up_layer + 1]), np.log(final), deviation[down_layer] * down_cost,
+        deviation[up_layer] * up_gain,
+    ])  # fmt: skip
+
+
 def summary(name: str, predicted: np.ndarray, actual: np.ndarray, episode: np.ndarray) -> str:
     """Within-input Spearman, helpful share among the best-predicted quarter, the best-predicted move's change."""
     rhos, helpful, picked = [], [], []
@@ -101,8 +142,12 @@ def summary(name: str, predicted: np.ndarray, actual: np.ndarray, episode: np.nd
     )
 
 
-def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Score ``args.moves`` random budget-neutral moves from the teacher on each of ``args.episodes`` batches."""
+def collect(args: argparse.Namespace, scored: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Score ``args.moves`` random budget-neutral moves from the teacher on each of ``args.episodes`` batches.
+
+    With ``scored`` (an earlier run's data, same options) the moves are drawn again (the same seeds draw the
+    same moves; checked by the additive model's change) and their scores reused: only features are computed.
+    """
     kwargs = dict(
         per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
         seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
@@ -110,28 +155,36 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
     env = gym.make(ENV_ID, **kwargs).unwrapped
     num_candidates, rng = len(env.config.ranks), np.random.default_rng(args.seed)
     teacher = HindsightOracle("scaled_delta", 16)
-    features, actual, additive, episode = [], [], [], []
+    rows: dict[str, list] = {"features": [], "interaction": [], "actual": [], "additive": [], "episode": []}
     start = time.time()
     for index in range(args.episodes):
         env.reset(seed=args.seed + index)
         with torch.no_grad():
-            full_logits = env.loaded.model(input_ids=env.input_ids).logits
+            full = env.loaded.model(input_ids=env.input_ids, output_hidden_states=True)
         current = np.asarray(teacher.allocate(env))
-        teacher_kl = allocation_kl(env, current, full_logits)
+        teacher_kl = allocation_kl(env, current, full.logits) if scored is None else None
+        deviation = residual_deviation(env, current, full.hidden_states)
         cost = teacher.last_profile.reshape(-1, num_candidates)
         for move in neutral_moves(current, num_candidates, args.moves, rng):
             candidate = moved(current, move, num_candidates)
             if candidate is None:
                 continue
-            actual.append(np.log(allocation_kl(env, candidate, full_logits) / teacher_kl))
-            additive.append(additive_change(cost, current, candidate))
-            features.append(move_features(cost, current, move, env.kv_heads))
-            episode.append(index)
+            row = len(rows["actual"])
+            if scored is None:
+                rows["actual"].append(np.log(allocation_kl(env, candidate, full.logits) / teacher_kl))
+            else:
+                rows["actual"].append(scored["actual"][row])
+            rows["additive"].append(additive_change(cost, current, candidate))
+            rows["features"].append(move_features(cost, current, move, env.kv_heads))
+            rows["interaction"].append(interaction_features(deviation, cost, current, move))
+            rows["episode"].append(index)
         print(f"episode {index + 1}/{args.episodes}: {time.time() - start:.0f} s", flush=True)
-    return {
-        "features": np.asarray(features), "actual": np.asarray(actual), "additive": np.asarray(additive),
-        "episode": np.asarray(episode),
-    }  # fmt: skip
+    data = {key: np.asarray(value) for key, value in rows.items()}
+    if scored is not None and not np.allclose(data["additive"], scored["additive"], rtol=1e-6, atol=1e-12):
+        raise SystemExit(
+            "--load: these options draw other moves than the loaded file's; give the options it was made with"
+        )
+    return data
 
 
 def main() -> None:
@@ -146,6 +199,8 @@ def main() -> None:
     parser.add_argument("--load", help="read scored moves from this .npz file instead of scoring them")
     args = parser.parse_args()
     data = dict(np.load(args.load)) if args.load else collect(args)
+    if "interaction" not in data:  # a file of an earlier version: draw its moves again for the new features
+        data = collect(args, scored=data)
     if args.save:
         np.savez(args.save, **data)
     actual, episode = data["actual"], data["episode"]
@@ -162,6 +217,19 @@ def main() -> None:
         print(summary(f"ridge on the move's features (penalty {ridge:g})", predicted, actual, episode))
     predicted = held_out_predictions(data["features"], actual, episode, mlp_fit)
     print(summary("a small network on the move's features (32 tanh units)", predicted, actual, episode))
+    both = np.concatenate([data["features"], data["interaction"]], axis=1)
+    for ridge in RIDGES:
+        predicted = held_out_predictions(both, actual, episode, functools.partial(ridge_fit, ridge=ridge))
+        print(
+            summary(
+                f"ridge, plus the residual stream's drift under the plan (penalty {ridge:g})",
+                predicted,
+                actual,
+                episode,
+            )
+        )
+    predicted = held_out_predictions(both, actual, episode, mlp_fit)
+    print(summary("the small network, plus the residual stream's drift", predicted, actual, episode))
     print(summary("hindsight: the real changes (no policy can)", actual, actual, episode))
 
 
