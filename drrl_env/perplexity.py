@@ -66,12 +66,28 @@ class LayerRanks:
 
 
 @torch.no_grad()
+def replay_output(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    ranks: tuple,
+    mode: SpectralMode,
+    segment_len: int | None = None,
+    output_hidden_states: bool = False,
+):
+    """The model's output on ``input_ids`` with the :class:`LayerRanks` ``ranks`` replayed.
+
+    ``.logits``, and with ``output_hidden_states`` ``.hidden_states``: the residual stream entering each layer and
+    after the last.
+    """
+    with install(loaded.model).use(LayerRanks(tuple(ranks), mode), segment_len):
+        return loaded.model(input_ids=input_ids.to(loaded.device), output_hidden_states=output_hidden_states)
+
+
 def replay_logits(
     loaded: LoadedModel, input_ids: torch.Tensor, ranks: tuple, mode: SpectralMode, segment_len: int | None = None
 ) -> torch.Tensor:
     """``(B, n, V)`` logits of ``input_ids`` with the :class:`LayerRanks` ``ranks`` replayed."""
-    with install(loaded.model).use(LayerRanks(tuple(ranks), mode), segment_len):
-        return loaded.model(input_ids=input_ids.to(loaded.device)).logits
+    return replay_output(loaded, input_ids, ranks, mode, segment_len).logits
 
 
 def replay_scores(

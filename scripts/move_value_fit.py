@@ -15,8 +15,8 @@ single best-predicted move per input would change the KL by: the improvement ove
 rule over this observation could take, out of sample. A small network on the same features is fitted the same way;
 the real changes themselves (hindsight) are the last row. Both fits are repeated with features the observation
 does not have: the residual stream's drift from the full model's under the teacher's plan, entering and leaving
-each of the two layers and at the end (one more forward pass per batch): does a view of the layers'
-interaction on this input make the moves predictable?
+each of the two layers and at the end (from the forward pass of the teacher's plan that also gives its KL): does
+a view of the layers' interaction on this input make the moves predictable?
 
     python scripts/move_value_fit.py [--episodes 30] [--moves 60] [--save moves.npz]
 """
@@ -27,17 +27,23 @@ import argparse
 import functools
 import time
 
-import gymnasium as gym
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from teacher_neighbourhood import additive_change, allocation_kl, moved, neutral_moves
+from teacher_neighbourhood import (
+    add_batch_options,
+    additive_change,
+    allocation_kl,
+    eq_s_env,
+    group_ranks,
+    moved,
+    neutral_moves,
+)
 from teacher_predictability import Predictor, held_out_predictions, ridge_fit
 
-import drrl_env  # noqa: F401  (registers the env)
-from drrl_env import ENV_ID
-from drrl_env.hook import install
-from drrl_env.perplexity import LayerRanks
+from drrl_env.env import DRRLAttentionEnv
+from drrl_env.perplexity import replay_output
+from drrl_env.reward import next_token_kl
 from oracle.hindsight import HindsightOracle
 
 RIDGES = (1.0, 10.0, 100.0)
@@ -64,6 +70,15 @@ def mlp_fit(features: np.ndarray, target: np.ndarray) -> Predictor:
     return predict
 
 
+def marginal_costs(cost: np.ndarray, flat: np.ndarray, move: tuple[int, int]) -> tuple[float, float]:
+    """What lowering the ``move``'s first group adds and what raising its second removes, by the profile.
+
+    ``cost`` is ``(U, K)``, ``flat`` the flat candidate indices; both values are ``>= 0`` for a monotone profile.
+    """
+    down, up = move
+    return cost[down, flat[down] - 1] - cost[down, flat[down]], cost[up, flat[up]] - cost[up, flat[up] + 1]
+
+
 def move_features(cost: np.ndarray, indices: np.ndarray, move: tuple[int, int], kv_heads: int) -> np.ndarray:
     """Features of one budget-neutral ``move`` (flat group lowered, flat group raised) from the profile alone.
 
@@ -76,8 +91,7 @@ def move_features(cost: np.ndarray, indices: np.ndarray, move: tuple[int, int], 
     per_layer = chosen.reshape(layers, kv_heads).sum(1)
     down, up = move
     down_layer, up_layer = down // kv_heads, up // kv_heads
-    down_cost = cost[down, flat[down] - 1] - cost[down, flat[down]]  # >= 0: what lowering it adds
-    up_gain = cost[up, flat[up]] - cost[up, flat[up] + 1]  # >= 0: what raising it removes
+    down_cost, up_gain = marginal_costs(cost, flat, move)
     total = chosen.sum()
     return np.array([
         down_cost - up_gain, down_cost, up_gain, np.log(down_cost + 1e-9), np.log(up_gain + 1e-9),
@@ -90,17 +104,13 @@ def move_features(cost: np.ndarray, indices: np.ndarray, move: tuple[int, int], 
     ])  # fmt: skip
 
 
-def residual_deviation(env: gym.Env, indices: np.ndarray, full_hidden: tuple[torch.Tensor, ...]) -> np.ndarray:
-    """``(L + 1,)`` drift of the residual stream under the allocation ``indices`` from the full model's.
+def residual_deviation(plan_hidden: tuple[torch.Tensor, ...], full_hidden: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """``(L + 1,)`` drift of the residual stream under a plan from the full model's (``hidden_states`` of both).
 
     Entry ``l`` is ``||h_plan - h_full|| / ||h_full||`` over the batch at the input of layer ``l`` (entry ``L``:
     after the last layer).
     """
-    cfg = env.config
-    ranks = tuple(torch.as_tensor(np.asarray(cfg.ranks)[indices]))
-    with torch.no_grad(), install(env.loaded.model).use(LayerRanks(ranks, cfg.spectral_mode), cfg.segment_len):
-        hidden = env.loaded.model(input_ids=env.input_ids, output_hidden_states=True).hidden_states
-    return np.array([float((h - f).norm() / f.norm()) for h, f in zip(hidden, full_hidden, strict=True)])
+    return np.array([float((h - f).norm() / f.norm()) for h, f in zip(plan_hidden, full_hidden, strict=True)])
 
 
 def interaction_features(
@@ -115,8 +125,7 @@ def interaction_features(
     flat, kv_heads = indices.reshape(-1), indices.shape[1]
     (down, up), layers = move, indices.shape[0]
     down_layer, up_layer = down // kv_heads, up // kv_heads
-    down_cost = cost[down, flat[down] - 1] - cost[down, flat[down]]
-    up_gain = cost[up, flat[up]] - cost[up, flat[up] + 1]
+    down_cost, up_gain = marginal_costs(cost, flat, move)
     final = deviation[layers]
     return np.array([
         deviation[down_layer], deviation[up_layer], deviation[down_layer + 1] - deviation[down_layer],
@@ -142,18 +151,10 @@ def summary(name: str, predicted: np.ndarray, actual: np.ndarray, episode: np.nd
     )
 
 
-def collect(args: argparse.Namespace, scored: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Score ``args.moves`` random budget-neutral moves from the teacher on each of ``args.episodes`` batches.
-
-    With ``scored`` (an earlier run's data, same options) the moves are drawn again (the same seeds draw the
-    same moves; checked by the additive model's change) and their scores reused: only features are computed.
-    """
-    kwargs = dict(
-        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
-        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
-    )  # fmt: skip
-    env = gym.make(ENV_ID, **kwargs).unwrapped
-    num_candidates, rng = len(env.config.ranks), np.random.default_rng(args.seed)
+def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Score ``args.moves`` random budget-neutral moves from the teacher on each of ``args.episodes`` batches."""
+    env: DRRLAttentionEnv = eq_s_env(args)
+    cfg, num_candidates, rng = env.config, len(env.config.ranks), np.random.default_rng(args.seed)
     teacher = HindsightOracle("scaled_delta", 16)
     rows: dict[str, list] = {"features": [], "interaction": [], "actual": [], "additive": [], "episode": []}
     start = time.time()
@@ -162,45 +163,33 @@ def collect(args: argparse.Namespace, scored: dict[str, np.ndarray] | None = Non
         with torch.no_grad():
             full = env.loaded.model(input_ids=env.input_ids, output_hidden_states=True)
         current = np.asarray(teacher.allocate(env))
-        teacher_kl = allocation_kl(env, current, full.logits) if scored is None else None
-        deviation = residual_deviation(env, current, full.hidden_states)
+        plan = replay_output(
+            env.loaded, env.input_ids, group_ranks(env, current), cfg.spectral_mode, cfg.segment_len, True
+        )  # the teacher's plan once: its KL and its residual stream
+        teacher_kl = next_token_kl(full.logits, plan.logits)
+        deviation = residual_deviation(plan.hidden_states, full.hidden_states)
         cost = teacher.last_profile.reshape(-1, num_candidates)
         for move in neutral_moves(current, num_candidates, args.moves, rng):
             candidate = moved(current, move, num_candidates)
             if candidate is None:
                 continue
-            row = len(rows["actual"])
-            if scored is None:
-                rows["actual"].append(np.log(allocation_kl(env, candidate, full.logits) / teacher_kl))
-            else:
-                rows["actual"].append(scored["actual"][row])
+            rows["actual"].append(np.log(allocation_kl(env, candidate, full.logits) / teacher_kl))
             rows["additive"].append(additive_change(cost, current, candidate))
             rows["features"].append(move_features(cost, current, move, env.kv_heads))
             rows["interaction"].append(interaction_features(deviation, cost, current, move))
             rows["episode"].append(index)
         print(f"episode {index + 1}/{args.episodes}: {time.time() - start:.0f} s", flush=True)
-    data = {key: np.asarray(value) for key, value in rows.items()}
-    if scored is not None and not np.allclose(data["additive"], scored["additive"], rtol=1e-6, atol=1e-12):
-        raise SystemExit(
-            "--load: these options draw other moves than the loaded file's; give the options it was made with"
-        )
-    return data
+    return {key: np.asarray(value) for key, value in rows.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=30, help="batches (episode seeds seed .. seed + n - 1)")
+    add_batch_options(parser, episodes=30)
     parser.add_argument("--moves", type=int, default=60, help="random budget-neutral moves scored per batch")
-    parser.add_argument("--budget", type=float, default=0.625, help="logit-FLOPs share of full attention")
-    parser.add_argument("--mode", default="joint", help="spectral mode")
-    parser.add_argument("--split", default="validation", help="corpus split of the batches")
-    parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
     parser.add_argument("--save", help="write the scored moves to this .npz file")
     parser.add_argument("--load", help="read scored moves from this .npz file instead of scoring them")
     args = parser.parse_args()
     data = dict(np.load(args.load)) if args.load else collect(args)
-    if "interaction" not in data:  # a file of an earlier version: draw its moves again for the new features
-        data = collect(args, scored=data)
     if args.save:
         np.savez(args.save, **data)
     actual, episode = data["actual"], data["episode"]

@@ -26,16 +26,41 @@ from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env import ENV_ID
+from drrl_env.env import DRRLAttentionEnv
 from drrl_env.perplexity import replay_scores
 from drrl_env.sensitivity import rank_shares
 from oracle.hindsight import HindsightOracle
 
 
-def allocation_kl(env, indices: np.ndarray, full_logits: torch.Tensor) -> float:
+def add_batch_options(parser: argparse.ArgumentParser, episodes: int) -> None:
+    """The options that pick the batches and the env: --episodes, --budget, --mode, --split, --seed."""
+    parser.add_argument("--episodes", type=int, default=episodes, help="batches (episode seeds seed .. seed + n - 1)")
+    parser.add_argument("--budget", type=float, default=0.625, help="logit-FLOPs share of full attention")
+    parser.add_argument("--mode", default="joint", help="spectral mode")
+    parser.add_argument("--split", default="validation", help="corpus split of the batches")
+    parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+
+
+def eq_s_env(args: argparse.Namespace) -> DRRLAttentionEnv:
+    """The README main command's env (per head, Eq. S with 16 samples, 1 x 128, no guardrail) at ``args``' options."""
+    kwargs = dict(
+        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
+        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
+    )  # fmt: skip
+    return gym.make(ENV_ID, **kwargs).unwrapped
+
+
+def group_ranks(env: DRRLAttentionEnv, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The :class:`drrl_env.perplexity.LayerRanks` ranks of candidate ``indices`` ``(L, Hkv)``: a tensor per layer."""
+    return tuple(torch.as_tensor(np.asarray(env.config.ranks)[indices]))
+
+
+def allocation_kl(env: DRRLAttentionEnv, indices: np.ndarray, full_logits: torch.Tensor) -> float:
     """KL from the full model of the env's current batch with group ranks ``ranks[indices]`` ``(L, Hkv)``."""
     cfg = env.config
-    ranks = tuple(torch.as_tensor(np.asarray(cfg.ranks)[indices]))  # a tensor per layer: one rank per group
-    return replay_scores(env.loaded, env.input_ids, ranks, cfg.spectral_mode, full_logits, cfg.segment_len)[0]
+    return replay_scores(
+        env.loaded, env.input_ids, group_ranks(env, indices), cfg.spectral_mode, full_logits, cfg.segment_len
+    )[0]
 
 
 def neutral_moves(
@@ -68,19 +93,11 @@ def additive_change(cost: np.ndarray, indices: np.ndarray, candidate: np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=6, help="batches (episode seeds seed .. seed + n - 1)")
+    add_batch_options(parser, episodes=6)
     parser.add_argument("--swaps", type=int, default=120, help="random budget-neutral moves scored per round")
     parser.add_argument("--rounds", type=int, default=2, help="greedy rounds: take the best move, draw moves again")
-    parser.add_argument("--budget", type=float, default=0.625, help="logit-FLOPs share of full attention")
-    parser.add_argument("--mode", default="joint", help="spectral mode")
-    parser.add_argument("--split", default="validation", help="corpus split of the batches")
-    parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
     args = parser.parse_args()
-    kwargs = dict(
-        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
-        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
-    )  # fmt: skip
-    env = gym.make(ENV_ID, **kwargs).unwrapped
+    env = eq_s_env(args)
     shares = rank_shares(env.config.ranks, env.head_dim)
     if not np.allclose(np.diff(shares), shares[1] - shares[0]):
         raise SystemExit(f"the candidates {env.config.ranks} are not evenly spaced: a swap would change the FLOPs")

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-import gymnasium as gym
 import numpy as np
 import torch
-from teacher_neighbourhood import allocation_kl
+from teacher_neighbourhood import add_batch_options, allocation_kl, eq_s_env
 
-import drrl_env  # noqa: F401  (registers the env)
-from drrl_env import ENV_ID
 from drrl_env.sensitivity import rank_shares, waterfill_indices
 
 TILTS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
@@ -37,17 +34,9 @@ def tilted(profile: np.ndarray, tilt: float, power: float) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=16, help="batches (episode seeds seed .. seed + n - 1)")
-    parser.add_argument("--budget", type=float, default=0.625, help="logit-FLOPs share of full attention")
-    parser.add_argument("--mode", default="joint", help="spectral mode")
-    parser.add_argument("--split", default="validation", help="corpus split of the batches")
-    parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+    add_batch_options(parser, episodes=16)
     args = parser.parse_args()
-    kwargs = dict(
-        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
-        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
-    )  # fmt: skip
-    env = gym.make(ENV_ID, **kwargs).unwrapped
+    env = eq_s_env(args)
     shares = rank_shares(env.config.ranks, env.head_dim)
     variants = [(tilt, 1.0) for tilt in TILTS] + [(0.0, power) for power in POWERS]
     scores = np.zeros((args.episodes, len(variants)))
