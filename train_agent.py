@@ -2,7 +2,8 @@
 
     python train_agent.py [--algo maskable_ppo] [--total-timesteps 4500] [--seed 0] [env options]
 
-Training logs to TensorBoard under ``--logdir/RUN`` (``RUN = DRRL-Attention-v0__ALGO__SEED__TIME``):
+Training logs to TensorBoard under ``--logdir/RUN`` (``RUN`` is ``--run-name``, by default
+``DRRL-Attention-v0__ALGO__SEED__TIME``):
 the hyperparameters, every reward term, FLOPs saved, fidelity, mask and violation rates, the
 ranks per layer (histogram and heatmap), and the test PPL every ``--eval-every`` steps. It saves
 checkpoints every ``--checkpoint-every`` steps and the agent as ``RUN/model.safetensors`` at the
@@ -88,6 +89,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return resume_arguments(build_parser(), argv, RESUMABLE_CHANGES, "train_agent.py")
 
 
+def check_run_name(name: str, logdir: Path) -> None:
+    """``--run-name`` must name one new folder under ``--logdir``; a ``ValueError`` says which rule it breaks."""
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"--run-name {name!r}: expected one folder name (no '/', not '.' or '..')")
+    if (logdir / name).exists():
+        raise ValueError(
+            f"--run-name {name!r}: {logdir / name} exists; choose another name or continue it with --resume"
+        )
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Checks of the options that need no model: one-line ``ValueError``s naming the option."""
     algorithm = get_algorithm(args.algo)
@@ -98,6 +109,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.residual and (args.bc_dataset or args.bc_model):
         raise ValueError("--residual starts at the static allocation; it takes no --bc-dataset or --bc-model")
     check_output_folder(args.logdir, "--logdir")
+    if args.run_name is not None and not args.resume:
+        check_run_name(args.run_name, Path(args.logdir))
     algorithm_hyperparameters(args)
     if args.resume:
         return  # the warm start happened when the run began
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             run_dir = Path(args.resume)
         else:
-            run_dir = Path(args.logdir) / f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}"
+            run_dir = Path(args.logdir) / (args.run_name or f"{ENV_ID}__{args.algo}__{args.seed}__{int(time.time())}")
             run_dir.mkdir(parents=True, exist_ok=False)
             write_text_atomic(run_dir / "config.json", json.dumps(vars(args), indent=2, default=str))
         model = build_model(args, env, run_dir, setup)

@@ -79,6 +79,9 @@ class TrainConfig:
     0.05 cloned the hindsight oracle as faithfully as 0, with a lower KL; docs/results.md)"""
     logdir: str = "runs"
     """folder of the runs"""
+    run_name: str | None = None
+    """name of this run's folder under --logdir, its id in tables and legends (default:
+    DRRL-Attention-v0__ALGO__SEED__TIME); a folder that exists is refused (continue one with --resume)"""
     checkpoint_every: int = 0
     """checkpoint every N env steps (0: only at the end)"""
     resume: str | None = None

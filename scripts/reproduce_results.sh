@@ -33,8 +33,8 @@ if [[ " $stages " == *" budgets "* ]]; then
              random oracle)
   for mode in joint separate; do
     rm -rf "runs/results-$mode"
-    python train_agent.py --spectral-mode "$mode" --logdir "runs/results-$mode" --compare
-    run=$(ls -d "runs/results-$mode"/*__maskable_ppo__0__* | head -1)
+    python train_agent.py --spectral-mode "$mode" --logdir "runs/results-$mode" --run-name train --compare
+    run="runs/results-$mode/train"
     cp "$run/bc_model.safetensors" "runs/results-$mode/bc.safetensors"
     cp "$run/model.safetensors" "runs/results-$mode/bc_ppo.safetensors"
     python -m agents.evaluate "${budget_options[@]}" --modes "$mode" --budgets 0.75 0.625 0.5 \
@@ -45,8 +45,8 @@ fi
 
 if [[ " $stages " == *" residual "* ]]; then
   rm -rf runs/results-residual
-  python train_agent.py --residual --logdir runs/results-residual --compare
-  run=$(ls -d runs/results-residual/*__maskable_ppo__0__* | head -1)
+  python train_agent.py --residual --logdir runs/results-residual --run-name train --compare
+  run=runs/results-residual/train
   cp "$run/model.safetensors" runs/results-residual/residual.safetensors
   python -m agents.evaluate --seq-len 128 --batch-size 1 --guardrail off --modes joint --budgets 0.625 \
     --timing-repeats 1 --fig4-lengths --out results/residual --logdir runs/results-residual \
@@ -57,8 +57,8 @@ if [[ " $stages " == *" per_head "* ]]; then
   per_head_options=(--per-head --sensitivity-samples 16 --seq-len 128 --batch-size 1 --guardrail off)
   rm -rf runs/results-per-head
   python train_agent.py --per-head --sensitivity-samples 16 --flops-budget 0.5 0.75 --bc-epochs 100 \
-    --total-timesteps 1500 --logdir runs/results-per-head --compare
-  run=$(ls -d runs/results-per-head/*__maskable_ppo__0__* | head -1)
+    --total-timesteps 1500 --logdir runs/results-per-head --run-name train --compare
+  run=runs/results-per-head/train
   cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
   cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
   python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
@@ -73,8 +73,8 @@ if [[ " $stages " == *" per_head_delta "* ]]; then
     rm -rf "runs/results-$name"
     python train_agent.py "${delta_options[@]}" --spectral-mode "$mode" --flops-budget 0.5 0.75 --bc-epochs 100 \
       --total-timesteps 1500 --warm-start hindsight:scaled_delta \
-      --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir "runs/results-$name" --compare
-    run=$(ls -d "runs/results-$name"/*__maskable_ppo__0__* | head -1)
+      --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir "runs/results-$name" --run-name train --compare
+    run="runs/results-$name/train"
     cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
     cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
     python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes "$mode" \
@@ -90,12 +90,13 @@ if [[ " $stages " == *" paper "* ]]; then
   steps="${STEPS:-12000}"
   rm -rf runs/results
   python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
+  # the run names are the agents' ids in the tables and figures (maskable_ppo:bc_ppo, maskable_ppo:beta0)
   python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
-    --logdir runs/results --checkpoint-every 3000 --compare
-  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results --compare
-  agent=$(ls -d runs/results/*__maskable_ppo__0__* | head -1)/model.safetensors
-  beta0=$(ls -d runs/results/*__maskable_ppo__0__* | tail -1)/model.safetensors
+    --logdir runs/results --run-name bc_ppo --checkpoint-every 3000 --compare
+  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results \
+    --run-name beta0 --compare
   python -m agents.evaluate "${env_options[@]}" --runs runs/results --ablations \
-    --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle "$agent" static:match "$beta0"
+    --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle \
+    runs/results/bc_ppo/model.safetensors static:match runs/results/beta0/model.safetensors
 fi
 echo "stages: $stages  total: $(( $(date +%s) - start )) s"

@@ -44,7 +44,7 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     out = run(
         "train_agent.py", *options, "--total-timesteps", "64", "--n-steps", "32", "--eval-episodes", "1",
         "--eval-every", "32", "--compare", "full", "fixed:8", "--logdir", str(tmp_path / "runs"),
-        DRRL_CACHE_DIR=str(tmp_path / "cache"),
+        "--run-name", "smoke", DRRL_CACHE_DIR=str(tmp_path / "cache"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "maskable_ppo (this run)" in out.stdout and "| fixed:8 |" in out.stdout
@@ -56,7 +56,7 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     assert policy_flops["maskable_ppo (this run)"] > 10 * policy_flops["fixed:8"]  # 5 passes of the whole model
     (teacher,) = (tmp_path / "cache" / "datasets").glob("hindsight-fisher-*")
     assert json.loads((teacher / "metadata.json").read_text())["episodes"] == 4
-    (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-v0__maskable_ppo__0__*")
+    run_dir = tmp_path / "runs" / "smoke"  # --run-name
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file()
     assert (run_dir / "bc_model.safetensors").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -82,6 +82,9 @@ def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
 
     assert "warm-start maskable_ppo only" in refused("--algo", "ppo", "--bc-model", "x.zip", "--logdir", str(tmp_path))
     assert "not a run folder" in refused("--resume", str(tmp_path))
+    assert "--run-name 'a/b': expected one folder name" in refused("--run-name", "a/b", "--logdir", str(tmp_path))
+    (tmp_path / "taken").mkdir()
+    assert "taken exists" in refused("--run-name", "taken", "--logdir", str(tmp_path))
     for hyperparams, message in (("{lr: 1}", "is not JSON"), ("[1]", "must be a JSON object"),
                                  ('{"learning_rat": 1e-4}', "MaskablePPO takes no ['learning_rat']")):  # fmt: skip
         assert message in refused("--hyperparams", hyperparams, "--logdir", str(tmp_path))
