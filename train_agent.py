@@ -56,6 +56,7 @@ from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
+from oracle.dataset import check_dataset_fits_env
 
 BC_MODEL = "bc_model.safetensors"
 """the behaviour-cloned agent a run starts from, in its run folder"""
@@ -117,6 +118,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("bc_dataset", "bc_model"):
         if getattr(args, name) and not Path(getattr(args, name)).exists():
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
+    if args.bc_dataset:
+        check_dataset_fits_env(args.bc_dataset, env_kwargs(args), "--bc-dataset")
     if args.bc_model and args.bc_model.endswith(".zip") and not args.trust_pickle:
         raise ValueError(
             f"--bc-model {args.bc_model} is an SB3 .zip, a pickle that can run code when loaded; "

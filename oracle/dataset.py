@@ -139,6 +139,38 @@ def env_config_of(metadata: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+OBSERVATION_FIELDS = (
+    "model", "ranks", "per_head", "spectral_mode", "segment_len", "sensitivity_samples", "sensitivity_estimate"
+)  # fmt: skip
+"""env options that decide what an observation says and which action is which rank: a policy cloned from a dataset
+acts in an env that agrees with the dataset's on each of them"""
+
+
+def check_dataset_fits_env(directory: str | os.PathLike, env_kwargs: dict[str, Any], option: str) -> None:
+    """Refuse a dataset recorded in an env that ``env_kwargs`` contradicts on an :data:`OBSERVATION_FIELDS` option.
+
+    A field a dataset lacks (an older drrl) has the env's default. ``option`` names the command's option that gave
+    the dataset, for the message.
+
+    Raises:
+        DatasetMismatchError: naming each differing option with the dataset's value and the one given here.
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(EnvConfig)}
+    stored = {**defaults, **read_metadata(directory)["env_config"]}
+    wanted = {**defaults, **env_kwargs}
+
+    def same(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differing = [name for name in OBSERVATION_FIELDS if same(stored[name]) != same(wanted[name])]
+    if differing:
+        details = "; ".join(f"--{n.replace('_', '-')}: dataset {stored[n]!r}, here {wanted[n]!r}" for n in differing)
+        raise DatasetMismatchError(
+            f"{option} {directory} was recorded in another env ({details}): a policy cloned from it would misread "
+            "this env's observations; pass the dataset's values, or record a dataset with these options"
+        )
+
+
 def _shard_path(directory: Path, index: int) -> Path:
     return directory / DATA_DIR / f"shard-{index:05d}.parquet"
 

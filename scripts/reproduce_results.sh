@@ -85,8 +85,9 @@ if [[ " $stages " == *" per_head_delta "* ]]; then
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
-  # docs/results.md's first run was measured on the paper's MDP, the env's defaults before issue 10
-  env_options=(--seq-len 256 --batch-size 2 --flops-budget none --reward eq13 --guardrail eq9 --eps0 0.5)
+  # the paper's MDP (the env's defaults before issue 10), in separate mode, which train_agent.py no longer defaults to
+  env_options=(--seq-len 256 --batch-size 2 --spectral-mode separate --flops-budget none --reward eq13 --guardrail eq9
+               --eps0 0.5)
   steps="${STEPS:-12000}"
   rm -rf runs/results
   python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"

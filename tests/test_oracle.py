@@ -8,7 +8,7 @@ import pytest
 
 import drrl_env  # noqa: F401  (registers the env)
 from oracle import DatasetMismatchError, GreedyOracle, load_trajectories, read_metadata, record_trajectories
-from oracle.dataset import DatasetCorruptError
+from oracle.dataset import DatasetCorruptError, check_dataset_fits_env
 from tests.conftest import PAPER_MDP
 
 
@@ -157,6 +157,13 @@ def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path, ora
         record_trajectories(tmp_path / "ds", RandomAllowed(), 1, oracle_env_kwargs, progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
     assert after == before
+    # cloning from it: reward options may differ, what an observation or an action means may not
+    check_dataset_fits_env(tmp_path / "ds", {**oracle_env_kwargs, "beta": 0.9, "corpus": "news"}, "--bc-dataset")
+    other_mode = "joint" if oracle_env_kwargs.get("spectral_mode", "separate") == "separate" else "separate"
+    with pytest.raises(DatasetMismatchError, match=f"--spectral-mode: dataset '[a-z]+', here '{other_mode}'"):
+        check_dataset_fits_env(tmp_path / "ds", {**oracle_env_kwargs, "spectral_mode": other_mode}, "--bc-dataset")
+    with pytest.raises(DatasetMismatchError, match=r"--bc-dataset .*--ranks: dataset \[4, 8, 12, 16\], here \(4, 8\)"):
+        check_dataset_fits_env(tmp_path / "ds", {**oracle_env_kwargs, "ranks": (4, 8)}, "--bc-dataset")
     # the device is not part of the setup (the warm start's cache key leaves it out): 'cpu' extends on 'auto'
     kwargs = {k: v for k, v in oracle_env_kwargs.items() if k != "device"}
     record_trajectories(tmp_path / "dev", GreedyOracle(), 1, {**kwargs, "device": "cpu"}, progress=False)
