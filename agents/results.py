@@ -146,8 +146,10 @@ def fill_headroom_captured(rows: list[EvaluationRow]) -> None:
 def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
     """For each ``static:match`` row: does the agent beat the static allocation at equal FLOPs? One line each.
 
-    Where the static row's measured FLOPs differ from the agent's by more than 1 % (the guardrail
-    raised some of its ranks), the line says that there is no equal-FLOPs comparison.
+    The agent beats it when both its KL from the full model (the label-free objective) and its PPL (the
+    paper's) are lower, does not when neither is, and the line says which one it wins when they disagree.
+    Where the static row's measured FLOPs differ from the agent's by more than 1 % (the guardrail raised
+    some of its ranks), the line says that there is no equal-FLOPs comparison.
     """
     lines = []
     for static in (row for row in rows if row.matched_to):
@@ -159,8 +161,8 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
         )
         setting = f"{static.corpus}/{static.mode}" + (" without guardrail" if "(no guardrail)" in static.policy else "")
         numbers = (
-            f"agent PPL {agent.ppl:.2f} at logit FLOPs {agent.flops_logits_ratio:.3f}; "
-            f"static PPL {static.ppl:.2f} at {static.flops_logits_ratio:.3f}"
+            f"agent KL {agent.kl:.4f}, PPL {agent.ppl:.2f} at logit FLOPs {agent.flops_logits_ratio:.3f}; "
+            f"static KL {static.kl:.4f}, PPL {static.ppl:.2f} at {static.flops_logits_ratio:.3f}"
         )
         if abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio:
             lines.append(
@@ -168,7 +170,11 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
                 f"FLOPs than its budget (the guardrail moved its ranks) ({numbers})"
             )
             continue
-        verdict = "beats" if agent.ppl < static.ppl else "does NOT beat"
+        lower_kl, lower_ppl = agent.kl < static.kl, agent.ppl < static.ppl
+        verdict = "beats" if lower_kl and lower_ppl else "does NOT beat" if not (lower_kl or lower_ppl) else None
+        if verdict is None:  # the two measures disagree
+            won, lost = ("KL", "PPL") if lower_kl else ("PPL", "KL")
+            verdict = f"does NOT clearly beat (lower {won}, higher {lost})"
         lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
     return lines
 
@@ -189,3 +195,31 @@ def write_csv(rows: list[EvaluationRow], path: Path) -> None:
                 writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
 
     write_atomic(path, write)
+
+
+def read_csv(path: Path) -> list[EvaluationRow]:
+    """The rows of a :func:`write_csv` file (``rank_grid`` is not stored there and comes back empty)."""
+    fields = {f.name: f for f in dataclasses.fields(EvaluationRow)}
+    lists = {"rank_per_layer", "episode_kl"}
+    rows = []
+    with open(path, newline="") as handle:
+        for record in csv.DictReader(handle):
+            values = {}
+            for name, text in record.items():
+                if name not in fields:
+                    continue  # the derived columns (ppl, ...)
+                kind = str(fields[name].type)
+                if name in lists:
+                    values[name] = [float(v) for v in text.split()]
+                elif name == "episode_rank_per_layer":
+                    values[name] = []  # not stored
+                elif text == "":
+                    values[name] = None
+                elif kind.startswith("int"):
+                    values[name] = int(text)
+                elif "float" in kind:
+                    values[name] = float(text)
+                else:
+                    values[name] = text
+            rows.append(EvaluationRow(**{"rank_grid": [], **values}))
+    return rows

@@ -216,7 +216,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     if "no equal-FLOPs comparison" in verdict:
         assert abs(static.flops_logits_ratio - agent.flops_logits_ratio) > 0.01 * agent.flops_logits_ratio
     else:
-        assert ("does NOT beat" in verdict) == (agent.ppl >= static.ppl)
+        assert ("the agent beats" in verdict) == (agent.ppl < static.ppl and agent.kl < static.kl)
     with pytest.raises(ValueError, match="static:match needs a saved agent"):
         run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))
 
@@ -236,14 +236,29 @@ def test_per_head_model_is_evaluated(zoo_env_kwargs):
 def test_adaptivity_verdicts_say_plainly_who_wins():
     from agents.results import EvaluationRow, adaptivity_verdicts
 
-    def row(policy, nll, flops, matched_to=None):
-        return EvaluationRow(policy, "wiki", "joint", 1, 1, nll, 3.0, flops, flops, flops, 0.1, 32, 0, 1, 1,
+    def row(policy, nll, flops, matched_to=None, kl=0.1):
+        return EvaluationRow(policy, "wiki", "joint", 1, 1, nll, 3.0, flops, flops, flops, kl, 32, 0, 1, 1,
                              [32], [[32]], matched_to=matched_to)  # fmt: skip
 
     agent = row("agent", 3.2, 1.5)
-    assert "the agent beats" in adaptivity_verdicts([agent, row("static:1.5", 3.3, 1.5, "agent")])[0]
-    assert "does NOT beat" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.505, "agent")])[0]
+    assert "the agent beats the" in adaptivity_verdicts([agent, row("static:1.5", 3.3, 1.5, "agent", kl=0.2)])[0]
+    assert "does NOT beat" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.505, "agent", kl=0.05)])[0]
+    mixed = adaptivity_verdicts([agent, row("static:1.5", 3.3, 1.5, "agent", kl=0.05)])[0]
+    assert "does NOT clearly beat (lower PPL, higher KL)" in mixed and "agent KL 0.1000, PPL 24.53" in mixed
     assert "no equal-FLOPs comparison" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.8, "agent")])[0]
+
+
+def test_results_csv_reads_back_what_was_written(tmp_path):
+    from agents.results import EvaluationRow, read_csv, write_csv
+
+    rows = [
+        EvaluationRow("fixed:32", "news", "separate", 2, 510, 3.25, 3.0, 1.7, 0.8, 0.5, 0.0421, 32.0, 0.0, 1.5, 1.2,
+                      [32.0, 40.0], [], budget=0.5, episode_kl=[0.04, 0.0442], headroom_captured=0.25),
+        EvaluationRow("static:0.5", "news", "separate", 2, 510, 3.5, 3.0, 1.6, 0.75, 0.5, 0.05, 30.0, 0.1, 1.4, 1.2,
+                      [24.0, 36.0], [], flops_policy_ratio=1e-6, matched_to="fixed:32", headroom_captured=0.0),
+    ]  # fmt: skip
+    write_csv(rows, tmp_path / "results.csv")
+    assert read_csv(tmp_path / "results.csv") == rows
 
 
 def test_uniform_spends_the_budget_evenly(tiny_env_kwargs):
