@@ -52,7 +52,7 @@ from agents.train_config import (
 )
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
 from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, teacher_estimate
-from agents.zoo import make_policy
+from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
 from drrl_env.files import check_output_folder, write_text_atomic
@@ -113,6 +113,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.run_name is not None and not args.resume:
         check_run_name(args.run_name, Path(args.logdir))
     algorithm_hyperparameters(args)
+    for spec in args.compare:
+        check_policy_spec(spec, "--compare")
     if args.resume:
         return  # the warm start happened when the run began
     for name in ("bc_dataset", "bc_model"):

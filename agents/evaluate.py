@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from agents.algorithms import ModelPolicy
 from agents.results import EvaluationRow, adaptivity_verdicts, fill_headroom_captured, markdown_table, write_csv
 from agents.rllib_agent import RLlibPolicy
-from agents.zoo import make_policy
+from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_env_arguments, env_kwargs, share_or_none
 from drrl_env.corpora import corpus_tokens, sequential_chunks
@@ -228,6 +228,8 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
     listed before it, in the same corpus, mode and guardrail setting: the static allocation at
     the agent's FLOPs, the comparison that says whether adapting to the input pays.
     """
+    for spec in args.policies:
+        check_policy_spec(spec, "--policies")
     base = env_kwargs(args)
     budgets = args.budgets or [base["flops_budget"]]
     settings = [(corpus, mode, True, budget) for budget in budgets for corpus in args.corpora for mode in args.modes]

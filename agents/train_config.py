@@ -100,7 +100,7 @@ class CompareConfig:
     """The comparison train_agent.py prints after training."""
 
     compare: tuple[str, ...] = DEFAULT_COMPARE
-    """policy specs to compare the agent with on the test split (none: skip the comparison)"""
+    """policy specs to compare the agent with on the test split (the option with no spec: skip the comparison)"""
     eval_episodes: int = 4
     """test episodes per policy"""
     timing_repeats: int = 2

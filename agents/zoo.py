@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from agents.agent_file import load_model_policy
-from agents.baselines import make_baseline
+from agents.baselines import BASELINES, make_baseline
 from agents.rllib_agent import RLlibPolicy, is_rllib_agent
 from oracle.policy import RankPolicy
 
@@ -29,3 +29,20 @@ def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = Fals
     if spec.endswith((".zip", ".safetensors")) or os.path.isfile(spec):
         return load_model_policy(spec, trust_pickle)
     return make_baseline(spec, env_kwargs)
+
+
+def check_policy_spec(spec: str, option: str) -> None:
+    """Refuse, before any long work, a spec that :func:`make_policy` cannot build.
+
+    That is a missing agent file or an unknown baseline name (a baseline's parameter is checked when it is
+    built). ``option`` names the command's option, for the message.
+    """
+    if os.path.exists(spec):
+        return
+    if spec.endswith((".zip", ".safetensors")):
+        raise ValueError(f"{option} {spec}: no such agent file")
+    if spec.partition(":")[0] not in BASELINES and spec != "static:match":
+        raise ValueError(
+            f"{option} {spec!r}: neither an existing agent file nor a baseline; expected an agent file "
+            f"(PATH.safetensors) or one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)"
+        )

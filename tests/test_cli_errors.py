@@ -96,3 +96,6 @@ def test_train_agent_and_evaluate_output_folders(tmp_path, capsys):
     assert "--logdir" in error_line(run("train_agent.py", "--logdir", str(a_file)))  # the command as users run it
     assert "--out" in in_process(evaluate.main, ["--out", str(a_file)], capsys)
     assert "--logdir" in in_process(evaluate.main, ["--out", str(tmp_path / "r"), "--logdir", ""], capsys)
+    # a bad spec anywhere in --policies is refused before the first cell is evaluated
+    line = in_process(evaluate.main, ["--out", str(tmp_path / "r"), "--policies", "full", "fixd:32"], capsys)
+    assert "--policies 'fixd:32': neither an existing agent file nor a baseline" in line

@@ -83,6 +83,11 @@ def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
     assert "warm-start maskable_ppo only" in refused("--algo", "ppo", "--bc-model", "x.zip", "--logdir", str(tmp_path))
     assert "not a run folder" in refused("--resume", str(tmp_path))
     assert "--run-name 'a/b': expected one folder name" in refused("--run-name", "a/b", "--logdir", str(tmp_path))
+    assert "--compare 'none': neither an existing agent file nor a baseline" in refused(
+        "--compare", "uniform", "none", "--logdir", str(tmp_path)
+    )  # refused before training, not after
+    missing = refused("--compare", "x.safetensors", "--logdir", str(tmp_path))
+    assert "--compare x.safetensors: no such agent file" in missing
     (tmp_path / "taken").mkdir()
     assert "taken exists" in refused("--run-name", "taken", "--logdir", str(tmp_path))
     for hyperparams, message in (("{lr: 1}", "is not JSON"), ("[1]", "must be a JSON object"),
