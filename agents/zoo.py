@@ -41,7 +41,7 @@ def check_policy_spec(spec: str, option: str) -> None:
         return
     if spec.endswith((".zip", ".safetensors")):
         raise ValueError(f"{option} {spec}: no such agent file")
-    if spec.partition(":")[0] not in BASELINES and spec != "static:match":
+    if spec.partition(":")[0] not in BASELINES:
         raise ValueError(
             f"{option} {spec!r}: neither an existing agent file nor a baseline; expected an agent file "
             f"(PATH.safetensors) or one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)"
