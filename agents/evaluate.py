@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpora",
         nargs="+",
         default=list(DEFAULT_CORPORA),
-        help="held-out corpora (test splits) (default: all three)",
+        help="held-out corpora, their --split (test unless given; validation is for choosing, not reporting) "
+        "(default: all three)",
     )
     parser.add_argument(
         "--modes",
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[256, 512, 1024, 2048, 4096],
         help="sequence lengths of Fig. 4 (none: skip it) (default: 256 512 1024 2048 4096)",
     )
-    add_env_arguments(parser, batch_size=2, seq_len=256)
+    add_env_arguments(parser, batch_size=2, seq_len=256, split="test")
     return parser
 
 
@@ -254,7 +255,7 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
             matched_to, share = matched[setting]
             spec = f"static:{share:.4f}"
         policy = make_policy(spec, kwargs, args.trust_pickle)
-        row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats)
+        row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats, split=base["split"])
         if kwargs["guardrail"] == "off" and base["guardrail"] != "off":
             row.policy += " (no guardrail)"
             matched_to = matched_to and matched_to + " (no guardrail)"

@@ -248,6 +248,18 @@ def test_adaptivity_verdicts_say_plainly_who_wins():
     assert "no equal-FLOPs comparison" in adaptivity_verdicts([agent, row("static:1.5", 3.1, 1.8, "agent")])[0]
 
 
+def test_evaluation_runs_on_the_split_it_is_given(zoo_env_kwargs):
+    from agents.evaluate import build_parser, run_evaluation
+
+    common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
+              "--episodes", "1", "--corpora", "wiki", "--modes", "joint", "--timing-repeats", "0",
+              "--policies", "full"]  # fmt: skip
+    assert build_parser().parse_args(common).split == "test"  # reports on the test split unless told otherwise
+    (test,) = run_evaluation(build_parser().parse_args(common))
+    (validation,) = run_evaluation(build_parser().parse_args([*common, "--split", "validation"]))
+    assert test.nll_full != validation.nll_full  # other text, same seed
+
+
 def test_results_csv_reads_back_what_was_written(tmp_path):
     from agents.results import EvaluationRow, read_csv, write_csv
 
