@@ -171,19 +171,23 @@ def adaptivity_verdicts(rows: list[EvaluationRow]) -> list[str]:
             )
             continue
         lower_kl, lower_ppl = agent.kl < static.kl, agent.ppl < static.ppl
-        verdict = "beats" if lower_kl and lower_ppl else "does NOT beat" if not (lower_kl or lower_ppl) else None
-        if verdict is None:  # the two measures disagree
+        if lower_kl == lower_ppl:
+            verdict = "beats" if lower_kl else "does NOT beat"
+        else:  # the two measures disagree
             won, lost = ("KL", "PPL") if lower_kl else ("PPL", "KL")
             verdict = f"does NOT clearly beat (lower {won}, higher {lost})"
         lines.append(f"{setting}: the agent {verdict} the static per-layer allocation at its FLOPs ({numbers})")
     return lines
 
 
+NOT_IN_CSV = ("rank_grid", "episode_rank_per_layer")
+"""the row fields :func:`write_csv` leaves out (a grid per row and a list per episode); :func:`read_csv` gives them
+back empty"""
+
+
 def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
-    fields = [
-        f.name for f in dataclasses.fields(EvaluationRow) if f.name not in ("rank_grid", "episode_rank_per_layer")
-    ]
+    fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name not in NOT_IN_CSV]
     fields += ["ppl", "ppl_full", "delta_ppl_percent", "flops_with_policy_ratio"]
 
     def write(temporary: str) -> None:
@@ -198,28 +202,25 @@ def write_csv(rows: list[EvaluationRow], path: Path) -> None:
 
 
 def read_csv(path: Path) -> list[EvaluationRow]:
-    """The rows of a :func:`write_csv` file (``rank_grid`` is not stored there and comes back empty)."""
-    fields = {f.name: f for f in dataclasses.fields(EvaluationRow)}
-    lists = {"rank_per_layer", "episode_kl"}
+    """The rows of a :func:`write_csv` file, the :data:`NOT_IN_CSV` fields empty."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(EvaluationRow) if f.name not in NOT_IN_CSV}
     rows = []
     with open(path, newline="") as handle:
         for record in csv.DictReader(handle):
             values = {}
-            for name, text in record.items():
-                if name not in fields:
-                    continue  # the derived columns (ppl, ...)
-                kind = str(fields[name].type)
-                if name in lists:
+            for name, kind in fields.items():  # the derived columns (ppl, ...) are not fields
+                text = record.get(name)
+                if text is None:
+                    continue  # a column an older file lacks: the field's default
+                if kind.startswith("list"):
                     values[name] = [float(v) for v in text.split()]
-                elif name == "episode_rank_per_layer":
-                    values[name] = []  # not stored
                 elif text == "":
                     values[name] = None
                 elif kind.startswith("int"):
                     values[name] = int(text)
-                elif "float" in kind:
+                elif kind.startswith("float"):
                     values[name] = float(text)
                 else:
                     values[name] = text
-            rows.append(EvaluationRow(**{"rank_grid": [], **values}))
+            rows.append(EvaluationRow(**values, **{name: [] for name in NOT_IN_CSV}))
     return rows
