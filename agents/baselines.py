@@ -287,14 +287,31 @@ class GivenAllocation(LayerAllocationPolicy):
         return [int(np.argmin(np.abs(candidates - rank))) for rank in self.ranks]
 
 
-def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
-    """``static[:F][:ESTIMATE]``: the budget ``F`` (none: each episode's) and the profile estimate, in any order."""
+def parse_static_param(param: str) -> tuple[float | None, str]:
+    """``static[:F][:ESTIMATE]``'s parameters: the budget ``F`` (None: each episode's) and the profile estimate.
+
+    Either may come first. Checked here, before the (minutes-long) validation profile is taken.
+    """
     budget, estimate = None, "exact"
     for part in filter(None, param.split(":")):
         if part in STATIC_ESTIMATES:
             estimate = part
-        else:
+            continue
+        try:
             budget = float(part)
+        except ValueError:
+            budget = None
+        if budget is None or not 0 < budget <= 1:
+            raise ValueError(
+                f"static takes a budget (a share of full attention's logit FLOPs in (0, 1]) and an estimate "
+                f"(one of {STATIC_ESTIMATES}), got {part!r}"
+            )
+    return budget, estimate
+
+
+def static_from_spec(param: str, env_kwargs: dict) -> StaticAllocation:
+    """``static[:F][:ESTIMATE]``: the budget ``F`` (none: each episode's) and the profile estimate, in any order."""
+    budget, estimate = parse_static_param(param)
     return StaticAllocation.profile(budget, env_kwargs, estimate=estimate)
 
 
@@ -302,6 +319,18 @@ BASELINES = (
     "full", "fixed", "uniform", "energy", "random", "stable_rank", "threshold", "gumbel", "static", "oracle",
     "hindsight", "layers",
 )  # fmt: skip
+
+
+def check_baseline(spec: str) -> None:
+    """Raise what :func:`make_baseline` would for ``spec``, without its cost (``static``'s validation profile)."""
+    name, _, param = spec.partition(":")
+    if name != "static":
+        make_baseline(spec)  # every other baseline is built in microseconds, reading no model
+        return
+    try:
+        parse_static_param(param)
+    except ValueError as error:
+        raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
 
 
 def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:

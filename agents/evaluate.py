@@ -230,7 +230,8 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
     the agent's FLOPs, the comparison that says whether adapting to the input pays.
     """
     for spec in args.policies:
-        check_policy_spec(spec, "--policies")
+        if spec != "static:match":  # its budget is the agent's, measured below
+            check_policy_spec(spec, "--policies")
     base = env_kwargs(args)
     budgets = args.budgets or [base["flops_budget"]]
     settings = [(corpus, mode, True, budget) for budget in budgets for corpus in args.corpora for mode in args.modes]

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from agents.agent_file import load_model_policy
-from agents.baselines import BASELINES, make_baseline
+from agents.baselines import BASELINES, check_baseline, make_baseline
 from agents.rllib_agent import RLlibPolicy, is_rllib_agent
 from oracle.policy import RankPolicy
 
@@ -34,8 +34,8 @@ def make_policy(spec: str, env_kwargs: dict[str, Any], trust_pickle: bool = Fals
 def check_policy_spec(spec: str, option: str) -> None:
     """Refuse, before any long work, a spec that :func:`make_policy` cannot build.
 
-    That is a missing agent file or an unknown baseline name (a baseline's parameter is checked when it is
-    built). ``option`` names the command's option, for the message.
+    That is a missing agent file, an unknown baseline name or a bad baseline parameter (``fixed:abc``,
+    ``static:match`` outside ``agents.evaluate``). ``option`` names the command's option, for the message.
     """
     if os.path.exists(spec):
         return
@@ -46,3 +46,7 @@ def check_policy_spec(spec: str, option: str) -> None:
             f"{option} {spec!r}: neither an existing agent file nor a baseline; expected an agent file "
             f"(PATH.safetensors) or one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)"
         )
+    try:
+        check_baseline(spec)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from error

@@ -86,6 +86,10 @@ def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
     assert "--compare 'none': neither an existing agent file nor a baseline" in refused(
         "--compare", "uniform", "none", "--logdir", str(tmp_path)
     )  # refused before training, not after
+    for spec, message in (("static:match", "static takes a budget"), ("static:1.5", "got '1.5'"),
+                          ("fixed:abc", "bad parameter in policy spec 'fixed:abc'")):  # fmt: skip
+        line = refused("--compare", spec, "--logdir", str(tmp_path))  # before training, not after
+        assert "--compare: " in line and message in line
     missing = refused("--compare", "x.safetensors", "--logdir", str(tmp_path))
     assert "--compare x.safetensors: no such agent file" in missing
     (tmp_path / "taken").mkdir()
