@@ -50,7 +50,7 @@ from agents.train_config import (
     parse_hyperparams,
     resume_arguments,
 )
-from agents.training import GuardrailScheduleCallback, RankLoggingCallback, make_vec_env
+from agents.training import GuardrailScheduleCallback, RankLoggingCallback, ValueWarmupCallback, make_vec_env
 from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, teacher_estimate
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
@@ -113,6 +113,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.run_name is not None and not args.resume:
         check_run_name(args.run_name, Path(args.logdir))
     algorithm_hyperparameters(args)
+    if args.value_warmup_steps < 0 or (args.value_warmup_steps and not algorithm.on_policy):
+        raise ValueError(f"--value-warmup-steps {args.value_warmup_steps}: expected 0, or > 0 with an actor-critic algo")
     for spec in args.compare:
         check_policy_spec(spec, "--compare")
     if args.resume:
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint_every:  # before the schedule: a checkpoint keeps the eps_t its pending episode was reset with
         callbacks.append(CheckpointCallback(run_dir / "checkpoints", args.checkpoint_every, setup))
     callbacks.append(GuardrailScheduleCallback())
+    if args.value_warmup_steps:
+        callbacks.append(ValueWarmupCallback(args.value_warmup_steps))
     remaining = args.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)

@@ -77,6 +77,10 @@ class TrainConfig:
     bc_entropy_coef: float = 0.05
     """entropy bonus of behaviour cloning (--warm-start, --bc-dataset); > 0 leaves PPO room to explore (measured:
     0.05 cloned the hindsight oracle as faithfully as 0, with a lower KL; docs/results.md)"""
+    value_warmup_steps: int = 0
+    """env steps at the start of training that update the critic only (the actor stays at its warm start): a
+    behaviour-cloned actor comes with a random critic, whose first advantages are noise (PIRLNav's critic warm-up);
+    actor-critic algorithms only"""
     logdir: str = "runs"
     """folder of the runs"""
     run_name: str | None = None

@@ -69,6 +69,40 @@ class GuardrailScheduleCallback(BaseCallback):
         return True
 
 
+CRITIC_PREFIXES = ("mlp_extractor.value_net.", "value_net.")
+"""parameter names of an SB3 actor-critic policy's critic (its own MLP and head; ``share_features_extractor``
+policies share only the extractor, which stays frozen with the actor)"""
+
+
+class ValueWarmupCallback(BaseCallback):
+    """Critic warm-up: the first ``steps`` env steps train the value function only, the actor stays as it started.
+
+    A policy warm-started by behaviour cloning comes with a random critic, and PPO's first advantages are then
+    noise that moves the cloned actor (PIRLNav, Ramrakhya et al. 2023, fine-tune BC policies this way). Every
+    update whose rollout began before ``steps`` has every parameter but the critic's frozen
+    (``requires_grad=False``: no gradient, so the optimizer leaves it and its moments alone); later updates train
+    all. Decided from ``num_timesteps`` at each rollout's start, so a resumed run warms up exactly as an
+    uninterrupted one.
+    """
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def _on_training_start(self) -> None:
+        names = [name for name, _ in self.model.policy.named_parameters()]
+        if not any(name.startswith(CRITIC_PREFIXES) for name in names):
+            raise ValueError(f"--value-warmup-steps: {type(self.model.policy).__name__} has no separate critic")
+
+    def _on_rollout_start(self) -> None:
+        warming = self.num_timesteps < self.steps
+        for name, parameter in self.model.policy.named_parameters():
+            parameter.requires_grad_(not warming or name.startswith(CRITIC_PREFIXES))
+
+    def _on_step(self) -> bool:
+        return True
+
+
 def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
     """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in a Dummy/SubprocVecEnv.
 

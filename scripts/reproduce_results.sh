@@ -15,9 +15,10 @@
 #             (results/per-head). About 30 minutes.
 #   per_head_delta  the per-head agent shown Eq. S instead (its input's attention-output change times a
 #             scale fitted on validation text: one forward pass per input, no backward), taught by the Eq. S
-#             hindsight teacher whose plan it sees, PPO at learning rate 1e-5; evaluated like per_head beside
-#             hindsight:scaled_delta and energy, in joint (results/per-head-delta) and separate mode
-#             (results/per-head-delta-separate; DELTA_MODES picks). About 20 minutes per mode.
+#             hindsight teacher whose plan it sees, PPO at learning rate 1e-5, and PPO from scratch (9000 steps);
+#             evaluated like per_head beside hindsight:scaled_delta, energy and random, in joint
+#             (results/per-head-delta) and separate mode (results/per-head-delta-separate; DELTA_MODES picks).
+#             About 40 minutes per mode.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
@@ -77,10 +78,16 @@ if [[ " $stages " == *" per_head_delta "* ]]; then
     run="runs/results-$name/train"
     cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
     cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
+    # PPO from scratch on the same env, with the updates that let it beat random (50 episodes each, paired reward)
+    python train_agent.py "${delta_options[@]}" --spectral-mode "$mode" --flops-budget 0.5 0.75 --warm-start none \
+      --total-timesteps 9000 --n-steps 1500 --kl-baseline waterfill_log_ratio \
+      --hyperparams '{"batch_size": 300, "n_epochs": 4}' --logdir "runs/results-$name" --run-name scratch --compare
+    cp "runs/results-$name/scratch/model.safetensors" "runs/results-$name/ppo_scratch.safetensors"
     python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes "$mode" \
       --budgets 0.75 0.625 0.5 --timing-repeats 0 --out "results/$name" --logdir "runs/results-$name" \
-      --policies uniform static:fisher energy:0.9 hindsight:fisher hindsight:scaled_delta \
-      "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors"
+      --policies uniform static:fisher energy:0.9 random hindsight:fisher hindsight:scaled_delta \
+      "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors" \
+      "runs/results-$name/ppo_scratch.safetensors"
   done
 fi
 

@@ -177,3 +177,41 @@ def test_n_steps_must_hold_whole_episodes(tiny_model_dir, tmp_path):
     line = _last_line(out.stderr)
     assert out.returncode == 2 and "--n-steps 12 is not a multiple of the episode length 8" in line
     assert not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_value_warmup_trains_the_critic_only_then_everything():
+    """A rollout that starts before --value-warmup-steps updates the critic and leaves the actor as it was."""
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import PPO
+
+    from agents.training import CRITIC_PREFIXES, ValueWarmupCallback
+
+    model = PPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=64, batch_size=32, n_epochs=2, seed=0)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+
+    def changed(before: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
+        moved = {name for name, p in model.policy.named_parameters() if not torch.equal(p, before[name])}
+        critic = {name for name in moved if name.startswith(CRITIC_PREFIXES)}
+        return critic, moved - critic
+
+    before = snapshot()
+    model.learn(64, callback=ValueWarmupCallback(128))  # one update, inside the warm-up
+    critic, actor = changed(before)
+    assert critic and not actor
+    before = snapshot()
+    model.learn(64, callback=ValueWarmupCallback(128), reset_num_timesteps=False)  # the second, still inside
+    assert not changed(before)[1]
+    before = snapshot()
+    model.learn(64, callback=ValueWarmupCallback(128), reset_num_timesteps=False)  # rollout starts at 128: all train
+    critic, actor = changed(before)
+    assert critic and actor
+
+
+def test_value_warmup_is_refused_without_a_critic(tmp_path, capsys):
+    from train_agent import main
+
+    assert main(["--algo", "dqn", "--value-warmup-steps", "30", "--logdir", str(tmp_path)]) == 2
+    assert "--value-warmup-steps 30: expected 0, or > 0 with an actor-critic algo" in capsys.readouterr().err
