@@ -113,9 +113,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.run_name is not None and not args.resume:
         check_run_name(args.run_name, Path(args.logdir))
     algorithm_hyperparameters(args)
-    if args.value_warmup_steps < 0 or (args.value_warmup_steps and not algorithm.on_policy):
-        steps = args.value_warmup_steps
-        raise ValueError(f"--value-warmup-steps {steps}: expected 0, or > 0 with an actor-critic algo")
+    warmup = args.value_warmup_steps
+    if warmup < 0 or (warmup and not algorithm.on_policy):
+        raise ValueError(f"--value-warmup-steps {warmup}: expected 0, or > 0 with an actor-critic algo")
     for spec in args.compare:
         check_policy_spec(spec, "--compare")
     if args.resume:
