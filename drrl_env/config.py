@@ -19,7 +19,7 @@ REWARDS = ("auto", "kl", "eq13")
 KL_BASELINES = (
     "none", "uniform", "uniform_log_ratio", "reference", "reference_log_ratio", "waterfill", "waterfill_log_ratio"
 )  # fmt: skip
-KL_CREDITS = ("terminal", "completion")
+KL_CREDITS = ("terminal", "completion", "model")
 GUARDRAILS = ("exact", "eq9", "off")
 SPLITS = ("train", "validation", "test")
 SENSITIVITY_ESTIMATES = ("fisher", "scaled_delta")
@@ -69,7 +69,9 @@ class EnvConfig:
     """kl reward with a 'waterfill' baseline: 'terminal' gives the return at the last step; 'completion' credits each
     step with what it changes in the KL of its plan completed by the teacher (the ranks taken so far, then the
     water-fill of the budget left over the rest of the profile): potential-based shaping that sums to the terminal
-    reward, one forward pass per step that leaves the plan (drrl_env.credit; needs one segment per layer)"""
+    reward, one forward pass per step that leaves the plan (drrl_env.credit; needs one segment per layer); 'model'
+    the same with each plan scored by the profile's additive model (no forward pass) and the last step paying the
+    rest, so the return is still the terminal reward exactly"""
     reference_ranks: tuple[int, ...] | None = None
     """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
     baselines score each episode against and that drrl_env.wrappers.RankOffsets offsets; None: none"""
@@ -152,14 +154,14 @@ class EnvConfig:
                 f"kl_baseline={self.kl_baseline!r} water-fills the episode's sensitivity profile and needs "
                 f"sensitivity_samples > 0 and a flops_budget (got {self.sensitivity_samples} and {self.flops_budget})"
             )
-        if self.kl_credit == "completion" and not self.kl_baseline.startswith("waterfill"):
+        if self.kl_credit != "terminal" and not self.kl_baseline.startswith("waterfill"):
             raise ValueError(
-                f"kl_credit='completion' completes each step's plan with the water-fill teacher and needs "
+                f"kl_credit={self.kl_credit!r} completes each step's plan with the water-fill teacher and needs "
                 f"kl_baseline='waterfill' or 'waterfill_log_ratio', got {self.kl_baseline!r}"
             )
-        if self.kl_credit == "completion" and self.segment_len is not None and self.segment_len < self.seq_len:
+        if self.kl_credit != "terminal" and self.segment_len is not None and self.segment_len < self.seq_len:
             raise ValueError(
-                f"kl_credit='completion' plans one rank per layer and needs one segment per layer "
+                f"kl_credit={self.kl_credit!r} plans one rank per layer and needs one segment per layer "
                 f"(segment_len None or >= seq_len), got segment_len={self.segment_len} with seq_len={self.seq_len}"
             )
 

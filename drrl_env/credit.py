@@ -15,6 +15,15 @@ batch). The sum over the episode telescopes to the terminal reward (``Phi`` of t
 episode's own KL), so the optimal policy is unchanged; what changes is that a deviation is credited where it
 was made, with its consequence under the teacher's completion (a budget spent here is taken from the
 layers the teacher values least). ``Phi`` is a function of the ranks taken so far, i.e. of the MDP's state.
+
+``kl_credit="model"`` scores plans by the additive model of the profile instead of a forward pass,
+
+    Phi(s_t) = -KL_A(plan_t),   KL_A(plan) = sum over layers (and key/value groups) of profile[l, rank_l],  (Eq. A)
+
+for t < T, so no step costs a forward pass; the last step pays the terminal reward less what the steps paid,
+so the return is the terminal reward exactly, as with Eq. C, and the optimal policy is unchanged. Under the
+additive model the teacher's water-fill is optimal, so every deviation earns a negative step credit; where the
+model is wrong, the last step's residual (the exact KL against the model's) says so.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ from drrl_env.sensitivity import waterfill_plan
 Plan = list  # a rank per layer, or per layer a list of one rank per key/value group
 
 
+def additive_plan_kl(profile: np.ndarray, ranks: tuple[int, ...], plan: Plan) -> float:
+    """Eq. A: the additive model's KL of ``plan``, the sum of ``profile[l, (u,) k]`` at each chosen rank.
+
+    ``profile``: ``(L, K)`` with a rank per layer in ``plan``, or ``(L, U, K)`` with ``U`` ranks per layer.
+    """
+    column = {rank: k for k, rank in enumerate(ranks)}
+    chosen = np.vectorize(column.__getitem__, otypes=[np.int64])(np.asarray(plan))
+    return float(np.take_along_axis(profile, chosen[..., None], axis=-1).sum())
+
+
 @dataclass
 class CompletionCredit:
     """The potential of Eq. C over one episode.
@@ -38,9 +57,12 @@ class CompletionCredit:
         profile: ``(L, K)`` or ``(L, Hkv, K)`` sensitivity profile of the episode's batch.
         ranks: the sorted candidate ranks; ``head_dim`` the model's ``d``.
         plan: the current plan (at the start: the teacher's water-fill of the whole budget).
-        score: the KL from the full model of a plan on the episode's batch (one forward pass).
+        score: the KL of a plan on the episode's batch: from the full model (one forward pass; Eq. C) or the
+            additive model of the profile (Eq. A).
         baseline: the env's ``kl_baseline`` ('waterfill': differences of KL; 'waterfill_log_ratio': of log KL).
-        forwards: forward passes spent on scoring plans so far.
+        exact: ``score`` is the exact KL (Eq. C), not a model of it (Eq. A).
+        forwards: forward passes spent on scoring plans so far (0 with a model).
+        initial_kl: ``score`` of the teacher's plan.
     """
 
     profile: np.ndarray
@@ -49,6 +71,7 @@ class CompletionCredit:
     plan: Plan
     score: Callable[[Plan], float]
     baseline: str
+    exact: bool = True
     forwards: int = field(default=0, init=False)
     initial_kl: float | None = field(default=None, init=False)
     _kl: float | None = field(default=None, init=False)
@@ -57,7 +80,7 @@ class CompletionCredit:
         """KL of the current plan (scored once per plan)."""
         if self._kl is None:
             self._kl = self.score(self.plan)
-            self.forwards += 1
+            self.forwards += int(self.exact)
             if self.initial_kl is None:
                 self.initial_kl = self._kl
         return self._kl
@@ -74,6 +97,16 @@ class CompletionCredit:
         self.plan, self._kl = [*self.plan[:layer], taken, *rest], None
         return kl_terminal_reward(self.plan_kl(), before, self.baseline)
 
-    def finish(self, kl: float) -> float:
-        """The last step's ``Phi(s_T) - Phi(s_{T-1})``: ``Phi(s_T) = -kl``, the episode's own KL."""
-        return kl_terminal_reward(kl, self.plan_kl(), self.baseline)
+    def finish(self, kl: float, teacher_kl: float | None = None) -> float:
+        """The last step's credit, so that the episode's credits sum to its terminal reward.
+
+        Exact (Eq. C): ``Phi(s_T) - Phi(s_{T-1})`` with ``Phi(s_T) = -kl``, the episode's own KL. Model (Eq. A):
+        the terminal reward against ``teacher_kl`` (the exact KL of the teacher's plan) less what the steps paid.
+        """
+        last_plan_kl = self.plan_kl()
+        if self.exact:
+            return kl_terminal_reward(kl, last_plan_kl, self.baseline)
+        if teacher_kl is None:
+            raise ValueError("a model credit's last step needs the exact KL of the teacher's plan")
+        paid = kl_terminal_reward(last_plan_kl, self.initial_kl, self.baseline)  # the steps' credits telescope
+        return kl_terminal_reward(kl, teacher_kl, self.baseline) - paid

@@ -9,13 +9,14 @@ replaces the full one -> reward terms -> the next step's call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from drrl_env.config import EnvConfig
-from drrl_env.credit import CompletionCredit
+from drrl_env.credit import CompletionCredit, additive_plan_kl
 from drrl_env.flops import AttentionFlops, full_attention_flops, low_rank_attention_flops
 from drrl_env.guardrail import (
     FlopsBudget,
@@ -140,14 +141,16 @@ class Episode:
         self.call = self.runner.start()
         self.deviation = self._deviation()
         self.credit: CompletionCredit | None = None
-        if self.config.reward_kind == "kl" and self.config.kl_credit == "completion":
+        if self.config.reward_kind == "kl" and self.config.kl_credit != "terminal":
+            exact = self.config.kl_credit == "completion"
             self.credit = CompletionCredit(
                 self.sensitivity,
                 self.config.ranks,
                 self.head_dim,
                 list(self.baseline_ranks),
-                self._plan_kl,
+                self._plan_kl if exact else partial(additive_plan_kl, self.sensitivity, self.config.ranks),
                 self.config.kl_baseline,
+                exact,
             )
         self._prepare()
 
@@ -305,8 +308,12 @@ class Episode:
             )
             if cfg.reward_kind == "kl":
                 if self.credit is not None:  # the return was paid step by step (drrl_env.credit)
-                    terms["credit"] = self.credit.finish(self.final["kl"])
-                    self.final.update(kl_waterfill=self.credit.initial_kl, credit_forwards=self.credit.forwards)
+                    teacher_kl = None if self.credit.exact else self._fixed_rule_kl("waterfill")
+                    terms["credit"] = self.credit.finish(self.final["kl"], teacher_kl)
+                    self.final.update(
+                        kl_waterfill=self.credit.initial_kl if teacher_kl is None else teacher_kl,
+                        credit_forwards=self.credit.forwards,
+                    )
                 else:
                     rule = cfg.kl_baseline.removesuffix("_log_ratio")
                     if rule != "none":

@@ -84,7 +84,35 @@ def test_a_deviation_is_credited_where_it_is_made_and_the_credits_sum_to_the_ter
 def test_completion_credit_needs_the_waterfill_baseline_and_one_segment_per_layer():
     with pytest.raises(ValueError, match="kl_credit must be one of"):
         EnvConfig(kl_credit="dense")
-    with pytest.raises(ValueError, match="needs kl_baseline='waterfill'"):
+    with pytest.raises(ValueError, match="kl_credit=.model. completes .* needs kl_baseline=.waterfill."):
+        EnvConfig(kl_credit="model", kl_baseline="none")
+    with pytest.raises(ValueError, match="needs kl_baseline=.waterfill."):
         EnvConfig(kl_credit="completion", kl_baseline="uniform")
     with pytest.raises(ValueError, match="needs one segment per layer"):
         EnvConfig(kl_credit="completion", kl_baseline="waterfill", sensitivity_samples=2, seq_len=64, segment_len=32)
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_the_model_credit_scores_deviations_without_a_forward_and_sums_to_the_terminal_reward(kwargs, per_head):
+    kwargs.update(per_head=per_head, kl_baseline="waterfill_log_ratio")
+    env = gym.make("DRRL-Attention-v0", **kwargs, kl_credit="model").unwrapped
+    env.reset(options={"episode_seed": 3})
+    profile, teacher = env.sensitivity_profile, env._episode.baseline_ranks
+    smallest = _action(env, [RANKS[0]] * env.kv_heads)
+    actions, rewards, info = _run(env, 3, smallest)
+    plan = env._episode.credit.plan
+    # Eq. A by hand, in float64: the sum of the profile at each chosen rank
+    index = np.vectorize(RANKS.index)
+    model = [float(np.take_along_axis(profile, index(np.asarray(p))[..., None], -1).sum()) for p in (teacher, plan)]
+    assert info["credit_forwards"] == 0
+    assert rewards[0] == pytest.approx(np.log(model[0] / model[1]), rel=1e-9) and rewards[0] < 0
+    assert rewards[1:-1] == [0.0] * (len(rewards) - 2)
+    assert sum(rewards) == pytest.approx(np.log(info["kl_waterfill"] / info["kl"]), abs=1e-9)
+    terminal_env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
+    terminal_env.reset(options={"episode_seed": 3})
+    total = sum(terminal_env.step(action)[1] for action in actions)
+    assert total == pytest.approx(sum(rewards), abs=1e-7)
+    # on the teacher's plan: nothing before the last step, and a return of 0
+    _, rewards, info = _run(env, 3, None)
+    assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == pytest.approx(0.0, abs=1e-6)
+    assert info["credit_forwards"] == 0
