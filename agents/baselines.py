@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from agents.static import STATIC_ESTIMATES, StaticAllocation
+from drrl_env.config import check_budget_share
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.guardrail import nearest_allowed
 from drrl_env.spectra import power_iteration_spectral_norm
@@ -298,14 +299,12 @@ def parse_static_param(param: str) -> tuple[float | None, str]:
             estimate = part
             continue
         try:
-            budget = float(part)
+            budget = check_budget_share("static's budget", float(part))
         except ValueError:
-            budget = None
-        if budget is None or not 0 < budget <= 1:
             raise ValueError(
                 f"static takes a budget (a share of full attention's logit FLOPs in (0, 1]) and an estimate "
                 f"(one of {STATIC_ESTIMATES}), got {part!r}"
-            )
+            ) from None
     return budget, estimate
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from drrl_env.calibration import calibration_grams
+from drrl_env.config import check_budget_share
 from drrl_env.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.files import write_text_atomic
@@ -87,8 +88,8 @@ class StaticAllocation(LayerAllocationPolicy):
         ``seq_len``); the ``decode`` estimate profiles ``max_tokens // seq_len`` prompts of ``seq_len``
         (at least one, at most ``DECODE_PROFILE_PROMPTS``), each with a continuation of ``DECODE_PROFILE_TOKENS``.
         """
-        if budget is not None and not 0 < budget <= 1:
-            raise ValueError(f"budget (a share of full attention's logit FLOPs) must lie in (0, 1], got {budget}")
+        if budget is not None:
+            check_budget_share("budget", budget)
         if estimate not in STATIC_ESTIMATES:
             raise ValueError(f"profile estimate must be one of {STATIC_ESTIMATES}, got {estimate!r}")
         config = EnvConfig(**env_kwargs)

@@ -218,6 +218,17 @@ def _rank_tuple(ranks: Any, distinct: bool = True, name: str = "ranks") -> tuple
     return tuple(sorted(values))
 
 
+def check_budget_share(name: str, value: Any) -> float:
+    """``value`` as a float if it is a budget share: a real number in ``(0, 1]`` of full attention's logit FLOPs.
+
+    Anything else (NaN, a bool, a string, 0, 1.5) is a ``ValueError`` naming ``name``.
+    """
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not is_number or not 0 < value <= 1:
+        raise ValueError(f"{name} must lie in (0, 1] (a share of full attention's logit FLOPs), got {value!r}")
+    return float(value)
+
+
 def _budget_range(budget: Any) -> tuple[float, float] | None:
     """``flops_budget`` as ``(lo, hi)`` (a single budget is ``(b, b)``), checked to lie in ``(0, 1]``."""
     if budget is None:
@@ -225,13 +236,7 @@ def _budget_range(budget: Any) -> tuple[float, float] | None:
     values = [budget] if np.ndim(budget) == 0 else list(np.asarray(budget, dtype=object).ravel())
     if len(values) not in (1, 2):
         raise ValueError(f"flops_budget must be a number, a (lo, hi) pair or None, got {budget!r}")
-    for value in values:
-        _check_number("flops_budget", value, minimum=0.0, strict=True)
-        if value > 1:
-            raise ValueError(
-                f"flops_budget must lie in (0, 1] (a share of full attention's logit FLOPs), got {budget!r}"
-            )
-    lo, hi = float(values[0]), float(values[-1])
+    lo, hi = (check_budget_share("flops_budget", value) for value in (values[0], values[-1]))
     if lo > hi:
         raise ValueError(f"flops_budget range must have lo <= hi, got {budget!r}")
     return lo, hi

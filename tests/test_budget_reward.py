@@ -239,3 +239,12 @@ def test_uniform_rank_is_the_largest_candidate_within_the_share():
     assert budget(0.25).uniform_rank() == 4
     assert budget(1.0).uniform_rank() == 16
     assert budget(1.0, ranks=(4, 16, 24)).uniform_rank() == 24  # a rank above d costs d
+
+
+def test_a_budget_share_is_a_number_in_zero_one_wherever_it_is_given():
+    from drrl_env.config import check_budget_share
+
+    assert check_budget_share("b", 1) == 1.0 and check_budget_share("b", np.float32(0.25)) == 0.25
+    for bad in (0, 1.5, -0.1, float("nan"), True, "0.5", None):
+        with pytest.raises(ValueError, match=r"b must lie in \(0, 1\] \(a share of full attention's logit FLOPs\)"):
+            check_budget_share("b", bad)
