@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ from agents.train_config import (
     resume_arguments,
 )
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, ValueWarmupCallback, make_vec_env
-from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, teacher_estimate
+from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, scale_action_logits, teacher_estimate
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
@@ -118,6 +119,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--value-warmup-steps {warmup}: expected 0, or > 0 with an actor-critic algo")
     for spec in args.compare:
         check_policy_spec(spec, "--compare")
+    temperature = args.bc_temperature
+    warm = args.bc_dataset or args.bc_model or (args.warm_start != "none" and not args.residual)
+    if not (math.isfinite(temperature) and temperature > 0) or (temperature != 1 and not warm):
+        raise ValueError(f"--bc-temperature {temperature}: expected a number > 0, != 1 only with a warm start")
     if args.resume:
         return  # the warm start happened when the run began
     for name in ("bc_dataset", "bc_model"):
@@ -192,6 +197,8 @@ def build_model(args: argparse.Namespace, env: VecEnv, run_dir: Path, setup: Pol
         print(f"behaviour cloning: held-out agreement with the oracle {result.val_accuracy[-1]:.3f}")
     elif args.bc_model and not warm_zip:
         load_agent_into(model, args.bc_model)
+    if not args.resume and args.bc_temperature != 1 and (args.bc_dataset or args.bc_model):
+        scale_action_logits(model.policy, args.bc_temperature)
     model.set_logger(configure(str(run_dir), ["tensorboard"]))
     return model
 

@@ -77,6 +77,11 @@ class TrainConfig:
     bc_entropy_coef: float = 0.05
     """entropy bonus of behaviour cloning (--warm-start, --bc-dataset); > 0 leaves PPO room to explore (measured:
     0.05 cloned the hindsight oracle as faithfully as 0, with a lower KL; docs/results.md)"""
+    bc_temperature: float = 1.0
+    """temperature of the warm start's action logits (--warm-start, --bc-dataset, --bc-model): PPO starts from the
+    clone's logits divided by it. Its argmax (the deterministic policy) is unchanged; below 1 the sampled policy
+    stays near it, so PPO's samples deviate mostly where the clone is unsure, between near-tied actions (measured
+    at 0.3 with --kl-credit model: PPO then improves on a 40-epoch clone, docs/results.md, section 2)"""
     value_warmup_steps: int = 0
     """env steps at the start of training that update the critic only (the actor stays at its warm start): a
     behaviour-cloned actor comes with a random critic, whose first advantages are noise (PIRLNav's critic warm-up);

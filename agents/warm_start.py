@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from drrl_env.config import EnvConfig
 from drrl_env.models import cache_dir
 from oracle.dataset import record_trajectories
@@ -74,3 +76,16 @@ def hindsight_teacher_dataset(
     teacher = HindsightOracle(estimate, samples)
     record_trajectories(folder, teacher, episodes, kwargs, TEACHER_SEED, progress=progress)
     return folder
+
+
+def scale_action_logits(policy: torch.nn.Module, temperature: float) -> None:
+    """Divide an actor-critic policy's action logits by ``temperature``: its action head's weight and bias.
+
+    The argmax of every (masked) distribution is unchanged; below 1 its samples are sharper, above 1 flatter.
+    """
+    head = getattr(policy, "action_net", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(policy).__name__} has no linear action head (action_net) to scale")
+    with torch.no_grad():
+        head.weight /= temperature
+        head.bias /= temperature

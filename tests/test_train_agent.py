@@ -215,3 +215,42 @@ def test_value_warmup_is_refused_without_a_critic(tmp_path, capsys):
 
     assert main(["--algo", "dqn", "--value-warmup-steps", "30", "--logdir", str(tmp_path)]) == 2
     assert "--value-warmup-steps 30: expected 0, or > 0 with an actor-critic algo" in capsys.readouterr().err
+
+
+def test_bc_temperature_divides_the_logits_and_keeps_the_argmax():
+    import gymnasium as gym
+    import numpy as np
+    import torch
+    from stable_baselines3 import PPO
+
+    from agents.warm_start import scale_action_logits
+
+    model = PPO("MlpPolicy", gym.make("CartPole-v1"), seed=0)
+    with torch.no_grad():
+        model.policy.action_net.bias.copy_(torch.tensor([0.3, -0.2]))  # a start with a preference to sharpen
+    observations = torch.as_tensor(np.random.default_rng(0).normal(size=(64, 4)), dtype=torch.float32)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model.policy.get_distribution(observations).distribution.logits
+
+    before = logits()
+    scale_action_logits(model.policy, 0.25)
+    after = logits()
+    # the log-softmax of logits / T: the same argmax, four times the log-odds
+    torch.testing.assert_close(after, torch.log_softmax(torch.log_softmax(before, -1) / 0.25, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+    assert (after.max(-1).values > before.max(-1).values).all()  # sharper
+
+
+def test_bc_temperature_is_refused_without_a_warm_start(tmp_path, capsys):
+    from train_agent import main
+
+    for argv, value in (
+        (["--bc-temperature", "0"], "0.0"),
+        (["--bc-temperature", "0.3", "--warm-start", "none"], "0.3"),
+    ):
+        assert main([*argv, "--logdir", str(tmp_path)]) == 2
+        assert (
+            f"--bc-temperature {value}: expected a number > 0, != 1 only with a warm start" in capsys.readouterr().err
+        )
