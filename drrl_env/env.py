@@ -67,7 +67,9 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     over the episode (``drrl_env.reward``); ``kl_baseline`` scores the terminal term against a fixed allocation's KL
     on the same batch (uniform ranks, ``reference_ranks``, or ``"waterfill"``: the water-fill of the episode's own
     sensitivity profile, i.e. its hindsight teacher); with that baseline ``kl_credit="completion"`` pays the same
-    return step by step, each step what it changes in the KL of its teacher-completed plan (``drrl_env.credit``).
+    return step by step, each step what it changes in the KL of its teacher-completed plan (``drrl_env.credit``), and
+    ``kl_credit="model"`` the same with the KL of a plan from the profile's additive model (no forward pass; the
+    last step pays the rest of the return).
     ``reward="eq13"`` (the default without a budget): the
     paper's per-step ``alpha * sim - beta * FLOPs(r_t) - gamma * ||dA||``, plus
     ``terminal_lm_weight * (loss_full - loss)`` at the end if that weight is > 0. Both subtract

@@ -19,6 +19,11 @@
 #             evaluated like per_head beside hindsight:scaled_delta, energy and random, in joint
 #             (results/per-head-delta) and separate mode (results/per-head-delta-separate; DELTA_MODES picks).
 #             About 40 minutes per mode.
+#   ppo_vs_bc does PPO improve on a clone? The README main command's env (budget 0.625) and teacher, cloned from
+#             only 8 of its episodes (80 BC epochs), then MaskablePPO from it with its logits at temperature 0.3
+#             and the per-step credit of the additive model (--kl-credit model; 9000 steps, 50 episodes per update);
+#             the clone and the agent beside uniform and the teacher on 48 test episodes (results/ppo-vs-bc/table.md).
+#             About 20 minutes.
 #   paper     the paper's MDP (no budget, per-step Eq. 13 reward, Eq. 9 guardrail): oracle dataset -> BC ->
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
@@ -89,6 +94,23 @@ if [[ " $stages " == *" per_head_delta "* ]]; then
       "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors" \
       "runs/results-$name/ppo_scratch.safetensors"
   done
+fi
+
+if [[ " $stages " == *" ppo_vs_bc "* ]]; then
+  # a clone that misses its teacher: 80 BC epochs on 8 teacher episodes (the main command's env, seeds of its warm start)
+  env_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta --seq-len 128 --batch-size 1
+               --guardrail off --spectral-mode joint --flops-budget 0.625)
+  rm -rf runs/results-ppo-vs-bc data/teacher-8
+  mkdir -p results/ppo-vs-bc runs/results-ppo-vs-bc
+  python -m oracle --policy hindsight --estimate scaled_delta --episodes 8 --seed 500000 --out data/teacher-8 \
+    "${env_options[@]}"
+  python -m agents.bc --dataset data/teacher-8 --epochs 80 --entropy-coef 0.05 --out runs/results-ppo-vs-bc/bc \
+    --logdir runs/results-ppo-vs-bc/bc-logs
+  python train_agent.py "${env_options[@]}" --bc-model runs/results-ppo-vs-bc/bc.safetensors --bc-temperature 0.3 \
+    --kl-baseline waterfill_log_ratio --kl-credit model --total-timesteps 9000 --n-steps 1500 \
+    --hyperparams '{"learning_rate": 3e-4, "batch_size": 300, "n_epochs": 10, "gamma": 1.0}' \
+    --logdir runs/results-ppo-vs-bc --run-name train --eval-episodes 48 --timing-repeats 0 \
+    --compare uniform hindsight:scaled_delta runs/results-ppo-vs-bc/bc.safetensors | tee results/ppo-vs-bc/table.md
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
