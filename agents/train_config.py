@@ -81,7 +81,7 @@ class TrainConfig:
     """temperature of the warm start's action logits (--warm-start, --bc-dataset, --bc-model): PPO starts from the
     clone's logits divided by it. Its argmax (the deterministic policy) is unchanged; below 1 the sampled policy
     stays near it, so PPO's samples deviate mostly where the clone is unsure, between near-tied actions (measured
-    at 0.3 with --kl-credit model: PPO then improves on a 40-epoch clone, docs/results.md, section 2)"""
+    at 0.3 with --kl-credit model: PPO then improves on clones that miss their teacher, docs/results.md, section 2)"""
     value_warmup_steps: int = 0
     """env steps at the start of training that update the critic only (the actor stays at its warm start): a
     behaviour-cloned actor comes with a random critic, whose first advantages are noise (PIRLNav's critic warm-up);
