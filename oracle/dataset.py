@@ -228,11 +228,20 @@ def verified_shards(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
-    """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order), verified."""
+    """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order), verified.
+
+    A dataset that holds fewer episodes than its metadata names (a run still writing it, or one cut off) loads what
+    it holds, with a warning that says how many.
+    """
     files = verified_shards(directory)
     if not files:
         raise FileNotFoundError(f"{directory} holds no complete shard yet")
-    return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
+    data = datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
+    held, expected = len(set(data["episode"])), int(read_metadata(directory)["episodes"])
+    if held < expected:  # still being written, or its run was cut off: say so rather than train on less unawares
+        print(f"warning: {directory} holds {held} of its {expected} episodes (still being written, or cut off)",
+              file=sys.stderr)  # fmt: skip
+    return data
 
 
 def _flatten(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -93,13 +93,15 @@ def test_dataset_round_trip_and_oracle_actions_are_allowed(tmp_path, oracle_env_
     assert load_trajectories(tmp_path / "ds")["observation"] == dataset["observation"]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, oracle_env_kwargs):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, oracle_env_kwargs, capsys):
     kwargs = {**oracle_env_kwargs, "eps_decay": 0.05}  # the guardrail clock matters across episodes
     whole = record_trajectories(tmp_path / "whole", RandomAllowed(), 5, kwargs, 1, episodes_per_shard=2, progress=False)
     with pytest.raises(KeyboardInterrupt):
         record_trajectories(tmp_path / "cut", Interrupting(stop_after=11), 5, kwargs, 1, 2, progress=False)
     assert len(list((tmp_path / "cut" / "data").glob("*.parquet"))) == 1  # shard 1 was cut, no partial file
     assert not [p for p in (tmp_path / "cut").rglob("*") if p.name.startswith(".")]  # no temporary file left
+    assert len(set(load_trajectories(tmp_path / "cut")["episode"])) == 2  # what it holds, and a warning that says so
+    assert "holds 2 of its 5 episodes (still being written, or cut off)" in capsys.readouterr().err
     record_trajectories(tmp_path / "cut", RandomAllowed(), 3, kwargs, 1, 2, progress=False)  # resume, short
     resumed = record_trajectories(tmp_path / "cut", RandomAllowed(), 5, kwargs, 1, 2, progress=False)  # and grow
     assert resumed.to_dict() == whole.to_dict()
