@@ -186,10 +186,15 @@ class EnvConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def _is_real(value: Any) -> bool:
+    """``value`` is a Python or NumPy real number (a bool is not)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_number(name: str, value: Any, minimum: float, strict: bool = False, maximum: float = math.inf) -> None:
     """``value`` must be a real number in ``[minimum, maximum]`` (``(minimum, maximum]`` with ``strict``)."""
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not is_number or not math.isfinite(value) or value < minimum or (strict and value == minimum) or value > maximum:
+    in_range = _is_real(value) and math.isfinite(value) and minimum <= value <= maximum
+    if not in_range or (strict and value == minimum):
         low = f"{'>' if strict else '>='} {minimum:g}"
         high = f" and <= {maximum:g}" if math.isfinite(maximum) else ""
         raise ValueError(f"{name} must be a finite number {low}{high}, got {value!r}")
@@ -223,8 +228,7 @@ def check_budget_share(name: str, value: Any) -> float:
 
     Anything else (NaN, a bool, a string, 0, 1.5) is a ``ValueError`` naming ``name``.
     """
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not is_number or not 0 < value <= 1:
+    if not _is_real(value) or not 0 < value <= 1:
         raise ValueError(f"{name} must lie in (0, 1] (a share of full attention's logit FLOPs), got {value!r}")
     return float(value)
 

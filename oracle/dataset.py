@@ -237,7 +237,7 @@ def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
     if not files:
         raise FileNotFoundError(f"{directory} holds no complete shard yet")
     data = datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
-    held, expected = len(set(data["episode"])), int(read_metadata(directory)["episodes"])
+    held, expected = len(data.unique("episode")), int(read_metadata(directory)["episodes"])
     if held < expected:  # still being written, or its run was cut off: say so rather than train on less unawares
         print(f"warning: {directory} holds {held} of its {expected} episodes (still being written, or cut off)",
               file=sys.stderr)  # fmt: skip
