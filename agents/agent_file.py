@@ -9,7 +9,7 @@ the safetensors header's metadata one JSON entry, ``drrl_agent``::
 
 Reading one parses the header and copies tensors; nothing in the file is executed (this is
 what safetensors is for). The policy is rebuilt from the algorithm registry
-(:data:`agents.algorithms.ALGORITHMS`), the named network (:func:`agents.policies.policy_setup`)
+(:data:`agents.algorithms.ALGORITHMS`), the named network (:func:`agents.networks.policy_setup`)
 and the two spaces, and the weights are loaded strictly, so a file whose tensors do not fit the
 described network is refused. A plain SB3 ``.zip`` is a cloudpickle: loading one can run any code
 its author put in it, so :func:`load_sb3_zip` needs ``trust_pickle=True``.
@@ -32,8 +32,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 
 from agents.algorithms import ALGORITHMS, Algorithm, ModelPolicy, get_algorithm
-from agents.policies import PolicySetup, policy_setup, setup_of_observation_space
-from drrl_env.files import write_atomic
+from agents.networks import PolicySetup, policy_setup, setup_of_observation_space
+from drrl_env.lm.files import write_atomic
 
 FORMAT = "drrl-agent"
 VERSION = 1

@@ -19,7 +19,7 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 
-from agents.policies import PolicySetup
+from agents.networks import PolicySetup
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.wrappers import RankOffsets
 
@@ -129,7 +129,7 @@ class ModelPolicy:
         return self._act(observation, action_mask)
 
     def _act(self, observation: np.ndarray, action_mask: np.ndarray) -> int | np.ndarray:
-        from agents.policies import stack_states
+        from agents.networks import stack_states
 
         self._states.append(np.asarray(observation, dtype=np.float32))
         obs = stack_states(self._states, self.setup.history) if self.setup.history else self._states[-1]

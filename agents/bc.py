@@ -1,6 +1,6 @@
 """Behaviour cloning of a rank policy on a trajectory dataset (paper IV.E.3, stage one).
 
-The policy is the one MaskablePPO trains (:mod:`agents.policies`), and the loss is the masked
+The policy is the one MaskablePPO trains (:mod:`agents.networks`), and the loss is the masked
 cross-entropy of its own action distribution: ``-log pi(a_oracle | s, mask)``, where sb3-contrib's
 masking gives masked ranks zero probability. The dataset's last ``validation_fraction`` of
 episodes (held-out text) is kept for validation; each epoch logs ``bc/train_loss``,
@@ -28,10 +28,10 @@ from stable_baselines3.common.logger import configure
 from tqdm.auto import tqdm
 
 from agents.agent_file import agent_path, save_agent
-from agents.policies import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
+from agents.networks import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
 from drrl_env import ENV_ID
-from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_args
-from drrl_env.files import check_output_folder
+from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options
+from drrl_env.lm.files import check_output_folder
 from oracle.dataset import env_config_of, load_trajectories, read_metadata
 
 
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = dataclass_from_args(BCConfig, args)
+        config = dataclass_from_options(BCConfig, vars(args))
         if not args.out.strip() or agent_path(args.out).is_dir():
             raise ValueError(f"--out must name an agent file, got {args.out!r}")
         check_output_folder(agent_path(args.out).parent, "--out's folder")

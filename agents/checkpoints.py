@@ -33,8 +33,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.agent_file import load_agent_into, save_agent
-from agents.policies import PolicySetup
-from drrl_env.files import remove_stale_temporaries, sha256_of, write_atomic, write_text_atomic
+from agents.networks import PolicySetup
+from drrl_env.lm.files import remove_stale_temporaries, sha256_of, write_atomic, write_text_atomic
 
 COUNTERS = (
     "num_timesteps",

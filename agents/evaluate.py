@@ -8,7 +8,7 @@ attention of every layer (and segment), so the LM loss is measured, not estimate
 * PPL of the policy and, on the same batches, of the model without the hook (``PPL full``);
 * attention FLOPs over full attention's: of the logits alone (the ``Q K^T`` product, which a
   ``flops_budget`` constrains), of the core, and with the SVD and projection overheads
-  (``drrl_env.flops``; the policy network's own cost is not counted);
+  (``drrl_env.attention.flops``; the policy network's own cost is not counted);
 * the mean per-token KL of the next-token distribution from the full model's;
 * wall-clock per token of a forward pass that replays the policy's ranks (spectra included,
   the policy's decision excluded), against the plain model timed in the same run;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ from agents.results import EvaluationRow, adaptivity_verdicts, fill_headroom_cap
 from agents.rllib_agent import RLlibPolicy
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_env_arguments, env_kwargs, share_or_none
-from drrl_env.corpora import corpus_tokens, sequential_chunks
+from drrl_env.attention.lowrank import SPECTRAL_MODES
+from drrl_env.cli import add_env_arguments, env_id_of, env_kwargs, share_or_none
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.files import check_output_folder
-from drrl_env.lowrank import PER_INPUT_MODES, SPECTRAL_MODES
-from drrl_env.perplexity import LayerRanks, forward_seconds
+from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
+from drrl_env.lm.files import check_output_folder
+from drrl_env.lm.scoring import LayerRanksHandler, forward_seconds
 from oracle.policy import RankPolicy
 
 DEFAULT_POLICIES = ("full", "fixed:32", "energy:0.9", "random", "stable_rank", "threshold:0.1", "gumbel:0.05", "oracle")
@@ -52,7 +53,7 @@ DEFAULT_CORPORA = ("wiki", "news", "shakespeare")
 
 def time_forward(env: DRRLAttentionEnv, ranks: tuple | None, repeats: int, tokens: torch.Tensor) -> float:
     """Milliseconds per token of a forward pass over ``tokens (B, n)`` with ``ranks`` replayed (None: plain model)."""
-    handler = None if ranks is None else LayerRanks(ranks, env.config.spectral_mode)
+    handler = None if ranks is None else LayerRanksHandler(ranks, env.config.spectral_mode)
     return 1e3 * forward_seconds(env.loaded, tokens, handler, env.config.segment_len, repeats) / tokens.numel()
 
 
@@ -152,7 +153,9 @@ def comparison_table(policies: list[RankPolicy], env_kwargs: dict[str, Any], epi
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The evaluation's options; the env options' defaults are those of ``--env`` (read first from ``argv``)."""
+    env_id = env_id_of(argv)
     parser = argparse.ArgumentParser(
         prog="python -m agents.evaluate",
         description=__doc__,
@@ -183,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         nargs="+",
         choices=SPECTRAL_MODES,
-        default=list(PER_INPUT_MODES),
-        help="spectral modes (default: separate joint; calibrated too on request)",
+        default=None,
+        help="spectral modes, one cell each (default: the env's --spectral-mode)",
     )
     parser.add_argument(
         "--episodes", type=int, default=4, help="test episodes per policy, corpus and mode (default: 4)"
@@ -218,26 +221,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=[256, 512, 1024, 2048, 4096],
         help="sequence lengths of Fig. 4 (none: skip it) (default: 256 512 1024 2048 4096)",
     )
-    add_env_arguments(parser, batch_size=2, seq_len=256, split="test")
+    add_env_arguments(parser, env_id, split="test")
     return parser
 
 
-def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
-    """Evaluate every (policy, corpus, mode[, ablation]) cell of ``args``.
+@dataclass
+class EvaluationPlan:
+    """Which cells an evaluation runs: policies x corpora x modes x budgets (x guardrail on/off), and how."""
+
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    """policy specs (agents.zoo): baselines and saved agents"""
+    corpora: tuple[str, ...] = DEFAULT_CORPORA
+    """held-out corpora"""
+    modes: tuple[str, ...] = ("joint",)
+    """spectral modes"""
+    budgets: tuple[float | None, ...] | None = None
+    """logit-FLOPs budgets, one cell each; None: the env's flops_budget, and no budget column"""
+    ablations: bool = False
+    """add every cell again with the guardrail off (Table II)"""
+    episodes: int = 4
+    """test episodes per cell; episode i is seeded with seed + i"""
+    seed: int = 10_000
+    timing_repeats: int = 2
+    """timed replays per row for ms/token (0: skip)"""
+    trust_pickle: bool = False
+    """allow SB3 .zip agents (pickles)"""
+
+
+def run_evaluation(plan: EvaluationPlan, base: dict[str, Any]) -> list[EvaluationRow]:
+    """Evaluate every (policy, corpus, mode[, ablation], budget) cell of ``plan`` in the env ``base``.
+
+    ``base`` holds the ``gym.make`` keywords; its split is the one evaluated.
 
     ``static:match`` takes as its budget the logit-FLOPs ratio measured for the first saved model
     listed before it, in the same corpus, mode and guardrail setting: the static allocation at
     the agent's FLOPs, the comparison that says whether adapting to the input pays.
     """
-    for spec in args.policies:
+    for spec in plan.policies:
         if spec != "static:match":  # its budget is the agent's, measured below
             check_policy_spec(spec, "--policies")
-    base = env_kwargs(args)
-    budgets = args.budgets or [base["flops_budget"]]
-    settings = [(corpus, mode, True, budget) for budget in budgets for corpus in args.corpora for mode in args.modes]
-    if args.ablations:
+    budgets = plan.budgets or [base["flops_budget"]]
+    settings = [(corpus, mode, True, budget) for budget in budgets for corpus in plan.corpora for mode in plan.modes]
+    if plan.ablations:
         settings += [(corpus, mode, False, budget) for corpus, mode, _, budget in settings]
-    cells = [(spec, *setting) for setting in settings for spec in args.policies]
+    cells = [(spec, *setting) for setting in settings for spec in plan.policies]
     rows: list[EvaluationRow] = []
     matched: dict[tuple, tuple[str, float]] = {}
     for spec, corpus, mode, guardrail, budget in tqdm(cells, desc="evaluating policies", unit="cell"):
@@ -255,13 +282,13 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
                 raise ValueError("static:match needs a saved agent listed before it in --policies")
             matched_to, share = matched[setting]
             spec = f"static:{share:.4f}"
-        policy = make_policy(spec, kwargs, args.trust_pickle)
-        row = evaluate_policy(policy, kwargs, args.episodes, args.seed, args.timing_repeats, split=base["split"])
+        policy = make_policy(spec, kwargs, plan.trust_pickle)
+        row = evaluate_policy(policy, kwargs, plan.episodes, plan.seed, plan.timing_repeats, split=base["split"])
         if kwargs["guardrail"] == "off" and base["guardrail"] != "off":
             row.policy += " (no guardrail)"
             matched_to = matched_to and matched_to + " (no guardrail)"
         row.matched_to = matched_to
-        row.budget = budget if args.budgets else None
+        row.budget = budget if plan.budgets else None
         if isinstance(policy, (ModelPolicy, RLlibPolicy)):
             matched.setdefault(setting, (row.policy.removesuffix(" (no guardrail)"), row.flops_logits_ratio))
         rows.append(row)
@@ -269,17 +296,36 @@ def run_evaluation(args: argparse.Namespace) -> list[EvaluationRow]:
     return rows
 
 
+def parse_plan(argv: list[str] | None) -> tuple[EvaluationPlan, dict[str, Any]]:
+    """The evaluation plan and the env's ``gym.make`` keywords of a command line."""
+    options = vars(build_parser(argv).parse_args(argv))
+    base = env_kwargs(options)
+    plan = EvaluationPlan(
+        tuple(options["policies"]),
+        tuple(options["corpora"]),
+        tuple(options["modes"] or [base["spectral_mode"]]),
+        tuple(options["budgets"]) if options["budgets"] else None,
+        options["ablations"],
+        options["episodes"],
+        options["seed"],
+        options["timing_repeats"],
+        options["trust_pickle"],
+    )
+    return plan, base
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import figures
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    plan, base = parse_plan(argv)
     try:
         out = check_output_folder(args.out, "--out")
         check_output_folder(args.logdir, "--logdir")
         out.mkdir(parents=True, exist_ok=True)
-        rows = run_evaluation(args)
+        rows = run_evaluation(plan, base)
     except (FileNotFoundError, ValueError, ImportError) as error:  # ImportError: an RLlib agent without the extra
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -313,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fig4_lengths:
         rank = min(args.ranks, key=lambda r: abs(r - 32))
         figure, points = figures.sequence_length_figure(
-            args.model, args.corpora[0], args.fig4_lengths, rank, args.modes[0], args.device
+            args.model, args.corpora[0], args.fig4_lengths, rank, plan.modes[0], args.device
         )
         emit("fig4_sequence_length", figure)
         lines = ["| n | FLOPs full | FLOPs low-rank (+overhead) | s full | s low-rank |", "|---|---|---|---|---|"]

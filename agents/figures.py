@@ -13,12 +13,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from drrl_env.corpora import corpus_tokens, sequential_chunks  # noqa: E402
-from drrl_env.flops import full_attention_flops, low_rank_attention_flops  # noqa: E402
+from drrl_env.attention.flops import full_attention_flops, low_rank_attention_flops  # noqa: E402
+from drrl_env.attention.hook import AttentionCall, install  # noqa: E402
 from drrl_env.guardrail import transition_energies, truncation_errors  # noqa: E402
-from drrl_env.hook import AttentionCall, install  # noqa: E402
-from drrl_env.models import load_causal_lm, resolve_device  # noqa: E402
-from drrl_env.perplexity import FixedRank, forward_seconds  # noqa: E402
+from drrl_env.lm.corpora import corpus_tokens, sequential_chunks  # noqa: E402
+from drrl_env.lm.models import load_causal_lm, resolve_device  # noqa: E402
+from drrl_env.lm.scoring import FixedRankHandler, forward_seconds  # noqa: E402
 
 if TYPE_CHECKING:
     from agents.results import EvaluationRow
@@ -172,7 +172,7 @@ def sequence_length_figure(
         batch = sequential_chunks(tokens, n)[:1]
         times = {
             name: forward_seconds(loaded, batch, handler, repeats=repeats)
-            for name, handler in (("full", None), ("low-rank", FixedRank(rank, mode)))
+            for name, handler in (("full", None), ("low-rank", FixedRankHandler(rank, mode)))
         }
         full = full_attention_flops(1, shape.q_heads, n, n, shape.head_dim)
         low = low_rank_attention_flops(1, shape.q_heads, shape.kv_heads, n, n, shape.head_dim, rank, mode)

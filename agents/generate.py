@@ -4,7 +4,7 @@ For each prompt, the policy (any spec of the zoo: ``fixed:32``, ``static:fisher`
 ``hindsight:fisher``, or a trained agent's ``.safetensors`` file) runs one episode of
 DRRL-Attention-v0 on the prompt itself (``reset(options={"input_ids": ...})``), choosing each
 layer's rank within the episode's FLOPs budget. Generation then keeps each layer's keys at
-that rank (``drrl_env.generate``, basis ``--basis``). Printed per prompt: the ranks, the text,
+that rank (``drrl_env.generation.decode``, basis ``--basis``). Printed per prompt: the ranks, the text,
 the key/value cache measured from its tensors against a full-width cache of the same tokens, and
 (unless ``--no-compare``) the quality against full attention: the mean per-step KL of the
 next-token distribution, teacher-forced on full attention's greedy continuation, and the greedy
@@ -14,7 +14,7 @@ agreement.
     python -m agents.generate --policy fixed:32 --corpus wiki --context 512 --prompts 2
     python -m agents.generate --policy static:0.484:decode --seq-len 1024 --ranks 16 32 48 64 --context 4096
 
-``static:F:decode`` water-fills a profile of generation itself (:mod:`drrl_env.kv_profile`, on
+``static:F:decode`` water-fills a profile of generation itself (:mod:`drrl_env.generation.decode_profile`, on
 ``--seq-len``-token validation prompts, cached on disk): the per-layer ranks that meet the key
 cache's accuracy and memory targets together at 4096 tokens (docs/benchmarks.md, run 6); a
 profile of a prefill (``static``, ``static:fisher``) does not transfer to decode.
@@ -24,23 +24,53 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import gymnasium as gym
 import torch
 
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, calibration_grams
-from drrl_env.cli import add_env_arguments, at_least, env_kwargs
-from drrl_env.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
+from drrl_env.attention.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
+from drrl_env.cli import add_env_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
+from drrl_env.config import PER_LAYER_ENV_ID
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.generate import generate, teacher_forced_logits
-from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
-from drrl_env.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
-from drrl_env.kv_cache import cache_bytes
-from drrl_env.models import LoadedModel, ModelNotAvailableError, load_causal_lm
-from drrl_env.reward import next_token_kl
+from drrl_env.generation.decode import generate, teacher_forced_logits
+from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
+from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.lm.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
+from drrl_env.lm.models import LoadedModel, ModelNotAvailableError, load_causal_lm
+from drrl_env.lm.scoring import next_token_kl
+from drrl_env.profiles.calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, calibration_grams
 from oracle.policy import RankPolicy
+
+
+@dataclass
+class GenerationConfig:
+    """How ``python -m agents.generate`` builds the key cache, decodes and reports (its options by field name)."""
+
+    basis: str = "joint"
+    """key basis (drrl_env.attention.kv_basis.BASIS_KINDS)"""
+    sink_tokens: int = SINK_TOKENS
+    """first tokens whose keys stay exact"""
+    recent_tokens: int = RECENT_TOKENS
+    """window of last positions whose keys stay exact for each decode step"""
+    calibration_len: int = CALIBRATION_SEQ_LEN
+    """basis 'calibrated': tokens per calibration chunk"""
+    calibration_tokens: int = CALIBRATION_TOKENS
+    """basis 'calibrated': validation tokens the bases are fitted on"""
+    low_rank_prefill: bool = False
+    """attend the prompt through the basis too"""
+    max_new_tokens: int = 48
+    """tokens to generate per prompt"""
+    do_sample: bool = False
+    """sample instead of greedy decoding"""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    """seed of the policy's episode and of sampling"""
+    no_compare: bool = False
+    """skip the comparison with full attention"""
 
 
 def policy_ranks(policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, seed: int) -> list[list[int]]:
@@ -70,29 +100,31 @@ def full_cache_bytes(loaded: LoadedModel, batch: int, tokens: int) -> int:
 
 
 def compare_with_full(
-    loaded: LoadedModel, prompt: torch.Tensor, generated: torch.Tensor, ranks, args: argparse.Namespace
+    loaded: LoadedModel, prompt: torch.Tensor, generated: torch.Tensor, ranks, config: GenerationConfig
 ) -> tuple[float, float]:
     """Mean per-step KL(full || low rank), teacher-forced on full greedy generation, and greedy agreement."""
-    full = generate(loaded, prompt, "full", max_new_tokens=args.max_new_tokens, do_sample=False)
+    full = generate(loaded, prompt, "full", max_new_tokens=config.max_new_tokens, do_sample=False)
     continuation = full[:, prompt.shape[1] :]
     reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-    low = teacher_forced_logits(loaded, prompt, continuation, ranks, args.basis, **cache_options(loaded, args))
+    low = teacher_forced_logits(loaded, prompt, continuation, ranks, config.basis, **cache_options(loaded, config))
     kl = next_token_kl(reference, low)
     width = min(continuation.shape[1], generated.shape[1])
     agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
     return kl, agreement
 
 
-def cache_options(loaded: LoadedModel, args: argparse.Namespace) -> dict:
-    """The keys kept exact, the prefill and the calibration, as :func:`drrl_env.generate.generate` takes them."""
-    options = {"sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens}
-    options["exact_prefill"] = not args.low_rank_prefill
-    if args.basis == "calibrated":
-        options["calibration"] = calibration_grams(loaded, tokens=args.calibration_tokens, seq_len=args.calibration_len)
+def cache_options(loaded: LoadedModel, config: GenerationConfig) -> dict:
+    """The keys kept exact, the prefill and the calibration, as ``drrl_env.generation.decode.generate`` takes them."""
+    options = {"sink_tokens": config.sink_tokens, "recent_tokens": config.recent_tokens}
+    options["exact_prefill"] = not config.low_rank_prefill
+    if config.basis == "calibrated":
+        options["calibration"] = calibration_grams(
+            loaded, tokens=config.calibration_tokens, seq_len=config.calibration_len
+        )
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agents.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -142,34 +174,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's episode and of sampling")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with full attention")
     parser.add_argument("--trust-pickle", action="store_true", help="allow loading an SB3 .zip policy (a pickle)")
-    add_env_arguments(parser, spectral_mode=None, guardrail="off")  # None: the key basis (--basis)
+    # one rank per layer and no per-input signal, as in the decode findings; None: the key basis (--basis)
+    add_env_arguments(parser, env_id_of(argv, PER_LAYER_ENV_ID), spectral_mode=None, guardrail="off")
     return parser
 
 
-def prompts_from_args(loaded: LoadedModel, args: argparse.Namespace) -> list[torch.Tensor]:
-    """The prompts as ``(1, n)`` token tensors: each ``--prompt``, or ``--prompts`` chunks of ``--corpus``."""
-    if args.prompt:
-        return [loaded.tokenizer(text, return_tensors="pt").input_ids for text in args.prompt]
-    chunks = sequential_chunks(corpus_tokens(args.corpus, args.prompt_split, loaded.tokenizer), args.context)
-    return [chunk.unsqueeze(0) for chunk in chunks[: args.prompts]]
+def corpus_prompts(
+    loaded: LoadedModel, texts: list[str] | None, corpus: str, split: str, context: int, count: int
+) -> list[torch.Tensor]:
+    """The prompts as ``(1, n)`` token tensors: each of ``texts``, or else ``count`` chunks of ``context`` tokens."""
+    if texts:
+        return [loaded.tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    chunks = sequential_chunks(corpus_tokens(corpus, split, loaded.tokenizer), context)
+    return [chunk.unsqueeze(0) for chunk in chunks[:count]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.spectral_mode is None:  # a policy observes, and profiles, the basis generation uses
         args.spectral_mode = args.basis if args.basis in PER_PROMPT_KINDS else "joint"
-    kwargs = {**env_kwargs(args), "segment_len": None}  # one decision per layer: one key basis per layer
+    kwargs = {**env_kwargs(vars(args)), "segment_len": None}  # one decision per layer: one key basis per layer
     try:
         loaded = load_causal_lm(args.model, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
-        prompts = prompts_from_args(loaded, args)
+        prompts = corpus_prompts(loaded, args.prompt, args.corpus, args.prompt_split, args.context, args.prompts)
         policy = make_policy(args.policy, kwargs, args.trust_pickle)
     except (ValueError, OSError, ModelNotAvailableError, CorpusNotAvailableError) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
+    config = dataclass_from_options(GenerationConfig, vars(args))
+    torch.manual_seed(config.seed)
     try:
         for index, prompt in enumerate(prompts):
-            report(loaded, policy, kwargs, prompt, index, args)
+            report(loaded, policy, kwargs, prompt, index, config)
     except ValueError as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
@@ -177,23 +213,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(
-    loaded: LoadedModel, policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, index: int, args: argparse.Namespace
+    loaded: LoadedModel, policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, index: int, config: GenerationConfig
 ) -> None:
     """Pick the ranks for one prompt, generate, and print ranks, cache size, quality and text."""
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
-    ranks = policy_ranks(policy, kwargs, prompt, args.seed + index)
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} if config.do_sample else {}
+    ranks = policy_ranks(policy, kwargs, prompt, config.seed + index)
     out = generate(
-        loaded, prompt, ranks, basis=args.basis, **cache_options(loaded, args), max_new_tokens=args.max_new_tokens,
+        loaded, prompt, ranks, basis=config.basis, **cache_options(loaded, config),
+        max_new_tokens=config.max_new_tokens,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id, **sampling,
     )  # fmt: skip
     generated = out.sequences[:, prompt.shape[1] :].cpu()
     measured = cache_bytes(out.cache)["total"]
     full = full_cache_bytes(loaded, 1, out.sequences.shape[1] - 1)
-    print(f"prompt {index}: {prompt.shape[1]} tokens; policy {policy.name}; basis {args.basis}")
+    print(f"prompt {index}: {prompt.shape[1]} tokens; policy {policy.name}; basis {config.basis}")
     print("ranks per layer:", " ".join("/".join(str(r) for r in row) for row in ranks))
     print(f"KV cache {measured / 2**20:.2f} MB = {measured / full:.3f} of full width ({full / 2**20:.2f} MB)")
-    if not args.no_compare:
-        kl, agreement = compare_with_full(loaded, prompt, generated, ranks, args)
+    if not config.no_compare:
+        kl, agreement = compare_with_full(loaded, prompt, generated, ranks, config)
         print(f"against full attention: KL {kl:.4f} nats/token (teacher-forced), greedy agreement {agreement:.3f}")
     print("text:", loaded.tokenizer.decode(generated[0], skip_special_tokens=True))
     print()

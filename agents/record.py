@@ -12,11 +12,11 @@ import argparse
 import sys
 
 from agents.zoo import make_policy
-from drrl_env.cli import env_kwargs
-from oracle.__main__ import DATASET_HELP, add_record_arguments, record_command
+from drrl_env.cli import dataclass_from_options, env_id_of, env_kwargs
+from oracle.recording import DATASET_HELP, RecordingConfig, add_record_arguments, record_command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agents.record",
         description="Roll out a policy on DRRL-Attention-v0 and record its trajectories. " + DATASET_HELP,
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policy",
         required=True,
-        help="a baseline spec (fixed:32, energy:0.9, random, stable_rank, ...; see agents.baselines) or a saved "
+        help="a baseline spec (fixed:32, energy:0.9, random, stable_rank, ...; see oracle.baselines) or a saved "
         "agent (PATH.safetensors; an SB3 zip [ALGO:]PATH.zip only with --trust-pickle)",
     )
     parser.add_argument(
@@ -32,18 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow an SB3 .zip model as --policy: it is a pickle, and a crafted one runs code when loaded",
     )
-    add_record_arguments(parser)
+    add_record_arguments(parser, env_id_of(argv))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
-        policy = make_policy(args.policy, env_kwargs(args), args.trust_pickle)
+        policy = make_policy(args.policy, env_kwargs(vars(args)), args.trust_pickle)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return record_command(args, policy)
+    return record_command(dataclass_from_options(RecordingConfig, vars(args)), policy, env_kwargs(vars(args)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Residual agents: a policy that chooses offsets from the static allocation, and starts at it (``--residual``).
 
-The static allocation (:mod:`agents.static`, the water-fill of a validation profile) is the
+The static allocation (:mod:`oracle.static`, the water-fill of a validation profile) is the
 strongest fixed rule; a residual agent's action is an offset in candidate steps from its rank at
 each layer (``drrl_env.wrappers.RankOffsets``), so a policy that learns nothing replays static, and
 the reward ``log(KL_static / KL)`` on the episode's own batch (the env's ``reference_log_ratio``
@@ -12,14 +12,14 @@ uniform distribution over offsets.
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from agents.policies import PolicySetup, policy_setup
+from agents.networks import PolicySetup, policy_setup
+from agents.train_config import TrainConfig
 from agents.zoo import make_policy
-from drrl_env.cli import env_kwargs
 from drrl_env.config import EnvConfig
 from drrl_env.wrappers import DEFAULT_OFFSETS
 
@@ -27,28 +27,27 @@ ZERO_OFFSET_BIAS = 2.0
 """added to the initial logit of offset 0: with five offsets, it starts with probability 0.65"""
 
 
-def residual_setup(args: argparse.Namespace) -> PolicySetup:
-    """The policy setup of ``args``; with ``--residual``, fill in the static allocation and the paired reward.
+def residual_setup(train: TrainConfig, env_kwargs: dict[str, Any]) -> PolicySetup:
+    """The policy setup of ``train``; with ``train.residual``, fill in the static allocation and the paired reward.
 
-    Sets ``args.reference_ranks`` (the static allocation of the budget, unless given) and
-    ``args.kl_baseline`` (``reference_log_ratio`` unless given), so that the run's stored options
-    hold them and ``--resume`` needs no new profile. ``ValueError`` for a budget range, no budget or
-    per-head ranks.
+    Sets ``env_kwargs["reference_ranks"]`` (the static allocation of the budget, unless given) and
+    ``env_kwargs["kl_baseline"]`` (``reference_log_ratio`` unless given), in place, so that the run's
+    stored options hold them and ``--resume`` needs no new profile. ``ValueError`` for a budget range,
+    no budget or per-head ranks.
     """
-    if not args.residual:
-        return policy_setup(args.policy, args.history)
-    kwargs = env_kwargs(args)
-    config = EnvConfig(**kwargs)
+    if not train.residual:
+        return policy_setup(train.policy, train.history)
+    config = EnvConfig(**env_kwargs)
     if config.flops_budget is None or config.flops_budget[0] != config.flops_budget[1] or config.per_head:
         raise ValueError("--residual needs one --flops-budget share and one rank per layer (no --per-head)")
-    if args.reference_ranks is None:
+    if env_kwargs.get("reference_ranks") is None:
         budget = config.flops_budget[0]
-        static = make_policy(f"static:{budget:g}:fisher", kwargs)
-        args.reference_ranks = [config.ranks[index] for index in static.allocation(budget)]
-        print(f"residual agent: static allocation {args.reference_ranks}")
-    if args.kl_baseline == "none":
-        args.kl_baseline = "reference_log_ratio"
-    return policy_setup(args.policy, args.history, DEFAULT_OFFSETS, tuple(args.reference_ranks))
+        static = make_policy(f"static:{budget:g}:fisher", env_kwargs)
+        env_kwargs["reference_ranks"] = tuple(config.ranks[index] for index in static.allocation(budget))
+        print(f"residual agent: static allocation {list(env_kwargs['reference_ranks'])}")
+    if env_kwargs["kl_baseline"] == "none":
+        env_kwargs["kl_baseline"] = "reference_log_ratio"
+    return policy_setup(train.policy, train.history, DEFAULT_OFFSETS, tuple(env_kwargs["reference_ranks"]))
 
 
 def start_at_reference(model: BaseAlgorithm, setup: PolicySetup) -> None:

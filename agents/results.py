@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from drrl_env.files import write_atomic
+from drrl_env.lm.files import write_atomic
 
 
 @dataclass

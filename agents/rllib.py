@@ -31,6 +31,7 @@ RUN/model.safetensors (loaded without unpickling; python -m agents.evaluate --po
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -53,11 +54,18 @@ from agents.rllib_agent import (
     save_rllib_agent,
     sb3_weights_as_rllib,
 )
-from agents.train_config import add_comparison_and_env_arguments, parse_hyperparams, resume_arguments
+from agents.train_config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    CompareConfig,
+    add_comparison_and_env_arguments,
+    parse_hyperparams,
+    resume_options,
+)
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_dataclass_arguments, at_least, env_kwargs
-from drrl_env.files import check_output_folder, write_text_atomic
+from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
+from drrl_env.lm.files import check_output_folder, write_text_atomic
 from drrl_env.wrappers import MaskInObservation
 
 ALGO = "rllib_ppo"
@@ -117,8 +125,8 @@ RESUMABLE_CHANGES = frozenset(
 """options a resumed run may be given with other values than it was started with"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The options of RLlibConfig, CompareConfig and EnvConfig (the env defaults of train_agent.py)."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options of RLlibConfig, CompareConfig and EnvConfig (the recommended MDP, as train_agent.py's)."""
     parser = argparse.ArgumentParser(
         prog="python -m agents.rllib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -130,20 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
                "num_cpus_per_env_runner": at_least(1), "train_batch_size": at_least(1), "minibatch_size": at_least(1),
                "num_epochs": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
     )  # fmt: skip
-    add_comparison_and_env_arguments(parser)
+    add_comparison_and_env_arguments(parser, PRESETS[DEFAULT_PRESET], env_id_of(argv))
     return parser
 
 
-def ppo_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+def ppo_hyperparameters(config: RLlibConfig) -> dict[str, Any]:
     """The keywords of ``PPOConfig.training()``: SB3's PPO defaults, the batch options, then ``--hyperparams``."""
     from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    values = {**SB3_PPO_DEFAULTS, "train_batch_size_per_learner": args.train_batch_size}
-    values.update(minibatch_size=min(args.minibatch_size, args.train_batch_size), num_epochs=args.num_epochs)
+    values = {**SB3_PPO_DEFAULTS, "train_batch_size_per_learner": config.train_batch_size}
+    values.update(minibatch_size=min(config.minibatch_size, config.train_batch_size), num_epochs=config.num_epochs)
     accepted = (set(inspect.signature(PPOConfig.training).parameters) | set(
         inspect.signature(AlgorithmConfig.training).parameters)) - {"self", "kwargs"}  # fmt: skip
-    values.update(parse_hyperparams(args.hyperparams, accepted, "PPOConfig.training()"))
+    values.update(parse_hyperparams(config.hyperparams, accepted, "PPOConfig.training()"))
     return values
 
 
@@ -155,7 +163,7 @@ def make_masked_env(env_config: dict[str, Any]) -> gym.Env:
     return MaskInObservation(gym.make(ENV_ID, **kwargs))
 
 
-def build_algorithm(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
+def build_algorithm(config: RLlibConfig, kwargs: dict[str, Any]) -> Any:
     """RLlib's PPO on the masked env, with the action-masking module and the ``drrl/`` metrics callback."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
@@ -170,20 +178,20 @@ def build_algorithm(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
         PPOConfig()
         .environment(ENV_NAME, env_config=kwargs)
         .env_runners(
-            num_env_runners=args.num_env_runners,
-            num_envs_per_env_runner=args.num_envs_per_env_runner,
-            num_cpus_per_env_runner=args.num_cpus_per_env_runner,
-            num_gpus_per_env_runner=args.num_gpus_per_env_runner,
+            num_env_runners=config.num_env_runners,
+            num_envs_per_env_runner=config.num_envs_per_env_runner,
+            num_cpus_per_env_runner=config.num_cpus_per_env_runner,
+            num_gpus_per_env_runner=config.num_gpus_per_env_runner,
         )
-        .learners(num_gpus_per_learner=args.num_gpus)
-        .training(**ppo_hyperparameters(args))
+        .learners(num_gpus_per_learner=config.num_gpus)
+        .training(**ppo_hyperparameters(config))
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 module_class=ActionMaskingTorchRLModule, model_config=DefaultModelConfig(**MODEL_CONFIG)
             )
         )
         .callbacks(DRRLMetricsCallback)
-        .debugging(seed=args.seed, log_level="ERROR")
+        .debugging(seed=config.seed, log_level="ERROR")
     )
     return config.build_algo()
 
@@ -249,29 +257,31 @@ def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
     return module.eval()
 
 
-def train(args: argparse.Namespace, kwargs: dict[str, Any], spaces: tuple[gym.Space, gym.Space], run_dir: Path) -> None:
+def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, gym.Space], run_dir: Path) -> None:
     """Train until ``--total-timesteps``, logging each iteration; save checkpoints and the agent file."""
     from agents.rllib_metrics import TensorBoardResults
 
-    algorithm = build_algorithm(args, kwargs)
+    algorithm = build_algorithm(config, kwargs)
     board = TensorBoardResults(run_dir)
     try:
-        if args.resume:
+        if config.resume:
             checkpoint = latest_checkpoint(run_dir / "checkpoints")
             if checkpoint is None:
                 raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
             algorithm.restore_from_path(str(checkpoint.resolve()))
             print(f"resuming {run_dir} from {checkpoint.name} ({steps_sampled(algorithm)} steps done)")
         else:
-            board.hyperparameters(vars(args))
-            if args.bc_model:
-                warm_start(algorithm, args.bc_model, spaces)
-                print(f"starting from the behaviour-cloned agent {args.bc_model}")
+            board.hyperparameters({**dataclasses.asdict(config), **kwargs})
+            if config.bc_model:
+                warm_start(algorithm, config.bc_model, spaces)
+                print(f"starting from the behaviour-cloned agent {config.bc_model}")
         done = steps_sampled(algorithm)
-        next_checkpoint = (done // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else 0
-        next_eval = (done // args.eval_every + 1) * args.eval_every if args.eval_every else 0
-        with tqdm(total=args.total_timesteps, initial=done, desc="training (RLlib PPO)", unit="step") as bar:
-            while done < args.total_timesteps:
+        next_checkpoint = (
+            (done // config.checkpoint_every + 1) * config.checkpoint_every if config.checkpoint_every else 0
+        )
+        next_eval = (done // config.eval_every + 1) * config.eval_every if config.eval_every else 0
+        with tqdm(total=config.total_timesteps, initial=done, desc="training (RLlib PPO)", unit="step") as bar:
+            while done < config.total_timesteps:
                 set_guardrail_step(algorithm, done)
                 started = time.perf_counter()
                 results = algorithm.train()
@@ -279,16 +289,16 @@ def train(args: argparse.Namespace, kwargs: dict[str, Any], spaces: tuple[gym.Sp
                 board.iteration(results, now, time.perf_counter() - started, now - done)
                 bar.update(now - done)
                 done = now
-                if args.checkpoint_every and done >= next_checkpoint:
+                if config.checkpoint_every and done >= next_checkpoint:
                     save_checkpoint(algorithm, run_dir / "checkpoints", done)
-                    next_checkpoint = (done // args.checkpoint_every + 1) * args.checkpoint_every
-                if args.eval_every and done >= next_eval:
+                    next_checkpoint = (done // config.checkpoint_every + 1) * config.checkpoint_every
+                if config.eval_every and done >= next_eval:
                     row = evaluate_policy(
                         RLlibPolicy(trained_module(algorithm, spaces), "agent"), kwargs, 1, timing_repeats=0
                     )
                     values = {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
                     board.scalars({f"eval/{name}": value for name, value in values.items()}, done)
-                    next_eval = (done // args.eval_every + 1) * args.eval_every
+                    next_eval = (done // config.eval_every + 1) * config.eval_every
         save_checkpoint(algorithm, run_dir / "checkpoints", done)
         path = save_rllib_agent(trained_module(algorithm, spaces), run_dir / "model.safetensors", MODEL_CONFIG, done)
         print(f"saved {path} ({done} steps); tensorboard --logdir {run_dir.parent}")
@@ -299,42 +309,44 @@ def train(args: argparse.Namespace, kwargs: dict[str, Any], spaces: tuple[gym.Sp
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = resume_arguments(build_parser(), argv, RESUMABLE_CHANGES, "python -m agents.rllib")
+        options = resume_options(build_parser(argv), argv, RESUMABLE_CHANGES, "python -m agents.rllib")
+        config = dataclass_from_options(RLlibConfig, options)
+        compare = dataclass_from_options(CompareConfig, options)
         require_rllib()
-        check_output_folder(args.logdir, "--logdir")
-        kwargs = env_kwargs(args)
-        ppo_hyperparameters(args)
-        if args.bc_model and not args.resume and not Path(args.bc_model).is_file():
-            raise ValueError(f"--bc-model {args.bc_model}: no such file")
+        check_output_folder(config.logdir, "--logdir")
+        kwargs = env_kwargs(options)
+        ppo_hyperparameters(config)
+        if config.bc_model and not config.resume and not Path(config.bc_model).is_file():
+            raise ValueError(f"--bc-model {config.bc_model}: no such file")
         probe = gym.make(ENV_ID, **kwargs)  # the env's own checks, here rather than in every env runner
         spaces = (probe.observation_space, probe.action_space)
         probe.close()
-        if args.bc_model and not args.resume:  # refused here, before Ray starts, if it does not fit
-            sb3_weights_as_rllib(args.bc_model, build_module(*spaces, MODEL_CONFIG))
+        if config.bc_model and not config.resume:  # refused here, before Ray starts, if it does not fit
+            sb3_weights_as_rllib(config.bc_model, build_module(*spaces, MODEL_CONFIG))
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     import ray
 
-    if args.resume:
-        run_dir = Path(args.resume)
+    if config.resume:
+        run_dir = Path(config.resume)
     else:
-        run_dir = Path(args.logdir) / f"{ENV_ID}__{ALGO}__{args.seed}__{int(time.time())}"
+        run_dir = Path(config.logdir) / f"{ENV_ID}__{ALGO}__{config.seed}__{int(time.time())}"
         run_dir.mkdir(parents=True, exist_ok=False)
-        write_text_atomic(run_dir / "config.json", json.dumps(vars(args), indent=2, default=str))
-    ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
+        write_text_atomic(run_dir / "config.json", json.dumps(options, indent=2, default=str))
+    ray.init(address=config.ray_address, include_dashboard=False, configure_logging=False)
     try:
-        train(args, kwargs, spaces, run_dir)
+        train(config, kwargs, spaces, run_dir)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         ray.shutdown()
-    if args.compare:
-        policies = [make_policy(spec, kwargs) for spec in args.compare]
+    if compare.compare:
+        policies = [make_policy(spec, kwargs) for spec in compare.compare]
         policies.append(RLlibPolicy.from_file(run_dir / "model.safetensors"))
         policies[-1].name = f"{ALGO} (this run)"
-        print(comparison_table(policies, kwargs, args.eval_episodes, args.timing_repeats))
+        print(comparison_table(policies, kwargs, compare.eval_episodes, compare.timing_repeats))
     return 0
 
 

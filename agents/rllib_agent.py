@@ -29,7 +29,7 @@ from gymnasium import spaces
 
 from agents.agent_file import AgentFileError, read_description, short_id, space_from_json, space_to_json
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.files import write_atomic
+from drrl_env.lm.files import write_atomic
 from drrl_env.wrappers import mask_observation_space
 
 INSTALL_HINT = "pip install 'drrl[rllib]' (from a clone: pip install -e '.[rllib]')"

@@ -3,37 +3,103 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.policies import DEFAULT_HISTORY
+from agents.networks import DEFAULT_HISTORY
+from drrl_env.cli import (
+    add_dataclass_arguments,
+    add_env_arguments,
+    at_least,
+    dataclass_from_options,
+    env_id_of,
+    env_kwargs,
+    preparse,
+)
+from drrl_env.config import ENV_ID, PAPER_ENV_ID, PER_LAYER_ENV_ID
 
-DEFAULT_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "fixed:32", "energy:0.9", "oracle")
+BEST_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "hindsight:scaled_delta")
+"""what the main command compares its agent with: the fixed rules at the same budget and the per-input ceilings"""
 VEC_ENVS = ("sync", "subproc")
-TRAIN_ENV_DEFAULTS = {
-    "seq_len": 128,
-    "batch_size": 1,
-    "spectral_mode": "joint",
-    "guardrail": "off",
-    "kl_shaping_weight": 0.0,
+
+
+PPO_NEAR_CLONE = '{"learning_rate": 1e-5, "target_kl": 0.01}'
+"""MaskablePPO's settings in the per-head recipe: small steps keep it near its clone, which plays its teacher's plan
+(docs/findings.md, "Does RL beat its teacher?"); used only with --algo maskable_ppo"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named training recipe: the env variant it trains in, and the options it sets (``--preset NAME``)."""
+
+    env: str
+    """registered env id (drrl_env.config.VARIANTS) whose settings the env options start from"""
+    summary: str
+    """one line for --help"""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields that differ from the default recipe"""
+    env_options: dict[str, Any] = field(default_factory=dict)
+    """EnvConfig fields that differ from the variant's"""
+    compare: tuple[str, ...] = BEST_COMPARE
+    """the policies the trained agent is compared with"""
+
+
+PRESETS: dict[str, Preset] = {
+    "per-head": Preset(
+        ENV_ID,
+        "the best agent the project knows (the default): per key/value head, shown the Eq. S signal, cloned from its "
+        "hindsight teacher, then MaskablePPO at a small learning rate",
+        {"hyperparams": PPO_NEAR_CLONE},
+    ),
+    "scratch": Preset(
+        ENV_ID,
+        "the same env, MaskablePPO from scratch with the paired reward log(KL_teacher / KL), 50 episodes per update",
+        {
+            "warm_start": "none",
+            "total_timesteps": 9000,
+            "n_steps": 1500,
+            "hyperparams": '{"batch_size": 300, "n_epochs": 4}',
+        },
+        {"kl_baseline": "waterfill_log_ratio"},
+        (*BEST_COMPARE, "random"),
+    ),
+    "per-layer": Preset(
+        PER_LAYER_ENV_ID,
+        "one rank per layer, no per-input signal, cloned from the Fisher hindsight teacher, then MaskablePPO",
+        {"warm_start": "hindsight", "bc_epochs": 30, "total_timesteps": 4500, "hyperparams": None},
+        compare=("uniform", "static:fisher", "hindsight:fisher", "fixed:32", "energy:0.9", "oracle"),
+    ),
+    "residual": Preset(
+        PER_LAYER_ENV_ID,
+        "per layer, offsets of -2..+2 candidates from the static allocation, rewarded by log(KL_static / KL)",
+        {"residual": True, "warm_start": "none", "total_timesteps": 4500, "hyperparams": None},
+        compare=("uniform", "static:fisher", "hindsight:fisher"),
+    ),
+    "paper": Preset(
+        PAPER_ENV_ID,
+        "the paper's MDP (separate Q/K truncation, per-step Eq. 13 reward, Eq. 9 guardrail, no budget), from scratch",
+        {"warm_start": "none", "total_timesteps": 4500, "hyperparams": None},
+        compare=("fixed:32", "energy:0.9", "oracle"),
+    ),
 }
-"""The training commands' env defaults (train_agent.py, agents.rllib) where they differ from EnvConfig's:
-1 x 128 tokens; the Eckart-Young-optimal 'joint' mode, where per-input allocation has the most headroom
-(docs/results.md); the budget as the only constraint, as in AMC (a guardrail moves an allocation's ranks, and
-the budget mask then takes it out of later layers); the terminal -KL alone (measured: with the shaping term, PPO
-from the behaviour-cloned start learned to spend the budget in the early layers and tripled the KL)"""
+"""every recipe of train_agent.py by name; docs/training.md says what each measured"""
+DEFAULT_PRESET = "per-head"
 
 
 @dataclass
 class TrainConfig:
     """How train_agent.py trains (the env's options come from ``EnvConfig``)."""
 
+    preset: str = DEFAULT_PRESET
+    """named recipe (agents.train_config.PRESETS): per-head (the default), scratch, per-layer, residual, paper; it
+    sets the env variant and the defaults of the options below, which still override it"""
     algo: str = "maskable_ppo"
     """RL algorithm, a name of the registry agents.algorithms.ALGORITHMS"""
-    total_timesteps: int = 4500
+    total_timesteps: int = 1500
     """env steps of training (with --resume: the total, steps already done included)"""
     seed: int = 0
     """seed of the agent and of the episodes"""
@@ -54,7 +120,7 @@ class TrainConfig:
     """policy network: 'mlp' or 'transformer'"""
     history: int = DEFAULT_HISTORY
     """states the transformer policy attends over"""
-    warm_start: str = "hindsight"
+    warm_start: str = "hindsight:scaled_delta"
     """'hindsight': behaviour-clone the hindsight oracle first (the water-fill of each episode's budget over
     the Fisher estimate of what each layer's rank costs on that input), on a dataset of --warm-start-episodes
     episodes built once per env configuration and cached under $DRRL_CACHE_DIR/datasets; 'hindsight:scaled_delta':
@@ -63,7 +129,7 @@ class TrainConfig:
     --bc-dataset or --bc-model replace it"""
     residual: bool = False
     """a residual agent: its action is an offset (-2..+2 candidate steps) from the static allocation of the budget
-    (agents.static, Fisher profile of validation text; drrl_env.wrappers.RankOffsets), it starts there (offset 0's
+    (oracle.static, Fisher profile of validation text; drrl_env.wrappers.RankOffsets), it starts there (offset 0's
     logit +2), and each episode's reward is log(KL_static / KL) on the same batch (--kl-baseline
     reference_log_ratio unless given); needs one --flops-budget and one rank per layer; no warm start"""
     warm_start_episodes: int = 24
@@ -72,7 +138,7 @@ class TrainConfig:
     """oracle dataset (python -m oracle): behaviour-clone on it first"""
     bc_model: str | None = None
     """start from this behaviour-cloned agent file (.safetensors, from python -m agents.bc)"""
-    bc_epochs: int = 30
+    bc_epochs: int = 100
     """behaviour-cloning epochs with --bc-dataset"""
     bc_entropy_coef: float = 0.05
     """entropy bonus of behaviour cloning (--warm-start, --bc-dataset); > 0 leaves PPO room to explore (measured:
@@ -108,12 +174,39 @@ class TrainConfig:
 class CompareConfig:
     """The comparison train_agent.py prints after training."""
 
-    compare: tuple[str, ...] = DEFAULT_COMPARE
+    compare: tuple[str, ...] = BEST_COMPARE
     """policy specs to compare the agent with on the test split (the option with no spec: skip the comparison)"""
     eval_episodes: int = 4
     """test episodes per policy"""
     timing_repeats: int = 2
     """timed forward replays per policy for ms/token"""
+
+
+@dataclass
+class RunOptions:
+    """One training run's options, parsed once: how it trains, what it is compared with, and its env."""
+
+    train: TrainConfig
+    compare: CompareConfig
+    env_id: str
+    """the registered id whose settings the env options started from"""
+    env: dict[str, Any]
+    """``gym.make`` keywords: every EnvConfig field"""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> RunOptions:
+        """From a parsed command line as a mapping (``vars(args)``, or :func:`resume_options`)."""
+        return cls(
+            dataclass_from_options(TrainConfig, options),
+            dataclass_from_options(CompareConfig, options),
+            options["env"],
+            env_kwargs(options),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The options by their command-line names, JSON-ready: what a run's config.json stores."""
+        flat = {**dataclasses.asdict(self.train), **dataclasses.asdict(self.compare), "env": self.env_id, **self.env}
+        return json.loads(json.dumps(flat, default=str))
 
 
 def _canonical(value: Any) -> Any:
@@ -122,29 +215,28 @@ def _canonical(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def resume_arguments(
+def resume_options(
     parser: argparse.ArgumentParser, argv: list[str] | None, resumable: Collection[str], command: str
-) -> argparse.Namespace:
-    """The options of a new run, or of a resumed one (``--resume RUN``): RUN/config.json's, with those given.
+) -> dict[str, Any]:
+    """The parsed options (``vars`` of the namespace) of a new run, or of a resumed one: RUN/config.json's.
 
-    A resumed run refuses (``ValueError``, one line listing them) options given with other values
-    than it was started with, except those named in ``resumable``. ``command`` names the program
-    whose run folders these are, for the error messages.
+    With ``--resume RUN`` the run's stored options are taken, and the options given on the command line
+    must agree with them, except those named in ``resumable`` (a ``ValueError`` lists the others, one
+    line). ``command`` names the program whose run folders these are, for the error messages.
     """
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args
-    config = Path(args.resume, "config.json")
+    options = vars(parser.parse_args(argv))
+    if not options.get("resume"):
+        return options
+    resume = options["resume"]
+    config = Path(resume, "config.json")
     if not config.is_file():
-        raise ValueError(f"--resume {args.resume}: not a run folder of {command} (no config.json)")
+        raise ValueError(f"--resume {resume}: not a run folder of {command} (no config.json)")
     try:
         stored = json.loads(config.read_text())
         if not isinstance(stored, dict):
             raise ValueError("not a JSON object")
     except ValueError as error:
-        raise ValueError(
-            f"--resume {args.resume}: {config} is unreadable ({error}); the run cannot be resumed"
-        ) from None
+        raise ValueError(f"--resume {resume}: {config} is unreadable ({error}); the run cannot be resumed") from None
     for action in parser._actions:  # the same parser without defaults sees only what was given
         action.default = argparse.SUPPRESS
     given = vars(parser.parse_args(argv))
@@ -155,27 +247,32 @@ def resume_arguments(
     ]
     if differing:
         raise ValueError(
-            f"--resume {args.resume} was started with other options: {'; '.join(differing)}; "
+            f"--resume {resume} was started with other options: {'; '.join(differing)}; "
             "drop them to continue the run as it was, or start a new run"
         )
-    for name, value in stored.items():
-        if name in vars(args) and name not in given:
-            setattr(args, name, value)
-    return args
+    return {**options, **{name: value for name, value in stored.items() if name in options and name not in given}}
 
 
-def add_comparison_and_env_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options both training commands share after their own: CompareConfig's, then EnvConfig's (their defaults)."""
-    from drrl_env.cli import add_dataclass_arguments, add_env_arguments, at_least
+def chosen_preset(argv: list[str] | None) -> tuple[Preset, str]:
+    """``--preset`` and ``--env`` of ``argv``, read before the full parse (they set the other options' defaults)."""
+    preset = PRESETS[preparse(argv, "--preset", sorted(PRESETS), DEFAULT_PRESET)]
+    return preset, env_id_of(argv, preset.env)
 
+
+def add_comparison_and_env_arguments(parser: argparse.ArgumentParser, preset: Preset, env_id: str) -> None:
+    """The options both training commands share after their own: CompareConfig's, then EnvConfig's.
+
+    Their defaults are ``preset``'s comparison, and the settings of the variant ``env_id`` (with the preset's).
+    """
     add_dataclass_arguments(
         parser,
         CompareConfig,
         "comparison after training",
+        defaults={"compare": preset.compare},
         types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
         nargs={"compare": "*"},
     )
-    add_env_arguments(parser, **TRAIN_ENV_DEFAULTS)
+    add_env_arguments(parser, env_id, **preset.env_options)
 
 
 def parse_hyperparams(text: str | None, accepted: Collection[str], owner: str) -> dict[str, Any]:

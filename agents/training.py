@@ -20,7 +20,7 @@ from stable_baselines3.common.logger import HParam, Image
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from agents.policies import PolicySetup
+from agents.networks import PolicySetup
 from drrl_env import ENV_ID
 from drrl_env.render import rank_heatmap_rgb
 

@@ -2,7 +2,7 @@
 
 ``train_agent.py`` behaviour-clones it before reinforcement learning (``--warm-start hindsight``,
 the default). The oracle is :class:`oracle.hindsight.HindsightOracle` with the Fisher estimate of
-the layer KL profile (``hindsight:fisher``; :mod:`drrl_env.sensitivity`): the water-fill of the episode's
+the layer KL profile (``hindsight:fisher``; :mod:`drrl_env.profiles.sensitivity`): the water-fill of the episode's
 budget over what each layer's rank costs on this very input, label-free. The dataset lives under
 ``$DRRL_CACHE_DIR/datasets/`` in a folder named by a digest of the env configuration and the seed,
 so a second run with the same options reuses it, and a run asking for more episodes extends it
@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from drrl_env.config import EnvConfig
-from drrl_env.models import cache_dir
+from drrl_env.lm.models import cache_dir
+from drrl_env.profiles.kl import FISHER_SAMPLES
 from oracle.dataset import record_trajectories
-from oracle.hindsight import FISHER_SAMPLES, HindsightOracle
+from oracle.hindsight import HindsightOracle
 
 WARM_STARTS = ("hindsight", "hindsight:scaled_delta", "none")
 """--warm-start choices: the hindsight teacher by the Fisher profile, or by Eq. S (the agent's own

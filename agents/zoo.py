@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 from agents.agent_file import load_model_policy
-from agents.baselines import BASELINES, check_baseline, make_baseline
 from agents.rllib_agent import RLlibPolicy, is_rllib_agent
+from oracle.baselines import BASELINES, check_baseline, make_baseline
 from oracle.policy import RankPolicy
 
 

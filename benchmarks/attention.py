@@ -3,7 +3,7 @@
 Prints one table: for n in {256, 1024, 4096} and r in {16, 32, 48, 64}, both spectral modes,
 the wall-clock ratio low-rank / full (SDPA) for the default path (zero-padded to width d, fused
 SDPA) and for the width-r reference path (``fused=False``), the FLOPs ratio (core and with overheads, from
-``drrl_env.flops``) and the share of the low-rank time spent on the spectra. A second table
+``drrl_env.attention.flops``) and the share of the low-rank time spent on the spectra. A second table
 compares spectrum methods (Gram + eigh, ``torch.linalg.svd``, ``torch.svd_lowrank``).
 
     python benchmarks/attention.py [--device cpu|cuda] [--lengths 256 1024 4096] [--repeats 5]
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from drrl_env.flops import full_attention_flops, low_rank_attention_flops
-from drrl_env.lowrank import full_attention, low_rank_attention
-from drrl_env.spectra import block_spectrum
+from drrl_env.attention.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.attention.lowrank import full_attention, low_rank_attention
+from drrl_env.attention.spectra import block_spectrum
 
 HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
 

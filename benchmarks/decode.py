@@ -6,13 +6,13 @@ generation of T new tokens (EOS suppressed, so every run generates T):
 * ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention);
 * each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), and at
   each ``--layer-ranks`` allocation (one rank per layer, e.g. the ``static:F:decode`` allocation
-  that ``scripts/key_cache_profile.py`` prints), through :func:`drrl_env.generate.generate`, with
+  that ``experiments/key_cache_profile.py`` prints), through :func:`drrl_env.generation.decode.generate`, with
   its defaults (one exact sink key, the last ``--recent-tokens`` keys exact for each decode step,
   the prompt attended exactly) unless told.
 
 Columns: key/value cache bytes at the end (measured from the cache's tensors) and their ratio to
 full; prefill ms; decode ms/token (median over the T - 1 decode steps of one generation, after a
-warm-up generation) and its ratio to full; the decode attention FLOPs ratio (``drrl_env.flops``);
+warm-up generation) and its ratio to full; the decode attention FLOPs ratio (``drrl_env.attention.flops``);
 and quality against full attention on ``--quality-prompts`` prompts per context (independent of
 B): the mean per-step KL(full || low rank) of the next-token distribution, teacher-forced on the
 full model's greedy continuation, the teacher-forced top-1 agreement, and the free-running greedy
@@ -41,16 +41,16 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from drrl_env.calibration import calibration_grams
-from drrl_env.corpora import corpus_tokens, sequential_chunks
-from drrl_env.files import write_text_atomic
-from drrl_env.flops import key_cache_generation_flops
-from drrl_env.generate import CACHE_KEYWORD, generate, teacher_forced_logits
-from drrl_env.kv_attention import RECENT_TOKENS, SINK_TOKENS
-from drrl_env.kv_basis import BASIS_KINDS
-from drrl_env.kv_cache import cache_bytes
-from drrl_env.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
-from drrl_env.reward import next_token_kl
+from drrl_env.attention.flops import key_cache_generation_flops
+from drrl_env.attention.kv_basis import BASIS_KINDS
+from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
+from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
+from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
+from drrl_env.lm.files import write_text_atomic
+from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
+from drrl_env.lm.scoring import next_token_kl
+from drrl_env.profiles.calibration import calibration_grams
 
 
 class StepClock(BaseStreamer):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from _common import env_benchmark_parser
 
-from drrl_env.lowrank import low_rank_attention
+from drrl_env.attention.lowrank import low_rank_attention
 
 SETTINGS = {  # label: env arguments
     "paper MDP: eq13, eq9 guardrail, no budget": dict(flops_budget=None, reward="eq13", guardrail="eq9", eps0=0.5),

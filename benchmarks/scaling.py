@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from agents.algorithms import get_algorithm
-from agents.policies import policy_setup
-from agents.rllib import build_algorithm, steps_sampled
+from agents.networks import policy_setup
+from agents.rllib import RLlibConfig, build_algorithm, steps_sampled
 from agents.rllib import build_parser as rllib_parser
 from agents.training import make_vec_env
-from drrl_env.cli import env_kwargs
+from drrl_env.cli import dataclass_from_options, env_kwargs
 
 ROLLOUT = 150
 """env steps per PPO iteration in every setting (5 episodes of the default model's 30 layers)"""
@@ -48,7 +48,7 @@ def rllib_steps_per_second(runners: int, steps: int, seed: int) -> tuple[float, 
     )
     ray.init(include_dashboard=False, configure_logging=False)
     try:
-        algorithm = build_algorithm(args, env_kwargs(args))
+        algorithm = build_algorithm(dataclass_from_options(RLlibConfig, vars(args)), env_kwargs(vars(args)))
         algorithm.train()
         start_steps, started = steps_sampled(algorithm), time.perf_counter()
         sampling, learning = [], []
@@ -68,7 +68,7 @@ def rllib_steps_per_second(runners: int, steps: int, seed: int) -> tuple[float, 
 
 def sb3_steps_per_second(n_envs: int, vec: str, steps: int, seed: int) -> tuple[float, dict[str, float]]:
     """MaskablePPO over ``n_envs`` envs of a ``vec`` vector env: steps/s over ``steps`` after a warm-up rollout."""
-    kwargs = env_kwargs(rllib_parser().parse_args([]))  # the same env options as the RLlib settings
+    kwargs = env_kwargs(vars(rllib_parser().parse_args([])))  # the same env options as the RLlib settings
     env = make_vec_env(kwargs, policy_setup("mlp"), n_envs, seed, vec)
     n_steps = ROLLOUT // n_envs
     model = get_algorithm("maskable_ppo").make(env, policy_setup("mlp"), seed, None, n_steps=n_steps, batch_size=64)

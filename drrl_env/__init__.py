@@ -1,12 +1,23 @@
-"""drrl_env: the DR-RL rank-selection environment and the low-rank attention math it runs on."""
+"""drrl_env: the DR-RL rank-selection environments and the low-rank attention math they run on.
 
-from drrl_env.hook import AttentionCall, AttentionHook, UnsupportedModelError, install
-from drrl_env.lowrank import SPECTRAL_MODES, full_attention, low_rank_attention
-from drrl_env.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm
+Importing it registers ``DRRL-Attention-v0`` (the recommended MDP), ``DRRL-Attention-PerLayer-v0`` and
+``DRRL-Attention-Paper-v0`` (:data:`drrl_env.config.VARIANTS`; docs/env.md). Rooms: ``attention`` (the maths),
+``lm`` (models, corpora, scoring), ``profiles`` (what each rank costs on an input, the water-fill),
+``generation`` (the low-rank key cache); the env's own modules sit at the top.
+"""
+
+from drrl_env.attention.hook import AttentionCall, AttentionHook, UnsupportedModelError, install
+from drrl_env.attention.lowrank import SPECTRAL_MODES, full_attention, low_rank_attention
+from drrl_env.config import ENV_ID, PAPER_ENV_ID, PER_LAYER_ENV_ID, VARIANTS
+from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, ModelNotAvailableError, load_causal_lm
 from drrl_env.replay import ReplayResult, replay
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ENV_ID",
+    "PAPER_ENV_ID",
+    "PER_LAYER_ENV_ID",
+    "VARIANTS",
     "SPECTRAL_MODES",
     "AttentionCall",
     "AttentionHook",
@@ -31,6 +42,6 @@ import torch as _torch
 # One intra-op thread per forked worker avoids the pools, and is what one env per process wants.
 _os.register_at_fork(after_in_child=lambda: _torch.set_num_threads(1))
 
-ENV_ID = "DRRL-Attention-v0"
-if ENV_ID not in _gym.registry:
-    _gym.register(id=ENV_ID, entry_point="drrl_env.env:DRRLAttentionEnv")
+for _env_id, _variant in VARIANTS.items():  # one register per variant, as gymnasium/envs/__init__.py does
+    if _env_id not in _gym.registry:
+        _gym.register(id=_env_id, entry_point="drrl_env.env:DRRLAttentionEnv", kwargs=dict(_variant))

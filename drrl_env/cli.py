@@ -13,12 +13,23 @@ import functools
 import inspect
 import types as types_module
 import typing
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from drrl_env.config import GUARDRAILS, KL_BASELINES, KL_CREDITS, REWARDS, SPLITS, EnvConfig
-from drrl_env.lowrank import SPECTRAL_MODES
+from drrl_env.attention.lowrank import SPECTRAL_MODES
+from drrl_env.config import (
+    ENV_ID,
+    GUARDRAILS,
+    KL_BASELINES,
+    KL_CREDITS,
+    REWARDS,
+    SENSITIVITY_ESTIMATES,
+    SPLITS,
+    VARIANTS,
+    EnvConfig,
+)
 
 _CHOICES = {
     "spectral_mode": SPECTRAL_MODES,
@@ -27,6 +38,7 @@ _CHOICES = {
     "guardrail": GUARDRAILS,
     "kl_baseline": KL_BASELINES,
     "kl_credit": KL_CREDITS,
+    "sensitivity_estimate": SENSITIVITY_ESTIMATES,
 }
 
 
@@ -86,7 +98,7 @@ def add_dataclass_arguments(
     """One option ``--field-name`` per field of the dataclass ``cls``, its docstring the help, in a group ``title``.
 
     ``defaults`` override the fields' defaults, ``choices`` and ``types`` the options' (by field
-    name). A bool field becomes a switch (``--no-field`` when it defaults to True), a tuple field
+    name). A bool field becomes a pair of switches (``--field``, ``--no-field``), a tuple field
     ``nargs="+"`` (or ``nargs[name]``), ``X | None`` an option of type ``X``; ``_``-prefixed fields are skipped.
     """
     defaults, choices, types, nargs = defaults or {}, choices or {}, types or {}, nargs or {}
@@ -112,11 +124,10 @@ def add_dataclass_arguments(
                 help=f"{help_text} (default: {shown})",
             )
             continue
-        if hint is bool:
-            if default:
-                group.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", help=f"turn off: {help_text}")
-            else:
-                group.add_argument(flag, dest=name, action="store_true", help=help_text)
+        if hint is bool:  # --field and --no-field
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=f"{help_text}"
+            )
             continue
         if typing.get_origin(hint) is tuple:
             kind = types.get(name, typing.get_args(hint)[0])
@@ -149,26 +160,62 @@ def add_dataclass_arguments(
     return group
 
 
-def add_env_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse._ArgumentGroup:
-    """Add one option per ``EnvConfig`` field to ``parser``; ``defaults`` override the config's defaults."""
-    return add_dataclass_arguments(parser, EnvConfig, "environment (DRRL-Attention-v0 arguments)", defaults, _CHOICES)
+def preparse(argv: Sequence[str] | None, flag: str, choices: Sequence[str], default: str) -> str:
+    """The value of ``flag`` in ``argv`` (``sys.argv[1:]`` if None) before the full parse, which it shapes.
+
+    A value outside ``choices`` is argparse's one-line error (exit 2), naming the flag and the choices.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(flag, choices=list(choices), default=default)
+    known, _ = parser.parse_known_args(argv)
+    return getattr(known, flag.lstrip("-").replace("-", "_"))
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """``cls(**{field: args.field})`` for the fields :func:`add_dataclass_arguments` added (tuples from lists)."""
+def env_id_of(argv: Sequence[str] | None, default: str = ENV_ID) -> str:
+    """The registered id ``--env`` names in ``argv`` (``default`` if none), read before the full parse."""
+    return preparse(argv, "--env", sorted(VARIANTS), default)
+
+
+def add_env_arguments(
+    parser: argparse.ArgumentParser, env_id: str = ENV_ID, **defaults: Any
+) -> argparse._ArgumentGroup:
+    """``--env ID`` and one option per ``EnvConfig`` field; their defaults: the variant ``env_id``'s, then ``defaults``.
+
+    The variant is a registered id (:data:`drrl_env.config.VARIANTS`); a command that lets the user
+    choose it reads ``--env`` first with :func:`preparse`, so the options' defaults and ``--help`` follow it.
+    """
+    group = add_dataclass_arguments(
+        parser, EnvConfig, f"environment ({env_id} arguments)", {**VARIANTS[env_id], **defaults}, _CHOICES
+    )
+    group.add_argument(
+        "--env",
+        choices=sorted(VARIANTS),
+        default=env_id,
+        help=f"registered env id whose settings the options above start from (default: {env_id}; docs/env.md)",
+    )
+    return group
+
+
+def dataclass_from_options(cls: type, options: Mapping[str, Any]) -> Any:
+    """``cls(**{field: options[field]})`` for the fields :func:`add_dataclass_arguments` added (tuples from lists).
+
+    ``options`` is a parsed command line as a mapping (``vars(args)``).
+    """
     values = {}
     for field in dataclasses.fields(cls):
-        if not field.name.startswith("_") and hasattr(args, field.name):
-            value = getattr(args, field.name)
+        if not field.name.startswith("_") and field.name in options:
+            value = options[field.name]
             values[field.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
 
 
-def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``gym.make`` keywords of the ``EnvConfig`` options parsed into ``args``."""
-    kwargs = {field.name: getattr(args, field.name) for field in dataclasses.fields(EnvConfig)}
+def env_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``gym.make`` keywords (every ``EnvConfig`` field) of the env options in ``options`` (``vars(args)``)."""
+    kwargs = {field.name: options[field.name] for field in dataclasses.fields(EnvConfig)}
     kwargs["ranks"] = tuple(kwargs["ranks"])
     budget = kwargs["flops_budget"]
     if isinstance(budget, list):  # [None], [share] or [lo, hi]; anything else is refused by EnvConfig
         kwargs["flops_budget"] = budget[0] if len(budget) == 1 else tuple(budget)
+    if isinstance(kwargs.get("reference_ranks"), list):
+        kwargs["reference_ranks"] = tuple(kwargs["reference_ranks"])
     return kwargs

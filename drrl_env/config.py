@@ -1,4 +1,11 @@
-"""``EnvConfig``: every argument of DRRL-Attention-v0, validated, with the defaults and why."""
+"""``EnvConfig``: every argument of the DRRL-Attention envs, validated, and the registered variants.
+
+The defaults are the recommended MDP, the one the project's best agent is trained in
+(``python train_agent.py`` with no options; docs/env.md): one rank per key/value head group of
+each layer, ``joint`` spectra, 1 x 128 tokens, a budget of 0.625 of full attention's logit FLOPs
+enforced by the mask, reward -KL to the full model, and the Eq. S signal in the observation. Every
+other MDP is a registered id (:data:`VARIANTS`), not a changed default.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.corpora import DEFAULT_CORPUS
-from drrl_env.lowrank import SPECTRAL_MODES
-from drrl_env.models import DEFAULT_MODEL
+from drrl_env.attention.lowrank import SPECTRAL_MODES
+from drrl_env.lm.corpora import DEFAULT_CORPUS
+from drrl_env.lm.models import DEFAULT_MODEL
 
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
@@ -25,6 +32,31 @@ SPLITS = ("train", "validation", "test")
 SENSITIVITY_ESTIMATES = ("fisher", "scaled_delta")
 
 
+ENV_ID = "DRRL-Attention-v0"
+"""the recommended MDP: EnvConfig's defaults"""
+PER_LAYER_ENV_ID = "DRRL-Attention-PerLayer-v0"
+"""one rank per layer, shown no per-input signal (the per-layer agent of docs/findings.md)"""
+PAPER_ENV_ID = "DRRL-Attention-Paper-v0"
+"""the paper's MDP: separate Q/K truncation, the per-step Eq. 13 reward, the Eq. 9 guardrail, no budget"""
+VARIANTS: dict[str, dict[str, Any]] = {
+    ENV_ID: {},
+    PER_LAYER_ENV_ID: {"per_head": False, "sensitivity_samples": 0, "sensitivity_estimate": "fisher"},
+    PAPER_ENV_ID: {
+        "per_head": False,
+        "sensitivity_samples": 0,
+        "sensitivity_estimate": "fisher",
+        "spectral_mode": "separate",
+        "batch_size": 2,
+        "seq_len": 256,
+        "flops_budget": None,
+        "reward": "eq13",
+        "guardrail": "eq9",
+        "eps0": 0.5,
+    },
+}
+"""every registered id and its ``gym.make`` keywords over EnvConfig's defaults"""
+
+
 @dataclass
 class EnvConfig:
     """Arguments of DRRL-Attention-v0 (every field is a ``gym.make`` keyword)."""
@@ -35,27 +67,29 @@ class EnvConfig:
     """corpus the episodes' text is drawn from"""
     split: str = "train"
     """corpus split: train, validation or test"""
-    batch_size: int = 2
+    batch_size: int = 1
     """sequences per episode (B)"""
-    seq_len: int = 256
+    seq_len: int = 128
     """tokens per sequence (n)"""
     segment_len: int | None = None
     """queries per segment (T); None: one segment per layer"""
     ranks: tuple[int, ...] = DEFAULT_RANKS
     """candidate ranks; the action is an index into this sorted list"""
-    per_head: bool = False
+    per_head: bool = True
     """one rank per key/value head group (MultiDiscrete) instead of one per layer"""
-    spectral_mode: str = "separate"
+    spectral_mode: str = "joint"
     """'separate' (the paper's Q/K truncation), 'joint' (optimal logit truncation) or 'calibrated' (no per-input
-    spectra: each key/value group's joint basis of the wiki validation split, drrl_env.calibration, cached on disk)"""
+    spectra: each key/value group's joint basis of the wiki validation split, drrl_env.profiles.calibration,
+    cached on disk)"""
     flops_budget: float | tuple[float, float] | None = 0.625
     """episode logit FLOPs over full attention's (0.625: mean rank 40 of 64), enforced by the mask; (lo, hi): drawn per
     episode; None: no budget (the paper's MDP)"""
     reward: str = "auto"
     """'kl' (end-to-end: -KL to the full model, with potential-based shaping), 'eq13' (the paper's per-step reward),
     or 'auto' (kl with a budget, eq13 without)"""
-    kl_shaping_weight: float = 1.0
-    """weight w of the shaping potential -w * (relative residual-stream deviation) of the kl reward; 0: terminal only"""
+    kl_shaping_weight: float = 0.0
+    """weight w of the shaping potential -w * (relative residual-stream deviation) of the kl reward; 0: terminal only
+    (the default: with shaping, PPO from the cloned start learned to spend the budget early, docs/findings.md)"""
     kl_baseline: str = "none"
     """kl reward only: 'uniform' subtracts from the terminal -KL the -KL of uniform ranks at the episode's budget on
     the same batch (one more forward per episode), so the return measures the policy against a fixed rule on this
@@ -75,22 +109,22 @@ class EnvConfig:
     reference_ranks: tuple[int, ...] | None = None
     """one candidate rank per layer (every segment of a layer plays it): a fixed allocation that the 'reference' kl
     baselines score each episode against and that drrl_env.wrappers.RankOffsets offsets; None: none"""
-    sensitivity_samples: int = 0
+    sensitivity_samples: int = 16
     """label samples of the Fisher estimate of this input's layer sensitivity profile, computed at reset (one
-    forward and this many backward passes; drrl_env.sensitivity) and shown in the observation's 'sensitivity'
+    forward and this many backward passes; drrl_env.profiles.sensitivity) and shown in the observation's 'sensitivity'
     part; 0: no such part (the observation of earlier versions)"""
-    sensitivity_estimate: str = "fisher"
+    sensitivity_estimate: str = "scaled_delta"
     """how the 'sensitivity' part is estimated: 'fisher', each input's Fisher profile (sensitivity_samples backward
     passes per episode); 'scaled_delta', each input's attention-output change at every candidate (one forward
     pass, no backward) times a per-cell scale fitted once on validation text by a sensitivity_samples Fisher
-    profile and cached (drrl_env.delta_scale)"""
+    profile and cached (drrl_env.profiles.delta_scale)"""
     alpha: float = 1.0
     """weight of the fidelity term of Eq. 13"""
     beta: float = 0.5
     """weight of the FLOPs term of Eq. 13"""
     gamma: float = 0.1
     """weight of the perturbation term of Eq. 13"""
-    guardrail: str = "exact"
+    guardrail: str = "off"
     """'exact' (mask ranks whose relative logit error vs full attention exceeds eps_t), 'eq9' (the paper's
     transition bound), or 'off'"""
     eps0: float = 0.2
@@ -178,7 +212,7 @@ class EnvConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
-            raise TypeError(f"DRRL-Attention-v0 got unknown argument(s) {unknown}; valid arguments: {names}")
+            raise TypeError(f"DRRL-Attention got unknown argument(s) {unknown}; valid arguments: {names}")
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:

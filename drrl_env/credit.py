@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from drrl_env.profiles.waterfill import waterfill_plan
 from drrl_env.reward import kl_terminal_reward
-from drrl_env.sensitivity import waterfill_plan
 
 Plan = list  # a rank per layer, or per layer a list of one rank per key/value group
 

@@ -1,4 +1,4 @@
-"""DRRL-Attention-v0: choose the rank of each layer's low-rank attention in a real LM (Gymnasium glue)."""
+"""The DRRL-Attention envs: choose the rank of each layer's (or head's) low-rank attention in a real LM."""
 
 from __future__ import annotations
 
@@ -10,23 +10,24 @@ import torch
 from gymnasium import spaces
 
 from drrl_env.actions import action_indices
-from drrl_env.calibration import attach_calibration
-from drrl_env.config import DEFAULT_RANKS, EnvConfig
-from drrl_env.corpora import corpus_tokens, sample_batch
-from drrl_env.delta_scale import estimated_profile
-from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
-from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
-from drrl_env.flops import (
+from drrl_env.attention.flops import (
     attended_pairs,
     candidate_attention_flops,
     scaled_delta_profile_flops,
     sensitivity_profile_flops,
 )
+from drrl_env.attention.hook import AttentionCall, install, segment_spans
+from drrl_env.config import DEFAULT_RANKS, EnvConfig
+from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
+from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
 from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
-from drrl_env.hook import AttentionCall, install, segment_spans
-from drrl_env.models import LoadedModel, load_causal_lm, resolve_device
+from drrl_env.lm.corpora import corpus_tokens, sample_batch
+from drrl_env.lm.models import LoadedModel, load_causal_lm, resolve_device
+from drrl_env.profiles.calibration import attach_calibration
+from drrl_env.profiles.delta_scale import estimated_profile
+from drrl_env.profiles.sensitivity import sensitivity_features
+from drrl_env.profiles.waterfill import rank_shares, waterfill_plan
 from drrl_env.render import rank_grid, rank_heatmap_rgb, rank_table_ansi
-from drrl_env.sensitivity import rank_shares, sensitivity_features, waterfill_plan
 
 __all__ = ["DEFAULT_RANKS", "CandidateRewards", "DRRLAttentionEnv", "EnvConfig", "rank_heatmap_rgb"]
 
@@ -41,7 +42,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     applies to its queries against all keys so far). At each step the agent picks the rank of the
     current layer/segment; the low-rank attention output then *replaces* the full one in the
     forward pass, so later layers see its effect. The forward pass is paused between steps
-    (``drrl_env.runner``), so a step costs about one layer.
+    (``drrl_env.lm.runner``), so a step costs about one layer.
 
     ## Action Space
     ``Discrete(K)``: an index into the sorted candidate ranks ``ranks`` (default 16..64 by 8).
@@ -55,8 +56,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ``Box(-10, 10, (D,), float32)``: sequence dynamics, weight statistics, previous rank, NER of
     every candidate, the budget and the share of it left, and context (depth, segment,
     ``eps_t / eps0``), and with ``sensitivity_samples > 0`` what each candidate rank costs on this
-    input (its Fisher profile, ``drrl_env.sensitivity``, or with ``sensitivity_estimate="scaled_delta"`` its
-    output-change energy times a scale fitted on validation text, ``drrl_env.delta_scale``);
+    input (its Fisher profile, ``drrl_env.profiles.sensitivity``, or with ``sensitivity_estimate="scaled_delta"`` its
+    output-change energy times a scale fitted on validation text, ``drrl_env.profiles.delta_scale``);
     ``drrl_env.features.ObservationLayout``
     documents each part and ``env.observation_slices`` says where it lies.
 
@@ -106,10 +107,19 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     See :class:`~drrl_env.config.EnvConfig` (every field is a keyword of ``gym.make``), plus
     ``render_mode`` (``"ansi"``: a table of the ranks chosen so far; ``"rgb_array"``: a heatmap).
 
+    ## Registered variants (``drrl_env.config.VARIANTS``; docs/env.md)
+    * ``DRRL-Attention-v0``: the recommended MDP, ``EnvConfig``'s defaults: one rank per key/value group
+      (``per_head``), ``joint`` spectra, 1 x 128 tokens, budget 0.625, reward -KL (terminal), no guardrail,
+      the Eq. S signal in the observation (``sensitivity_estimate="scaled_delta"``, 16 samples for its scale).
+      ``python train_agent.py`` trains in it.
+    * ``DRRL-Attention-PerLayer-v0``: one rank per layer, no per-input signal in the observation.
+    * ``DRRL-Attention-Paper-v0``: the paper's MDP: ``separate`` (Q/K) truncation, the per-step Eq. 13 reward,
+      the Eq. 9 transition guardrail (``eps0=0.5``), no budget, 2 x 256 tokens.
+
     ## Version History
-    * v0: initial version; FLOPs budgets, the kl reward, the exact guardrail and an
-      externally set Eq. 11 clock were added within v0 (defaults changed; ``flops_budget=None,
-      reward="eq13", guardrail="eq9", eps0=0.5`` is the earlier MDP).
+    * v0: initial version; FLOPs budgets, the kl reward, the exact guardrail, an externally set Eq. 11 clock,
+      per-head ranks and the Eq. S signal were added within v0; the defaults became the recommended MDP when the
+      variants were registered (the paper's MDP is ``DRRL-Attention-Paper-v0``).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -260,7 +270,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     def profile_flops(self, estimate: str, samples: int) -> float:
         """FLOPs estimate of a label-free sensitivity profile of one of this env's batches (``batch_size x seq_len``).
 
-        ``estimate`` 'fisher' (``samples`` backward passes; ``drrl_env.flops.sensitivity_profile_flops``) or
+        ``estimate`` 'fisher' (``samples`` backward passes; ``drrl_env.attention.flops.sensitivity_profile_flops``) or
         'scaled_delta' (one forward with every candidate's attention; ``scaled_delta_profile_flops``).
         """
         cfg = self.config
@@ -351,7 +361,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         """``(L, K)`` what each layer's rank costs on this episode's batch (``sensitivity_estimate``), or None.
 
         ``(L, Hkv, K)`` with ``per_head`` (each key/value group alone at each rank). The per-token KL the
-        observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0`` (``drrl_env.sensitivity``).
+        observation's ``sensitivity`` part shows; None with ``sensitivity_samples=0``
+        (``drrl_env.profiles.sensitivity``).
         """
         self._require_episode("sensitivity_profile")
         return self._sensitivity

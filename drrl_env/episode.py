@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from drrl_env.config import EnvConfig
+from drrl_env.attention.flops import AttentionFlops, full_attention_flops, low_rank_attention_flops
+from drrl_env.attention.hook import AttentionCall, AttentionHook
+from drrl_env.config import ENV_ID, EnvConfig
 from drrl_env.credit import CompletionCredit, additive_plan_kl
-from drrl_env.flops import AttentionFlops, full_attention_flops, low_rank_attention_flops
 from drrl_env.guardrail import (
     FlopsBudget,
     LogitErrors,
@@ -27,18 +28,10 @@ from drrl_env.guardrail import (
     transition_energies,
     truncation_errors,
 )
-from drrl_env.hook import AttentionCall, AttentionHook
-from drrl_env.models import LoadedModel
-from drrl_env.perplexity import replay_logits
-from drrl_env.reward import (
-    attention_output_similarity,
-    eq13_terms,
-    kl_terminal_reward,
-    lm_loss,
-    next_token_kl,
-    residual_deviation,
-)
-from drrl_env.runner import SteppedForward
+from drrl_env.lm.models import LoadedModel
+from drrl_env.lm.runner import SteppedForward
+from drrl_env.lm.scoring import lm_loss, next_token_kl, replay_logits
+from drrl_env.reward import attention_output_similarity, eq13_terms, kl_terminal_reward, residual_deviation
 
 RECORD_VERSION = 1
 
@@ -367,7 +360,7 @@ class Episode:
         """The episode record (CompilerGym-style): what replays it, and what it gave."""
         return {
             "version": RECORD_VERSION,
-            "env_id": "DRRL-Attention-v0",
+            "env_id": ENV_ID,
             "config": self.config.to_json(),
             "episode_seed": self.episode_seed,
             "guardrail_step": self.guardrail_step,

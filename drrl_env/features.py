@@ -16,11 +16,11 @@ import torch
 from gymnasium import spaces
 from transformers import PreTrainedModel
 
-from drrl_env.bounds import normalized_energy_ratio
+from drrl_env.attention.bounds import normalized_energy_ratio
+from drrl_env.attention.hook import AttentionCall, UnsupportedModelError
+from drrl_env.attention.spectra import power_iteration_spectral_norm
 from drrl_env.guardrail import truncation_errors
-from drrl_env.hook import AttentionCall, UnsupportedModelError
-from drrl_env.sensitivity import sensitivity_width
-from drrl_env.spectra import power_iteration_spectral_norm
+from drrl_env.profiles.sensitivity import sensitivity_width
 
 CONV_CHANNELS = 8
 CONV_KERNEL = 3
@@ -142,7 +142,7 @@ class ObservationLayout:
     * ``sensitivity`` (3K, or 3K * Hkv with per-head ranks; only with ``sensitivity_samples > 0``): what each
       candidate rank costs on this input at this layer and at the later layers, and, one-hot, the candidate
       the hindsight water-fill re-planned from this step gives this layer (or each of its key/value groups:
-      :func:`drrl_env.sensitivity.sensitivity_features`).
+      :func:`drrl_env.profiles.sensitivity.sensitivity_features`).
 
     Every entry is clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``.
     """

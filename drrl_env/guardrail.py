@@ -34,9 +34,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from drrl_env.bounds import logit_perturbation_bound, tail_energy_norm, transition_norm
-from drrl_env.hook import AttentionCall
-from drrl_env.lowrank import expand_kv_heads, logit_core
+from drrl_env.attention.bounds import logit_perturbation_bound, tail_energy_norm, transition_norm
+from drrl_env.attention.hook import AttentionCall
+from drrl_env.attention.lowrank import expand_kv_heads, logit_core
 
 
 def guardrail_threshold(eps0: float, decay: float, step: int) -> float:
@@ -187,7 +187,7 @@ class FlopsBudget:
     """An episode's budget on logit FLOPs (the ``Q K^T`` product), enforced AMC-style through the mask.
 
     Costs are counted exactly in integer *units*: attended (query, key) pairs times the ranks
-    summed over query heads (one unit is ``2 B`` FLOPs, see ``drrl_env.flops``). Full attention
+    summed over query heads (one unit is ``2 B`` FLOPs, see ``drrl_env.attention.flops``). Full attention
     costs ``sum_t pairs_t * Hq * d`` units. A candidate is allowed only if the episode can still
     end within ``share`` of that with every remaining step at the smallest rank, so every
     episode ends at or under budget, whatever the policy does.

@@ -6,7 +6,7 @@ actions, and per step the executed rank, the reward and its terms; at the end th
 the KL and the LM losses. :func:`replay` makes the env anew, resets it to the same episode,
 takes the same actions and compares step by step, reporting the first step that diverges.
 
-    python -m drrl_env.replay RECORD.json [--atol 1e-9] [--device cpu]
+    python -m agents.replay RECORD.json [--atol 1e-9] [--device cpu]
 
 Rewards are compared with an absolute tolerance (``atol``): on the same machine and device a
 replay is exact; another BLAS or device may differ in the last bits.
@@ -14,15 +14,13 @@ replay is exact; another BLAS or device may differ in the last bits.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+
+from drrl_env.config import ENV_ID, VARIANTS
 
 FINAL_KEYS = ("budget_used", "kl", "lm_loss", "lm_loss_full")
 
@@ -50,7 +48,10 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
     for key in ("config", "episode_seed", "guardrail_step", "steps"):
         if key not in record:
             raise ValueError(f"not an episode record: the key {key!r} is missing")
-    env = gym.make(record.get("env_id", "DRRL-Attention-v0"), **{**record["config"], **overrides}).unwrapped
+    env_id = record.get("env_id", ENV_ID)
+    if env_id not in VARIANTS:  # gym.make imports the module an id names: a record may name only our ids
+        raise ValueError(f"env_id {env_id!r} is not a registered id of drrl (expected one of {sorted(VARIANTS)})")
+    env = gym.make(env_id, **{**record["config"], **overrides}).unwrapped
     try:
         options = {"episode_seed": int(record["episode_seed"]), "guardrail_step": int(record["guardrail_step"])}
         _, info = env.reset(options=options)
@@ -86,31 +87,3 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
         return ReplayResult(True, len(record["steps"]))
     finally:
         env.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("record", type=Path, help="an episode record (JSON from env.unwrapped.episode_record())")
-    parser.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance on rewards (default: 1e-9)")
-    parser.add_argument("--device", help="run the replay on this device instead of the recorded one")
-    args = parser.parse_args(argv)
-    try:
-        record = json.loads(args.record.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        print(f"error: cannot read the record {args.record}: {error}", file=sys.stderr)
-        return 2
-    if not isinstance(record, dict):
-        print(f"error: {args.record} is not an episode record (a JSON object)", file=sys.stderr)
-        return 2
-    try:
-        result = replay(record, args.atol, **({"device": args.device} if args.device else {}))
-    except (ValueError, TypeError) as error:
-        print(f"error: {args.record}: {error}", file=sys.stderr)
-        return 2
-    where = "" if result.matches else " (diverged)"
-    print(f"{args.record}: {result.message}{where}; {result.steps} step(s) replayed")
-    return 0 if result.matches else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

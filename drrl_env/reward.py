@@ -17,7 +17,7 @@ much damage it did (the growth of ``D``) instead of waiting for the end.
 
 Why this potential: it is what the next layers see, it is free (the reference pass that the
 KL needs records it), and it is measured to track the KL. On SmolLM2-135M (20 random budgeted
-episodes of 2 x 256 tokens per mode, ``scripts/measure_reward_guardrail.py``, docs/benchmarks.md)
+episodes of 2 x 256 tokens per mode, ``experiments/measure_reward_guardrail.py``, docs/benchmarks.md)
 the deviation at the last layer's input and the final KL have a Spearman correlation of 0.96
 in both spectral modes, against 0.73-0.80 for the sum of the steps' exact logit errors, which
 ignores how errors compound. The median KL / D is 1.46 (separate) and 0.54 (joint), so the
@@ -64,21 +64,6 @@ def eq13_terms(
     return {"fidelity": alpha * fidelity, "flops": -beta * flops_ratio, "perturbation": -gamma * perturbation}
 
 
-def next_token_kl(logits_full: torch.Tensor, logits_low: torch.Tensor) -> float:
-    """Mean per-token ``KL(p_full || p_low)`` in nats over every position of ``(B, n, V)`` logits.
-
-    In float32 (the logits' own precision; float64 costs seconds per episode at V = 49152): each
-    token's KL is a sum of ``V`` terms, accurate to about ``1e-6`` nats (rounding that would make
-    it negative is clamped at 0), and exactly 0 when the logits are equal.
-    """
-    z_p, z_q = logits_full.float(), logits_low.float()  # (B, n, V)
-    lse_p, lse_q = z_p.logsumexp(-1), z_q.logsumexp(-1)  # (B, n)
-    p = (z_p - lse_p.unsqueeze(-1)).exp_()
-    # sum_v p (log p - log q) = sum_v p (z_p - z_q) - lse_p + lse_q
-    per_token = ((p * (z_p - z_q)).sum(-1) - lse_p + lse_q).clamp_min(0.0)  # (B, n)
-    return float(per_token.double().mean())
-
-
 def kl_terminal_reward(kl: float, kl_baseline: float | None, baseline: str) -> float:
     """The kl reward's terminal term from the episode's KL to the full model (and a fixed rule's on the same batch).
 
@@ -99,13 +84,6 @@ def kl_terminal_reward(kl: float, kl_baseline: float | None, baseline: str) -> f
     if baseline in ("uniform_log_ratio", "reference_log_ratio", "waterfill_log_ratio"):
         return math.log(max(kl_baseline, 1e-9) / max(kl, 1e-9))
     raise ValueError(f"unknown kl baseline {baseline!r}")
-
-
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Mean next-token cross-entropy (nats) of ``(B, n, V)`` logits on ``input_ids (B, n)`` (HF's LM loss)."""
-    z = logits[:, :-1].float()  # (B, n-1, V)
-    target = z.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, n-1)
-    return float((z.logsumexp(-1) - target).double().mean())
 
 
 def residual_deviation(hidden: torch.Tensor | None, reference: torch.Tensor | None) -> float:

@@ -72,7 +72,7 @@ class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Actions are offsets, in candidate steps, from a reference allocation: a residual policy's action space.
 
     The reference is one candidate rank per layer: ``reference_ranks``, or the env's own
-    (``EnvConfig.reference_ranks``, e.g. the static allocation of agents.static at the episode's
+    (``EnvConfig.reference_ranks``, e.g. the static allocation of oracle.static at the episode's
     budget); the env must have one rank per layer (``per_head=False``). Action ``j`` of
     ``Discrete(len(offsets))`` plays candidate index ``reference_index[layer] + offsets[j]``, so
     the offset 0 at every step replays the reference, and a policy learns where this input should

@@ -5,48 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from drrl_env.cli import add_env_arguments, env_kwargs
-from drrl_env.files import check_output_folder
-from oracle.dataset import DatasetMismatchError, record_trajectories
-from oracle.hindsight import PROFILE_ESTIMATES, HindsightOracle
-from oracle.policy import GreedyOracle, RankPolicy
-
-DATASET_HELP = (
-    "Trajectories go to DIR as parquet shards of an HF dataset (load with oracle.load_trajectories or "
-    "datasets.load_dataset('parquet', data_dir='DIR/data')); the env configuration is in DIR/metadata.json. "
-    "An interrupted run resumes when started again with the same options."
-)
+from drrl_env.cli import dataclass_from_options, env_id_of, env_kwargs
+from drrl_env.profiles.kl import PROFILE_ESTIMATES
+from oracle.hindsight import HindsightOracle
+from oracle.policy import GreedyOracle
+from oracle.recording import DATASET_HELP, RecordingConfig, add_record_arguments, record_command
 
 
-def add_record_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of a trajectory-recording command: episodes, output, seeding, sharding, env options."""
-    parser.add_argument("--episodes", type=int, required=True, help="number of episodes the dataset should hold")
-    parser.add_argument("--out", required=True, help="dataset folder (DIR); resumed if it holds this setup's data")
-    parser.add_argument("--seed", type=int, default=0, help="episode i is seeded with seed + i (default: 0)")
-    parser.add_argument(
-        "--episodes-per-shard",
-        type=int,
-        default=8,
-        help="episodes per parquet shard, the unit of resuming (default: 8)",
-    )
-    add_env_arguments(parser, reward="eq13")  # the greedy oracle scores the per-step Eq. 13 reward
-
-
-def record_command(args: argparse.Namespace, policy: RankPolicy) -> int:
-    """Record ``policy`` as ``args`` say; print a summary; exit status 2 with a one-line error on a mismatch."""
-    try:
-        check_output_folder(args.out, "--out")
-        dataset = record_trajectories(
-            args.out, policy, args.episodes, env_kwargs(args), args.seed, args.episodes_per_shard
-        )
-    except (DatasetMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {dataset.num_rows} steps, mean reward {sum(dataset['reward']) / dataset.num_rows:.4f}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m oracle",
         description="Roll out an oracle: 'greedy' (at each step the allowed rank with the highest Eq. 13 reward, "
@@ -71,21 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate it from the Fisher information of the model's own predictions (16 backward passes; 4-5x "
         "cheaper on SmolLM2) (default: exact)",
     )
-    add_record_arguments(parser)
+    add_record_arguments(parser, env_id_of(argv))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    recording = dataclass_from_options(RecordingConfig, vars(args))
     if args.policy == "hindsight":
         if args.lookahead:
             print("error: --lookahead belongs to the greedy oracle, not --policy hindsight", file=sys.stderr)
             return 2
-        return record_command(args, HindsightOracle(args.estimate))
+        return record_command(recording, HindsightOracle(args.estimate), env_kwargs(vars(args)))
     if args.estimate != "exact":
         print("error: --estimate belongs to --policy hindsight, not the greedy oracle", file=sys.stderr)
         return 2
-    return record_command(args, GreedyOracle(args.lookahead))
+    return record_command(recording, GreedyOracle(args.lookahead), env_kwargs(vars(args)))
 
 
 if __name__ == "__main__":

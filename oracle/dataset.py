@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from drrl_env import ENV_ID
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
-from drrl_env.files import (
+from drrl_env.lm.files import (
     ChecksumLedger,
     check_output_folder,
     remove_stale_temporaries,

@@ -42,7 +42,7 @@ def tiny_model(request):
 
 @pytest.fixture(scope="session")
 def default_model():
-    from drrl_env.models import load_causal_lm
+    from drrl_env.lm.models import load_causal_lm
 
     return load_causal_lm()
 
@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (GQA, head_dim 16, 2 layers) saved with SmolLM2's tokenizer, as a local model."""
     from transformers import AutoTokenizer
 
-    from drrl_env.models import default_model_path
+    from drrl_env.lm.models import default_model_path
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(vocab_size=49152, num_layers=2).save_pretrained(path)

@@ -22,7 +22,7 @@ from agents.agent_file import (
     save_agent,
 )
 from agents.algorithms import ALGORITHMS, get_algorithm
-from agents.policies import policy_setup
+from agents.networks import policy_setup
 from agents.zoo import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import drrl_env  # noqa: F401  (registers the env)
 from agents.agent_file import load_agent_into, save_agent
 from agents.algorithms import get_algorithm
 from agents.bc import BCConfig, behaviour_clone, load_demonstrations
-from agents.policies import StateHistory, TransformerExtractor, policy_setup, stack_states
+from agents.networks import StateHistory, TransformerExtractor, policy_setup, stack_states
 from oracle import GreedyOracle, record_trajectories
 from tests.conftest import PAPER_MDP
 

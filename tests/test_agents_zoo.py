@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import drrl_env  # noqa: F401  (registers the env)
 from agents.algorithms import ALGORITHMS, ModelPolicy, get_algorithm
-from agents.baselines import BASELINES, FullRank, make_baseline
 from agents.evaluate import evaluate_policy
-from agents.policies import policy_setup
-from drrl_env.corpora import corpus_tokens, sample_batch
-from drrl_env.sensitivity import allocate_ranks
+from agents.networks import policy_setup
+from drrl_env.lm.corpora import corpus_tokens, sample_batch
+from drrl_env.profiles.waterfill import allocate_ranks
+from oracle.baselines import BASELINES, FullRank, make_baseline
 from tests.conftest import PAPER_MDP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     from sb3_contrib import MaskablePPO
 
     from agents.agent_file import save_agent
-    from agents.evaluate import build_parser, run_evaluation
+    from agents.evaluate import parse_plan, run_evaluation
     from agents.results import adaptivity_verdicts
 
     env = gym.make("DRRL-Attention-v0", **zoo_env_kwargs)
@@ -202,7 +202,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
               "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0",
               "--flops-budget", "none", "--reward", "eq13", "--guardrail", "eq9", "--eps0", "0.5"]  # fmt: skip
-    rows = run_evaluation(build_parser().parse_args([*common, "--policies", str(path), "static:match", "--ablations"]))
+    rows = run_evaluation(*parse_plan([*common, "--policies", str(path), "static:match", "--ablations"]))
     agent, static, agent_unmasked, static_unmasked = rows
     assert static_unmasked.matched_to == agent_unmasked.policy and agent_unmasked.policy.endswith("(no guardrail)")
     assert static.policy.startswith("static:") and float(static.policy.split(":")[1]) == pytest.approx(
@@ -218,7 +218,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     else:
         assert ("the agent beats" in verdict) == (agent.ppl < static.ppl and agent.kl < static.kl)
     with pytest.raises(ValueError, match="static:match needs a saved agent"):
-        run_evaluation(build_parser().parse_args([*common, "--policies", "static:match"]))
+        run_evaluation(*parse_plan([*common, "--policies", "static:match"]))
 
 
 def test_per_head_model_is_evaluated(zoo_env_kwargs):
@@ -249,14 +249,14 @@ def test_adaptivity_verdicts_say_plainly_who_wins():
 
 
 def test_evaluation_runs_on_the_split_it_is_given(zoo_env_kwargs):
-    from agents.evaluate import build_parser, run_evaluation
+    from agents.evaluate import parse_plan, run_evaluation
 
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
               "--episodes", "1", "--corpora", "wiki", "--modes", "joint", "--timing-repeats", "0",
               "--policies", "full"]  # fmt: skip
-    assert build_parser().parse_args(common).split == "test"  # reports on the test split unless told otherwise
-    (test,) = run_evaluation(build_parser().parse_args(common))
-    (validation,) = run_evaluation(build_parser().parse_args([*common, "--split", "validation"]))
+    assert parse_plan(common)[1]["split"] == "test"  # reports on the test split unless told otherwise
+    (test,) = run_evaluation(*parse_plan(common))
+    (validation,) = run_evaluation(*parse_plan([*common, "--split", "validation"]))
     assert test.nll_full != validation.nll_full  # other text, same seed
 
 
@@ -274,7 +274,7 @@ def test_results_csv_reads_back_what_was_written(tmp_path):
 
 
 def test_uniform_spends_the_budget_evenly(tiny_env_kwargs):
-    from agents.baselines import make_baseline
+    from oracle.baselines import make_baseline
 
     for budget, expected in ((0.75, {12}), (0.5, {8})):
         env = gym.make("DRRL-Attention-v0", **tiny_env_kwargs, flops_budget=budget, guardrail="off").unwrapped

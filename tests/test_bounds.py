@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from drrl_env.bounds import (
+from drrl_env.attention.bounds import (
     logit_perturbation_bound,
     normalized_energy_ratio,
     output_perturbation_bound,
@@ -10,8 +10,8 @@ from drrl_env.bounds import (
     transition_spectral_norm,
     truncated_product_bound,
 )
-from drrl_env.lowrank import expand_kv_heads, logit_core_svd, low_rank_qk, truncate_to_rank
-from drrl_env.spectra import block_spectrum
+from drrl_env.attention.lowrank import expand_kv_heads, logit_core_svd, low_rank_qk, truncate_to_rank
+from drrl_env.attention.spectra import block_spectrum
 
 D = 16
 
@@ -93,7 +93,7 @@ def test_eq9_frobenius_form_needs_frobenius_transition_norms():
 
 @pytest.mark.expensive
 def test_eq9_bounds_the_true_logit_perturbation_on_smollm2(default_model):
-    from drrl_env.hook import install
+    from drrl_env.attention.hook import install
 
     captured = []
 

@@ -9,9 +9,8 @@ import torch
 from gymnasium.utils.env_checker import data_equivalence
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from drrl_env.corpora import corpus_tokens, sample_batch
-from drrl_env.perplexity import LayerRanks
-from drrl_env.reward import lm_loss, next_token_kl
+from drrl_env.lm.corpora import corpus_tokens, sample_batch
+from drrl_env.lm.scoring import LayerRanksHandler, lm_loss, next_token_kl
 
 
 def make(kwargs, **overrides):
@@ -107,7 +106,7 @@ def test_kl_equals_two_plain_forward_passes(tiny_env_kwargs, tiny_layered_model_
     model = env.loaded.model
     with torch.no_grad():
         plain = model(input_ids=batch).logits  # no handler: the model's own attention
-        with env.hook.use(LayerRanks(tuple(tuple(row) for row in grid), "joint"), 16):
+        with env.hook.use(LayerRanksHandler(tuple(tuple(row) for row in grid), "joint"), 16):
             replayed = model(input_ids=batch).logits
     assert infos[-1]["kl"] == pytest.approx(next_token_kl(plain, replayed), rel=1e-4, abs=1e-7)
     assert infos[-1]["kl"] > 0

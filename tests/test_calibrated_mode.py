@@ -9,10 +9,10 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from drrl_env import ENV_ID
-from drrl_env.calibration import CalibrationGrams
+from drrl_env.attention.kv_basis import CalibrationGrams
+from drrl_env.attention.lowrank import causal_mask, expand_kv_heads
 from drrl_env.features import candidate_ner
 from drrl_env.guardrail import transition_energies, truncation_errors
-from drrl_env.lowrank import causal_mask, expand_kv_heads
 from tests.test_generate import reference_logit_map
 from tests.test_guardrail import random_call
 

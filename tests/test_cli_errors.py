@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents import bc
-from drrl_env import perplexity
+from agents import bc, perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -6,7 +6,7 @@ import pytest
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.config import EnvConfig
-from drrl_env.sensitivity import waterfill_plan
+from drrl_env.profiles.waterfill import waterfill_plan
 
 RANKS = (2, 4, 8, 12, 16)
 

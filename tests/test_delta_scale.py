@@ -7,16 +7,17 @@ from gymnasium.utils.env_checker import check_env
 from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from agents.baselines import make_baseline
 from agents.evaluate import evaluate_policy
-from drrl_env import delta_scale as delta_scale_module
+from drrl_env.attention.flops import candidate_attention_flops, low_rank_attention_flops
 from drrl_env.config import EnvConfig
-from drrl_env.corpora import corpus_tokens, sequential_chunks
-from drrl_env.delta_scale import delta_scale, fit_delta_scale, scaled_delta_profile
-from drrl_env.flops import candidate_attention_flops, low_rank_attention_flops
-from drrl_env.models import load_causal_lm
-from drrl_env.sensitivity import delta_energy_profile, fisher_kl_profile
-from oracle.hindsight import HindsightOracle, unit_kl_profile
+from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
+from drrl_env.lm.models import load_causal_lm
+from drrl_env.profiles import delta_scale as delta_scale_module
+from drrl_env.profiles.delta_scale import delta_scale, fit_delta_scale, scaled_delta_profile
+from drrl_env.profiles.kl import unit_kl_profile
+from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
+from oracle.baselines import make_baseline
+from oracle.hindsight import HindsightOracle
 
 RANKS = (2, 4, 8, 12, 16)
 

@@ -7,9 +7,9 @@ import torch
 from gymnasium.utils.env_checker import check_env, data_equivalence
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from drrl_env.bounds import logit_perturbation_bound, normalized_energy_ratio, transition_norm
-from drrl_env.flops import full_attention_flops, low_rank_attention_flops
-from drrl_env.lowrank import attend, expand_kv_heads, full_attention, low_rank_qk
+from drrl_env.attention.bounds import logit_perturbation_bound, normalized_energy_ratio, transition_norm
+from drrl_env.attention.flops import full_attention_flops, low_rank_attention_flops
+from drrl_env.attention.lowrank import attend, expand_kv_heads, full_attention, low_rank_qk
 from tests.conftest import PAPER_MDP
 
 

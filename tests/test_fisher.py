@@ -3,10 +3,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from drrl_env.hook import AttentionCall, install
-from drrl_env.models import LoadedModel
-from drrl_env.sensitivity import delta_energy_profile, fisher_kl_profile
-from oracle.hindsight import layer_kl_profile, unit_kl_profile
+from drrl_env.attention.hook import AttentionCall, install
+from drrl_env.lm.models import LoadedModel
+from drrl_env.profiles.kl import layer_kl_profile, unit_kl_profile
+from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
 from tests.conftest import sharpen_first_layer, tiny_llama
 
 RANKS = (2, 4, 8, 12, 16)

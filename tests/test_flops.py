@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from drrl_env.flops import attended_pairs, full_attention_flops, low_rank_attention_flops
-from drrl_env.lowrank import causal_mask
+from drrl_env.attention.flops import attended_pairs, full_attention_flops, low_rank_attention_flops
+from drrl_env.attention.lowrank import causal_mask
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (5, 5), (4, 10), (64, 256)])
@@ -39,7 +39,7 @@ def test_bad_mode_and_lengths_are_rejected():
 
 
 def test_generation_flops_count_prefill_once_and_every_decode_step():
-    from drrl_env.flops import key_cache_generation_flops
+    from drrl_env.attention.flops import key_cache_generation_flops
 
     full = key_cache_generation_flops(2, 9, 3, 100, 5, 64, 64)
     assert full.prefill == full_attention_flops(2, 9, 100, 100, 64)

@@ -1,16 +1,16 @@
-"""Generation with a low-rank key cache (drrl_env.generate, kv_basis, kv_cache, calibration)."""
+"""Generation with a low-rank key cache (drrl_env.generation.decode, kv_basis, kv_cache, calibration)."""
 
 import pytest
 import torch
 
-from drrl_env.calibration import calibration_grams, collect_grams
-from drrl_env.generate import generate, rank_table
-from drrl_env.hook import AttentionCall, install
-from drrl_env.kv_attention import KeyBasisAttention
-from drrl_env.kv_basis import basis_from_grams, group_grams
-from drrl_env.kv_cache import cache_bytes
-from drrl_env.lowrank import causal_mask, expand_kv_heads
-from drrl_env.models import AttentionShape, LoadedModel, load_causal_lm
+from drrl_env.attention.hook import AttentionCall, install
+from drrl_env.attention.kv_basis import basis_from_grams, group_grams
+from drrl_env.attention.lowrank import causal_mask, expand_kv_heads
+from drrl_env.generation.decode import generate, rank_table
+from drrl_env.generation.kv_attention import KeyBasisAttention
+from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.lm.models import AttentionShape, LoadedModel, load_causal_lm
+from drrl_env.profiles.calibration import calibration_grams, collect_grams
 from tests.conftest import TINY_MODELS, tiny_llama
 
 PROMPT_LEN, NEW_TOKENS = 24, 6
@@ -239,7 +239,7 @@ def test_generate_refuses_a_cache_of_its_own_and_unknown_bases():
 
 
 def test_teacher_forced_logits_are_the_decode_steps_logits():
-    from drrl_env.generate import teacher_forced_logits
+    from drrl_env.generation.decode import teacher_forced_logits
 
     loaded = loaded_tiny("llama", torch.float64)
     ids = prompts()
@@ -263,7 +263,7 @@ def test_generate_command_runs_a_policy_over_the_prompt(tiny_model_dir, capsys, 
     assert main(argv + ["--policy", "energy:0.9", "--basis", "separate", "--no-compare", "--ranks", "8", "16"]) == 0
     assert "KV cache" in capsys.readouterr().out
     given = ["--policy", "layers:16,8", "--no-compare", "--ranks", "8", "16", "--flops-budget", "0.75"]
-    assert main(argv + given) == 0  # one given rank per layer (scripts/key_cache_profile.py's allocation)
+    assert main(argv + given) == 0  # one given rank per layer (experiments/key_cache_profile.py's allocation)
     assert "ranks per layer: 16/16 8/8" in capsys.readouterr().out
     assert main(argv + ["--policy", "layers:8", "--no-compare", "--ranks", "8", "16"]) == 2
     assert "layers: got 1 ranks for a model of 2 layers" in capsys.readouterr().err
@@ -306,7 +306,7 @@ def test_env_reset_runs_on_given_tokens(tiny_env_kwargs):
 
 
 def test_perplexity_command_adds_key_bases(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from drrl_env import perplexity
+    from agents import perplexity
 
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
     argv = ["--model", tiny_model_dir, "--seq-len", "32", "--max-tokens", "128", "--ranks", "8"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from drrl_env.attention.hook import AttentionCall
+from drrl_env.attention.lowrank import expand_kv_heads
 from drrl_env.guardrail import FlopsBudget, combine_masks, nearest_allowed, truncation_errors
-from drrl_env.hook import AttentionCall
-from drrl_env.lowrank import expand_kv_heads
 
 
 def random_call(seed=0, batch=2, hq=4, hkv=2, m=12, n=20, d=8, decay=0.7):
@@ -71,7 +71,7 @@ def test_separate_error_is_not_the_eq9_bound():
 @pytest.mark.parametrize("mode", ["separate", "joint"])
 def test_exact_errors_on_real_smollm2_attention(mode):
     from agents.figures import captured_call
-    from drrl_env.models import DEFAULT_MODEL
+    from drrl_env.lm.models import DEFAULT_MODEL
 
     call = captured_call(DEFAULT_MODEL, "wiki", 64, layer=5, device="cpu")
     call = AttentionCall(0, 0, 1, call.query.double(), call.key.double(), call.value.double(), None, call.scale)

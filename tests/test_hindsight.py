@@ -4,14 +4,15 @@ import pytest
 import torch
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from agents.baselines import UniformBudget, make_baseline
-from agents.static import StaticAllocation
-from drrl_env.hook import install
-from drrl_env.models import LoadedModel, load_causal_lm
-from drrl_env.perplexity import LayerRanks, replay_scores
-from drrl_env.reward import lm_loss, next_token_kl
-from drrl_env.sensitivity import allocate_ranks, fisher_kl_profile
-from oracle.hindsight import HindsightOracle, decoder_layers, layer_kl_profile, unit_kl_profile
+from drrl_env.attention.hook import install
+from drrl_env.lm.models import LoadedModel, load_causal_lm
+from drrl_env.lm.scoring import LayerRanksHandler, lm_loss, next_token_kl, replay_scores
+from drrl_env.profiles.kl import decoder_layers, layer_kl_profile, unit_kl_profile
+from drrl_env.profiles.sensitivity import fisher_kl_profile
+from drrl_env.profiles.waterfill import allocate_ranks
+from oracle.baselines import UniformBudget, make_baseline
+from oracle.hindsight import HindsightOracle
+from oracle.static import StaticAllocation
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -28,7 +29,7 @@ def test_profile_equals_one_forward_per_cell(tiny_layered_model_dir, mode, segme
         for k, rank in enumerate(RANKS):
             ranks = [None, None]
             ranks[layer] = rank
-            with torch.no_grad(), hook.use(LayerRanks(tuple(ranks), mode), segment_len):
+            with torch.no_grad(), hook.use(LayerRanksHandler(tuple(ranks), mode), segment_len):
                 expected = next_token_kl(full, loaded.model(input_ids=ids).logits)
             assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
     assert (profile[:, -1] == 0).all() and (profile >= 0).all()
@@ -91,7 +92,7 @@ def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
         for k, rank in enumerate(ranks[:-1]):
             layer_ranks = [None] * loaded.attention_shape.num_layers
             layer_ranks[layer] = rank
-            with torch.no_grad(), hook.use(LayerRanks(tuple(layer_ranks), "separate")):
+            with torch.no_grad(), hook.use(LayerRanksHandler(tuple(layer_ranks), "separate")):
                 expected = next_token_kl(full, tiny_model(input_ids=ids).logits)
             assert profile[layer, k] == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, rank)
     assert not any("forward" in vars(layer) for layer in decoder_layers(tiny_model, 3))  # patches undone
@@ -182,7 +183,7 @@ def test_replay_scores_are_the_kl_and_loss_of_a_layer_ranks_forward(tiny_layered
     with torch.no_grad(), hook.use(None, 8):
         full = loaded.model(input_ids=ids).logits
     spec = ((2, 4, 8, 16), torch.tensor([4, 16]))  # layer 0 per segment, layer 1 per key/value group
-    with torch.no_grad(), hook.use(LayerRanks(spec, "joint"), 8):
+    with torch.no_grad(), hook.use(LayerRanksHandler(spec, "joint"), 8):
         logits = loaded.model(input_ids=ids).logits
     kl, loss = replay_scores(loaded, ids, spec, "joint", full, segment_len=8)
     assert kl == pytest.approx(next_token_kl(full, logits), rel=1e-6) and kl > 0

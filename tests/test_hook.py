@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from drrl_env.hook import UnsupportedModelError, install
-from drrl_env.lowrank import full_attention
-from drrl_env.perplexity import FixedRank
+from drrl_env.attention.hook import UnsupportedModelError, install
+from drrl_env.attention.lowrank import full_attention
+from drrl_env.lm.scoring import FixedRankHandler
 from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -34,7 +34,7 @@ def test_hook_without_handler_leaves_logits_unchanged(tiny_model):
 def test_full_rank_through_the_hook_leaves_logits_unchanged(tiny_model, mode, segment_len):
     expected = reference_logits(tiny_model)
     hook = install(tiny_model)
-    with hook.use(FixedRank(head_dim(tiny_model), mode), segment_len):
+    with hook.use(FixedRankHandler(head_dim(tiny_model), mode), segment_len):
         logits = tiny_model(input_ids=IDS).logits
     assert torch.allclose(logits, expected, atol=1e-4)
 
@@ -88,7 +88,7 @@ def test_padding_through_the_hook_matches_eager():
     model.set_attn_implementation("eager")
     expected = model(input_ids=IDS, attention_mask=mask).logits
     hook = install(model)
-    with hook.use(FixedRank(16, "joint")):
+    with hook.use(FixedRankHandler(16, "joint")):
         logits = model(input_ids=IDS, attention_mask=mask).logits
     assert torch.allclose(logits[:, 5:], expected[:, 5:], atol=1e-4)
 

@@ -1,18 +1,14 @@
-"""scripts/key_cache_profile.py on a tiny Llama: the decode-regime profile, its allocation and the comparison."""
+"""experiments/key_cache_profile.py on a tiny Llama: the decode-regime profile, its allocation and the comparison."""
 
 import ast
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import key_cache_profile  # noqa: E402
-
-from drrl_env.generate import generate, teacher_forced_logits  # noqa: E402
-from drrl_env.models import load_causal_lm  # noqa: E402
-from drrl_env.reward import next_token_kl  # noqa: E402
+from drrl_env.generation.decode import generate, teacher_forced_logits
+from drrl_env.lm.models import load_causal_lm
+from drrl_env.lm.scoring import next_token_kl
+from experiments import key_cache_profile
 
 
 def test_continuation_kl_is_zero_at_full_width_and_grows_as_ranks_fall(tiny_layered_model_dir):

@@ -1,4 +1,4 @@
-"""The decode-regime layer profile (drrl_env.kv_profile) and the static allocation built on it (static:decode)."""
+"""The decode-regime layer profile (generation.decode_profile) and the static allocation on it (static:decode)."""
 
 import json
 
@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from agents import static
-from agents.baselines import make_baseline
-from drrl_env.calibration import collect_grams
-from drrl_env.generate import teacher_forced_logits
-from drrl_env.hook import install
-from drrl_env.kv_profile import decode_kl_profile, greedy_continuation, prefill_logit_errors
-from drrl_env.models import load_causal_lm
-from drrl_env.reward import next_token_kl
+from drrl_env.attention.hook import install
+from drrl_env.generation.decode import teacher_forced_logits
+from drrl_env.generation.decode_profile import decode_kl_profile, greedy_continuation, prefill_logit_errors
+from drrl_env.lm.models import load_causal_lm
+from drrl_env.lm.scoring import next_token_kl
+from drrl_env.profiles.calibration import collect_grams
+from oracle import static
+from oracle.baselines import make_baseline
 
 PROMPT_LEN, TOKENS, RANKS = 90, 6, (4, 12, 16)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from drrl_env.lowrank import (
+from drrl_env.attention.lowrank import (
     attend,
     causal_mask,
     expand_kv_heads,
@@ -10,7 +10,7 @@ from drrl_env.lowrank import (
     low_rank_qk,
     truncate_to_rank,
 )
-from drrl_env.spectra import block_spectrum
+from drrl_env.attention.spectra import block_spectrum
 
 B, HQ, HKV, N, D = 2, 6, 2, 48, 16
 

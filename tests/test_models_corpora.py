@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from drrl_env.corpora import load_corpus, sample_batch, sequential_chunks, split_of, tokenize_corpus
-from drrl_env.models import ModelNotAvailableError, load_causal_lm
+from drrl_env.lm.corpora import load_corpus, sample_batch, sequential_chunks, split_of, tokenize_corpus
+from drrl_env.lm.models import ModelNotAvailableError, load_causal_lm
 
 
 def test_wiki_splits_are_disjoint_deterministic_and_nonempty():
@@ -81,7 +81,7 @@ def test_model_folder_without_tokenizer_is_named(tmp_path):
 
 
 def test_unknown_corpus_offline_error():
-    from drrl_env.corpora import CorpusNotAvailableError
+    from drrl_env.lm.corpora import CorpusNotAvailableError
 
     with pytest.raises(CorpusNotAvailableError, match="offline default is 'wiki'"):
         load_corpus("no-such-user/no-such-dataset-drrl", "test")
@@ -105,7 +105,7 @@ def test_batches_are_seeded_and_distinct():
 
 @pytest.mark.expensive
 def test_default_model_is_smollm2_and_its_perplexity_is_in_range(default_model):
-    from drrl_env.perplexity import FixedRank, evaluate_perplexity
+    from drrl_env.lm.scoring import FixedRankHandler, evaluate_perplexity
 
     config = default_model.model.config
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
@@ -124,8 +124,8 @@ def test_default_model_is_smollm2_and_its_perplexity_is_in_range(default_model):
     own = evaluate_perplexity(default_model, chunks)
     default_model.model.set_attn_implementation("drrl")
     assert math.isclose(full.perplexity, own.perplexity, rel_tol=1e-4)
-    at_64 = evaluate_perplexity(default_model, chunks, FixedRank(64, "joint"))
+    at_64 = evaluate_perplexity(default_model, chunks, FixedRankHandler(64, "joint"))
     assert math.isclose(at_64.perplexity, own.perplexity, rel_tol=1e-3)
-    separate_16 = evaluate_perplexity(default_model, chunks, FixedRank(16, "separate"))
-    joint_16 = evaluate_perplexity(default_model, chunks, FixedRank(16, "joint"))
+    separate_16 = evaluate_perplexity(default_model, chunks, FixedRankHandler(16, "separate"))
+    joint_16 = evaluate_perplexity(default_model, chunks, FixedRankHandler(16, "joint"))
     assert own.perplexity < joint_16.perplexity < separate_16.perplexity

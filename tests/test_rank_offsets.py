@@ -104,7 +104,7 @@ def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_laye
     from agents.agent_file import read_description, save_agent
     from agents.algorithms import get_algorithm
     from agents.evaluate import evaluate_policy
-    from agents.policies import policy_setup
+    from agents.networks import policy_setup
     from agents.residual import start_at_reference
     from agents.training import make_vec_env
     from agents.zoo import make_policy

@@ -53,16 +53,16 @@ def test_a_tampered_record_diverges_at_the_right_step(recorded):
 
 def test_replay_command(recorded, tmp_path):
     _, path = recorded
-    done = subprocess.run([sys.executable, "-m", "drrl_env.replay", str(path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "agents.replay", str(path)], capture_output=True, text=True)
     assert done.returncode == 0 and "same ranks and rewards" in done.stdout, done.stderr[-2000:]
     record = json.loads(path.read_text())
     record["steps"][3]["reward_terms"]["terminal"] = 0.0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(record))
-    done = subprocess.run([sys.executable, "-m", "drrl_env.replay", str(bad)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "agents.replay", str(bad)], capture_output=True, text=True)
     assert done.returncode == 1 and "step 3" in done.stdout and "terminal" in done.stdout
     (tmp_path / "junk.json").write_text("[1, 2")
     done = subprocess.run(
-        [sys.executable, "-m", "drrl_env.replay", str(tmp_path / "junk.json")], capture_output=True, text=True
+        [sys.executable, "-m", "agents.replay", str(tmp_path / "junk.json")], capture_output=True, text=True
     )
     assert done.returncode == 2 and "cannot read the record" in done.stderr

@@ -116,8 +116,9 @@ def test_a_behaviour_cloned_sb3_agent_warm_starts_rllib(tiny_kwargs, tmp_path):
     from sb3_contrib import MaskablePPO
 
     from agents.agent_file import AgentFileError, save_agent
-    from agents.rllib import build_algorithm, build_parser, trained_module, warm_start
+    from agents.rllib import RLlibConfig, build_algorithm, build_parser, trained_module, warm_start
     from agents.rllib_agent import MODEL_CONFIG, build_module, greedy_actions, sb3_weights_as_rllib
+    from drrl_env.cli import dataclass_from_options
 
     env = gym.make("DRRL-Attention-v0", **tiny_kwargs)
     spaces_ = (env.observation_space, env.action_space)
@@ -126,7 +127,7 @@ def test_a_behaviour_cloned_sb3_agent_warm_starts_rllib(tiny_kwargs, tmp_path):
     args = build_parser().parse_args(["--num-env-runners", "0", "--train-batch-size", "16", "--minibatch-size", "8"])
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
-        algorithm = build_algorithm(args, tiny_kwargs)
+        algorithm = build_algorithm(dataclass_from_options(RLlibConfig, vars(args)), tiny_kwargs)
         warm_start(algorithm, str(path), spaces_)
         learner = trained_module(algorithm, spaces_)
         runner = algorithm.env_runner.module  # the sampling side got the weights too

@@ -7,14 +7,8 @@ from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.config import EnvConfig
-from drrl_env.sensitivity import (
-    SENSITIVITY_FLOOR,
-    allocate_ranks,
-    fisher_kl_profile,
-    rank_shares,
-    sensitivity_features,
-    sensitivity_width,
-)
+from drrl_env.profiles.sensitivity import SENSITIVITY_FLOOR, fisher_kl_profile, sensitivity_features, sensitivity_width
+from drrl_env.profiles.waterfill import allocate_ranks, rank_shares
 from oracle.hindsight import HindsightOracle
 
 RANKS = (2, 4, 8, 12, 16)

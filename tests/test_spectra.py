@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drrl_env.spectra import block_spectrum, power_iteration_spectral_norm
+from drrl_env.attention.spectra import block_spectrum, power_iteration_spectral_norm
 
 
 def reference_svd(x: torch.Tensor):

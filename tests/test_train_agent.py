@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from agents.agent_file import read_description
-from drrl_env.files import sha256_of
+from drrl_env.lm.files import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,0 +1,181 @@
+"""What each layer's key-cache rank costs in decode: the layer profile of generation, not of a prefill.
+
+In generation with a low-rank key cache (:mod:`drrl_env.generation.decode`) the prompt is attended exactly
+and only the generated tokens' queries meet compressed keys, beyond each query's recent window. A
+layer profile taken in a prefill, where every query is projected (``static``, ``static:fisher``),
+does not transfer to that regime (measured in docs/benchmarks.md: at the same key cache its
+allocation is worse than uniform ranks). :func:`decode_kl_profile` measures the regime itself:
+for each layer ``l`` and candidate rank ``r``, the mean per-step KL(full || low rank) of the
+next-token distribution over a teacher-forced continuation of ``T`` tokens (full attention's own
+greedy continuation: no labels of the text), with layer ``l``'s keys alone at rank ``r`` and every
+other layer's at full width.
+
+It costs one prefill per candidate rank instead of one per cell: the prefill attends exactly, so
+its hidden states, and every layer's cache, do not depend on the other layers' ranks. The prompt
+is prefilled once at full width and once with every layer at ``r``; the cache of cell ``(l, r)``
+takes layer ``l`` from the second and the rest from the first, and only the ``T - 1``
+continuation tokens run per cell. The result equals the cell-by-cell measurement
+(:func:`drrl_env.generation.decode.teacher_forced_logits` per cell; tested).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from drrl_env.attention.hook import AttentionCall, install
+from drrl_env.attention.kv_basis import CalibrationGrams, basis_from_grams, group_grams
+from drrl_env.generation.decode import cached_forward, generate, key_cache_attention, rank_table
+from drrl_env.generation.kv_attention import (
+    RECENT_TOKENS,
+    SINK_TOKENS,
+    KeyBasisAttention,
+    find_sinks,
+    key_validity,
+    prompt_grams,
+)
+from drrl_env.generation.kv_cache import LowRankKeyCache
+from drrl_env.lm.models import LoadedModel
+from drrl_env.lm.scoring import next_token_kl
+
+DECODE_PROFILE_TOKENS = 64
+"""teacher-forced continuation tokens per profiled prompt (measured enough: docs/benchmarks.md)"""
+
+
+def greedy_continuation(loaded: LoadedModel, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``(B, tokens)``: full attention's greedy continuation of ``prompt`` ``(B, n)``, exactly ``tokens`` long."""
+    pad = {} if loaded.tokenizer is None else {"pad_token_id": loaded.tokenizer.eos_token_id}
+    out = generate(loaded, prompt, "full", max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **pad)
+    return out[:, prompt.shape[1] :].cpu()
+
+
+@torch.no_grad()
+def decode_kl_profile(
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    ranks: Sequence[int],
+    tokens: int = DECODE_PROFILE_TOKENS,
+    basis: str = "joint",
+    calibration: CalibrationGrams | None = None,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    progress: bool = False,
+) -> np.ndarray:
+    """``(L, K)`` mean per-step KL of each layer alone at each candidate rank in decode (module docstring).
+
+    Args:
+        loaded: the model.
+        prompts: ``(P, n)`` prompts (validation text), profiled one at a time and averaged.
+        ranks: the ``K`` candidate ranks; a rank ``>= d`` costs 0.
+        tokens: teacher-forced continuation tokens per prompt (at least 2).
+        basis: the key basis (``separate``, ``joint`` or ``calibrated``); the prompt is attended exactly.
+        calibration: the Grams of a ``calibrated`` basis (default:
+            :func:`drrl_env.profiles.calibration.calibration_grams`).
+        sink_tokens: first tokens of each prompt whose keys stay exact.
+        recent_tokens: the window of last positions whose keys stay exact for each decode step.
+        progress: show a progress bar over prompts and ranks.
+    """
+    if tokens < 2:
+        raise ValueError(f"tokens (teacher-forced continuation per prompt) must be >= 2, got {tokens}")
+    if prompts.dim() != 2 or prompts.shape[0] == 0:
+        raise ValueError(f"prompts must be a non-empty (P, n) token tensor, got shape {tuple(prompts.shape)}")
+    shape = loaded.attention_shape
+    layers, head_dim = shape.num_layers, shape.head_dim
+    below = sorted({int(rank) for rank in ranks if rank < head_dim})
+    options = {"calibration": calibration, "sink_tokens": sink_tokens, "recent_tokens": recent_tokens}
+    cost = np.zeros((layers, len(ranks)))
+    bar = tqdm(total=prompts.shape[0] * len(below), desc="decode KL profile", disable=not progress)
+    for prompt in prompts:
+        prompt = prompt[None]
+        continuation = greedy_continuation(loaded, prompt, tokens)
+        full_cache, full_handler, first = _prefilled(loaded, prompt, "full", basis, options)
+        reference = _continued(loaded, full_cache.layers, full_handler, continuation, first)
+        for rank in below:
+            low_cache, low_handler, _ = _prefilled(loaded, prompt, rank, basis, options)
+            for layer in range(layers):
+                table = torch.full((layers,), head_dim)
+                table[layer] = rank
+                handler = KeyBasisAttention(
+                    rank_table(table, shape), basis, low_handler.calibrated, None, sink_tokens, recent_tokens
+                )
+                cache_layers = [(low_cache if j == layer else full_cache).layers[j] for j in range(layers)]
+                kl = next_token_kl(reference, _continued(loaded, cache_layers, handler, continuation, first))
+                cost[layer, ranks.index(rank)] += kl / prompts.shape[0]
+            bar.update()
+    bar.close()
+    return cost
+
+
+def _continued(
+    loaded: LoadedModel,
+    cache_layers: list,
+    handler: KeyBasisAttention,
+    continuation: torch.Tensor,
+    first: torch.Tensor,
+) -> torch.Tensor:
+    """``(1, T, V)`` logits of the continuation read through a cache of (copies of) ``cache_layers`` after the prefill.
+
+    The copies are shallow: a layer's update rebinds its tensors, so the prefilled layers stay as they were.
+    """
+    cache = LowRankKeyCache(len(cache_layers))
+    cache.layers = [copy.copy(layer) for layer in cache_layers]
+    handler.cache = cache
+    return torch.cat([first, cached_forward(loaded, handler, cache, continuation[:, :-1])], dim=1)
+
+
+def _prefilled(
+    loaded: LoadedModel, prompt: torch.Tensor, ranks: str | int, basis: str, options: dict
+) -> tuple[LowRankKeyCache, KeyBasisAttention, torch.Tensor]:
+    """The key cache after an exact prefill of ``prompt`` with every layer at ``ranks``, its handler, last logits."""
+    cache, handler = key_cache_attention(loaded, ranks, basis, exact_prefill=True, **options)
+    return cache, handler, cached_forward(loaded, handler, cache, prompt)[:, -1:]
+
+
+@torch.no_grad()
+def prefill_logit_errors(
+    loaded: LoadedModel,
+    prompt: torch.Tensor,
+    ranks: Sequence[int],
+    window: int | None = 64,
+    basis: str = "joint",
+    sink_tokens: int = SINK_TOKENS,
+) -> np.ndarray:
+    """``(L, K)`` relative logit error of the prompt's last ``window`` queries with each layer's key basis at each rank.
+
+    What one exact prefill of ``prompt`` ``(1, n)`` computes anyway: per layer, the key basis
+    generation builds from the whole prompt (``basis``: ``joint`` or ``separate``; sinks exact
+    and left out), and for the last ``window`` queries ``Q_w`` (those nearest the decode steps)
+    ``||Q_w (I - W_q W_k^T) K^T||_F^2 / ||Q_w K^T||_F^2`` summed over key/value groups, at each
+    candidate rank (0 at ranks ``>= d``). With ``M = I - W_q W_k^T`` the numerator is
+    ``tr(M G_k M^T G_w)`` of the ``d x d`` Grams of the keys and of the window's queries.
+    ``window=None`` takes every query (the in-sample error of the basis).
+    """
+    if prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise ValueError(f"prompt must be one (1, n) token row, got shape {tuple(prompt.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
+    shape = loaded.attention_shape
+    errors = np.zeros((shape.num_layers, len(ranks)))
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        valid = key_validity(call)
+        query, key = call.query.double(), call.key.double()
+        gram_q, gram_k = prompt_grams(query, key, valid, find_sinks(call.key, valid, sink_tokens))
+        gram_w = gram_q if window is None else group_grams(query[..., -window:, :], key[..., -window:, :])[0]
+        total = torch.einsum("bhij,bhji->", gram_k, gram_w)
+        for k, rank in enumerate(ranks):
+            if rank >= shape.head_dim:
+                continue
+            maps = basis_from_grams(gram_q, gram_k, torch.full((shape.kv_heads,), int(rank)), basis)
+            residual = torch.eye(shape.head_dim, dtype=torch.float64) - maps.query_map @ maps.key_map.transpose(-1, -2)
+            error = torch.einsum("bhij,bhjk,bhlk,bhli->", residual, gram_k, residual, gram_w)
+            errors[call.layer, k] = float(error / total)
+        return call.full()
+
+    with install(loaded.model).use(handler):
+        loaded.model(input_ids=prompt.to(loaded.device))
+    return errors

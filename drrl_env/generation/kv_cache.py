@@ -1,0 +1,113 @@
+"""A transformers ``Cache`` whose keys are stored at the low rank of a :class:`~drrl_env.attention.kv_basis.KeyBasis`.
+
+Each layer is a :class:`LowRankKeyLayer` (a ``DynamicLayer``: it grows by concatenation like
+transformers' default cache). Until the layer is compressed, keys are stored at full width; the
+attention handler (:class:`drrl_env.generation.kv_attention.KeyBasisAttention`) takes the basis (computed
+from the prefill's queries and keys, or calibrated) and the sequences' attention-sink keys at
+the prefill and calls :meth:`LowRankKeyLayer.compress`, which replaces the stored keys by
+``K W_k`` and keeps the sink keys at full width. From then on every new key is stored as
+``k W_k``, and the full-width keys of the last positions are kept beside them (``recent``: the
+window the handler scores exactly; after a call of ``m`` new tokens, the last ``W + m - 1``, which
+the call's earliest query needs, so ``W`` after a decode step). A layer whose ranks are all ``d``
+keeps full keys and is never compressed. Values are always stored at full width.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from drrl_env.attention.kv_basis import KeyBasis
+from drrl_env.generation.kv_attention import Sinks
+
+
+class LowRankKeyLayer(DynamicLayer):
+    """One layer's cache: values ``(B, Hkv, n, d)``; keys ``(B, Hkv, n, R)`` once a basis is set.
+
+    The layer's ranks live in its basis; a layer that is never compressed keeps full keys.
+    ``recent`` ``(B, Hkv, w, d)`` are the full-width keys of the last ``w`` positions (None
+    without a recent window).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.basis: KeyBasis | None = None
+        self.sinks: Sinks | None = None
+        self.recent: torch.Tensor | None = None
+        self.recent_tokens = 0
+
+    @property
+    def ready(self) -> bool:
+        """True once :meth:`compress` has run: keys are stored projected."""
+        return self.basis is not None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys (projected once compressed, the recent window kept) and values; return the cache."""
+        if self.basis is not None:
+            if self.recent is not None:
+                keep = self.recent_tokens + key_states.shape[-2] - 1
+                self.recent = torch.cat([self.recent, key_states], dim=-2)[..., -keep:, :]
+            key_states = self.basis.project_keys(key_states)
+        return super().update(key_states, value_states)
+
+    def compress(self, basis: KeyBasis, sinks: Sinks | None, recent_tokens: int = 0) -> torch.Tensor:
+        """Keep ``basis``, the sink keys and the last ``recent_tokens`` keys; store ``K W_k`` and return it."""
+        if self.basis is not None:
+            raise RuntimeError("this cache layer is already compressed")
+        self.basis, self.sinks, self.recent_tokens = basis, sinks, recent_tokens
+        if recent_tokens > 0:
+            self.recent = self.keys[..., -recent_tokens:, :].clone()
+        self.keys = basis.project_keys(self.keys)
+        return self.keys
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if self.basis is not None:
+            self.basis = self.basis.select(rows)
+        if self.sinks is not None:
+            self.sinks = self.sinks.select(rows)
+        if self.recent is not None:
+            self.recent = self.recent[rows.to(self.recent.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.keys is not None:
+            rows = torch.arange(self.keys.shape[0] // repeats).repeat_interleave(repeats)
+            self._select_rows(rows)
+
+
+class LowRankKeyCache(Cache):
+    """One :class:`LowRankKeyLayer` per decoder layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[LowRankKeyLayer() for _ in range(num_layers)])
+
+
+def cache_bytes(cache: Cache) -> dict[str, int]:
+    """Bytes held by a cache's key and value tensors, measured from the tensors: ``{"keys", "values", "total"}``.
+
+    Keys include the full-width attention-sink and recent keys of a :class:`LowRankKeyLayer`.
+    """
+    sizes = {"keys": 0, "values": 0}
+    for layer in cache.layers:
+        sinks, recent = getattr(layer, "sinks", None), getattr(layer, "recent", None)
+        parts = (
+            ("keys", layer.keys),
+            ("values", layer.values),
+            ("keys", getattr(sinks, "keys", None)),
+            ("keys", recent),
+        )
+        for part, tensor in parts:
+            if tensor is not None:
+                sizes[part] += tensor.numel() * tensor.element_size()
+    sizes["total"] = sizes["keys"] + sizes["values"]
+    return sizes
