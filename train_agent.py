@@ -226,7 +226,10 @@ def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicyS
         policies.append(make_policy(str(run_dir / BC_MODEL), run.env))
         policies[-1].name = "bc (this run's start)"
     policies.append(ModelPolicy(model.policy, algorithm, setup, f"{train.algo} (this run)"))
-    print(comparison_table(policies, run.env, run.compare.eval_episodes, run.compare.timing_repeats))
+    table = comparison_table(
+        policies, run.env, run.compare.eval_episodes, run.compare.timing_repeats, run_dir / "comparison.csv"
+    )
+    print(table)
 
 
 def train_and_compare(run: RunOptions) -> int:

@@ -78,17 +78,22 @@ def evaluate_policy(
     cfg = env.config
     episode_grids = []
     decision_flops = float(getattr(policy, "flops_per_decision", 0.0))
-    losses, full_losses, kls, ranks, violations = [], [], [], [], []
+    losses, full_losses, kls, ranks, violations, decision_seconds = [], [], [], [], [], []
     flops = flops_core = flops_full = flops_logits = flops_logits_full = profile_flops = 0.0
     try:
         for episode in range(episodes):
             observation, reset_info = env.reset(seed=seed + episode)
             profile_flops += reset_info["flops_sensitivity"]  # the observation's Fisher profile: the agent's cost
+            deciding = reset_info["seconds_sensitivity"]  # the observation's signal is the agent's decision time too
+            started = time.perf_counter()
             policy.reset(seed + episode)
+            deciding += time.perf_counter() - started
             terminated = False
             episode_grid = np.zeros((env.num_layers, env.num_segments))
             while not terminated:
+                started = time.perf_counter()
                 action = policy.act(observation, env.action_masks(), env)
+                deciding += time.perf_counter() - started
                 observation, _, terminated, _, info = env.step(action)
                 rank = float(np.mean(info["rank"]))
                 episode_grid[info["layer"], info["segment"]] = rank
@@ -102,6 +107,7 @@ def evaluate_policy(
                 flops_logits += info["flops_logits"]
                 flops_logits_full += info["flops_logits_full"]
             kls.append(info["kl"])
+            decision_seconds.append(deciding)
             profile_flops += float(getattr(policy, "profile_flops", 0.0))  # a hindsight rule's own profile
             episode_grids.append(episode_grid)
             losses.append(info["lm_loss"])
@@ -135,21 +141,34 @@ def evaluate_policy(
         flops_policy_ratio=(decision_flops * len(ranks) + profile_flops) / flops_full,
         episode_rank_per_layer=[episode_grid.mean(axis=1).round(2).tolist() for episode_grid in episode_grids],
         episode_kl=[float(kl) for kl in kls],
+        decision_ms=1e3 * float(np.median(decision_seconds)),
     )
 
 
-def comparison_table(policies: list[RankPolicy], env_kwargs: dict[str, Any], episodes: int, timing_repeats: int) -> str:
-    """The training commands' closing comparison: every policy over the same seeded test episodes, as markdown."""
+def comparison_table(
+    policies: list[RankPolicy],
+    env_kwargs: dict[str, Any],
+    episodes: int,
+    timing_repeats: int,
+    csv_path: Path | None = None,
+) -> str:
+    """The training commands' closing comparison: every policy over the same seeded test episodes, as markdown.
+
+    The table has the summary columns; ``csv_path`` gets every column.
+    """
     rows = [
         evaluate_policy(policy, env_kwargs, episodes, timing_repeats=timing_repeats)
         for policy in tqdm(policies, desc="comparing on the test split", unit="policy")
     ]
     fill_headroom_captured(rows)
+    if csv_path is not None:
+        write_csv(rows, csv_path)
     budget = env_kwargs.get("flops_budget")
     return (
         f"\ntest split of {env_kwargs['corpus']}, {episodes} episodes of {env_kwargs['batch_size']}x"
-        f"{env_kwargs['seq_len']} tokens, mode={env_kwargs['spectral_mode']}, guardrail={env_kwargs['guardrail']}, "
-        f"flops_budget={budget}\n{markdown_table(rows)}"
+        f"{env_kwargs['seq_len']} tokens, mode={env_kwargs['spectral_mode']}, per_head={env_kwargs['per_head']}, "
+        f"flops_budget={budget}; KL per token from the full model; FLOPs over full attention's"
+        f"{'' if csv_path is None else f'; every column in {csv_path}'}\n{markdown_table(rows, summary=True)}"
     )
 
 

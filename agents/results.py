@@ -48,6 +48,9 @@ class EvaluationRow:
     """per episode, the mean rank of each layer: what the policy chose on each input (the contrasting-inputs figure)"""
     episode_kl: list[float] = dataclasses.field(default_factory=list)
     """per episode, the mean per-token KL from the full model"""
+    decision_ms: float = math.nan
+    """median wall-clock per episode of the policy's decisions: its ``reset`` and ``act`` calls, and the env's
+    per-input signal where the policy reads it (``info["seconds_sensitivity"]``)"""
     headroom_captured: float = math.nan
     """(best fixed - this) / (best fixed - hindsight) of the KL, best fixed the lower of uniform and static at the
     same corpus, mode and budget (:func:`fill_headroom_captured`); NaN where those rows are missing"""
@@ -86,11 +89,17 @@ TABLE_COLUMNS = (
     ("flops_with_policy_ratio", "FLOPs (+overhead +policy)", "{:.3f}"),
     ("ms_per_token", "ms/token", "{:.3f}"),
     ("ms_per_token_full", "ms/token full", "{:.3f}"),
+    ("decision_ms", "decision ms/episode", "{:.1f}"),
     ("mean_rank", "mean rank", "{:.1f}"),
     ("violation_rate", "violations", "{:.3f}"),
 )
 
 
+SUMMARY_COLUMNS = (
+    "policy", "budget", "kl", "headroom_captured", "delta_ppl_percent", "flops_logits_ratio", "flops_with_policy_ratio",
+    "decision_ms", "violation_rate",
+)  # fmt: skip
+"""the columns a training command prints; every column is in the CSV"""
 OPTIONAL_COLUMNS = ("budget", "headroom_captured")
 """columns shown only where some row has a value: several budgets; uniform or static and hindsight rows"""
 
@@ -99,12 +108,16 @@ def _shown(value: object) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def markdown_table(rows: list[EvaluationRow]) -> str:
-    """The Table I analogue as markdown (the optional columns where some row has a value; "-" where one has not)."""
+def markdown_table(rows: list[EvaluationRow], summary: bool = False) -> str:
+    """The Table I analogue as markdown (the optional columns where some row has a value; "-" where one has not).
+
+    ``summary``: only :data:`SUMMARY_COLUMNS`.
+    """
     columns = [
         (key, title, fmt)
         for key, title, fmt in TABLE_COLUMNS
-        if key not in OPTIONAL_COLUMNS or any(_shown(getattr(row, key)) for row in rows)
+        if (key not in OPTIONAL_COLUMNS or any(_shown(getattr(row, key)) for row in rows))
+        and (not summary or key in SUMMARY_COLUMNS)
     ]
     header = "| " + " | ".join(title for _, title, _ in columns) + " |"
     lines = [header, "|" + "---|" * len(columns)]

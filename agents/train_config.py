@@ -110,8 +110,8 @@ class TrainConfig:
     n_steps: int = 150
     """rollout length per env and update for on-policy algorithms; it must be a multiple of the episode length
     (layers x segments), so that checkpoints fall at episode boundaries, which --resume needs. 150 is 5 episodes
-    of 30 layers per update: measured on the per-head clone, such updates follow the noise of 5 terminal rewards;
-    1500 (50 episodes, with batch_size 300) keeps PPO near its start (docs/results.md, section 2)"""
+    of 30 layers per update; more episodes per update give PPO steadier advantages (docs/findings.md,
+    "Does RL beat its teacher?")"""
     hyperparams: str | None = None
     """keyword arguments of the algorithm's constructor as a JSON object, SB3's names, e.g.
     '{"learning_rate": 1e-4, "target_kl": 0.01}' (n_steps has its own option; batch_size defaults to
@@ -141,13 +141,12 @@ class TrainConfig:
     bc_epochs: int = 100
     """behaviour-cloning epochs with --bc-dataset"""
     bc_entropy_coef: float = 0.05
-    """entropy bonus of behaviour cloning (--warm-start, --bc-dataset); > 0 leaves PPO room to explore (measured:
-    0.05 cloned the hindsight oracle as faithfully as 0, with a lower KL; docs/results.md)"""
+    """entropy bonus of behaviour cloning (--warm-start, --bc-dataset); > 0 leaves PPO room to explore"""
     bc_temperature: float = 1.0
     """temperature of the warm start's action logits (--warm-start, --bc-dataset, --bc-model): PPO starts from the
     clone's logits divided by it. Its argmax (the deterministic policy) is unchanged; below 1 the sampled policy
-    stays near it, so PPO's samples deviate mostly where the clone is unsure, between near-tied actions (measured
-    at 0.3 with --kl-credit model: PPO then improves on clones that miss their teacher, docs/results.md, section 2)"""
+    stays near it, so PPO's samples deviate mostly where the clone is unsure, between near-tied actions
+    (docs/findings.md, "Does RL beat its teacher?")"""
     value_warmup_steps: int = 0
     """env steps at the start of training that update the critic only (the actor stays at its warm start): a
     behaviour-cloned actor comes with a random critic, whose first advantages are noise (PIRLNav's critic warm-up);

@@ -106,9 +106,8 @@ class ValueWarmupCallback(BaseCallback):
 def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
     """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in a Dummy/SubprocVecEnv.
 
-    Each subprocess of a SubprocVecEnv gets ``cpu_count // n_envs`` torch threads (at least one):
-    with torch's default (every core in every process) two envs on two cores ran at 0.43x the
-    speed of one (benchmarks/scaling.py).
+    Each subprocess of a SubprocVecEnv gets ``cpu_count // n_envs`` torch threads (at least one): with torch's
+    default, every core in every process, the processes contend for the cores (benchmarks/scaling.py).
     """
 
     def factory(index: int):

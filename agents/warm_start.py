@@ -75,6 +75,8 @@ def hindsight_teacher_dataset(
     kwargs = teacher_env_kwargs(env_kwargs)
     samples = (kwargs.get("sensitivity_samples") or FISHER_SAMPLES) if estimate == "scaled_delta" else FISHER_SAMPLES
     teacher = HindsightOracle(estimate, samples)
+    if progress:
+        print(f"warm start: {episodes} episodes of the teacher {teacher.name} (cached in {folder})")
     record_trajectories(folder, teacher, episodes, kwargs, TEACHER_SEED, progress=progress)
     return folder
 

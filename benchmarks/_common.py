@@ -25,7 +25,8 @@ def env_benchmark_parser(description: str, episodes: int) -> argparse.ArgumentPa
 def benchmark_env(args: argparse.Namespace) -> tuple[gym.Env, Callable[[], None]]:
     """DRRL-Attention-v0 on the default model and a device sync.
 
-    The paper's MDP (eq13 reward, which the oracle scores) without guardrail or budget: every rank allowed.
+    One rank per layer, the paper's eq13 reward (which the oracle scores), no guardrail, budget or signal: every
+    rank allowed.
     """
     env = gym.make(
         "DRRL-Attention-v0",
@@ -36,6 +37,8 @@ def benchmark_env(args: argparse.Namespace) -> tuple[gym.Env, Callable[[], None]
         guardrail="off",
         flops_budget=None,
         reward="eq13",
+        per_head=False,
+        sensitivity_samples=0,
     )
     sync = torch.cuda.synchronize if env.unwrapped.device.type == "cuda" else (lambda: None)
     return env, sync

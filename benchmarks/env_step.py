@@ -30,7 +30,7 @@ from drrl_env.attention.lowrank import low_rank_attention
 SETTINGS = {  # label: env arguments
     "paper MDP: eq13, eq9 guardrail, no budget": dict(flops_budget=None, reward="eq13", guardrail="eq9", eps0=0.5),
     "eq13, no guardrail, no budget": dict(flops_budget=None, reward="eq13", guardrail="off"),
-    "default: kl reward, exact guardrail, budget 0.625": dict(),
+    "kl reward, exact guardrail, budget 0.625": dict(guardrail="exact", kl_shaping_weight=1.0),
     "kl reward, Eq. S profile, completion credit (the fixed action leaves the plan: a forward per step)": dict(
         sensitivity_samples=16, sensitivity_estimate="scaled_delta", kl_baseline="waterfill", kl_credit="completion"
     ),
@@ -52,7 +52,7 @@ def main() -> None:
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, spectral_mode=args.mode, device=args.device)
     action = 2  # rank 32, or the nearest the masks allow
     for label, overrides in SETTINGS.items():
-        env = gym.make("DRRL-Attention-v0", **common, **overrides).unwrapped
+        env = gym.make("DRRL-Attention-PerLayer-v0", **common, **overrides).unwrapped  # one rank per layer
         sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
         run = lambda seed: _episode(env, seed, action)  # noqa: E731
         run(100)  # warm-up

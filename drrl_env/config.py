@@ -128,8 +128,7 @@ class EnvConfig:
     """'exact' (mask ranks whose relative logit error vs full attention exceeds eps_t), 'eq9' (the paper's
     transition bound), or 'off'"""
     eps0: float = 0.2
-    """initial guardrail threshold on the relative logit error (Eq. 11); 0.2 masks 26 % of candidates in separate
-    mode and 1 % in joint mode on SmolLM2 (docs/benchmarks.md); 0.1 masks 13 % in joint mode"""
+    """initial guardrail threshold on the relative logit error (Eq. 11); what each value masks: docs/benchmarks.md"""
     eps_decay: float = 1e-5
     """guardrail annealing rate lambda per training step t (Eq. 11); t is set by the trainer, not counted by the env"""
     violation_penalty: float = 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -95,7 +96,8 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
     ``options={"input_ids": ids}`` (``(batch_size, seq_len)``: a policy choosing ranks for given
     prompts, as ``agents.generate`` does); the forward pass runs up to layer 0's attention. With
     ``sensitivity_samples > 0`` the batch's sensitivity profile is computed first (``sensitivity_profile``;
-    its FLOPs estimate is ``info["flops_sensitivity"]``, 0 otherwise).
+    its FLOPs estimate is ``info["flops_sensitivity"]`` and its wall-clock ``info["seconds_sensitivity"]``, 0
+    otherwise).
 
     ## Episode End
     Terminates after the last layer (and segment): ``L * S`` steps. No truncation. The last
@@ -221,6 +223,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             lo, hi = cfg.flops_budget
             share = lo if lo == hi else float(rng.uniform(lo, hi))
         self._sensitivity = None
+        started = time.perf_counter()
         if cfg.sensitivity_samples:
             self._sensitivity = estimated_profile(
                 self.loaded,
@@ -232,6 +235,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
                 cfg.sensitivity_samples,
                 cfg.per_head,
             )
+        sensitivity_seconds = time.perf_counter() - started if cfg.sensitivity_samples else 0.0
         needs_reference = cfg.reward_kind == "kl" or cfg.terminal_lm_weight > 0
         reference = ReferencePass.run(self.loaded, self.hook, batch, cfg.segment_len) if needs_reference else None
         self._episode = Episode(
@@ -258,6 +262,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
             "flops_sensitivity": self.profile_flops(cfg.sensitivity_estimate, cfg.sensitivity_samples)
             if cfg.sensitivity_samples
             else 0.0,
+            "seconds_sensitivity": sensitivity_seconds,
         }
 
     def _baseline_ranks(self, share: float) -> list | None:

@@ -1,6 +1,6 @@
 """Can the prefill predict a prompt's own decode profile? A label-free per-prompt allocation, measured.
 
-Per-prompt key-cache ranks have real headroom in decode (docs/results.md section 3: each prompt's
+Per-prompt key-cache ranks have real headroom in decode (docs/findings.md: each prompt's
 own decode profile beats the static validation profile on every test prompt), but a prompt's own
 profile costs one prefill per candidate rank. This script tests the cheapest per-prompt signal
 there is: what the prefill computes anyway. For each prompt, layer ``l`` and candidate rank ``r``

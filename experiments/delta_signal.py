@@ -22,7 +22,7 @@ from agents.evaluate import evaluate_policy
 from agents.zoo import make_policy
 from drrl_env.config import DEFAULT_RANKS
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
-from drrl_env.lm.models import load_causal_lm
+from drrl_env.lm.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.profiles.delta_scale import delta_scale
 from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
 from drrl_env.profiles.waterfill import allocate_ranks, rank_shares
@@ -44,27 +44,31 @@ class RawDeltaAllocation(LayerAllocationPolicy):
         return np.asarray(chosen).reshape(env.num_layers, -1).tolist()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.625, 0.5], help="logit-FLOPs shares")
     parser.add_argument("--episodes", type=int, default=12, help="test episodes per cell (seeds 10000...)")
     parser.add_argument("--corpus", default="wiki", help="held-out corpus")
     parser.add_argument("--mode", default="joint", help="spectral mode")
     parser.add_argument("--samples", type=int, default=16, help="label samples of the Fisher profiles")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per chunk")
     parser.add_argument(
         "--policies",
         nargs="*",
         default=["uniform", "static:fisher", "hindsight:fisher", "hindsight:scaled_delta"],
         help="policy specs evaluated beside delta:raw",
     )
-    args = parser.parse_args()
-    kwargs = dict(seq_len=128, batch_size=1, guardrail="off", per_head=True, spectral_mode=args.mode)
-    loaded, ranks = load_causal_lm(), DEFAULT_RANKS
+    args = parser.parse_args(argv)
+    kwargs = dict(seq_len=args.seq_len, batch_size=1, guardrail="off", per_head=True, spectral_mode=args.mode,
+                  model=args.model, ranks=tuple(args.ranks), sensitivity_samples=0)  # fmt: skip
+    loaded, ranks = load_causal_lm(args.model), tuple(args.ranks)
     start = time.perf_counter()
-    scale = delta_scale(loaded, ranks, args.mode, None, 128, args.samples, per_head=True)
+    scale = delta_scale(loaded, ranks, args.mode, None, args.seq_len, args.samples, per_head=True)
     print(f"scale (fitted or cached): {time.perf_counter() - start:.0f} s")
 
-    test = sequential_chunks(corpus_tokens(args.corpus, "test", loaded.tokenizer), 128)[:4]
+    test = sequential_chunks(corpus_tokens(args.corpus, "test", loaded.tokenizer), args.seq_len)[:4]
     for index, batch in enumerate(test.split(1)):
         started = time.perf_counter()
         own = delta_energy_profile(loaded, batch, ranks, args.mode, None, per_head=True)

@@ -46,7 +46,7 @@ def mean_offdiagonal_correlation(rows: np.ndarray) -> float:
     return float(np.mean(pairs))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--corpus", default="wiki")
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 24, 32, 40, 48, 56, 64])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.625, 0.5])
     parser.add_argument("--modes", nargs="+", default=["joint", "separate"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_causal_lm(args.model, device="cpu")
     ranks = tuple(sorted(args.ranks))

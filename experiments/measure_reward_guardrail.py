@@ -19,19 +19,26 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 import drrl_env  # noqa: F401
+from drrl_env.config import DEFAULT_RANKS
+from drrl_env.lm.models import DEFAULT_MODEL
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=24, help="random episodes per spectral mode")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per episode")
     parser.add_argument("--budget", type=float, nargs=2, default=(0.4, 0.9), help="budget range of the episodes")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7], help="eps0 to try")
-    args = parser.parse_args()
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
+    args = parser.parse_args(argv)
     for mode in ("separate", "joint"):
         env = gym.make(
-            "DRRL-Attention-v0",
+            "DRRL-Attention-PerLayer-v0",
+            kl_shaping_weight=1.0,  # the shaping potential is what this measures
+            model=args.model,
+            ranks=tuple(args.ranks),
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             spectral_mode=mode,

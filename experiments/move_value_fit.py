@@ -181,13 +181,13 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return {key: np.asarray(value) for key, value in rows.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_options(parser, episodes=30)
     parser.add_argument("--moves", type=int, default=60, help="random budget-neutral moves scored per batch")
     parser.add_argument("--save", help="write the scored moves to this .npz file")
     parser.add_argument("--load", help="read scored moves from this .npz file instead of scoring them")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = dict(np.load(args.load)) if args.load else collect(args)
     if args.save:
         np.savez(args.save, **data)

@@ -26,7 +26,9 @@ from scipy.stats import spearmanr
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env import ENV_ID
+from drrl_env.config import DEFAULT_RANKS
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.lm.models import DEFAULT_MODEL
 from drrl_env.lm.scoring import replay_scores
 from drrl_env.profiles.waterfill import rank_shares
 from oracle.hindsight import HindsightOracle
@@ -39,13 +41,17 @@ def add_batch_options(parser: argparse.ArgumentParser, episodes: int) -> None:
     parser.add_argument("--mode", default="joint", help="spectral mode")
     parser.add_argument("--split", default="validation", help="corpus split of the batches")
     parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per batch")
 
 
 def eq_s_env(args: argparse.Namespace) -> DRRLAttentionEnv:
     """The README main command's env (per head, Eq. S with 16 samples, 1 x 128, no guardrail) at ``args``' options."""
     kwargs = dict(
         per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
-        seq_len=128, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
+        seq_len=args.seq_len, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
+        model=args.model, ranks=tuple(args.ranks),
     )  # fmt: skip
     return gym.make(ENV_ID, **kwargs).unwrapped
 
@@ -91,12 +97,12 @@ def additive_change(cost: np.ndarray, indices: np.ndarray, candidate: np.ndarray
     return float(cost[rows, candidate.reshape(-1)].sum() - cost[rows, indices.reshape(-1)].sum())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_options(parser, episodes=6)
     parser.add_argument("--swaps", type=int, default=120, help="random budget-neutral moves scored per round")
     parser.add_argument("--rounds", type=int, default=2, help="greedy rounds: take the best move, draw moves again")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     env = eq_s_env(args)
     shares = rank_shares(env.config.ranks, env.head_dim)
     if not np.allclose(np.diff(shares), shares[1] - shares[0]):

@@ -32,10 +32,10 @@ def tilted(profile: np.ndarray, tilt: float, power: float) -> np.ndarray:
     return np.maximum(profile, 0.0) ** power * np.exp(tilt * depth)[:, None, None]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_options(parser, episodes=16)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     env = eq_s_env(args)
     shares = rank_shares(env.config.ranks, env.head_dim)
     variants = [(tilt, 1.0) for tilt in TILTS] + [(0.0, power) for power in POWERS]

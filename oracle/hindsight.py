@@ -4,7 +4,7 @@ For the episode's batch, :func:`layer_kl_profile` measures ``cost[l, k]``: the m
 ``KL(p_full || p)`` of the next-token distribution when layer ``l`` alone runs at candidate rank
 ``k`` and every other layer at full attention. It uses no labels: only the model's own
 distributions on the input, so choosing on it does not fit the noise of the tokens it is scored
-on (a profile of the LM loss does; see docs/results.md). :func:`allocate_ranks` then spends the
+on (a profile of the LM loss does; see docs/findings.md). :func:`allocate_ranks` then spends the
 episode's budget by the marginal water-fill: starting from the largest candidate everywhere, it
 lowers, one candidate at a time, the layer whose ``cost increase / FLOPs saved`` is smallest,
 until the mean FLOPs share meets the budget. Under the additive model (the KL of several layers
@@ -67,7 +67,7 @@ class HindsightOracle(LayerAllocationPolicy):
     layer at rank ``r`` costs ``r / d``); then it plays the allocation, taking the nearest allowed
     candidate where the mask forbids a choice. Needs a ``flops_budget``. In a ``per_head`` env it
     profiles and allocates each key/value group of each layer as a unit (:func:`unit_kl_profile`, or its
-    Fisher estimate), where the headroom is largest (docs/results.md, section 3).
+    Fisher estimate), where the headroom is largest (docs/findings.md).
     ``estimate="fisher"`` profiles by :func:`drrl_env.profiles.sensitivity.fisher_kl_profile` with ``samples`` label
     samples (``hindsight:fisher``, ``hindsight:fisher:S``); ``estimate="scaled_delta"`` by
     :func:`drrl_env.profiles.delta_scale.scaled_delta_profile` (one forward per input; ``samples`` fit its scale on

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md. Run from the repository root in an environment set up by
+# The runs behind docs/findings.md (tables in docs/results/). Run from the repository root in an environment set up by
 # scripts/install.sh; writes data/, runs/results*/ and results/. STAGES picks what runs (default: all):
 #
 #   budgets   the issue-14 table: the main command's agents (hindsight-teacher BC, then MaskablePPO) trained in
@@ -33,13 +33,14 @@ stages="${STAGES:-budgets residual per_head per_head_delta paper}"
 start=$(date +%s)
 
 if [[ " $stages " == *" budgets "* ]]; then
-  # train_agent.py's defaults: 1 x 128 tokens, budget 0.625, kl reward, no guardrail, 4500 PPO steps
-  budget_options=(--seq-len 128 --batch-size 1 --guardrail off)
+  # the per-layer recipe (--preset per-layer): 1 x 128 tokens, budget 0.625, kl reward, no guardrail, 4500 PPO steps
+  budget_options=(--env DRRL-Attention-PerLayer-v0)
   baselines=(uniform static:fisher hindsight:fisher fixed:32 energy:0.9 stable_rank threshold:0.1 gumbel:0.05
              random oracle)
   for mode in joint separate; do
     rm -rf "runs/results-$mode"
-    python train_agent.py --spectral-mode "$mode" --logdir "runs/results-$mode" --run-name train --compare
+    python train_agent.py --preset per-layer --spectral-mode "$mode" --logdir "runs/results-$mode" --run-name train \
+      --compare
     run="runs/results-$mode/train"
     cp "$run/bc_model.safetensors" "runs/results-$mode/bc.safetensors"
     cp "$run/model.safetensors" "runs/results-$mode/bc_ppo.safetensors"
@@ -51,19 +52,19 @@ fi
 
 if [[ " $stages " == *" residual "* ]]; then
   rm -rf runs/results-residual
-  python train_agent.py --residual --logdir runs/results-residual --run-name train --compare
+  python train_agent.py --preset residual --logdir runs/results-residual --run-name train --compare
   run=runs/results-residual/train
   cp "$run/model.safetensors" runs/results-residual/residual.safetensors
-  python -m agents.evaluate --seq-len 128 --batch-size 1 --guardrail off --modes joint --budgets 0.625 \
+  python -m agents.evaluate --env DRRL-Attention-PerLayer-v0 --modes joint --budgets 0.625 \
     --timing-repeats 1 --fig4-lengths --out results/residual --logdir runs/results-residual \
     --policies uniform static:fisher hindsight:fisher runs/results-residual/residual.safetensors
 fi
 
 if [[ " $stages " == *" per_head "* ]]; then
-  per_head_options=(--per-head --sensitivity-samples 16 --seq-len 128 --batch-size 1 --guardrail off)
+  per_head_options=(--sensitivity-estimate fisher)  # DRRL-Attention-v0 with the 16-sample Fisher signal
   rm -rf runs/results-per-head
-  python train_agent.py --per-head --sensitivity-samples 16 --flops-budget 0.5 0.75 --bc-epochs 100 \
-    --total-timesteps 1500 --logdir runs/results-per-head --run-name train --compare
+  python train_agent.py "${per_head_options[@]}" --warm-start hindsight --hyperparams '{}' --flops-budget 0.5 0.75 \
+    --logdir runs/results-per-head --run-name train --compare
   run=runs/results-per-head/train
   cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
   cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
@@ -73,22 +74,19 @@ if [[ " $stages " == *" per_head "* ]]; then
 fi
 
 if [[ " $stages " == *" per_head_delta "* ]]; then
-  delta_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta)
   for mode in ${DELTA_MODES:-joint separate}; do
     name=per-head-delta$([[ $mode == joint ]] || echo "-$mode")  # joint keeps the folder name it was first run with
     rm -rf "runs/results-$name"
-    python train_agent.py "${delta_options[@]}" --spectral-mode "$mode" --flops-budget 0.5 0.75 --bc-epochs 100 \
-      --total-timesteps 1500 --warm-start hindsight:scaled_delta \
-      --hyperparams '{"learning_rate": 1e-5, "target_kl": 0.01}' --logdir "runs/results-$name" --run-name train --compare
+    python train_agent.py --spectral-mode "$mode" --flops-budget 0.5 0.75 --logdir "runs/results-$name" \
+      --run-name train --compare
     run="runs/results-$name/train"
     cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
     cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
     # PPO from scratch on the same env, with the updates that let it beat random (50 episodes each, paired reward)
-    python train_agent.py "${delta_options[@]}" --spectral-mode "$mode" --flops-budget 0.5 0.75 --warm-start none \
-      --total-timesteps 9000 --n-steps 1500 --kl-baseline waterfill_log_ratio \
-      --hyperparams '{"batch_size": 300, "n_epochs": 4}' --logdir "runs/results-$name" --run-name scratch --compare
+    python train_agent.py --preset scratch --spectral-mode "$mode" --flops-budget 0.5 0.75 \
+      --logdir "runs/results-$name" --run-name scratch --compare
     cp "runs/results-$name/scratch/model.safetensors" "runs/results-$name/ppo_scratch.safetensors"
-    python -m agents.evaluate "${delta_options[@]}" --seq-len 128 --batch-size 1 --guardrail off --modes "$mode" \
+    python -m agents.evaluate --modes "$mode" \
       --budgets 0.75 0.625 0.5 --timing-repeats 0 --out "results/$name" --logdir "runs/results-$name" \
       --policies uniform static:fisher energy:0.9 random hindsight:fisher hindsight:scaled_delta \
       "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors" \
@@ -98,8 +96,7 @@ fi
 
 if [[ " $stages " == *" ppo_vs_bc "* ]]; then
   # a clone that misses its teacher: 80 BC epochs on 8 teacher episodes (the main command's env, seeds of its warm start)
-  env_options=(--per-head --sensitivity-samples 16 --sensitivity-estimate scaled_delta --seq-len 128 --batch-size 1
-               --guardrail off --spectral-mode joint --flops-budget 0.625)
+  env_options=(--env DRRL-Attention-v0)  # the main command's env as it is
   rm -rf runs/results-ppo-vs-bc data/teacher-8
   mkdir -p results/ppo-vs-bc runs/results-ppo-vs-bc
   python -m oracle --policy hindsight --estimate scaled_delta --episodes 8 --seed 500000 --out data/teacher-8 \
@@ -114,18 +111,17 @@ if [[ " $stages " == *" ppo_vs_bc "* ]]; then
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
-  # the paper's MDP (the env's defaults before issue 10), in separate mode, which train_agent.py no longer defaults to
-  env_options=(--seq-len 256 --batch-size 2 --spectral-mode separate --flops-budget none --reward eq13 --guardrail eq9
-               --eps0 0.5)
+  # the paper's MDP (DRRL-Attention-Paper-v0)
+  env_options=(--env DRRL-Attention-Paper-v0)
   steps="${STEPS:-12000}"
   rm -rf runs/results
   python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
   # the run names are the agents' ids in the tables and figures (maskable_ppo:bc_ppo, maskable_ppo:beta0)
-  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
+  python train_agent.py --preset paper --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
     --logdir runs/results --run-name bc_ppo --checkpoint-every 3000 --compare
-  python train_agent.py "${env_options[@]}" --total-timesteps "$steps" --beta 0 --logdir runs/results \
+  python train_agent.py --preset paper --total-timesteps "$steps" --beta 0 --logdir runs/results \
     --run-name beta0 --compare
-  python -m agents.evaluate "${env_options[@]}" --runs runs/results --ablations \
+  python -m agents.evaluate "${env_options[@]}" --modes separate joint --runs runs/results --ablations \
     --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle \
     runs/results/bc_ppo/model.safetensors static:match runs/results/beta0/model.safetensors
 fi

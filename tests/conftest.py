@@ -61,12 +61,25 @@ def tiny_model_dir(tmp_path_factory):
 
 
 PAPER_MDP = dict(flops_budget=None, reward="eq13", guardrail="eq9", eps0=0.5)
-"""The paper's MDP (no budget, the per-step Eq. 13 reward, the Eq. 9 guardrail): what the greedy oracle scores."""
+"""The paper's MDP (no budget, the per-step Eq. 13 reward, the Eq. 9 guardrail): what the greedy oracle scores.
+DRRL-Attention-Paper-v0 is this with separate spectra, one rank per layer and no signal (LAYER_MDP)."""
+LAYER_MDP = dict(
+    per_head=False,
+    spectral_mode="separate",
+    guardrail="exact",
+    kl_shaping_weight=1.0,
+    sensitivity_samples=0,
+    sensitivity_estimate="fisher",
+)
+"""One rank per layer, separate spectra, the exact guardrail, shaped KL reward, no signal: the env most mechanics
+tests are written in (EnvConfig's defaults before the recommended MDP became the default)."""
+TINY_SIZES = dict(ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)
+"""a registered id shrunk to the tiny models (head_dim 16)"""
 
 
 @pytest.fixture
 def tiny_env_kwargs(tiny_model_dir):
-    return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)
+    return dict(model=tiny_model_dir, **TINY_SIZES, **LAYER_MDP)
 
 
 def sharpen_first_layer(model):

@@ -160,8 +160,9 @@ def test_same_seed_same_episode_on_defaults_across_many_episodes(tiny_env_kwargs
 
 
 @pytest.mark.expensive
-@pytest.mark.parametrize("overrides", [{}, {"seq_len": 32, "batch_size": 1}])
+@pytest.mark.parametrize("overrides", [{}, {"seq_len": 32, "per_head": False}])
 def test_check_env_on_the_real_defaults(overrides):
+    overrides = {**overrides, "sensitivity_samples": 2}  # the Eq. S scale's one-off fit at 2 label samples, not 16
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 

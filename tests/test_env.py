@@ -10,7 +10,7 @@ import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.attention.bounds import logit_perturbation_bound, normalized_energy_ratio, transition_norm
 from drrl_env.attention.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.attention.lowrank import attend, expand_kv_heads, full_attention, low_rank_qk
-from tests.conftest import PAPER_MDP
+from tests.conftest import PAPER_MDP, TINY_SIZES
 
 
 def make(tiny_env_kwargs, **overrides):
@@ -40,6 +40,33 @@ def test_check_env_passes(tiny_env_kwargs, overrides):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     sb3_check_env(env.unwrapped)
+
+
+@pytest.mark.parametrize("env_id", sorted(drrl_env.VARIANTS))
+def test_check_env_passes_on_every_registered_id(tiny_model_dir, env_id):
+    env = gym.make(env_id, model=tiny_model_dir, **TINY_SIZES)
+    config = env.unwrapped.config
+    for name, value in drrl_env.VARIANTS[env_id].items():
+        if name not in TINY_SIZES:
+            assert getattr(config, name) == (tuple(value) if isinstance(value, list) else value), name
+    check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_the_default_id_is_the_recommended_mdp_and_train_agents_default():
+    from drrl_env.config import EnvConfig
+    from train_agent import parse_options
+
+    run = parse_options([])
+    assert run.env_id == drrl_env.ENV_ID
+    assert EnvConfig(**run.env) == EnvConfig() == EnvConfig(**gym.spec(drrl_env.ENV_ID).kwargs)
+    assert EnvConfig().per_head and EnvConfig().sensitivity_estimate == "scaled_delta"
+    paper = EnvConfig(**gym.spec(drrl_env.PAPER_ENV_ID).kwargs)
+    assert (paper.spectral_mode, paper.reward_kind, paper.guardrail, paper.flops_budget) == (
+        "separate",
+        "eq13",
+        "eq9",
+        None,
+    )
 
 
 def test_registered_by_module_prefix_and_spaces(tiny_env_kwargs):

@@ -109,8 +109,8 @@ def attend(
     still counts width ``e``. ``fused=False`` is the readable reference path that really
     multiplies at width ``e`` (grouping the query heads of one key head, so a shared ``k`` is not
     copied). ``causal_kernel`` (fused, no mask, ``m = n``) runs SDPA's own causal kernel, which
-    skips the masked blocks instead of an explicit mask (measured 1.4x faster prefill at n = 4096;
-    the env keeps the explicit mask, so its recorded results reproduce bit for bit).
+    skips the masked blocks instead of an explicit mask (faster; the env keeps the explicit mask, so its
+    recorded results reproduce bit for bit).
     """
     B, Hq, m, e = q.shape
     n, d = k.shape[-2], v.shape[-1]

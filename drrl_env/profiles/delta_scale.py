@@ -15,7 +15,7 @@ granularity) and keeps it under ``$DRRL_CACHE_DIR/delta_scale`` (written atomica
 :func:`scaled_delta_profile` is the per-input estimate: the input's own delta energy
 (:func:`drrl_env.profiles.sensitivity.delta_energy_profile`, one forward pass with every candidate's low-rank
 output beside the full one) times the scale. The input enters only through its own truncation errors,
-which it has anyway; its labels never. Measured per head on SmolLM2 (docs/results.md): log-correlation
+which it has anyway; its labels never. Measured per head on SmolLM2 (docs/findings.md): log-correlation
 0.97-0.98 with each test input's 16-sample Fisher profile (0.92-0.97 for the validation profile alone),
 at about a fifteenth of its wall-clock.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
 from drrl_env.lm.files import write_atomic
@@ -49,7 +50,8 @@ def fit_delta_scale(
 ) -> np.ndarray:
     """Eq. S over ``chunks (N, n)``: ``(L, K)`` (``(L, Hkv, K)`` per head); 0 where the delta energy is 0."""
     fisher, energy = 0.0, 0.0
-    for batch in chunks.split(SCALE_BATCH):
+    batches = tqdm(chunks.split(SCALE_BATCH), desc="Eq. S scale: one-off fit on validation text (cached)", unit="batch")
+    for batch in batches:
         rows = len(batch)  # both profiles are per token: weight each batch by its rows
         fisher = fisher + rows * fisher_kl_profile(loaded, batch, ranks, mode, segment_len, samples, per_head=per_head)
         energy = energy + rows * delta_energy_profile(loaded, batch, ranks, mode, segment_len, per_head=per_head)

@@ -18,7 +18,7 @@ needs one forward with the candidates' outputs, computed from the same spectra, 
 pass per sample, whatever ``L`` and ``K`` are (:func:`fisher_kl_profile`). The cost of the estimate
 is noise: one sample is a chi-square variable with one degree of freedom (relative spread
 ``sqrt(2 / samples)``), and the second-order model misses what the exact profile sees at low ranks
-(docs/results.md measures how well its allocations agree with the exact ones).
+(docs/findings.md measures how well its allocations agree with the exact ones).
 
 The profile serves three users: the hindsight oracle and the static allocation spend a budget over
 it by the marginal water-fill (:func:`allocate_ranks`), and the env shows it to the agent
