@@ -41,7 +41,7 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.networks import POLICIES, PolicySetup
+from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
 from agents.train_config import (
     PPO_NEAR_CLONE,
@@ -77,7 +77,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         TrainConfig,
         "training",
         defaults=preset.train,
-        choices={"preset": tuple(PRESETS), "algo": tuple(sorted(ALGORITHMS)), "vec": VEC_ENVS, "policy": POLICIES,
+        choices={"preset": tuple(PRESETS), "algo": tuple(sorted(ALGORITHMS)), "vec": VEC_ENVS, "network": NETWORKS,
                  "warm_start": WARM_STARTS},
         types={"total_timesteps": at_least(1), "n_envs": at_least(1), "n_steps": at_least(1), "bc_epochs": at_least(1),
                "warm_start_episodes": at_least(2),
@@ -204,7 +204,7 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
         from agents.bc import BCConfig, behaviour_clone
 
         bc_config = BCConfig(
-            train.policy, train.history, train.bc_epochs, seed=train.seed, entropy_coef=train.bc_entropy_coef
+            train.network, train.history, train.bc_epochs, seed=train.seed, entropy_coef=train.bc_entropy_coef
         )
         bc, result = behaviour_clone(bc_dataset, bc_config, run_dir / "bc")
         load_agent_into(model, save_agent(bc, run_dir / BC_MODEL))

@@ -79,6 +79,7 @@ class AgentDescription:
 
     algo: str
     policy: str
+    """the policy network's name (agents.networks.NETWORKS)"""
     history: int
     observation_space: dict[str, Any]
     action_space: dict[str, Any]

@@ -48,7 +48,7 @@ class Algorithm:
             arguments.pop("n_steps", None)
         policy_kwargs = dict(setup.policy_kwargs)
         if self.recurrent and "features_extractor_class" in policy_kwargs:
-            raise ValueError("recurrent_ppo carries its own memory (an LSTM): use --policy mlp with it")
+            raise ValueError("recurrent_ppo carries its own memory (an LSTM): use --network mlp with it")
         return self.cls(
             self.policy, env, policy_kwargs=policy_kwargs, seed=seed, tensorboard_log=logdir, device="cpu", **arguments
         )
@@ -129,7 +129,7 @@ class ModelPolicy:
         return self._act(observation, action_mask)
 
     def _act(self, observation: np.ndarray, action_mask: np.ndarray) -> int | np.ndarray:
-        from agents.networks import stack_states
+        from drrl_env.wrappers import stack_states
 
         self._states.append(np.asarray(observation, dtype=np.float32))
         obs = stack_states(self._states, self.setup.history) if self.setup.history else self._states[-1]

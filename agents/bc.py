@@ -9,7 +9,7 @@ recorded actions, under the masks) to TensorBoard through SB3's logger. The resu
 a MaskablePPO agent file (:mod:`agents.agent_file`), which ``train_agent.py --bc-model FILE``
 continues with PPO.
 
-    python -m agents.bc --dataset DIR --out FILE.safetensors [--policy mlp|transformer] [--epochs 30]
+    python -m agents.bc --dataset DIR --out FILE.safetensors [--network mlp|transformer] [--epochs 30]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from stable_baselines3.common.logger import configure
 from tqdm.auto import tqdm
 
 from agents.agent_file import agent_path, save_agent
-from agents.networks import DEFAULT_HISTORY, POLICIES, policy_setup, stack_states
+from agents.networks import DEFAULT_HISTORY, NETWORKS, policy_setup
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options
 from drrl_env.lm.files import check_output_folder
+from drrl_env.wrappers import stack_states
 from oracle.dataset import env_config_of, load_trajectories, read_metadata
 
 
@@ -39,7 +40,7 @@ from oracle.dataset import env_config_of, load_trajectories, read_metadata
 class BCConfig:
     """Behaviour-cloning hyperparameters."""
 
-    policy: str = "mlp"
+    network: str = "mlp"
     """policy network: 'mlp' or 'transformer'"""
     history: int = DEFAULT_HISTORY
     """states in the Transformer's window"""
@@ -57,7 +58,7 @@ class BCConfig:
     """weight of an entropy bonus: > 0 keeps the cloned policy stochastic, so PPO can still explore from it"""
 
     def __post_init__(self) -> None:
-        policy_setup(self.policy, self.history)  # names the bad policy or history
+        policy_setup(self.network, self.history)  # names the bad network or history
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -154,7 +155,7 @@ def behaviour_clone(
         The model (a MaskablePPO whose env is the dataset's env configuration) and the curves.
     """
     config = config or BCConfig()
-    setup = policy_setup(config.policy, config.history)
+    setup = policy_setup(config.network, config.history)
     metadata = read_metadata(dataset)
     demos = load_demonstrations(dataset, setup.history)
     env = setup.wrap(gym.make(ENV_ID, **env_config_of(metadata)))
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         BCConfig,
         "behaviour cloning (BCConfig)",
-        choices={"policy": POLICIES},
+        choices={"network": NETWORKS},
         types={name: at_least(1) for name in ("history", "epochs", "batch_size")},
     )
     return parser

@@ -12,69 +12,19 @@ sb3-contrib's masking for MaskablePPO. Use :func:`policy_setup` to get both piec
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from drrl_env.wrappers import RankOffsets
+from drrl_env.wrappers import DEFAULT_HISTORY, RankOffsets, StateHistory
 
-POLICIES = ("mlp", "transformer")
-DEFAULT_HISTORY = 8
-
-
-def stack_states(states: list[np.ndarray], window: int) -> np.ndarray:
-    """The last ``window`` of ``states`` (each ``(D,)``, most recent last) as ``(window, D + 1)``, zero-padded.
-
-    The last column is 1 for a real state, 0 for padding (at the top, before the first state).
-    """
-    recent = states[-window:]
-    width = recent[0].shape[0]
-    stacked = np.zeros((window, width + 1), dtype=np.float32)
-    stacked[window - len(recent) :, :width] = np.stack(recent)
-    stacked[window - len(recent) :, width] = 1.0
-    return stacked
-
-
-class StateHistory(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """Observation wrapper: the last ``window`` states of the episode, ``Box(-10, 10, (window, D + 1))``.
-
-    See :func:`stack_states`. ``action_masks()`` is passed through, so MaskablePPO works unchanged.
-    """
-
-    def __init__(self, env: gym.Env, window: int = DEFAULT_HISTORY) -> None:
-        super().__init__(env)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        gym.utils.RecordConstructorArgs.__init__(self, window=window)
-        box = env.observation_space
-        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
-            raise ValueError(f"StateHistory needs a 1-D Box observation space, got {box}")
-        self.window = window
-        low = np.concatenate([box.low, [0.0]]).astype(np.float32)
-        high = np.concatenate([box.high, [1.0]]).astype(np.float32)
-        self.observation_space = spaces.Box(np.tile(low, (window, 1)), np.tile(high, (window, 1)), dtype=np.float32)
-        self._states: deque[np.ndarray] = deque(maxlen=window)
-
-    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
-        observation, info = self.env.reset(**kwargs)
-        self._states.clear()
-        self._states.append(observation)
-        return stack_states(list(self._states), self.window), info
-
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        self._states.append(observation)
-        return stack_states(list(self._states), self.window), reward, terminated, truncated, info
-
-    def action_masks(self) -> np.ndarray:
-        return self.env.get_wrapper_attr("action_masks")()
+NETWORKS = ("mlp", "transformer")
+"""the policy networks by name (``--network``)"""
 
 
 class TransformerExtractor(BaseFeaturesExtractor):
@@ -153,7 +103,7 @@ def policy_setup(
             raise ValueError(f"history must be >= 1 for the transformer policy, got {history}")
         kwargs = {"features_extractor_class": TransformerExtractor, "net_arch": [64]}
         return PolicySetup(name, kwargs, history, **residual)
-    raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+    raise ValueError(f"network must be one of {NETWORKS}, got {name!r}")
 
 
 def setup_of_observation_space(space: spaces.Space) -> PolicySetup:

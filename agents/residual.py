@@ -36,7 +36,7 @@ def residual_setup(train: TrainConfig, env_kwargs: dict[str, Any]) -> PolicySetu
     no budget or per-head ranks.
     """
     if not train.residual:
-        return policy_setup(train.policy, train.history)
+        return policy_setup(train.network, train.history)
     config = EnvConfig(**env_kwargs)
     if config.flops_budget is None or config.flops_budget[0] != config.flops_budget[1] or config.per_head:
         raise ValueError("--residual needs one --flops-budget share and one rank per layer (no --per-head)")
@@ -47,7 +47,7 @@ def residual_setup(train: TrainConfig, env_kwargs: dict[str, Any]) -> PolicySetu
         print(f"residual agent: static allocation {list(env_kwargs['reference_ranks'])}")
     if env_kwargs["kl_baseline"] == "none":
         env_kwargs["kl_baseline"] = "reference_log_ratio"
-    return policy_setup(train.policy, train.history, DEFAULT_OFFSETS, tuple(env_kwargs["reference_ranks"]))
+    return policy_setup(train.network, train.history, DEFAULT_OFFSETS, tuple(env_kwargs["reference_ranks"]))
 
 
 def start_at_reference(model: BaseAlgorithm, setup: PolicySetup) -> None:

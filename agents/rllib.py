@@ -213,7 +213,7 @@ def set_guardrail_step(algorithm: Any, step: int) -> None:
     algorithm.env_runner_group.foreach_env_runner(apply, local_env_runner=True)
 
 
-def save_checkpoint(algorithm: Any, directory: Path, step: int) -> Path:
+def save_rllib_checkpoint(algorithm: Any, directory: Path, step: int) -> Path:
     """RLlib's checkpoint of ``algorithm`` as ``directory/step_N``, written to a temporary folder and renamed."""
     target = directory / f"{CHECKPOINT_PREFIX}{step:09d}"
     if target.exists():
@@ -225,7 +225,7 @@ def save_checkpoint(algorithm: Any, directory: Path, step: int) -> Path:
     return target
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
+def latest_rllib_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint under ``directory`` (partial ones start with a dot and are skipped)."""
     found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
     return found[-1] if found else None
@@ -265,7 +265,7 @@ def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, 
     board = TensorBoardResults(run_dir)
     try:
         if config.resume:
-            checkpoint = latest_checkpoint(run_dir / "checkpoints")
+            checkpoint = latest_rllib_checkpoint(run_dir / "checkpoints")
             if checkpoint is None:
                 raise ValueError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
             algorithm.restore_from_path(str(checkpoint.resolve()))
@@ -290,7 +290,7 @@ def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, 
                 bar.update(now - done)
                 done = now
                 if config.checkpoint_every and done >= next_checkpoint:
-                    save_checkpoint(algorithm, run_dir / "checkpoints", done)
+                    save_rllib_checkpoint(algorithm, run_dir / "checkpoints", done)
                     next_checkpoint = (done // config.checkpoint_every + 1) * config.checkpoint_every
                 if config.eval_every and done >= next_eval:
                     row = evaluate_policy(
@@ -299,7 +299,7 @@ def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, 
                     values = {"ppl": row.ppl, "flops_ratio": row.flops_ratio, "mean_rank": row.mean_rank}
                     board.scalars({f"eval/{name}": value for name, value in values.items()}, done)
                     next_eval = (done // config.eval_every + 1) * config.eval_every
-        save_checkpoint(algorithm, run_dir / "checkpoints", done)
+        save_rllib_checkpoint(algorithm, run_dir / "checkpoints", done)
         path = save_rllib_agent(trained_module(algorithm, spaces), run_dir / "model.safetensors", MODEL_CONFIG, done)
         print(f"saved {path} ({done} steps); tensorboard --logdir {run_dir.parent}")
     finally:

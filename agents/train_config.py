@@ -116,8 +116,8 @@ class TrainConfig:
     """keyword arguments of the algorithm's constructor as a JSON object, SB3's names, e.g.
     '{"learning_rate": 1e-4, "target_kl": 0.01}' (n_steps has its own option; batch_size defaults to
     min(64, n_steps x n_envs))"""
-    policy: str = "mlp"
-    """policy network: 'mlp' or 'transformer'"""
+    network: str = "mlp"
+    """policy network: 'mlp' or 'transformer' (the Transformer of Eq. 7 over --history states)"""
     history: int = DEFAULT_HISTORY
     """states the transformer policy attends over"""
     warm_start: str = "hindsight:scaled_delta"

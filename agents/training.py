@@ -23,36 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from agents.networks import PolicySetup
 from drrl_env import ENV_ID
 from drrl_env.render import rank_heatmap_rgb
-
-
-class EpisodeSeeds(gym.Wrapper):
-    """Seeds episode ``k`` of this env with ``base_seed + k * stride``, whatever seed ``reset`` is given.
-
-    With ``n`` envs, env ``i`` uses ``base_seed = seed + i`` and ``stride = n``: every episode of a
-    run has its own seed, and a resumed run can restart at episode ``k`` (``set_position``).
-    """
-
-    def __init__(self, env: gym.Env, base_seed: int, stride: int = 1) -> None:
-        super().__init__(env)
-        self.base_seed, self.stride, self.episode, self.steps = base_seed, stride, 0, 0
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        del seed  # the episode index decides
-        result = self.env.reset(seed=self.base_seed + self.episode * self.stride, options=options)
-        self.episode, self.steps = self.episode + 1, 0
-        return result
-
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self.steps += 1
-        return self.env.step(action)
-
-    def get_position(self) -> tuple[int, int, int]:
-        """(episodes started, the env's Eq. 11 guardrail step, steps taken in the current episode)."""
-        return self.episode, self.env.unwrapped.guardrail_step, self.steps
-
-    def set_position(self, episode: int, guardrail_step: int) -> None:
-        self.episode = episode
-        self.env.unwrapped.set_guardrail_step(guardrail_step)
+from drrl_env.wrappers import EpisodeSeeds
 
 
 class GuardrailScheduleCallback(BaseCallback):

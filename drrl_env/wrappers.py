@@ -1,6 +1,9 @@
-"""Wrappers of DRRL-Attention-v0: ``MaskInObservation`` (for RLlib) and ``RankOffsets`` (residual actions).
+"""Every wrapper of the DRRL-Attention envs.
 
 ``RankOffsets``: actions as offsets from a fixed reference allocation, a residual policy's action space.
+``StateHistory``: the observation as a window of the episode's last states (the Transformer policy's input).
+``EpisodeSeeds``: episode ``k`` seeded ``base_seed + k * stride`` (a training run's seeding, resumable).
+``MaskInObservation``: the mask inside a dict observation (RLlib).
 
 RLlib (``ray.rllib.examples.rl_modules.classes.action_masking_rlm``), and other libraries that
 have no ``action_masks()`` hook, expect the mask as part of the observation:
@@ -9,6 +12,7 @@ have no ``action_masks()`` hook, expect the mask as part of the observation:
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import gymnasium as gym
@@ -16,6 +20,9 @@ import numpy as np
 from gymnasium import spaces
 
 from drrl_env.guardrail import nearest_allowed
+
+DEFAULT_HISTORY = 8
+"""states the Transformer policy attends over (:class:`StateHistory`'s window)"""
 
 
 def action_logits(action_space: spaces.Space) -> int:
@@ -163,3 +170,81 @@ class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         observation, reward, terminated, truncated, info = self.env.step(self.action(action))
         return self.observation(observation), reward, terminated, truncated, info
+
+
+def stack_states(states: list[np.ndarray], window: int) -> np.ndarray:
+    """The last ``window`` of ``states`` (each ``(D,)``, most recent last) as ``(window, D + 1)``, zero-padded.
+
+    The last column is 1 for a real state, 0 for padding (at the top, before the first state).
+    """
+    recent = states[-window:]
+    width = recent[0].shape[0]
+    stacked = np.zeros((window, width + 1), dtype=np.float32)
+    stacked[window - len(recent) :, :width] = np.stack(recent)
+    stacked[window - len(recent) :, width] = 1.0
+    return stacked
+
+
+class StateHistory(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Observation wrapper: the last ``window`` states of the episode, ``Box(-10, 10, (window, D + 1))``.
+
+    See :func:`stack_states`. ``action_masks()`` is passed through, so MaskablePPO works unchanged.
+    """
+
+    def __init__(self, env: gym.Env, window: int = DEFAULT_HISTORY) -> None:
+        super().__init__(env)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        gym.utils.RecordConstructorArgs.__init__(self, window=window)
+        box = env.observation_space
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise ValueError(f"StateHistory needs a 1-D Box observation space, got {box}")
+        self.window = window
+        low = np.concatenate([box.low, [0.0]]).astype(np.float32)
+        high = np.concatenate([box.high, [1.0]]).astype(np.float32)
+        self.observation_space = spaces.Box(np.tile(low, (window, 1)), np.tile(high, (window, 1)), dtype=np.float32)
+        self._states: deque[np.ndarray] = deque(maxlen=window)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
+        observation, info = self.env.reset(**kwargs)
+        self._states.clear()
+        self._states.append(observation)
+        return stack_states(list(self._states), self.window), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self._states.append(observation)
+        return stack_states(list(self._states), self.window), reward, terminated, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        return self.env.get_wrapper_attr("action_masks")()
+
+
+class EpisodeSeeds(gym.Wrapper):
+    """Seeds episode ``k`` of this env with ``base_seed + k * stride``, whatever seed ``reset`` is given.
+
+    With ``n`` envs, env ``i`` uses ``base_seed = seed + i`` and ``stride = n``: every episode of a
+    run has its own seed, and a resumed run can restart at episode ``k`` (``set_position``).
+    """
+
+    def __init__(self, env: gym.Env, base_seed: int, stride: int = 1) -> None:
+        super().__init__(env)
+        self.base_seed, self.stride, self.episode, self.steps = base_seed, stride, 0, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        del seed  # the episode index decides
+        result = self.env.reset(seed=self.base_seed + self.episode * self.stride, options=options)
+        self.episode, self.steps = self.episode + 1, 0
+        return result
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.steps += 1
+        return self.env.step(action)
+
+    def get_position(self) -> tuple[int, int, int]:
+        """(episodes started, the env's Eq. 11 guardrail step, steps taken in the current episode)."""
+        return self.episode, self.env.unwrapped.guardrail_step, self.steps
+
+    def set_position(self, episode: int, guardrail_step: int) -> None:
+        self.episode = episode
+        self.env.unwrapped.set_guardrail_step(guardrail_step)

@@ -11,7 +11,8 @@ import drrl_env  # noqa: F401  (registers the env)
 from agents.agent_file import load_agent_into, save_agent
 from agents.algorithms import get_algorithm
 from agents.bc import BCConfig, behaviour_clone, load_demonstrations
-from agents.networks import StateHistory, TransformerExtractor, policy_setup, stack_states
+from agents.networks import TransformerExtractor, policy_setup
+from drrl_env.wrappers import StateHistory, stack_states
 from oracle import GreedyOracle, record_trajectories
 from tests.conftest import PAPER_MDP
 
@@ -72,8 +73,8 @@ def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
     demos = load_demonstrations(directory)
     held_out = demos.actions[demos.episodes >= 19]
     majority = np.bincount(held_out).max() / len(held_out)
-    config = BCConfig(policy=policy, epochs=120, validation_fraction=0.2)
-    _, untrained = behaviour_clone(directory, BCConfig(policy=policy, epochs=1, learning_rate=0.0), progress=False)
+    config = BCConfig(network=policy, epochs=120, validation_fraction=0.2)
+    _, untrained = behaviour_clone(directory, BCConfig(network=policy, epochs=1, learning_rate=0.0), progress=False)
     _, result = behaviour_clone(directory, config, progress=False)
     assert result.train_loss[-1] < 0.5 * result.train_loss[0]
     assert result.train_accuracy[-1] >= 0.9
@@ -85,7 +86,7 @@ def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
 def test_bc_model_loads_into_maskable_ppo_and_trains_on(oracle_dataset, tmp_path):
     directory, kwargs = oracle_dataset
     model, _ = behaviour_clone(
-        directory, BCConfig(policy="transformer", epochs=5), logdir=tmp_path / "tb", progress=False
+        directory, BCConfig(network="transformer", epochs=5), logdir=tmp_path / "tb", progress=False
     )
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     path = save_agent(model, tmp_path / "bc")
@@ -108,7 +109,7 @@ def test_bc_command(oracle_dataset, tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "agents.bc", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in ("--dataset", "--out", "--policy", "--epochs"):
+    for flag in ("--dataset", "--out", "--network", "--epochs"):
         assert flag in help_text
     out = tmp_path / "model"
     done = subprocess.run(

@@ -23,7 +23,7 @@ def test_help_explains_every_option():
     out = run("train_agent.py", "--help")
     assert out.returncode == 0
     flags = (
-        "--algo", "--total-timesteps", "--seed", "--n-envs", "--vec", "--bc-dataset", "--bc-model", "--policy",
+        "--algo", "--total-timesteps", "--seed", "--n-envs", "--vec", "--bc-dataset", "--bc-model", "--network",
         "--model", "--corpus", "--seq-len", "--segment-len", "--ranks", "--alpha", "--beta", "--gamma", "--eps0",
         "--eps-decay", "--guardrail", "--flops-budget", "--reward", "--kl-shaping-weight",
         "--terminal-lm-weight", "--per-head", "--logdir", "--checkpoint-every",

@@ -273,7 +273,7 @@ def low_rank_attention(
     fused: bool = True,
     core: LogitCore | None = None,
 ) -> torch.Tensor:
-    """Low-rank attention output ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``.
+    """Low-rank attention (Eqs. 1-2): ``softmax(q' k'^T * scale) v``, ``(B, Hq, m, d)``; scores cost ``O(m n r)``.
 
     ``fused`` selects the execution path of :func:`attend` (same result). With a ``(K, Hkv)`` table
     of candidate ranks the output is ``(K, B, Hq, m, d)``: the ``K`` candidates run as one batched
