@@ -214,6 +214,11 @@ def _canonical(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
+NEVER_FROM_A_FILE = frozenset({"trust_pickle"})
+"""options a resumed run takes from the command line only, never from the run's config.json: trust is given, not
+read from a file someone may have edited"""
+
+
 def resume_options(
     parser: argparse.ArgumentParser, argv: list[str] | None, resumable: Collection[str], command: str
 ) -> dict[str, Any]:
@@ -249,7 +254,9 @@ def resume_options(
             f"--resume {resume} was started with other options: {'; '.join(differing)}; "
             "drop them to continue the run as it was, or start a new run"
         )
-    return {**options, **{name: value for name, value in stored.items() if name in options and name not in given}}
+    kept = {name: value for name, value in stored.items() if name in options and name not in given}
+    kept = {name: value for name, value in kept.items() if name not in NEVER_FROM_A_FILE}
+    return {**options, **kept}
 
 
 def chosen_preset(argv: list[str] | None) -> tuple[Preset, str]:

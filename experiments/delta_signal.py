@@ -20,12 +20,12 @@ import numpy as np
 
 from agents.evaluate import evaluate_policy
 from agents.zoo import make_policy
-from drrl_env.config import DEFAULT_RANKS
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
-from drrl_env.lm.models import DEFAULT_MODEL, load_causal_lm
+from drrl_env.lm.models import load_causal_lm
 from drrl_env.profiles.delta_scale import delta_scale
 from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
 from drrl_env.profiles.waterfill import allocate_ranks, rank_shares
+from experiments.teacher_neighbourhood import add_model_options
 from oracle.hindsight import LayerAllocationPolicy
 
 
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default="wiki", help="held-out corpus")
     parser.add_argument("--mode", default="joint", help="spectral mode")
     parser.add_argument("--samples", type=int, default=16, help="label samples of the Fisher profiles")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per chunk")
+    add_model_options(parser)
     parser.add_argument(
         "--policies",
         nargs="*",

@@ -19,8 +19,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 import drrl_env  # noqa: F401
-from drrl_env.config import DEFAULT_RANKS
-from drrl_env.lm.models import DEFAULT_MODEL
+from experiments.teacher_neighbourhood import add_model_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per episode")
     parser.add_argument("--budget", type=float, nargs=2, default=(0.4, 0.9), help="budget range of the episodes")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7], help="eps0 to try")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
+    add_model_options(parser, seq_len=None)
     args = parser.parse_args(argv)
     for mode in ("separate", "joint"):
         env = gym.make(

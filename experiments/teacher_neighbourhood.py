@@ -41,9 +41,15 @@ def add_batch_options(parser: argparse.ArgumentParser, episodes: int) -> None:
     parser.add_argument("--mode", default="joint", help="spectral mode")
     parser.add_argument("--split", default="validation", help="corpus split of the batches")
     parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+    add_model_options(parser)
+
+
+def add_model_options(parser: argparse.ArgumentParser, seq_len: int | None = 128) -> None:
+    """--model, --ranks and (unless ``seq_len`` is None) --seq-len: what the experiments' smoke tests shrink."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="causal LM (default: the offline default)")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="candidate ranks")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per batch")
+    if seq_len is not None:
+        parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence")
 
 
 def eq_s_env(args: argparse.Namespace) -> DRRLAttentionEnv:

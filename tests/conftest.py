@@ -73,6 +73,13 @@ LAYER_MDP = dict(
 )
 """One rank per layer, separate spectra, the exact guardrail, shaped KL reward, no signal: the env most mechanics
 tests are written in (EnvConfig's defaults before the recommended MDP became the default)."""
+
+
+def layer_mdp(**kwargs):
+    """``gym.make`` keywords of LAYER_MDP with ``kwargs`` over them."""
+    return {**LAYER_MDP, **kwargs}
+
+
 TINY_SIZES = dict(ranks=(4, 8, 12, 16), seq_len=32, batch_size=2)
 """a registered id shrunk to the tiny models (head_dim 16)"""
 

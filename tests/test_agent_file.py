@@ -24,13 +24,14 @@ from agents.agent_file import (
 from agents.algorithms import ALGORITHMS, get_algorithm
 from agents.networks import policy_setup
 from agents.zoo import make_policy
+from tests.conftest import layer_mdp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def tiny_kwargs(tiny_model_dir):
-    return dict(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, segment_len=8)
+    return layer_mdp(model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, segment_len=8)
 
 
 class _RunsCode:

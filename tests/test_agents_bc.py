@@ -14,13 +14,13 @@ from agents.bc import BCConfig, behaviour_clone, load_demonstrations
 from agents.networks import TransformerExtractor, policy_setup
 from drrl_env.wrappers import StateHistory, stack_states
 from oracle import GreedyOracle, record_trajectories
-from tests.conftest import PAPER_MDP
+from tests.conftest import PAPER_MDP, layer_mdp
 
 
 @pytest.fixture(scope="module")
 def oracle_dataset(tmp_path_factory, tiny_layered_model_dir):
     """24 greedy-oracle episodes (2 layers x 4 segments) whose best rank depends on layer, segment and text."""
-    kwargs = dict(
+    kwargs = layer_mdp(
         model=tiny_layered_model_dir,
         ranks=(2, 4, 6, 8, 10, 12, 14, 16),
         seq_len=32,
@@ -155,7 +155,7 @@ def test_per_head_hindsight_dataset_and_bc(tmp_path, tiny_layered_model_dir):
     """Per-head ranks: the dataset keeps one action per key/value group, and BC clones the MultiDiscrete choice."""
     from oracle.hindsight import HindsightOracle
 
-    kwargs = dict(
+    kwargs = layer_mdp(
         model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, batch_size=2, device="cpu",
         guardrail="off", per_head=True, flops_budget=0.5, sensitivity_samples=4,
     )  # fmt: skip

@@ -15,14 +15,14 @@ from agents.networks import policy_setup
 from drrl_env.lm.corpora import corpus_tokens, sample_batch
 from drrl_env.profiles.waterfill import allocate_ranks
 from oracle.baselines import BASELINES, FullRank, make_baseline
-from tests.conftest import PAPER_MDP
+from tests.conftest import PAPER_MDP, layer_mdp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def zoo_env_kwargs(tiny_layered_model_dir):
-    return dict(model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, segment_len=8, batch_size=2)
+    return layer_mdp(model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, segment_len=8, batch_size=2)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -101,7 +101,7 @@ def test_heuristic_policies_only_pick_allowed_ranks(spec, budgeted, zoo_env_kwar
 @pytest.mark.parametrize("guardrail", ["exact", "off"])
 def test_baselines_pick_one_allowed_rank_per_group_in_a_per_head_env(spec, guardrail, zoo_env_kwargs):
     kwargs = {**zoo_env_kwargs, "per_head": True, "flops_budget": 0.5, "guardrail": guardrail, "eps0": 0.3}
-    env = gym.make("DRRL-Attention-v0", **kwargs, eps_decay=0.0).unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "eps_decay": 0.0}).unwrapped
     layered = gym.make("DRRL-Attention-v0", **{**kwargs, "per_head": False}, eps_decay=0.0).unwrapped
     policy, reference = make_baseline(spec, kwargs), make_baseline(spec, kwargs)
     num_candidates = len(kwargs["ranks"])
@@ -277,7 +277,7 @@ def test_uniform_spends_the_budget_evenly(tiny_env_kwargs):
     from oracle.baselines import make_baseline
 
     for budget, expected in ((0.75, {12}), (0.5, {8})):
-        env = gym.make("DRRL-Attention-v0", **tiny_env_kwargs, flops_budget=budget, guardrail="off").unwrapped
+        env = gym.make("DRRL-Attention-v0", **{**tiny_env_kwargs, "flops_budget": budget, "guardrail": "off"}).unwrapped
         policy = make_baseline("uniform")
         obs, _ = env.reset(seed=0)
         terminated, ranks = False, set()

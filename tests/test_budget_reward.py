@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import data_equivalence
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.lm.corpora import corpus_tokens, sample_batch
 from drrl_env.lm.scoring import LayerRanksHandler, lm_loss, next_token_kl
+from tests.conftest import layer_mdp
 
 
 def make(kwargs, **overrides):
@@ -187,7 +188,7 @@ def test_kl_and_lm_loss_match_float64_references():
 
 
 def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_same_batch(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
     plain, based = make(kwargs), make(kwargs, kl_baseline="uniform")  # budget 0.625: uniform is rank 8 (share 0.5)
     for action in (1, 0):  # rank 8 everywhere (the baseline itself), then rank 4 everywhere (worse)
         finals = []
@@ -211,7 +212,7 @@ def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_sam
 def test_kl_baseline_log_ratio_is_the_relative_improvement_over_uniform(tiny_layered_model_dir):
     from drrl_env.reward import kl_terminal_reward
 
-    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
     env = make(kwargs, kl_baseline="uniform_log_ratio")
     for action, sign in ((1, 0), (0, -1)):  # uniform's own ranks: log 1 = 0; rank 4 everywhere: worse, negative
         env.reset(seed=5)

@@ -7,6 +7,7 @@ import pytest
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from drrl_env.config import EnvConfig
 from drrl_env.profiles.waterfill import waterfill_plan
+from tests.conftest import layer_mdp
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -14,7 +15,9 @@ RANKS = (2, 4, 8, 12, 16)
 @pytest.fixture
 def kwargs(tiny_layered_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
-    values = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    values = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
+    )
     values.update(spectral_mode="joint", per_head=True, flops_budget=0.5, sensitivity_samples=2, reward="kl")
     values.update(sensitivity_estimate="scaled_delta", kl_baseline="waterfill", kl_shaping_weight=0.0)
     return values
@@ -48,7 +51,7 @@ def _run(env, seed: int, first_action: np.ndarray | None) -> tuple[list, list, d
 
 
 def test_following_the_teachers_plan_earns_nothing_and_costs_one_forward(kwargs):
-    env = gym.make("DRRL-Attention-v0", **kwargs, kl_credit="completion").unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "kl_credit": "completion"}).unwrapped
     _, rewards, info = _run(env, 3, None)
     assert rewards[:-1] == [0.0] * (len(rewards) - 1)
     assert rewards[-1] == pytest.approx(0.0, abs=1e-6 * info["kl"]) and info["kl"] > 1e-5
@@ -58,7 +61,7 @@ def test_following_the_teachers_plan_earns_nothing_and_costs_one_forward(kwargs)
 @pytest.mark.parametrize("per_head", [True, False])
 def test_a_deviation_is_credited_where_it_is_made_and_the_credits_sum_to_the_terminal_reward(kwargs, per_head):
     kwargs["per_head"] = per_head
-    env = gym.make("DRRL-Attention-v0", **kwargs, kl_credit="completion").unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "kl_credit": "completion"}).unwrapped
     env.reset(options={"episode_seed": 3})
     teacher_first = env._episode.baseline_ranks[0]
     smallest = _action(env, [RANKS[0]] * env.kv_heads)
@@ -95,7 +98,7 @@ def test_completion_credit_needs_the_waterfill_baseline_and_one_segment_per_laye
 @pytest.mark.parametrize("per_head", [True, False])
 def test_the_model_credit_scores_deviations_without_a_forward_and_sums_to_the_terminal_reward(kwargs, per_head):
     kwargs.update(per_head=per_head, kl_baseline="waterfill_log_ratio")
-    env = gym.make("DRRL-Attention-v0", **kwargs, kl_credit="model").unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "kl_credit": "model"}).unwrapped
     env.reset(options={"episode_seed": 3})
     profile, teacher = env.sensitivity_profile, env._episode.baseline_ranks
     smallest = _action(env, [RANKS[0]] * env.kv_heads)

@@ -18,6 +18,7 @@ from drrl_env.profiles.kl import unit_kl_profile
 from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
 from oracle.baselines import make_baseline
 from oracle.hindsight import HindsightOracle
+from tests.conftest import layer_mdp
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -66,9 +67,11 @@ def test_scaled_profile_ranks_a_new_inputs_cells_like_its_exact_profile(tiny_lay
 
 
 def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_model_dir, cache):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
+    )
     kwargs.update(spectral_mode="joint", per_head=True, flops_budget=0.5, sensitivity_samples=2)
-    env = gym.make("DRRL-Attention-v0", **kwargs, sensitivity_estimate="scaled_delta").unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "sensitivity_estimate": "scaled_delta"}).unwrapped
     fisher_env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     observation, info = env.reset(seed=3)
     _, fisher_info = fisher_env.reset(seed=3)
@@ -98,10 +101,12 @@ def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_
 
 
 def test_kl_baseline_waterfill_scores_the_episode_against_its_teachers_allocation(tiny_layered_model_dir, cache):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
+    )
     kwargs.update(spectral_mode="joint", per_head=True, flops_budget=0.5, sensitivity_samples=2, reward="kl")
     env = gym.make(
-        "DRRL-Attention-v0", **kwargs, sensitivity_estimate="scaled_delta", kl_baseline="waterfill_log_ratio"
+        "DRRL-Attention-v0", **{**kwargs, "sensitivity_estimate": "scaled_delta", "kl_baseline": "waterfill_log_ratio"}
     ).unwrapped
     teacher = HindsightOracle("scaled_delta", 2)
     for policy in (teacher, None):  # the teacher's own allocation scores log 1 = 0; the smallest ranks do worse
@@ -140,7 +145,9 @@ def test_the_scaled_delta_teacher_builds_its_own_dataset(tiny_layered_model_dir,
     assert [teacher_estimate(name) for name in ("hindsight", "hindsight:scaled_delta")] == ["fisher", "scaled_delta"]
     with pytest.raises(ValueError, match="to have a teacher"):
         teacher_estimate("none")
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=1, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=1, device="cpu", guardrail="off"
+    )
     kwargs.update(per_head=True, flops_budget=0.5, sensitivity_samples=2, sensitivity_estimate="scaled_delta")
     folder = hindsight_teacher_dataset(kwargs, 2, "scaled_delta", progress=False)
     assert read_metadata(folder)["policy"] == "hindsight:scaled_delta:2"

@@ -13,6 +13,7 @@ from drrl_env.profiles.waterfill import allocate_ranks
 from oracle.baselines import UniformBudget, make_baseline
 from oracle.hindsight import HindsightOracle
 from oracle.static import StaticAllocation
+from tests.conftest import layer_mdp
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -99,7 +100,7 @@ def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
 
 
 def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir, monkeypatch):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, segment_len=8, batch_size=2)
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, segment_len=8, batch_size=2)
     kwargs.update(flops_budget=(0.4, 0.8), device="cpu", guardrail="off")  # the guardrail would move ranks
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     kls = {}
@@ -136,14 +137,18 @@ def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_mod
 
 def test_static_profiles_at_least_one_sequence(tiny_layered_model_dir):
     """A sequence longer than the profiled tokens (generation at long contexts) still gets a profile."""
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=64, batch_size=1, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=64, batch_size=1, device="cpu", guardrail="off"
+    )
     static = StaticAllocation.profile(0.5, kwargs, max_tokens=16, progress=False)
     assert np.isfinite(static.cost).all() and (static.cost[:, 0] > 0).all()
 
 
 def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
-    env = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off").unwrapped
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    env = gym.make(
+        "DRRL-Attention-v0", **{**kwargs, "flops_budget": 0.5, "device": "cpu", "guardrail": "off"}
+    ).unwrapped
     policy = HindsightOracle()
     observation, _ = env.reset(seed=3)
     policy.reset(3)
@@ -165,7 +170,7 @@ def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
 
 
 def test_hindsight_fisher_reuses_the_per_head_env_profile(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
     env = gym.make(
         "DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off", sensitivity_samples=2
     ).unwrapped
@@ -192,14 +197,16 @@ def test_replay_scores_are_the_kl_and_loss_of_a_layer_ranks_forward(tiny_layered
 
 
 def test_hindsight_fisher_sample_count_in_the_spec(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
+    )
     policy = make_baseline("hindsight:fisher:3", kwargs)
     assert policy.name == "hindsight:fisher:3" and make_baseline("hindsight:fisher").name == "hindsight:fisher"
-    env = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5, sensitivity_samples=3).unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "flops_budget": 0.5, "sensitivity_samples": 3}).unwrapped
     observation, _ = env.reset(seed=1)
     policy.act(observation, env.action_masks(), env)
     assert policy.last_profile is env.sensitivity_profile  # the env's 3-sample estimate, reused
-    plain = gym.make("DRRL-Attention-v0", **kwargs, flops_budget=0.5).unwrapped
+    plain = gym.make("DRRL-Attention-v0", **{**kwargs, "flops_budget": 0.5}).unwrapped
     plain.reset(seed=1)
     policy.allocate(plain)
     expected = fisher_kl_profile(plain.loaded, plain.input_ids, RANKS, "separate", samples=3)

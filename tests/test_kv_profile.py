@@ -14,6 +14,7 @@ from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles.calibration import collect_grams
 from oracle import static
 from oracle.baselines import make_baseline
+from tests.conftest import layer_mdp
 
 PROMPT_LEN, TOKENS, RANKS = 90, 6, (4, 12, 16)
 
@@ -57,7 +58,7 @@ def test_profile_names_bad_arguments(tiny_layered_model_dir):
 
 def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_layered_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
-    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=64, batch_size=1)
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=64, batch_size=1)
     policy = make_baseline("static:0.5:decode", kwargs)
     assert policy.name == "static:0.5:decode" and policy.cost.shape == (2, 4)
     assert np.all(policy.cost[:, -1] == 0) and np.all(policy.cost[:, :-1] >= 0)

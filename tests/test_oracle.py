@@ -271,7 +271,7 @@ def test_teacher_folder_is_keyed_by_the_env_configuration(tmp_path, monkeypatch)
 
 def test_greedy_oracle_plays_its_joint_candidate_in_every_group_of_a_per_head_env(oracle_env_kwargs):
     kwargs = {**oracle_env_kwargs, "guardrail": "off"}
-    env = gym.make("DRRL-Attention-v0", **kwargs, per_head=True).unwrapped
+    env = gym.make("DRRL-Attention-v0", **{**kwargs, "per_head": True}).unwrapped
     layered = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     oracle, reference = GreedyOracle(), GreedyOracle()
     obs, _ = env.reset(seed=2)

@@ -10,6 +10,7 @@ from gymnasium.utils.env_checker import check_env
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
 from agents.agent_file import read_description
 from drrl_env.wrappers import RankOffsets
+from tests.conftest import layer_mdp
 
 REFERENCE = (12, 8)  # the tiny layered model has 2 layers; ranks (4, 8, 12, 16)
 
@@ -109,7 +110,7 @@ def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_laye
     from agents.training import make_vec_env
     from agents.zoo import make_policy
 
-    kwargs = dict(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=1, guardrail="off",
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=1, guardrail="off",
                   reference_ranks=REFERENCE, kl_baseline="reference_log_ratio", device="cpu")  # fmt: skip
     setup = policy_setup("mlp", offsets=(-1, 0, 1), reference_ranks=REFERENCE)
     model = get_algorithm("maskable_ppo").make(make_vec_env(kwargs, setup, 1, 0), setup, 0, None, n_steps=8)

@@ -15,6 +15,7 @@ from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env.wrappers import MaskInObservation, mask_observation_space
+from tests.conftest import layer_mdp
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -22,7 +23,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture
 def tiny_kwargs(tiny_model_dir):
-    return dict(
+    return layer_mdp(
         model=tiny_model_dir, ranks=(4, 8, 12, 16), seq_len=32, segment_len=8, flops_budget=0.5, guardrail="off"
     )
 
@@ -34,7 +35,7 @@ def rllib():
 # ----------------------------------------------------------------- the wrapper (no Ray needed)
 @pytest.mark.parametrize("per_head", [False, True])
 def test_mask_in_observation_carries_the_env_mask(tiny_kwargs, per_head):
-    env = MaskInObservation(gym.make("DRRL-Attention-v0", **tiny_kwargs, per_head=per_head))
+    env = MaskInObservation(gym.make("DRRL-Attention-v0", **{**tiny_kwargs, "per_head": per_head}))
     check_env(env.unwrapped)
     logits = 4 * env.unwrapped.kv_heads if per_head else 4
     assert env.observation_space["action_mask"].shape == (logits,)

@@ -10,6 +10,7 @@ from drrl_env.config import EnvConfig
 from drrl_env.profiles.sensitivity import SENSITIVITY_FLOOR, fisher_kl_profile, sensitivity_features, sensitivity_width
 from drrl_env.profiles.waterfill import allocate_ranks, rank_shares
 from oracle.hindsight import HindsightOracle
+from tests.conftest import layer_mdp
 
 RANKS = (2, 4, 8, 12, 16)
 
@@ -50,7 +51,7 @@ def test_per_unit_features_are_each_units_rows_and_the_water_fill_over_units():
 
 
 def test_per_head_env_shows_each_groups_profile(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
     env = gym.make(
         "DRRL-Attention-v0", **kwargs, device="cpu", guardrail="off", sensitivity_samples=2, flops_budget=0.5
     ).unwrapped
@@ -82,7 +83,7 @@ def test_water_fill_share_follows_the_costs():
 
 @pytest.mark.parametrize("segment_len", [None, 8])
 def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, segment_len=segment_len)
+    kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, segment_len=segment_len)
     kwargs.update(device="cpu", guardrail="off", spectral_mode="joint", sensitivity_samples=3)
     env = gym.make("DRRL-Attention-v0", **kwargs).unwrapped
     plain = gym.make("DRRL-Attention-v0", **{**kwargs, "sensitivity_samples": 0}).unwrapped
@@ -113,9 +114,11 @@ def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
 
 
 def test_hindsight_reuses_the_env_profile(tiny_layered_model_dir):
-    kwargs = dict(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off")
+    kwargs = layer_mdp(
+        model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
+    )
     for samples, reused in ((2, True), (3, False)):
-        env = gym.make("DRRL-Attention-v0", **kwargs, sensitivity_samples=samples).unwrapped
+        env = gym.make("DRRL-Attention-v0", **{**kwargs, "sensitivity_samples": samples}).unwrapped
         observation, _ = env.reset(seed=1)
         policy = HindsightOracle("fisher", samples=2)
         policy.act(observation, env.action_masks(), env)

@@ -254,3 +254,20 @@ def test_bc_temperature_is_refused_without_a_warm_start(tmp_path, capsys):
         assert (
             f"--bc-temperature {value}: expected a number > 0, != 1 only with a warm start" in capsys.readouterr().err
         )
+
+
+def test_trust_is_given_on_the_command_line_never_read_from_a_run_folder(tmp_path):
+    import json
+
+    from agents.train_config import resume_options
+    from train_agent import RESUMABLE_CHANGES, build_parser
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = {"trust_pickle": True, "compare": ["evil.zip"], "seed": 3}
+    (run / "config.json").write_text(json.dumps(stored))
+    argv = ["--resume", str(run)]
+    options = resume_options(build_parser(argv), argv, RESUMABLE_CHANGES, "train_agent.py")
+    assert options["trust_pickle"] is False and options["seed"] == 3
+    argv = ["--resume", str(run), "--trust-pickle"]
+    assert resume_options(build_parser(argv), argv, RESUMABLE_CHANGES, "train_agent.py")["trust_pickle"] is True
