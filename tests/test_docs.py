@@ -2,11 +2,11 @@
 
 import importlib
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 GLOSSARY = (ROOT / "docs" / "glossary.md").read_text()
 EQUATIONS = re.findall(r"^\| (\d+(?:-\d+)?) \| [^|]+ \| `([\w.]+)` \|$", GLOSSARY, flags=re.M)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 PACKAGES = ("drrl_env", "oracle", "agents")
 LAYERS = [
     "drrl_env.attention",

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from agents.agent_file import read_description
 from drrl_env.lm.files import sha256_of
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

@@ -1,15 +1,14 @@
 """Every experiment runs end to end on a tiny model (its numbers are not the point here; that it still runs is)."""
 
 import importlib
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import LAYER_MDP
+from tests.conftest import LAYER_MDP, ROOT
 
 pytestmark = pytest.mark.expensive
 
-EXPERIMENTS = sorted(path.stem for path in (Path(__file__).parent.parent / "experiments").glob("[a-z]*.py"))
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "experiments").glob("[a-z]*.py"))
 TINY_RANKS = ["4", "8", "12", "16"]
 
 
@@ -52,6 +51,6 @@ def test_experiment_runs_on_a_tiny_model(name, tiny_layered_model_dir, tmp_path,
 
 
 def test_every_experiment_is_in_the_index():
-    index = (Path(__file__).parent.parent / "experiments" / "README.md").read_text()
+    index = (ROOT / "experiments" / "README.md").read_text()
     missing = [name for name in EXPERIMENTS if f"experiments.{name}" not in index]
     assert not missing, f"experiments/README.md lacks {missing}"

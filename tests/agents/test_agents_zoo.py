@@ -1,6 +1,5 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -15,9 +14,7 @@ from agents.networks import policy_setup
 from drrl_env.lm.corpora import corpus_tokens, sample_batch
 from drrl_env.profiles.waterfill import allocate_ranks
 from oracle.baselines import BASELINES, FullRank, make_baseline
-from tests.conftest import PAPER_MDP, layer_mdp
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import PAPER_MDP, ROOT, layer_mdp
 
 
 @pytest.fixture
@@ -175,6 +172,7 @@ def test_evaluate_command(tiny_layered_model_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "agents.evaluate", "--model", tiny_layered_model_dir, "--ranks", "4", "8", "16",
          "--seq-len", "32", "--episodes", "1", "--policies", "full", "fixed:8", "energy:0.9",
+         "--env", "DRRL-Attention-PerLayer-v0", "--modes", "separate", "joint", "--guardrail", "exact",
          "--corpora", "wiki", "shakespeare", "--ablations", "--fig4-lengths", "64", "--timing-repeats", "1",
          "--out", str(tmp_path / "results"), "--logdir", str(tmp_path / "tb")],
         cwd=ROOT, capture_output=True, text=True,
@@ -201,7 +199,7 @@ def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path
     path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "agent")
     common = ["--model", zoo_env_kwargs["model"], "--ranks", "2", "4", "8", "12", "16", "--seq-len", "32",
               "--episodes", "1", "--corpora", "wiki", "--modes", "separate", "--timing-repeats", "0",
-              "--flops-budget", "none", "--reward", "eq13", "--guardrail", "eq9", "--eps0", "0.5"]  # fmt: skip
+              "--env", "DRRL-Attention-Paper-v0", "--batch-size", "2"]  # fmt: skip
     rows = run_evaluation(*parse_plan([*common, "--policies", str(path), "static:match", "--ablations"]))
     agent, static, agent_unmasked, static_unmasked = rows
     assert static_unmasked.matched_to == agent_unmasked.policy and agent_unmasked.policy.endswith("(no guardrail)")
@@ -265,9 +263,10 @@ def test_results_csv_reads_back_what_was_written(tmp_path):
 
     rows = [
         EvaluationRow("fixed:32", "news", "separate", 2, 510, 3.25, 3.0, 1.7, 0.8, 0.5, 0.0421, 32.0, 0.0, 1.5, 1.2,
-                      [32.0, 40.0], [], budget=0.5, episode_kl=[0.04, 0.0442], headroom_captured=0.25),
+                      [32.0, 40.0], [], budget=0.5, episode_kl=[0.04, 0.0442], headroom_captured=0.25, decision_ms=2.5),
         EvaluationRow("static:0.5", "news", "separate", 2, 510, 3.5, 3.0, 1.6, 0.75, 0.5, 0.05, 30.0, 0.1, 1.4, 1.2,
-                      [24.0, 36.0], [], flops_policy_ratio=1e-6, matched_to="fixed:32", headroom_captured=0.0),
+                      [24.0, 36.0], [], flops_policy_ratio=1e-6, matched_to="fixed:32", headroom_captured=0.0,
+                      decision_ms=0.1),
     ]  # fmt: skip
     write_csv(rows, tmp_path / "results.csv")
     assert read_csv(tmp_path / "results.csv") == rows

@@ -15,9 +15,8 @@ from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env.wrappers import MaskInObservation, mask_observation_space
-from tests.conftest import layer_mdp
+from tests.conftest import ROOT, layer_mdp
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

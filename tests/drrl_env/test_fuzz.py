@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import drrl_env  # noqa: F401 - registers DRRL-Attention-v0
-from drrl_env.config import EnvConfig
-from tests.conftest import PAPER_MDP
+from drrl_env.config import ENV_ID, PAPER_ENV_ID, PER_LAYER_ENV_ID, VARIANTS, EnvConfig
 
 FIELDS = [field.name for field in dataclasses.fields(EnvConfig)]
 ANYTHING = st.one_of(
@@ -25,7 +24,8 @@ ANYTHING = st.one_of(
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
     st.builds(object),
 )
-TINY = dict(seq_len=16, batch_size=1, device="cpu")
+TINY = dict(seq_len=16, batch_size=1, device="cpu", sensitivity_samples=2)
+"""small, and the Eq. S signal (the default) at 2 label samples: every drawn candidate set fits its own scale"""
 
 
 @settings(max_examples=400, deadline=None)
@@ -107,18 +107,19 @@ def _shared_env(model_dir: str) -> gym.Env:
     return _ENVS[model_dir]
 
 
-FUZZ_CONFIGS = [  # four steps per segment unless said: episodes of 8 steps amortise the reset
-    {"segment_len": None},
-    {"spectral_mode": "joint"},
-    {"per_head": True},
-    {"per_head": True, "segment_len": 8, "spectral_mode": "joint", "flops_budget": (0.3, 0.9)},
-    {**PAPER_MDP, "eps0": 1e-6},
-    {**PAPER_MDP, "spectral_mode": "joint", "terminal_lm_weight": 1.0},
-    {"flops_budget": (0.3, 1.0), "guardrail": "off"},
-    {"flops_budget": 0.3, "reward": "eq13", "guardrail": "eq9", "eps0": 1e-3},
-    {"guardrail": "exact", "eps0": 1e-3, "segment_len": 8},
-    {"flops_budget": None, "reward": "kl", "kl_shaping_weight": 5.0},
+FUZZ_CONFIGS = [  # (registered id, overrides); four steps per segment unless said: episodes of 8 steps
+    (PER_LAYER_ENV_ID, {"segment_len": None}),
+    (PER_LAYER_ENV_ID, {"spectral_mode": "separate", "guardrail": "exact"}),
+    (ENV_ID, {}),
+    (ENV_ID, {"segment_len": 8, "flops_budget": (0.3, 0.9)}),
+    (PAPER_ENV_ID, {"eps0": 1e-6, "seq_len": 16}),
+    (PAPER_ENV_ID, {"spectral_mode": "joint", "terminal_lm_weight": 1.0, "seq_len": 16}),
+    (PER_LAYER_ENV_ID, {"flops_budget": (0.3, 1.0), "guardrail": "off"}),
+    (PER_LAYER_ENV_ID, {"flops_budget": 0.3, "reward": "eq13", "guardrail": "eq9", "eps0": 1e-3}),
+    (ENV_ID, {"guardrail": "exact", "eps0": 1e-3, "segment_len": 8}),
+    (PER_LAYER_ENV_ID, {"flops_budget": None, "reward": "kl", "kl_shaping_weight": 5.0}),
 ]
+"""every registered id, and the settings that stress the masks, rewards and guardrails"""
 FUZZ_STEPS = 4_000  # 400 steps (about 50 episodes) per configuration
 
 
@@ -133,9 +134,10 @@ def _masked_sample(env: gym.Env, mask: np.ndarray, rng: np.random.Generator):
 def test_thousands_of_fuzzed_steps_in_every_configuration(tiny_model_dir):
     rng = np.random.default_rng(0)
     violations = steps = 0
-    for overrides in FUZZ_CONFIGS:
+    assert {env_id for env_id, _ in FUZZ_CONFIGS} == set(VARIANTS)
+    for env_id, overrides in FUZZ_CONFIGS:
         kwargs = {"segment_len": 4, **TINY, **overrides}
-        env = gym.make("DRRL-Attention-v0", model=tiny_model_dir, ranks=(2, 4, 8, 12, 16), **kwargs)
+        env = gym.make(env_id, model=tiny_model_dir, ranks=(2, 4, 8, 12, 16), **kwargs)
         observation, _ = env.reset(seed=int(rng.integers(2**31)))
         for _ in range(FUZZ_STEPS // len(FUZZ_CONFIGS)):
             mask = env.unwrapped.action_masks()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from agents import bc, perplexity
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

@@ -13,8 +13,8 @@ from drrl_env.attention.kv_basis import CalibrationGrams
 from drrl_env.attention.lowrank import causal_mask, expand_kv_heads
 from drrl_env.features import candidate_ner
 from drrl_env.guardrail import transition_energies, truncation_errors
-from tests.test_generate import reference_logit_map
-from tests.test_guardrail import random_call
+from tests.drrl_env.generation.test_generate import reference_logit_map
+from tests.drrl_env.test_guardrail import random_call
 
 HQ, HKV, D = 4, 2, 8
 

@@ -24,9 +24,7 @@ from agents.agent_file import (
 from agents.algorithms import ALGORITHMS, get_algorithm
 from agents.networks import policy_setup
 from agents.zoo import make_policy
-from tests.conftest import layer_mdp
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, layer_mdp
 
 
 @pytest.fixture
