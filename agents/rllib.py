@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.resume:
         run_dir = Path(config.resume)
     else:
-        run_dir = Path(config.logdir) / f"{ENV_ID}__{ALGO}__{config.seed}__{int(time.time())}"
+        run_dir = Path(config.logdir) / f"{options['env']}__{ALGO}__{config.seed}__{int(time.time())}"
         run_dir.mkdir(parents=True, exist_ok=False)
         write_text_atomic(run_dir / "config.json", json.dumps(options, indent=2, default=str))
     ray.init(address=config.ray_address, include_dashboard=False, configure_logging=False)

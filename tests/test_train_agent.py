@@ -34,10 +34,12 @@ def test_help_explains_every_option():
 
 
 def tiny_options(model_dir: str) -> list[str]:
-    return ["--model", model_dir, "--ranks", "4", "8", "12", "16", "--seq-len", "32", "--segment-len", "8",
-            "--device", "cpu", "--warm-start", "none"]  # fmt: skip
+    """The per-layer env (every algorithm takes its Discrete actions) on the tiny model, no warm start."""
+    return ["--env", "DRRL-Attention-PerLayer-v0", "--model", model_dir, "--ranks", "4", "8", "12", "16",
+            "--seq-len", "32", "--segment-len", "8", "--device", "cpu", "--warm-start", "none"]  # fmt: skip
 
 
+@pytest.mark.expensive
 def test_train_agent_smoke(tiny_model_dir, tmp_path):
     options = [*tiny_options(tiny_model_dir), "--warm-start", "hindsight", "--warm-start-episodes", "4",
                "--hyperparams", '{"learning_rate": 1e-4, "target_kl": 0.02}', "--sensitivity-samples", "2"]  # fmt: skip
@@ -48,7 +50,7 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "maskable_ppo (this run)" in out.stdout and "| fixed:8 |" in out.stdout
-    assert "behaviour cloning: held-out agreement with the oracle" in out.stdout
+    assert "behaviour cloning: held-out agreement with the teacher" in out.stdout
     # the teacher, BC and PPO see the observation's sensitivity part; the comparison charges its profile to the agent
     lines = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")]
     column = [cell.strip() for cell in lines[0]].index("FLOPs (+overhead +policy)")
@@ -99,6 +101,7 @@ def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
         assert message in refused("--hyperparams", hyperparams, "--logdir", str(tmp_path))
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("algo", ["maskable_ppo", "dqn"])  # dqn: replay buffer and exploration RNG too
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(algo, tiny_model_dir, tmp_path):
     options = [*tiny_options(tiny_model_dir), "--n-steps", "32", "--checkpoint-every", "64", "--compare",
@@ -137,6 +140,7 @@ def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
+@pytest.mark.expensive
 def test_resume_checks_options_and_checkpoints(tiny_model_dir, tmp_path):
     options = [*tiny_options(tiny_model_dir), "--n-steps", "16", "--checkpoint-every", "32", "--compare"]
     first = run("train_agent.py", *options, "--total-timesteps", "64", "--logdir", str(tmp_path))
@@ -172,6 +176,7 @@ def test_resume_checks_options_and_checkpoints(tiny_model_dir, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.expensive
 def test_n_steps_must_hold_whole_episodes(tiny_model_dir, tmp_path):
     out = run("train_agent.py", *tiny_options(tiny_model_dir), "--n-steps", "12", "--logdir", str(tmp_path))
     line = _last_line(out.stderr)

@@ -103,6 +103,7 @@ def test_transformer_agent_rebuilds_its_window(tiny_kwargs, tmp_path):
     )
 
 
+@pytest.mark.expensive
 def test_a_crafted_sb3_zip_is_refused_without_trust_pickle(tiny_kwargs, tmp_path):
     marker = tmp_path / "code-ran"
     path = _crafted_sb3_zip(tiny_kwargs, tmp_path / "evil.zip", marker)

@@ -67,6 +67,7 @@ def test_state_history_wrapper_and_transformer_extractor(tiny_env_kwargs):
     assert not torch.allclose(extractor(torch.as_tensor(changed[None])), extractor(torch.as_tensor(obs[None])))
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("policy", ["mlp", "transformer"])
 def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
     directory, _ = oracle_dataset
@@ -104,6 +105,7 @@ def test_bc_model_loads_into_maskable_ppo_and_trains_on(oracle_dataset, tmp_path
     assert loaded.num_timesteps >= 256
 
 
+@pytest.mark.expensive
 def test_bc_command(oracle_dataset, tmp_path):
     directory, _ = oracle_dataset
     help_text = subprocess.run(
@@ -151,6 +153,7 @@ def test_entropy_bonus_keeps_the_cloned_policy_stochastic(oracle_dataset):
     assert entropy(0.5) > 1.5 * entropy(0.0)
 
 
+@pytest.mark.expensive
 def test_per_head_hindsight_dataset_and_bc(tmp_path, tiny_layered_model_dir):
     """Per-head ranks: the dataset keeps one action per key/value group, and BC clones the MultiDiscrete choice."""
     from oracle.hindsight import HindsightOracle

@@ -46,6 +46,7 @@ def test_unknown_algorithm_lists_the_registry():
         get_algorithm("sac")
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize(
     "spec",
     [
@@ -163,6 +164,7 @@ def test_full_rank_row_equals_the_models_own_perplexity(zoo_env_kwargs):
     assert row.flops_core_ratio == pytest.approx(1.0)
 
 
+@pytest.mark.expensive
 def test_evaluate_command(tiny_layered_model_dir, tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "agents.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True
@@ -188,6 +190,7 @@ def test_evaluate_command(tiny_layered_model_dir, tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.expensive
 def test_static_allocation_matches_a_saved_models_flops(zoo_env_kwargs, tmp_path):
     from sb3_contrib import MaskablePPO
 

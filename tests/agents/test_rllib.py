@@ -156,6 +156,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV)
 
 
+@pytest.mark.expensive
 def test_help_and_clear_errors(tmp_path):
     out = run("-m", "agents.rllib", "--help")
     assert out.returncode == 0
@@ -196,13 +197,14 @@ def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
     rllib()
     from agents.rllib_agent import RLlibPolicy, greedy_actions
 
-    options = ["--model", tiny_kwargs["model"], "--ranks", "4", "8", "12", "16", "--seq-len", "32",
+    options = ["--env", "DRRL-Attention-PerLayer-v0", "--model", tiny_kwargs["model"], "--ranks", "4", "8", "12", "16",
+               "--seq-len", "32",
                "--segment-len", "8", "--flops-budget", "0.5", "--device", "cpu", "--train-batch-size", "64",
                "--minibatch-size", "32", "--num-epochs", "2", "--compare", "--logdir", str(tmp_path)]  # fmt: skip
     out = run("-m", "agents.rllib", *options, "--num-env-runners", "1", "--total-timesteps", "192",
               "--checkpoint-every", "128")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    (run_dir,) = tmp_path.glob("DRRL-Attention-v0__rllib_ppo__0__*")
+    (run_dir,) = tmp_path.glob("DRRL-Attention-PerLayer-v0__rllib_ppo__0__*")
     assert json.loads((run_dir / "config.json").read_text())["num_env_runners"] == 1
     out = run("-m", "agents.rllib", "--resume", str(run_dir), "--num-env-runners", "2", "--total-timesteps", "384")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -28,6 +28,7 @@ def run_episode(env, choose, seed=None, options=None):
     return infos
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize(
     "overrides", [{"flops_budget": 0.4}, {"flops_budget": (0.3, 0.8), "segment_len": 8}, {"per_head": True}]
 )

@@ -58,6 +58,7 @@ def test_following_the_teachers_plan_earns_nothing_and_costs_one_forward(kwargs)
     assert info["credit_forwards"] == 1 and info["kl_waterfill"] == pytest.approx(info["kl"], rel=1e-5)
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("per_head", [True, False])
 def test_a_deviation_is_credited_where_it_is_made_and_the_credits_sum_to_the_terminal_reward(kwargs, per_head):
     kwargs["per_head"] = per_head
@@ -95,6 +96,7 @@ def test_completion_credit_needs_the_waterfill_baseline_and_one_segment_per_laye
         EnvConfig(kl_credit="completion", kl_baseline="waterfill", sensitivity_samples=2, seq_len=64, segment_len=32)
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("per_head", [True, False])
 def test_the_model_credit_scores_deviations_without_a_forward_and_sums_to_the_terminal_reward(kwargs, per_head):
     kwargs.update(per_head=per_head, kl_baseline="waterfill_log_ratio")

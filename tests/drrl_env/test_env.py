@@ -255,6 +255,7 @@ def test_vector_envs(tiny_env_kwargs, mode):
     envs.close()
 
 
+@pytest.mark.expensive
 def test_maskable_ppo_learns_without_a_wrapper(tiny_env_kwargs):
     from sb3_contrib import MaskablePPO
     from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
@@ -267,6 +268,7 @@ def test_maskable_ppo_learns_without_a_wrapper(tiny_env_kwargs):
     assert model.num_timesteps >= 256 and callback.last_mean_reward > -np.inf
 
 
+@pytest.mark.expensive
 def test_subproc_vec_env(tiny_env_kwargs):
     from stable_baselines3.common.vec_env import SubprocVecEnv
 

@@ -131,6 +131,7 @@ def _masked_sample(env: gym.Env, mask: np.ndarray, rng: np.random.Generator):
     return np.array([rng.choice(np.flatnonzero(group)) for group in groups])
 
 
+@pytest.mark.expensive
 def test_thousands_of_fuzzed_steps_in_every_configuration(tiny_model_dir):
     rng = np.random.default_rng(0)
     violations = steps = 0

@@ -131,7 +131,7 @@ def test_a_residual_agent_starts_at_its_reference_and_its_file_says_so(tiny_laye
 def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from agents.residual import residual_setup
     from tests.test_train_agent import tiny_options
-    from train_agent import main, parse_arguments
+    from train_agent import main, parse_options
 
     class StaticStub:  # the static allocation's profile is tested elsewhere (test_hindsight); here, its wiring
         def allocation(self, budget):
@@ -140,13 +140,21 @@ def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model
 
     monkeypatch.setattr("agents.residual.make_policy", lambda spec, kwargs: StaticStub())
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "cache"))
-    common = [*tiny_options(tiny_model_dir), "--residual", "--logdir", str(tmp_path / "runs"), "--n-steps", "32"]
+    common = [
+        *tiny_options(tiny_model_dir),
+        "--preset",
+        "residual",
+        "--logdir",
+        str(tmp_path / "runs"),
+        "--n-steps",
+        "32",
+    ]
     code = main([*common, "--total-timesteps", "32", "--compare", "uniform", "--eval-episodes", "1",
                  "--timing-repeats", "0"])  # fmt: skip
     out = capsys.readouterr()
     assert code == 0, out.err[-2000:]
     assert "residual agent: static allocation" in out.out and "maskable_ppo (this run)" in out.out
-    (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-v0__maskable_ppo__0__*")
+    (run_dir,) = (tmp_path / "runs").glob("DRRL-Attention-PerLayer-v0__maskable_ppo__0__*")
     stored = json.loads((run_dir / "config.json").read_text())
     assert stored["kl_baseline"] == "reference_log_ratio" and stored["reference_ranks"] == [12, 8]
     assert read_description(run_dir / "model.safetensors").reference_ranks == stored["reference_ranks"]
@@ -155,4 +163,5 @@ def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model
     assert "64 steps" in out.out and "residual agent: static allocation" not in out.out  # the stored allocation
     for refused in (["--flops-budget", "0.5", "0.75"], ["--flops-budget", "none"], ["--per-head"]):
         with pytest.raises(ValueError, match="--residual needs one --flops-budget share"):
-            residual_setup(parse_arguments([*common, *refused]))
+            run = parse_options([*common, *refused])
+            residual_setup(run.train, run.env)

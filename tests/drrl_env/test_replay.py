@@ -51,6 +51,7 @@ def test_a_tampered_record_diverges_at_the_right_step(recorded):
         replay({k: v for k, v in record.items() if k != "episode_seed"})
 
 
+@pytest.mark.expensive
 def test_replay_command(recorded, tmp_path):
     _, path = recorded
     done = subprocess.run([sys.executable, "-m", "agents.replay", str(path)], capture_output=True, text=True)

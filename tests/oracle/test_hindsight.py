@@ -99,6 +99,7 @@ def test_prefix_reuse_on_llama_and_gpt2(tiny_model):
     assert not any("forward" in vars(layer) for layer in decoder_layers(tiny_model, 3))  # patches undone
 
 
+@pytest.mark.expensive
 def test_hindsight_spends_the_episode_budget_on_its_own_profile(tiny_layered_model_dir, monkeypatch):
     kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, segment_len=8, batch_size=2)
     kwargs.update(flops_budget=(0.4, 0.8), device="cpu", guardrail="off")  # the guardrail would move ranks

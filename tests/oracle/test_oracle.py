@@ -173,6 +173,7 @@ def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path, ora
     assert read_metadata(tmp_path / "dev")["episodes"] == 2 and len(set(grown["seed"])) == 2
 
 
+@pytest.mark.expensive
 def test_oracle_command(tmp_path, tiny_model_dir, capsys):
     from oracle.__main__ import main
 
@@ -183,7 +184,7 @@ def test_oracle_command(tmp_path, tiny_model_dir, capsys):
         exit_info.value.code == 0 and "--episodes" in help_text and "--out" in help_text and "--guardrail" in help_text
     )
     out = tmp_path / "ds"
-    common = ["--out", str(out), "--model", tiny_model_dir, "--seq-len", "32"]
+    common = ["--out", str(out), "--model", tiny_model_dir, "--seq-len", "32", "--env", "DRRL-Attention-PerLayer-v0"]
     ranks = ["--ranks", "4", "8", "16"]
     done = subprocess.run(
         [sys.executable, "-m", "oracle", *common, *ranks, "--episodes", "2"], capture_output=True, text=True
@@ -232,11 +233,12 @@ def test_lookahead_oracle_maximises_its_two_step_value(oracle_env_kwargs):
     assert values[second] == pytest.approx(max(values.values()), abs=1e-9)
 
 
+@pytest.mark.expensive
 def test_baselines_record_through_the_same_writer(tmp_path, tiny_model_dir, capsys):
     from agents.record import main
 
     common = ["--model", tiny_model_dir, "--seq-len", "32", "--ranks", "4", "8", "16", "--episodes", "2",
-              "--flops-budget", "none", "--guardrail", "eq9"]  # fmt: skip
+              "--env", "DRRL-Attention-PerLayer-v0", "--flops-budget", "none", "--guardrail", "eq9"]  # fmt: skip
     for spec in ("fixed:8", "energy:0.9", "random"):
         out = tmp_path / spec.replace(":", "_")
         argv = ["--policy", spec, "--out", str(out), *common]

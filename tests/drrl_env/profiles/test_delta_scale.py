@@ -55,6 +55,7 @@ def test_scale_is_cached_per_configuration(tiny_layered_model_dir, cache, monkey
         delta_scale(loaded, RANKS, "joint", None, 32, 3, False, tokens=128)  # other samples: another scale
 
 
+@pytest.mark.expensive
 def test_scaled_profile_ranks_a_new_inputs_cells_like_its_exact_profile(tiny_layered_model_dir, cache):
     loaded = load_causal_lm(tiny_layered_model_dir)
     batch = sequential_chunks(corpus_tokens("wiki", "test", loaded.tokenizer), 32, 64)
@@ -138,6 +139,7 @@ def test_estimate_and_spec_errors_are_clear():
         make_baseline("hindsight:exact:4")
 
 
+@pytest.mark.expensive
 def test_the_scaled_delta_teacher_builds_its_own_dataset(tiny_layered_model_dir, cache):
     from agents.warm_start import hindsight_teacher_dataset, teacher_estimate
     from oracle.dataset import load_trajectories, read_metadata

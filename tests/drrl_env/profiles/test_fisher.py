@@ -51,6 +51,7 @@ def second_order_kl(
     return float(0.5 * fisher.mean())
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("mode", ["separate", "joint"])
 def test_fisher_estimate_converges_to_the_second_order_kl(mode):
     loaded = sharp_tiny_llama(torch.float64)
@@ -64,6 +65,7 @@ def test_fisher_estimate_converges_to_the_second_order_kl(mode):
     assert (estimate[:, -1] == 0).all()
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("mode", ["joint"])
 def test_per_head_fisher_estimate_converges_to_each_groups_second_order_kl(mode):
     loaded = sharp_tiny_llama(torch.float64)
