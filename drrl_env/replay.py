@@ -57,7 +57,17 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
         _, info = env.reset(options=options)
         if not _close(info["budget"], record.get("budget", info["budget"]), atol):
             return ReplayResult(False, 0, 0, f"budget: recorded {record['budget']}, replayed {info['budget']}")
-        for index, recorded in enumerate(record["steps"]):
+        steps = record["steps"]
+        expected = env.num_layers * env.num_segments
+        if not isinstance(steps, list) or len(steps) != expected:
+            got = len(steps) if isinstance(steps, list) else type(steps).__name__
+            raise ValueError(f"the record holds {got} step(s); its episode has {expected}: it is cut or not a record")
+        if "budget_used" not in record:
+            raise ValueError("the record lacks its final 'budget_used': it is cut")
+        for index, recorded in enumerate(steps):
+            lacking = [key for key in ("action", "rank", "reward", "reward_terms") if key not in recorded]
+            if lacking:
+                raise ValueError(f"step {index} of the record lacks {lacking}")
             action = recorded["action"] if env.config.per_head else recorded["action"][0]
             _, reward, terminated, _, info = env.step(action)
             if info["rank"] != recorded["rank"]:

@@ -51,6 +51,26 @@ def test_a_tampered_record_diverges_at_the_right_step(recorded):
         replay({k: v for k, v in record.items() if k != "episode_seed"})
 
 
+def test_a_cut_or_foreign_record_is_refused_naming_what_is_wrong(recorded, tmp_path, monkeypatch):
+    record, _ = recorded
+    with pytest.raises(ValueError, match="holds 0 step"):
+        replay({**record, "steps": []})
+    with pytest.raises(ValueError, match="holds 1 step"):
+        replay({**record, "steps": record["steps"][:1]})
+    with pytest.raises(ValueError, match="lacks its final 'budget_used'"):
+        replay({k: v for k, v in record.items() if k != "budget_used"})
+    no_action = json.loads(json.dumps(record))
+    del no_action["steps"][1]["action"]
+    with pytest.raises(ValueError, match=r"step 1 of the record lacks \['action'\]"):
+        replay(no_action)
+    (tmp_path / "evilmod.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for env_id in ("evilmod:Foo-v0", "this:Foo-v0", "CartPole-v1"):
+        with pytest.raises(ValueError, match="not a registered id of drrl"):
+            replay({**record, "env_id": env_id})
+    assert not (tmp_path / "ran").exists()  # the module a record names is never imported
+
+
 @pytest.mark.expensive
 def test_replay_command(recorded, tmp_path):
     _, path = recorded
