@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = dataclass_from_options(BCConfig, vars(args))
-        if not args.out.strip() or agent_path(args.out).is_dir():
-            raise ValueError(f"--out must name an agent file, got {args.out!r}")
+        if not args.out.strip() or agent_path(args.out).is_dir() or Path(args.out).is_dir():
+            raise ValueError(f"--out must name an agent file, not a folder, got {args.out!r}")
         check_output_folder(agent_path(args.out).parent, "--out's folder")
         check_output_folder(args.logdir, "--logdir")
         model, result = behaviour_clone(args.dataset, config, args.logdir)

@@ -69,6 +69,10 @@ def test_bc_validation_fraction_and_out(tmp_path, capsys):
     line = in_process(bc.main, ["--dataset", str(tmp_path), "--out", "m", "--validation-fraction", "1.5"], capsys)
     assert "validation_fraction must lie in (0, 1), got 1.5" in line
     assert "--out must name an agent file" in in_process(bc.main, ["--dataset", str(tmp_path), "--out", ""], capsys)
+    folder = tmp_path / "existing"  # "--out /tmp" once wrote /tmp.safetensors beside the folder
+    folder.mkdir()
+    assert "not a folder" in in_process(bc.main, ["--dataset", str(tmp_path), "--out", str(folder)], capsys)
+    assert not (tmp_path / "existing.safetensors").exists()
 
 
 def test_oracle_out_must_be_a_usable_folder(tiny_model_dir, tmp_path, capsys):
