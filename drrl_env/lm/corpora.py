@@ -118,6 +118,10 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "train") -> datasets.Da
         _check_split(split)
         return datasets.Dataset.from_list([doc for doc in _wiki_documents() if split_of(doc["title"]) == split])
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise ValueError(f"corpus {name!r} is a folder; give a text file (.txt, .jsonl, .json, .csv, .parquet)")
+    if path.is_file() and not path.suffix:
+        raise ValueError(f"local corpus {name!r} has no suffix; name it .txt (or .jsonl, .json, .csv, .parquet)")
     if path.suffix and path.exists():
         _check_split(split)
         corpus = _local_corpus(path)

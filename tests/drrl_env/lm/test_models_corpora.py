@@ -87,6 +87,14 @@ def test_unknown_corpus_offline_error():
         load_corpus("no-such-user/no-such-dataset-drrl", "test")
 
 
+def test_a_folder_or_a_file_without_suffix_gets_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="is a folder; give a text file"):
+        load_corpus(str(tmp_path), "test")
+    (tmp_path / "notes").write_text("some text\n\nmore text\n")
+    with pytest.raises(ValueError, match="has no suffix; name it .txt"):
+        load_corpus(str(tmp_path / "notes"), "test")
+
+
 def test_unknown_model_offline_error_names_the_default():
     with pytest.raises(ModelNotAvailableError, match="offline default is 'smollm2-135m'") as info:
         load_causal_lm("no-such-user/no-such-model-drrl")
