@@ -41,7 +41,7 @@ MIN_LOCAL_DOCUMENTS = 100
 """a local .txt file with fewer paragraphs is cut into this many blocks of lines"""
 
 
-class CorpusNotAvailableError(RuntimeError):
+class CorpusNotAvailableError(RuntimeError, ValueError):
     """The corpus is neither built in, a local file, nor reachable on the hub."""
 
 

@@ -31,8 +31,8 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-float32"
 
 
-class ModelNotAvailableError(RuntimeError):
-    """The requested model is neither installed, cached, local, nor reachable."""
+class ModelNotAvailableError(RuntimeError, ValueError):
+    """The requested model is neither installed, cached, local, nor reachable (a ValueError: bad input)."""
 
 
 def cache_dir() -> Path:

@@ -102,3 +102,19 @@ def test_train_agent_and_evaluate_output_folders(tmp_path, capsys):
     # a bad spec anywhere in --policies is refused before the first cell is evaluated
     line = in_process(evaluate.main, ["--out", str(tmp_path / "r"), "--policies", "full", "fixd:32"], capsys)
     assert "--policies 'fixd:32': neither an existing agent file nor a baseline" in line
+
+
+@pytest.mark.parametrize(
+    "command, argv",
+    [("train_agent", ["--logdir", "{tmp}/runs"]), ("oracle.__main__", ["--episodes", "1", "--out", "{tmp}/o"]),
+     ("agents.evaluate", ["--out", "{tmp}/o"]),
+     ("agents.record", ["--policy", "uniform", "--episodes", "1", "--out", "{tmp}/o"])],
+)  # fmt: skip
+def test_a_model_that_is_not_there_is_one_line_and_exit_2_everywhere(command, argv, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(command).main
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert main([*argv, "--model", str(tmp_path / "nonexistent")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and "nonexistent" in error[-1] and "Traceback" not in "\n".join(error)
