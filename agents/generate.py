@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import torch
 
-from agents.zoo import make_policy
+from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.attention.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
 from drrl_env.cli import add_env_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args.spectral_mode = args.basis if args.basis in PER_PROMPT_KINDS else "joint"
     kwargs = {**env_kwargs(vars(args)), "segment_len": None}  # one decision per layer: one key basis per layer
     try:
+        check_policy_spec(args.policy, "--policy")  # before the model loads
         loaded = load_causal_lm(args.model, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
         prompts = corpus_prompts(loaded, args.prompt, args.corpus, args.prompt_split, args.context, args.prompts)
         policy = make_policy(args.policy, kwargs, args.trust_pickle)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agents.zoo import make_policy
+from agents.zoo import check_policy_spec, make_policy
 from drrl_env.cli import dataclass_from_options, env_id_of, env_kwargs
 from oracle.recording import DATASET_HELP, RecordingConfig, add_record_arguments, record_command
 
@@ -39,6 +39,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
+        check_policy_spec(args.policy, "--policy")  # before the model loads
         policy = make_policy(args.policy, env_kwargs(vars(args)), args.trust_pickle)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

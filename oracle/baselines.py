@@ -40,6 +40,7 @@ exceed the budget, the env lowers them (``drrl_env.episode``). Build one from a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -332,26 +333,54 @@ def check_baseline(spec: str) -> None:
         raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
 
 
+def _number(param: str, default: float, what: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
+    """``param`` as a finite number in ``(low, high]`` (``[low, high]`` unless ``low_open``); ``default`` if absent."""
+    if param == "":
+        return default
+    value = float(param)  # a ValueError names the text
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        if math.isinf(high):
+            raise ValueError(f"{what} must be a finite number {'>' if low_open else '>='} {low:g}, got {param!r}")
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{what} must lie in {bounds}, got {param!r}")
+    return value
+
+
+def _rank(param: str, default: int | None = None, what: str = "a rank") -> int:
+    """``param`` as a count such as a rank: an integer >= 1."""
+    if param == "" and default is not None:
+        return default
+    if not param.strip().isdigit() or int(param) < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {param!r}")
+    return int(param)
+
+
 def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
-    """A baseline from ``NAME[:PARAM]`` (see the module docstring); ``static`` profiles on ``env_kwargs``'s model."""
-    name, _, param = spec.partition(":")
+    """A baseline from ``NAME[:PARAM]`` (see the module docstring); ``static`` profiles on ``env_kwargs``'s model.
+
+    A parameter is checked here, with one error for every command: ``fixed:0``, ``energy:2``, ``gumbel:-1``,
+    ``layers:4,x`` and ``NAME:`` (a colon with nothing after it) are refused.
+    """
+    name, colon, param = spec.partition(":")
     try:
+        if colon and not param:
+            raise ValueError("a ':' with no parameter after it")
         if name == "full" and not param:
             return FullRank()
         if name == "fixed":
-            return FixedRank(int(param or 32))
+            return FixedRank(_rank(param, 32))
         if name == "uniform" and not param:
             return UniformBudget()
         if name == "energy":
-            return EnergyThreshold(float(param or 0.9))
+            return EnergyThreshold(_number(param, 0.9, "energy's share of the spectrum", 0.0, 1.0))
         if name == "random" and not param:
             return RandomRank()
         if name == "stable_rank":
-            return StableRankController(float(param or 2.0))
+            return StableRankController(_number(param, 2.0, "stable_rank's safety factor", 0.0))
         if name == "threshold":
-            return SpectralThreshold(float(param or 0.1))
+            return SpectralThreshold(_number(param, 0.1, "threshold's relative singular value", 0.0, 1.0))
         if name == "gumbel":
-            return GumbelRank(float(param or 0.05))
+            return GumbelRank(_number(param, 0.05, "gumbel's temperature", 0.0))
         if name == "oracle" and not param:
             return GreedyOracle()
         if name == "static":
@@ -360,9 +389,13 @@ def make_baseline(spec: str, env_kwargs: dict | None = None) -> RankPolicy:
             estimate, _, samples = (param or "exact").partition(":")
             if samples and estimate == "exact":
                 raise ValueError("only the estimates take a sample count (hindsight:fisher:S, ...:scaled_delta:S)")
-            return HindsightOracle(estimate, int(samples)) if samples else HindsightOracle(estimate)
+            return (
+                HindsightOracle(estimate, _rank(samples, what="the sample count"))
+                if samples
+                else HindsightOracle(estimate)
+            )
         if name == "layers":
-            return GivenAllocation([int(rank) for rank in param.split(",") if rank.strip()])
+            return GivenAllocation([_rank(rank.strip()) for rank in param.split(",")])
     except ValueError as error:
         raise ValueError(f"bad parameter in policy spec {spec!r}: {error}") from error
     raise ValueError(f"unknown baseline {spec!r}; expected one of {BASELINES} as NAME or NAME:PARAM (e.g. fixed:32)")

@@ -1,6 +1,7 @@
 """Every command answers bad input with one line that names the option, and writes nothing."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,19 @@ def test_a_model_that_is_not_there_is_one_line_and_exit_2_everywhere(command, ar
     assert main([*argv, "--model", str(tmp_path / "nonexistent")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: ") and "nonexistent" in error[-1] and "Traceback" not in "\n".join(error)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("fixed:0", "a rank must be an integer >= 1"), ("fixed:-4", "a rank must be"), ("fixed:", "no parameter"),
+     ("layers:4,x", "a rank must be"), ("energy:nan", "must lie in (0, 1]"), ("energy:2", "must lie in (0, 1]"),
+     ("gumbel:-1", "finite number > 0"), ("hindsight:fisher:0", "the sample count must be")],
+)  # fmt: skip
+def test_every_policy_spec_is_checked_where_it_is_parsed(spec, message, capsys):
+    from agents import generate
+    from agents.zoo import check_policy_spec
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_policy_spec(spec, "--policy")
+    line = in_process(generate.main, ["--policy", spec, "--model", "/no/model/needed"], capsys)
+    assert message in line  # the same line in every command, before any model is loaded
