@@ -58,7 +58,8 @@ from agents.training import GuardrailScheduleCallback, RankLoggingCallback, Valu
 from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, scale_action_logits, teacher_estimate
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env.cli import add_dataclass_arguments, at_least
-from drrl_env.lm.files import check_output_folder, write_text_atomic
+from drrl_env.lm.corpora import EVALUATION_ONLY, load_corpus
+from drrl_env.lm.files import check_output_folder, lock_folder, write_text_atomic
 from oracle.dataset import check_dataset_fits_env
 
 BC_MODEL = "bc_model.safetensors"
@@ -133,6 +134,13 @@ def check_options(run: RunOptions) -> None:
         raise ValueError(f"--value-warmup-steps {warmup}: expected 0, or > 0 with an actor-critic algo")
     for spec in run.compare.compare:
         check_policy_spec(spec, "--compare")
+        if spec.endswith(".zip") and not train.trust_pickle:
+            raise ValueError(
+                f"--compare {spec} is an SB3 .zip, a pickle that can run code; pass --trust-pickle if you trust it"
+            )
+    splits = ["train"] + (["test"] if run.compare.compare else [])
+    for split in splits:  # a corpus too small for a split the run needs is refused now, not after training
+        load_corpus(run.env["corpus"], split if run.env["corpus"] not in EVALUATION_ONLY else "test")
     temperature = train.bc_temperature
     warm = train.bc_dataset or train.bc_model or (train.warm_start != "none" and not train.residual)
     if not (math.isfinite(temperature) and temperature > 0) or (temperature != 1 and not warm):
@@ -246,10 +254,15 @@ def train_and_compare(run: RunOptions) -> int:
         check_episode_fit(train, env)
         if train.resume:
             run_dir = Path(train.resume)
+            lock = lock_folder(run_dir)  # noqa: F841 - held until the process ends
         else:
             name = train.run_name or f"{run.env_id}__{train.algo}__{train.seed}__{int(time.time())}"
             run_dir = Path(train.logdir) / name
-            run_dir.mkdir(parents=True, exist_ok=False)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=False)
+            except FileExistsError:
+                raise ValueError(f"--run-name {name!r}: {run_dir} was just created by another run") from None
+            lock = lock_folder(run_dir)  # noqa: F841
             write_text_atomic(run_dir / "config.json", json.dumps(run.to_json(), indent=2))
         model = build_model(run, env, run_dir, setup)
     except (ValueError, FileNotFoundError, CorruptCheckpointError) as error:
@@ -271,7 +284,13 @@ def train_and_compare(run: RunOptions) -> int:
     remaining = train.total_timesteps - model.num_timesteps
     if remaining > 0:
         print(f"training {train.algo} for {remaining} env steps")
-        model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
+        try:
+            model.learn(remaining, callback=callbacks, progress_bar=True, reset_num_timesteps=False)
+        except KeyboardInterrupt:
+            saved = at_episode_boundary(model) and save_checkpoint(model, run_dir / "checkpoints", setup)
+            where = f"a checkpoint at {model.num_timesteps} steps" if saved else "its last checkpoint"
+            print(f"\ninterrupted; python train_agent.py --resume {run_dir} continues from {where}", file=sys.stderr)
+            return 130
     if at_episode_boundary(model):
         save_checkpoint(model, run_dir / "checkpoints", setup)
     else:

@@ -21,6 +21,8 @@ from drrl_env.lm.corpora import DEFAULT_CORPUS
 from drrl_env.lm.models import DEFAULT_MODEL
 
 DEFAULT_RANKS = (16, 24, 32, 40, 48, 56, 64)
+MAX_SENSITIVITY_SAMPLES = 1024
+"""label samples of a Fisher profile at most: each is a backward pass per episode (16 is the default's)"""
 MAX_WEIGHT = 1e6  # reward weights above this overflow rewards to inf or swamp every other term
 REWARDS = ("auto", "kl", "eq13")
 KL_BASELINES = (
@@ -139,9 +141,11 @@ class EnvConfig:
     """'auto' (CUDA when present), 'cpu' or 'cuda'"""
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        def positive_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            if maximum is not None and value > maximum:
+                raise ValueError(f"{name} must be an integer <= {maximum}, got {value!r}")
 
         def choice(name: str, options: tuple[str, ...]) -> None:
             if getattr(self, name) not in options:
@@ -149,7 +153,7 @@ class EnvConfig:
 
         positive_int("batch_size", self.batch_size)
         positive_int("seq_len", self.seq_len, 2)
-        positive_int("sensitivity_samples", self.sensitivity_samples, 0)
+        positive_int("sensitivity_samples", self.sensitivity_samples, 0, MAX_SENSITIVITY_SAMPLES)
         if self.segment_len is not None:
             positive_int("segment_len", self.segment_len)
             if self.segment_len > self.seq_len:

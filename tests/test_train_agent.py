@@ -276,3 +276,19 @@ def test_trust_is_given_on_the_command_line_never_read_from_a_run_folder(tmp_pat
     assert options["trust_pickle"] is False and options["seed"] == 3
     argv = ["--resume", str(run), "--trust-pickle"]
     assert resume_options(build_parser(argv), argv, RESUMABLE_CHANGES, "train_agent.py")["trust_pickle"] is True
+
+
+def test_inputs_the_comparison_needs_are_checked_before_training(tmp_path, capsys):
+    from train_agent import main
+
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"paragraph {i} of a corpus too small to split." for i in range(3)))
+    zip_file = tmp_path / "evil.zip"
+    zip_file.write_bytes(b"PK")
+    for argv, message in (
+        (["--corpus", str(small)], "leave split"),
+        (["--compare", str(zip_file)], "pass --trust-pickle"),
+    ):
+        assert main([*argv, "--logdir", str(tmp_path / "runs")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was started

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO
 
 CHUNK_BYTES = 1 << 20
 
@@ -139,3 +140,31 @@ def check_output_folder(path: str | os.PathLike, option: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {str(path)!r}: {str(existing)!r} is not writable")
     return folder
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the folder's lock (:func:`lock_folder`)."""
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "run folder") -> IO[str]:
+    """Take ``folder/.lock`` for this process (released when the process ends or the file is closed).
+
+    Raises:
+        FolderInUseError: another process holds it; the message names that process.
+    """
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the life of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FolderInUseError(f"{what} {folder} is in use by {holder}; wait for it, or use another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    return handle
