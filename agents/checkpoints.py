@@ -20,6 +20,7 @@ uninterrupted one (on CPU, the same final model).
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from collections import deque
@@ -142,8 +143,10 @@ def latest_checkpoint(directory: Path) -> dict[str, Path] | None:
 
 
 def restore_checkpoint(model: BaseAlgorithm, files: dict[str, Path]) -> None:
-    """Put a freshly built ``model`` (with its envs) where the checkpoint ``files`` left training."""
-    load_agent_into(model, files["agent"])
+    """Put a freshly built ``model`` (with its envs) where the checkpoint ``files`` left training.
+
+    The training state is read and checked before anything of ``model`` changes.
+    """
     try:
         state = torch.load(files["state"], weights_only=True)
     except Exception as error:  # a file that passed its checksum but is not a weights-only state
@@ -157,8 +160,17 @@ def restore_checkpoint(model: BaseAlgorithm, files: dict[str, Path]) -> None:
     )
     if missing:
         raise CorruptCheckpointError(f"{files['state']} is not a training state (missing {sorted(missing)})")
+    counters = state["counters"] if isinstance(state["counters"], dict) else {}
+    for name, value in counters.items():  # only the counters training advances, each a finite number >= 0
+        ok = name in COUNTERS and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0:
+            raise CorruptCheckpointError(
+                f"{files['state']}: counter {name!r} = {value!r} is not one a training state restores "
+                f"(expected a number >= 0 for one of {list(COUNTERS)})"
+            )
+    load_agent_into(model, files["agent"])
     model.policy.optimizer.load_state_dict(state["optimizer"])
-    for name, value in state["counters"].items():
+    for name, value in counters.items():
         setattr(model, name, value)
     model.ep_info_buffer = deque(state["episode_infos"], maxlen=model._stats_window_size)
     model.ep_success_buffer = deque(maxlen=model._stats_window_size)

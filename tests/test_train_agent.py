@@ -292,3 +292,19 @@ def test_inputs_the_comparison_needs_are_checked_before_training(tmp_path, capsy
         assert main([*argv, "--logdir", str(tmp_path / "runs")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("counters", [{"gamma": 5.0}, {"n_epochs": 0}, {"num_timesteps": -1}, {"_n_calls": "x"}])
+def test_a_training_state_restores_counters_only(counters, tmp_path):
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    from agents.checkpoints import CorruptCheckpointError, restore_checkpoint
+
+    model = PPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=64, seed=0)
+    state = {"optimizer": {}, "counters": counters, "episode_infos": [], "positions": [], "rng": {}}
+    torch.save(state, tmp_path / "state.pt")
+    gamma = model.gamma
+    with pytest.raises(CorruptCheckpointError, match="is not one a training state restores"):
+        restore_checkpoint(model, {"agent": tmp_path / "never-read.safetensors", "state": tmp_path / "state.pt"})
+    assert model.gamma == gamma
