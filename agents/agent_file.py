@@ -203,9 +203,25 @@ def load_agent_into(model: BaseAlgorithm, path: str | os.PathLike) -> AgentDescr
     return description
 
 
+def check_header_against_tensors(description: AgentDescription, path: str | os.PathLike) -> None:
+    """Refuse a header whose action space the file's own action head does not have, before building anything.
+
+    A crafted header (``action_space.n = 2_000_000``) would otherwise make the loader build a network of that
+    size first; the tensor shapes are read from the file's header, without loading them.
+    """
+    _, action_space = description.spaces()
+    logits = int(action_space.n) if isinstance(action_space, spaces.Discrete) else int(np.sum(action_space.nvec))
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}  # noqa: SIM118
+    head = [shape[0] for name, shape in shapes.items() if name.endswith("action_net.weight")]  # actor-critics
+    if head and head[0] != logits:
+        raise AgentFileError(f"{path}: its header declares {logits} action logits, its action head has {head[0]}")
+
+
 def load_policy(path: str | os.PathLike) -> tuple[BasePolicy, AgentDescription]:
     """Rebuild the policy network an agent file describes and load its weights (inference mode, CPU)."""
     description = read_description(path)
+    check_header_against_tensors(description, path)
     algorithm = description.algorithm
     observation_space, action_space = description.spaces()
     policy_class = algorithm.cls.policy_aliases[algorithm.policy]

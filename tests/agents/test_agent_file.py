@@ -141,3 +141,23 @@ def test_bad_agent_files_get_errors_that_name_them(tiny_kwargs, tmp_path):
         load_agent_into(smaller, path)
     with pytest.raises(AgentFileError, match="holds a maskable_ppo agent, not ppo"):
         load_model_policy(f"ppo:{path}")
+
+
+def test_a_header_that_lies_about_the_action_space_is_refused_before_building(tiny_kwargs, tmp_path):
+    import json as json_module
+
+    import safetensors.torch
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("DRRL-Attention-v0", **tiny_kwargs)
+    path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "agent")
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    key = next(k for k in metadata if metadata[k].startswith("{"))
+    header = json_module.loads(metadata[key])
+    header["action_space"]["n"] = 2_000_000
+    metadata[key] = json_module.dumps(header)
+    safetensors.torch.save_file(tensors, tmp_path / "lying.safetensors", metadata)
+    with pytest.raises(AgentFileError, match="declares 2000000 action logits, its action head has 4"):
+        make_policy(str(tmp_path / "lying.safetensors"), tiny_kwargs)
