@@ -212,7 +212,12 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
         from agents.bc import BCConfig, behaviour_clone
 
         bc_config = BCConfig(
-            train.network, train.history, train.bc_epochs, seed=train.seed, entropy_coef=train.bc_entropy_coef
+            train.network,
+            train.history,
+            train.bc_epochs,
+            seed=train.seed,
+            entropy_coef=train.bc_entropy_coef,
+            verify=train.verify,
         )
         bc, result = behaviour_clone(bc_dataset, bc_config, run_dir / "bc")
         load_agent_into(model, save_agent(bc, run_dir / BC_MODEL))

@@ -57,6 +57,8 @@ class BCConfig:
     """seed of the policy's initialisation and of the shuffling"""
     entropy_coef: float = 0.0
     """weight of an entropy bonus: > 0 keeps the cloned policy stochastic, so PPO can still explore from it"""
+    verify: bool = True
+    """check the dataset's shards against its checksums.json; --no-verify loads a dataset without one, unverified"""
 
     def __post_init__(self) -> None:
         policy_setup(self.network, self.history)  # names the bad network or history
@@ -91,9 +93,12 @@ class Demonstrations:
     episodes: np.ndarray  # (N,) int64
 
 
-def load_demonstrations(directory: str | os.PathLike, history: int = 0) -> Demonstrations:
-    """Load a dataset; with ``history > 0`` each observation becomes the window of its episode's last states."""
-    data = load_trajectories(directory).with_format("numpy")
+def load_demonstrations(directory: str | os.PathLike, history: int = 0, verify: bool = True) -> Demonstrations:
+    """Load a dataset; with ``history > 0`` each observation becomes the window of its episode's last states.
+
+    ``verify=False`` loads a dataset without checksums (``--no-verify``).
+    """
+    data = load_trajectories(directory, verify).with_format("numpy")
     observations = np.stack(data["observation"]).astype(np.float32)
     episodes, steps = np.asarray(data["episode"]), np.asarray(data["step"])
     if history:
@@ -158,7 +163,7 @@ def behaviour_clone(
     config = config or BCConfig()
     setup = policy_setup(config.network, config.history)
     metadata = read_metadata(dataset)
-    demos = load_demonstrations(dataset, setup.history)
+    demos = load_demonstrations(dataset, setup.history, config.verify)
     env = setup.wrap(gym.make(ENV_ID, **env_config_of(metadata)))
     model = MaskablePPO("MlpPolicy", env, policy_kwargs=setup.policy_kwargs, seed=config.seed, device="cpu")
     episode_ids = np.unique(demos.episodes)

@@ -136,6 +136,8 @@ class TrainConfig:
     """episodes of the hindsight dataset of --warm-start hindsight (about 10 s each on the 2-core CPU at 1x128)"""
     bc_dataset: str | None = None
     """oracle dataset (python -m oracle): behaviour-clone on it first"""
+    verify: bool = True
+    """check --bc-dataset's shards against its checksums.json; --no-verify loads one without it, unverified"""
     bc_model: str | None = None
     """start from this behaviour-cloned agent file (.safetensors, from python -m agents.bc)"""
     bc_epochs: int = 100

@@ -187,7 +187,7 @@ def _corrupt(path: Path, problem: str) -> DatasetCorruptError:
     )
 
 
-def verified_shards(directory: str | os.PathLike) -> list[Path]:
+def verified_shards(directory: str | os.PathLike, verify: bool = True) -> list[Path]:
     """The complete shards of a dataset after checking the metadata and each shard against their checksums.
 
     A shard written by a run killed before it recorded the checksum is left out, with a warning.
@@ -205,10 +205,13 @@ def verified_shards(directory: str | os.PathLike) -> list[Path]:
     except ValueError as error:
         raise DatasetCorruptError(str(error)) from None
     files = shard_files(directory)
-    if not ledger.exists:
-        print(
-            f"warning: {directory} has no {CHECKSUMS_FILE} (older drrl): its shards cannot be verified", file=sys.stderr
+    if not ledger.exists and verify:
+        raise DatasetCorruptError(
+            f"{directory} has no {CHECKSUMS_FILE}: its shards cannot be verified (deleted, or an older drrl wrote it); "
+            "pass --no-verify to load it unverified"
         )
+    if not ledger.exists:
+        print(f"warning: {directory} has no {CHECKSUMS_FILE}: loading its shards unverified", file=sys.stderr)
     elif ledger.status(metadata_path) != "ok":
         raise _corrupt(metadata_path, "does not match its recorded SHA-256")
     verified = []
@@ -227,13 +230,13 @@ def verified_shards(directory: str | os.PathLike) -> list[Path]:
     return verified
 
 
-def load_trajectories(directory: str | os.PathLike) -> datasets.Dataset:
+def load_trajectories(directory: str | os.PathLike, verify: bool = True) -> datasets.Dataset:
     """The trajectories in ``directory`` as one ``datasets.Dataset`` (rows in episode and step order), verified.
 
     A dataset that holds fewer episodes than its metadata names (a run still writing it, or one cut off) loads what
     it holds, with a warning that says how many.
     """
-    files = verified_shards(directory)
+    files = verified_shards(directory, verify)
     if not files:
         raise FileNotFoundError(f"{directory} holds no complete shard yet")
     data = datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)

@@ -133,9 +133,11 @@ def test_corrupted_shards_are_refused_on_load_and_recomputed_on_resume(tmp_path,
     shard.write_bytes(b"")  # empty
     with pytest.raises(DatasetCorruptError, match="shard-00001.parquet"):
         load_trajectories(directory)
-    (directory / "checksums.json").unlink()  # a dataset from before checksums: still a named error
-    with pytest.raises(DatasetCorruptError, match="shard-00001.parquet is not a readable parquet file"):
+    (directory / "checksums.json").unlink()  # deleted checksums: refused unless the user says --no-verify
+    with pytest.raises(DatasetCorruptError, match="has no checksums.json.*pass --no-verify"):
         load_trajectories(directory)
+    with pytest.raises(DatasetCorruptError, match="shard-00001.parquet is not a readable parquet file"):
+        load_trajectories(directory, verify=False)  # unverified, and still a named error
 
 
 @pytest.mark.parametrize("content", ['{"format": "drrl-traj', "[1, 2]", ""])
