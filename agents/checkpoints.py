@@ -50,6 +50,10 @@ REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "don
 FILES = {"agent": ".safetensors", "state": ".state.pt", "replay": ".replay.safetensors"}
 
 
+class ConfigChangedError(ValueError):
+    """A run's config.json differs from the one its checkpoints were written with."""
+
+
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files are missing, unreadable, or differ from their recorded checksums."""
 
@@ -103,6 +107,9 @@ def save_checkpoint(model: BaseAlgorithm, directory: Path, residual: PolicySetup
             stem.with_suffix(FILES["replay"]), lambda p: safetensors.numpy.save_file(arrays, p, metadata)
         )
     manifest = {"num_timesteps": int(model.num_timesteps), "sha256": {k: sha256_of(p) for k, p in written.items()}}
+    config = directory.parent / "config.json"  # the run's options: a resume refuses them edited
+    if config.is_file():
+        manifest["config_sha256"] = sha256_of(config)
     return write_text_atomic(stem.with_suffix(".json"), json.dumps(manifest, indent=2))
 
 
@@ -113,11 +120,18 @@ def verify_checkpoint(manifest_path: Path) -> dict[str, Path]:
         CorruptCheckpointError: naming the file that is missing, unreadable or changed.
     """
     try:
-        checksums = json.loads(manifest_path.read_text())["sha256"]
+        manifest = json.loads(manifest_path.read_text())
+        checksums = manifest["sha256"]
         if not isinstance(checksums, dict) or "agent" not in checksums or "state" not in checksums:
             raise ValueError("no checksums of the agent and state files")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpointError(f"{manifest_path}: unreadable manifest ({error})") from error
+    config = manifest_path.parent.parent / "config.json"
+    if "config_sha256" in manifest and (not config.is_file() or sha256_of(config) != manifest["config_sha256"]):
+        raise ConfigChangedError(
+            f"{config} was changed after checkpoint {manifest_path.stem} was written; a run resumes with the options "
+            "it was started with: restore the file, or start a new run"
+        )
     files = {}
     for kind, checksum in checksums.items():
         if kind not in FILES:

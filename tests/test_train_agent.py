@@ -308,3 +308,20 @@ def test_a_training_state_restores_counters_only(counters, tmp_path):
     with pytest.raises(CorruptCheckpointError, match="is not one a training state restores"):
         restore_checkpoint(model, {"agent": tmp_path / "never-read.safetensors", "state": tmp_path / "state.pt"})
     assert model.gamma == gamma
+
+
+def test_a_config_edited_after_its_checkpoints_is_refused_on_resume(tmp_path):
+    from agents.checkpoints import ConfigChangedError, latest_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seq_len": 128}))
+    manifest = {
+        "num_timesteps": 8,
+        "sha256": {"agent": "0", "state": "0"},
+        "config_sha256": sha256_of(run / "config.json"),
+    }
+    (run / "checkpoints" / "step_000000008.json").write_text(json.dumps(manifest))
+    (run / "config.json").write_text(json.dumps({"seq_len": 16}))  # edited by hand
+    with pytest.raises(ConfigChangedError, match="config.json was changed after checkpoint step_000000008"):
+        latest_checkpoint(run / "checkpoints")
