@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from drrl_env.config import check_budget_share
 from drrl_env.env import DRRLAttentionEnv, EnvConfig
 from drrl_env.generation.decode_profile import DECODE_PROFILE_TOKENS, decode_kl_profile
 from drrl_env.lm.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
-from drrl_env.lm.files import write_text_atomic
+from drrl_env.lm.files import read_cache_entry, write_text_atomic
 from drrl_env.lm.models import cache_file, load_causal_lm, resolve_device
 from drrl_env.profiles.calibration import calibration_grams
 from drrl_env.profiles.kl import PROFILE_ESTIMATES, kl_profile
@@ -125,13 +126,21 @@ def validation_profile(
     if estimate == "decode":
         key |= {"decode_tokens": DECODE_PROFILE_TOKENS, "decode_prompts": DECODE_PROFILE_PROMPTS}
     path = cache_file("profiles", model, key, ".json")
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return np.asarray(stored["cost"], dtype=np.float64), int(stored["head_dim"])
+    stored = read_cache_entry(path, _load_profile, "validation profile")
+    if stored is not None and stored.get("key") == key:
+        return np.asarray(stored["cost"], dtype=np.float64), int(stored["head_dim"])
     cost, head_dim = measure_validation_profile(key, device, progress)
     write_text_atomic(path, json.dumps({"key": key, "cost": cost.tolist(), "head_dim": head_dim}))
     return cost, head_dim
+
+
+def _load_profile(path: Path) -> dict:
+    """A cached profile, refused (``ValueError``) unless its cost is a finite, non-negative table."""
+    stored = json.loads(path.read_text())
+    cost = np.asarray(stored["cost"], dtype=np.float64)
+    if cost.ndim < 2 or not np.isfinite(cost).all() or (cost < 0).any() or int(stored["head_dim"]) < 1:
+        raise ValueError("not a finite, non-negative profile")
+    return stored
 
 
 def measure_validation_profile(key: dict, device: str, progress: bool) -> tuple[np.ndarray, int]:

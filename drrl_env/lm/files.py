@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
+
+T = TypeVar("T")
 
 CHUNK_BYTES = 1 << 20
 
@@ -168,3 +171,23 @@ def lock_folder(folder: str | os.PathLike, what: str = "run folder") -> IO[str]:
     handle.write(f"process {os.getpid()}")
     handle.flush()
     return handle
+
+
+def read_cache_entry(path: str | os.PathLike, load: Callable[[Path], T], what: str) -> T | None:
+    """``load(path)`` of a cache entry; None when it is missing, or when it does not load or validate.
+
+    ``load`` raises (any exception) for an entry that is truncated, unreadable or invalid (NaN, a wrong shape);
+    such an entry is named in a warning and deleted, so the caller rebuilds it instead of failing on every run.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except Exception as error:  # noqa: BLE001 - whatever a damaged file raises, the remedy is the same
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"warning: the cached {what} {path} does not load ({reason}); deleting and rebuilding it", file=sys.stderr
+        )
+        path.unlink(missing_ok=True)
+        return None

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,20 @@ def load_causal_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.
             the offline default.
     """
     path = str(default_model_path()) if name == DEFAULT_MODEL else name
-    tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
-    model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
+        model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - a damaged cache raises whatever its reader raises
+        if name != DEFAULT_MODEL or isinstance(error, ModelNotAvailableError):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"warning: the cached default model {path} does not load ({reason}); converting it again", file=sys.stderr
+        )
+        shutil.rmtree(path, ignore_errors=True)
+        path = str(default_model_path())
+        tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
+        model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)

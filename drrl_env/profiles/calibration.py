@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from drrl_env.attention.hook import AttentionCall, install
 from drrl_env.attention.kv_basis import CalibrationGrams, group_grams
 from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
-from drrl_env.lm.files import write_atomic
+from drrl_env.lm.files import read_cache_entry, write_atomic
 from drrl_env.lm.models import LoadedModel, cache_file
 
 CALIBRATION_SPLIT = "validation"
@@ -60,6 +60,15 @@ def calibration_source(loaded: LoadedModel, corpus: str, split: str, tokens: int
     return {"model": loaded.name, "corpus": corpus, "split": split, "tokens": str(tokens), "seq_len": str(seq_len)}
 
 
+def _load_grams(path: Path) -> dict[str, torch.Tensor]:
+    """Cached Grams, refused (``ValueError``) unless both are there, of one shape, and finite."""
+    stored = load_file(path)
+    query, key = stored["query"], stored["key"]
+    if query.shape != key.shape or query.dim() != 4 or not (query.isfinite().all() and key.isfinite().all()):
+        raise ValueError("the Grams are not two finite (L, Hkv, d, d) tensors")
+    return stored
+
+
 def calibration_grams(
     loaded: LoadedModel,
     corpus: str = DEFAULT_CORPUS,
@@ -74,8 +83,8 @@ def calibration_grams(
     """
     path = calibration_path(loaded, corpus, split, tokens, seq_len)
     source = calibration_source(loaded, corpus, split, tokens, seq_len)
-    if path.exists():
-        stored = load_file(path)
+    stored = read_cache_entry(path, _load_grams, "calibration Grams")
+    if stored is not None:
         return CalibrationGrams(stored["query"], stored["key"], source)
     chunks = sequential_chunks(corpus_tokens(corpus, split, loaded.tokenizer), seq_len, tokens)
     grams = collect_grams(loaded, chunks)

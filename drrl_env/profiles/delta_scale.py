@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
-from drrl_env.lm.files import write_atomic
+from drrl_env.lm.files import read_cache_entry, write_atomic
 from drrl_env.lm.models import LoadedModel, cache_file
 from drrl_env.profiles.sensitivity import delta_energy_profile, fisher_kl_profile
 
@@ -59,6 +59,14 @@ def fit_delta_scale(
     return np.divide(fisher, energy, out=np.zeros_like(fisher), where=energy > 0)
 
 
+def _load_scale(path: Path) -> np.ndarray:
+    """A cached scale, refused (``ValueError``) unless it is a finite, non-negative float array."""
+    scale = np.load(path)
+    if scale.dtype.kind != "f" or not np.isfinite(scale).all() or (scale < 0).any():
+        raise ValueError("not a finite, non-negative float array")
+    return scale
+
+
 _LOADED_SCALES: dict[Path, np.ndarray] = {}
 """the scales this process has read or fitted, by cache file"""
 
@@ -82,9 +90,8 @@ def delta_scale(
     key = [loaded.name, list(ranks), mode, segment_len, seq_len, samples, per_head, corpus, SCALE_SPLIT, tokens]
     path = cache_file("delta_scale", loaded.name, [*key, str(loaded.model.dtype)], ".npy")
     if path not in _LOADED_SCALES:  # read once per process: every scaled_delta reset asks for it
-        if path.exists():
-            scale = np.load(path)
-        else:
+        scale = read_cache_entry(path, _load_scale, "Eq. S scale")
+        if scale is None:
             chunks = sequential_chunks(corpus_tokens(corpus, SCALE_SPLIT, loaded.tokenizer), seq_len, tokens)
             scale = fit_delta_scale(loaded, chunks, ranks, mode, segment_len, samples, per_head)
             write_atomic(path, lambda temporary: np.save(temporary, scale))
