@@ -36,12 +36,27 @@ class ModelNotAvailableError(RuntimeError, ValueError):
     """The requested model is neither installed, cached, local, nor reachable (a ValueError: bad input)."""
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""the folder drrl's packages live in (a clone's root)"""
+
+
 def cache_dir() -> Path:
-    """Root of drrl's caches: ``$DRRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/drrl``, else ``~/.cache/drrl``."""
+    """Root of drrl's caches: ``$DRRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/drrl``, else ``~/.cache/drrl``.
+
+    The cache follows symbolic links (the user made them), except one that leads into the project's own
+    code or a run folder, which is refused: caches are rewritten and deleted, code and runs are not.
+    """
     if os.environ.get("DRRL_CACHE_DIR"):
-        return Path(os.environ["DRRL_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "drrl"
+        path = Path(os.environ["DRRL_CACHE_DIR"]).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base).expanduser() / "drrl"
+    resolved = path.resolve()
+    if resolved != path.absolute() and resolved.is_relative_to(PROJECT_ROOT):
+        inside = resolved.relative_to(PROJECT_ROOT).parts[:1]
+        if inside and inside[0] in ("drrl_env", "oracle", "agents", "tests", "runs", "docs", "leaderboard", "scripts"):
+            raise ValueError(f"the cache folder {path} is a link into the project ({resolved}); point it elsewhere")
+    return path
 
 
 def cache_file(kind: str, model: str, key: object, suffix: str) -> Path:

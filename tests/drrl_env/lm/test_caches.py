@@ -38,3 +38,17 @@ def test_calibration_grams_and_profiles_validate_what_they_read(tmp_path):
     (tmp_path / "cut.json").write_text('{"key": {}, "cost": [[0.1, ')
     with pytest.raises(ValueError):
         _load_profile(tmp_path / "cut.json")
+
+
+def test_the_cache_follows_links_except_into_the_project(tmp_path, monkeypatch):
+    from drrl_env.lm.models import PROJECT_ROOT, cache_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "ok").symlink_to(elsewhere)
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "ok"))
+    assert cache_dir() == tmp_path / "ok"
+    (tmp_path / "bad").symlink_to(PROJECT_ROOT / "drrl_env")
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="is a link into the project"):
+        cache_dir()
