@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         check_policy_spec(args.policy, "--policy")  # before the model loads
         loaded = load_causal_lm(args.model, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
         prompts = corpus_prompts(loaded, args.prompt, args.corpus, args.prompt_split, args.context, args.prompts)
+        for index, prompt in enumerate(prompts):  # before any work: the model's limits, in the user's terms
+            if prompt.shape[1] < 2:
+                raise ValueError(f"prompt {index} is {prompt.shape[1]} token(s); a prompt needs at least 2")
+            loaded.check_length(prompt.shape[1] + args.max_new_tokens, f"prompt {index} plus --max-new-tokens")
         policy = make_policy(args.policy, kwargs, args.trust_pickle)
     except (ValueError, OSError, ModelNotAvailableError, CorpusNotAvailableError) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)

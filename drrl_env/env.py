@@ -154,6 +154,7 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         cfg = self.config
         self.device = resolve_device(cfg.device)
         self.loaded: LoadedModel = load_causal_lm(cfg.model, device=str(self.device))
+        self.loaded.check_length(cfg.seq_len, "seq_len")
         self.hook = install(self.loaded.model)
         if cfg.spectral_mode == "calibrated":
             attach_calibration(self.loaded)

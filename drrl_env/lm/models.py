@@ -89,6 +89,19 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def max_positions(self) -> int | None:
+        """Tokens the model can attend over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unknown."""
+        config = self.model.config
+        value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(value) if value else None
+
+    def check_length(self, tokens: int, what: str) -> None:
+        """``ValueError`` in the user's terms when ``tokens`` exceed the model's positions."""
+        limit = self.max_positions
+        if limit is not None and tokens > limit:
+            raise ValueError(f"{what} is {tokens} tokens; the model {self.name} attends over at most {limit}")
+
+    @property
     def attention_shape(self) -> AttentionShape:
         """Read from the config; models without GQA have as many key/value heads as query heads."""
         config = self.model.config

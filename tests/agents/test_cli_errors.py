@@ -135,3 +135,20 @@ def test_every_policy_spec_is_checked_where_it_is_parsed(spec, message, capsys):
         check_policy_spec(spec, "--policy")
     line = in_process(generate.main, ["--policy", spec, "--model", "/no/model/needed"], capsys)
     assert message in line  # the same line in every command, before any model is loaded
+
+
+def test_generation_lengths_are_checked_against_the_model_before_any_work(tiny_model_dir, capsys):
+    from agents import generate
+
+    common = ["--policy", "fixed:8", "--model", tiny_model_dir, "--ranks", "4", "8", "16"]
+    line = in_process(generate.main, [*common, "--prompt", "The history of the city", "--max-new-tokens", "1000000"],
+                      capsys)  # fmt: skip
+    assert "plus --max-new-tokens is 1000005 tokens" in line and "at most 256" in line
+    assert "a prompt needs at least 2" in in_process(generate.main, [*common, "--prompt", "a"], capsys)
+
+
+def test_a_seq_len_beyond_the_models_positions_is_refused_in_its_terms(tiny_model_dir):
+    import gymnasium as gym
+
+    with pytest.raises(ValueError, match="seq_len is 300 tokens; the model .* attends over at most 256"):
+        gym.make("DRRL-Attention-PerLayer-v0", model=tiny_model_dir, ranks=(4, 8, 16), seq_len=300)
