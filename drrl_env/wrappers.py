@@ -103,6 +103,11 @@ class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
         super().__init__(env)
         base = env.unwrapped
         cfg = base.config
+        if reference_ranks is not None and (
+            isinstance(reference_ranks, (str, bytes))
+            or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in reference_ranks)
+        ):
+            raise ValueError(f"reference_ranks must be a sequence of integer ranks, got {reference_ranks!r}")
         reference = cfg.reference_ranks if reference_ranks is None else tuple(int(r) for r in reference_ranks)
         if reference is None or cfg.per_head:
             raise ValueError("RankOffsets needs reference_ranks (or an env with them) and per_head=False")
@@ -110,8 +115,13 @@ class RankOffsets(gym.Wrapper, gym.utils.RecordConstructorArgs):
             raise ValueError(
                 f"reference_ranks must be {base.num_layers} candidate ranks of {cfg.ranks}, got {list(reference)}"
             )
-        if len(offsets) == 0 or len(set(offsets)) != len(offsets) or 0 not in offsets:
-            raise ValueError(f"offsets must be distinct integers including 0, got {offsets!r}")
+        whole = all(isinstance(o, (int, np.integer)) and not isinstance(o, bool) for o in offsets)
+        bounded = whole and all(abs(int(o)) < len(cfg.ranks) for o in offsets)
+        if not bounded or len(offsets) == 0 or len(set(offsets)) != len(offsets) or 0 not in offsets:
+            raise ValueError(
+                f"offsets must be distinct integers including 0, each within +-{len(cfg.ranks) - 1} candidates, "
+                f"got {offsets!r}"
+            )
         self.offsets = tuple(int(o) for o in offsets)
         self.reference_ranks = reference
         self.reference_index = np.array([cfg.ranks.index(r) for r in reference])  # (L,)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from drrl_env.attention.hook import install
@@ -55,6 +56,13 @@ def rank_table(ranks: RankSpec, shape: AttentionShape) -> torch.Tensor:
         if ranks != "full":
             raise ValueError(f"ranks must be 'full', an int, or one rank per layer (or layer and head), got {ranks!r}")
         ranks = shape.head_dim
+    if isinstance(ranks, torch.Tensor):
+        whole = not ranks.dtype.is_floating_point and ranks.dtype != torch.bool
+    else:
+        values = np.asarray(ranks, dtype=object).ravel()
+        whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values)
+    if not whole:
+        raise ValueError(f"ranks must be whole numbers (no fractions, booleans or NaN), got {ranks!r}")
     table = torch.as_tensor(ranks, dtype=torch.int64)
     if table.dim() == 0:
         table = table.expand(shape.num_layers)

@@ -165,3 +165,13 @@ def test_train_agent_residual_runs_resumes_and_refuses_a_budget_range(tiny_model
         with pytest.raises(ValueError, match="--residual needs one --flops-budget share"):
             run = parse_options([*common, *refused])
             residual_setup(run.train, run.env)
+
+
+@pytest.mark.parametrize(
+    "reference, offsets",
+    [("88", (-1, 0, 1)), ([8.7, 8], (-1, 0, 1)), ([12, 8], (-1, 0, 0.5)), ([12, 8], (0, 2**70)), ([12, 8], (1, 2))],
+)  # fmt: skip
+def test_rank_offsets_refuses_what_it_would_otherwise_round(tiny_env_kwargs, reference, offsets):
+    env = gym.make("DRRL-Attention-v0", **{**tiny_env_kwargs, "seq_len": 16})
+    with pytest.raises(ValueError, match="reference_ranks must be|offsets must be"):
+        RankOffsets(env, offsets, reference)

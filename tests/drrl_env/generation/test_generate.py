@@ -315,3 +315,13 @@ def test_perplexity_command_adds_key_bases(tiny_model_dir, tmp_path, monkeypatch
     lines = capsys.readouterr().out.splitlines()
     assert any("key:joint" in line for line in lines) and any("key:calibrated" in line for line in lines)
     assert any(line.split()[1:2] == ["calibrated"] for line in lines)  # the env's calibrated spectral mode
+
+
+@pytest.mark.parametrize("ranks", [8.5, True, float("nan"), [8.7, 8]])
+def test_ranks_that_are_not_whole_numbers_are_refused_not_truncated(ranks):
+    from drrl_env.generation.decode import rank_table
+    from drrl_env.lm.models import AttentionShape
+
+    shape = AttentionShape(num_layers=2, q_heads=4, kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="whole numbers"):
+        rank_table(ranks, shape)
