@@ -43,6 +43,8 @@ from agents.checkpoints import (
 from agents.evaluate import comparison_table, evaluate_policy
 from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
+from agents.results import read_csv
+from agents.tensorboard import write_hparams, write_training_layout
 from agents.train_config import (
     PPO_NEAR_CLONE,
     PRESETS,
@@ -227,10 +229,11 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
     if not train.resume and train.bc_temperature != 1 and (bc_dataset or train.bc_model):
         scale_action_logits(model.policy, train.bc_temperature)
     model.set_logger(configure(str(run_dir), ["tensorboard"]))
+    write_training_layout(run_dir)
     return model
 
 
-def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> None:
+def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> dict[str, float]:
     """Run ``--compare``'s baselines, the behaviour-cloned start (if any) and the agent over the same test episodes."""
     train = run.train
     algorithm = get_algorithm(train.algo)
@@ -243,6 +246,8 @@ def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicyS
         policies, run.env, run.compare.eval_episodes, run.compare.timing_repeats, run_dir / "comparison.csv"
     )
     print(table)
+    agent = read_csv(run_dir / "comparison.csv")[-1]
+    return {"hparams/test_kl": agent.kl, "hparams/test_headroom_captured": agent.headroom_captured}
 
 
 def train_and_compare(run: RunOptions) -> int:
@@ -303,8 +308,10 @@ def train_and_compare(run: RunOptions) -> int:
     path = save_agent(model, run_dir / "model.safetensors", setup)
     model.get_env().close()
     print(f"saved {path} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
+    metrics = {"hparams/num_timesteps": float(model.num_timesteps)}
     if run.compare.compare:
-        compare(run, model, run_dir, setup)
+        metrics |= compare(run, model, run_dir, setup)
+    write_hparams(run_dir, run.to_json(), metrics)
     return 0
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from agents.algorithms import ModelPolicy
 from agents.results import EvaluationRow, adaptivity_verdicts, fill_headroom_captured, markdown_table, write_csv
 from agents.rllib_agent import RLlibPolicy
+from agents.tensorboard import write_evaluation
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.attention.lowrank import SPECTRAL_MODES
@@ -352,16 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows) + "".join(f"\n\n{line}" for line in verdicts)
     (out / "table.md").write_text(table + "\n")
     write_csv(rows, out / "results.csv")
-    writer = SummaryWriter(str(Path(args.logdir) / f"evaluate__{int(time.time())}"))
-    for row in rows:
-        for key in ("ppl", "flops_ratio", "flops_core_ratio", "mean_rank", "ms_per_token", "violation_rate"):
-            writer.add_scalar(f"eval/{row.corpus}/{row.mode}/{key}/{row.policy}", getattr(row, key))
+    board = Path(args.logdir) / f"evaluate__{int(time.time())}"
+    write_evaluation(rows, board, base["flops_budget"] if plan.budgets is None else None)
+    writer = SummaryWriter(str(board / "figures"))
     written: list[str] = []
 
     def emit(name: str, figure) -> None:
         """Save ``figure`` as ``out/name.png`` and send it to TensorBoard (which closes it)."""
         figure.savefig(out / f"{name}.png", dpi=110)
-        writer.add_figure(f"eval/{name}", figure)
+        writer.add_figure(name, figure)  # the PNG's name
         written.append(name)
 
     emit("pareto", figures.pareto_figure(rows))

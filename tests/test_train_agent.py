@@ -69,6 +69,8 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
                 "drrl/guardrail_mask_rate"):  # fmt: skip
         assert tag in tags["scalars"], tag
     assert "drrl/rank_histogram" in tags["histograms"] and "drrl/rank_heatmap" in tags["images"]
+    assert "custom_scalars__config__" in tags["tensors"]  # the layout: drrl/ beside rollout/ and train/
+    assert "_hparams_/session_start_info" in tags["tensors"] and "hparams/test_kl" in tags["scalars"]
     from agents.figures import training_curves_figure
 
     figure = training_curves_figure(tmp_path / "runs")  # Fig. 2 from the run's event files

@@ -1,0 +1,112 @@
+"""What the evaluation and training write to TensorBoard beyond SB3's own scalars.
+
+An evaluation is one folder under ``--logdir`` (``evaluate__TIME``) with one *run* per policy, so TensorBoard's
+run selector overlays the policies on every chart. Every row of the evaluation is a scalar tagged
+``eval/<metric>/<corpus>/<mode>/budget_<b>``: the corpus by its short name (a file's stem), the budget in the tag,
+so two budgets never share a tag. A custom-scalars layout (TensorBoard's own plugin) puts every policy of a
+metric on one chart per corpus and mode; the figures go in as images under the names of the PNGs. Training
+runs get a layout of their ``drrl/`` scalars beside SB3's ``rollout/`` and ``train/``, and their
+hyperparameters in the HParams tab.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from agents.results import EvaluationRow
+from drrl_env.lm.corpora import BUILTIN_CORPORA
+
+EVAL_METRICS = {
+    "kl": "KL to the full model (nats/token)",
+    "delta_ppl_percent": "ΔPPL %",
+    "headroom_captured": "headroom captured",
+    "flops_logits_ratio": "FLOPs of the logits / full",
+    "flops_with_policy_ratio": "FLOPs with the policy's signal / full",
+    "decision_ms": "decision ms per episode",
+}
+"""the metrics an evaluation writes, by row field, with the chart titles"""
+TRAIN_CHARTS = {
+    "drrl": ["drrl/kl", "drrl/budget_used", "drrl/budget_mask_rate", "drrl/guardrail_mask_rate",
+             "drrl/violation_rate", "drrl/flops_saved"],
+    "rollout": ["rollout/ep_rew_mean", "rollout/ep_len_mean"],
+    "train": ["train/loss", "train/entropy_loss", "train/approx_kl", "train/explained_variance"],
+}  # fmt: skip
+"""the training layout: one category per prefix, one chart per scalar"""
+
+
+def corpus_name(corpus: str) -> str:
+    """A corpus's short name in tags: a built-in corpus's name, a local file's stem, a hub id's last part."""
+    if corpus in BUILTIN_CORPORA:
+        return corpus
+    return Path(corpus).stem or Path(corpus).name or "corpus"
+
+
+def run_name(policy: str) -> str:
+    """A policy's name as a TensorBoard run (a folder): no path separators."""
+    return re.sub(r"[/\\\s]+", "_", policy).strip("._") or "policy"
+
+
+def eval_tag(metric: str, row: EvaluationRow, budget: float | None) -> str:
+    """``eval/<metric>/<corpus>/<mode>/budget_<b>`` (``budget_none`` without a budget)."""
+    if budget is None:
+        shown = "none"
+    elif isinstance(budget, (tuple, list)):  # a range drawn per episode
+        shown = "-".join(f"{value:g}" for value in budget)
+    else:
+        shown = f"{budget:g}"
+    return f"eval/{metric}/{corpus_name(row.corpus)}/{row.mode}/budget_{shown}"
+
+
+def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: float | None) -> dict[str, Any]:
+    """Write ``rows`` to ``folder`` (one run per policy) with the custom-scalars layout; returns the writers' runs.
+
+    ``default_budget``: the budget of rows that carry none (an evaluation at the env's one budget).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    writers: dict[str, Any] = {}
+    layout: dict[str, dict[str, list]] = {}
+    for row in rows:
+        name = run_name(row.policy)
+        writer = writers.setdefault(name, SummaryWriter(str(folder / name)))
+        budget = row.budget if row.budget is not None else default_budget
+        for metric, title in EVAL_METRICS.items():
+            value = getattr(row, metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            writer.add_scalar(eval_tag(metric, row, budget), value, 0)
+            category = layout.setdefault(f"{title}", {})
+            chart = f"{corpus_name(row.corpus)} / {row.mode}"
+            category[chart] = ["Multiline", [f"eval/{metric}/{corpus_name(row.corpus)}/{row.mode}/"]]
+    with SummaryWriter(str(folder / "layout")) as writer:
+        writer.add_custom_scalars(layout)
+    for writer in writers.values():
+        writer.close()
+    return writers
+
+
+def write_training_layout(run_dir: Path) -> None:
+    """The custom-scalars layout of a training run: its ``drrl/`` scalars beside SB3's ``rollout/`` and ``train/``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    layout = {prefix: {tag: ["Multiline", [tag]] for tag in tags} for prefix, tags in TRAIN_CHARTS.items()}
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_custom_scalars(layout)
+
+
+def write_hparams(run_dir: Path, hyperparameters: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's hyperparameters and final metrics in TensorBoard's HParams tab (in the run's own folder)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    shown = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+             for key, value in hyperparameters.items()}  # fmt: skip
+    experiment, session_start, session_end = hparams(shown, metrics)
+    with SummaryWriter(str(run_dir)) as writer:
+        for summary in (experiment, session_start, session_end):
+            writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, 0)
