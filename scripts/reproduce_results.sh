@@ -28,6 +28,8 @@
 #             MaskablePPO (and a beta=0 ablation agent) -> every policy on three corpora in both modes, with
 #             the Table II ablations; results/. About 80 minutes.
 set -euo pipefail
+# DRY_RUN=1 prints each command instead of running it (tests/test_reproduce.py parses every one of them)
+run() { if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 # `--compare` with no policies skips train_agent.py's closing comparison: each stage evaluates afterwards
 stages="${STAGES:-budgets residual per_head per_head_delta paper}"
 start=$(date +%s)
@@ -38,37 +40,37 @@ if [[ " $stages " == *" budgets "* ]]; then
   baselines=(uniform static:fisher hindsight:fisher fixed:32 energy:0.9 stable_rank threshold:0.1 gumbel:0.05
              random oracle)
   for mode in joint separate; do
-    rm -rf "runs/results-$mode"
-    python train_agent.py --preset per-layer --spectral-mode "$mode" --logdir "runs/results-$mode" --run-name train \
+    run rm -rf "runs/results-$mode"
+    run python train_agent.py --preset per-layer --spectral-mode "$mode" --logdir "runs/results-$mode" --run-name train \
       --compare
     run="runs/results-$mode/train"
-    cp "$run/bc_model.safetensors" "runs/results-$mode/bc.safetensors"
-    cp "$run/model.safetensors" "runs/results-$mode/bc_ppo.safetensors"
-    python -m agents.evaluate "${budget_options[@]}" --modes "$mode" --budgets 0.75 0.625 0.5 \
+    run cp "$run/bc_model.safetensors" "runs/results-$mode/bc.safetensors"
+    run cp "$run/model.safetensors" "runs/results-$mode/bc_ppo.safetensors"
+    run python -m agents.evaluate "${budget_options[@]}" --modes "$mode" --budgets 0.75 0.625 0.5 \
       --timing-repeats 1 --fig4-lengths --out "results/budgets-$mode" --logdir "runs/results-$mode" \
       --policies "${baselines[@]}" "runs/results-$mode/bc.safetensors" "runs/results-$mode/bc_ppo.safetensors"
   done
 fi
 
 if [[ " $stages " == *" residual "* ]]; then
-  rm -rf runs/results-residual
-  python train_agent.py --preset residual --logdir runs/results-residual --run-name train --compare
+  run rm -rf runs/results-residual
+  run python train_agent.py --preset residual --logdir runs/results-residual --run-name train --compare
   run=runs/results-residual/train
-  cp "$run/model.safetensors" runs/results-residual/residual.safetensors
-  python -m agents.evaluate --env DRRL-Attention-PerLayer-v0 --modes joint --budgets 0.625 \
+  run cp "$run/model.safetensors" runs/results-residual/residual.safetensors
+  run python -m agents.evaluate --env DRRL-Attention-PerLayer-v0 --modes joint --budgets 0.625 \
     --timing-repeats 1 --fig4-lengths --out results/residual --logdir runs/results-residual \
     --policies uniform static:fisher hindsight:fisher runs/results-residual/residual.safetensors
 fi
 
 if [[ " $stages " == *" per_head "* ]]; then
   per_head_options=(--sensitivity-estimate fisher)  # DRRL-Attention-v0 with the 16-sample Fisher signal
-  rm -rf runs/results-per-head
-  python train_agent.py "${per_head_options[@]}" --warm-start hindsight --hyperparams '{}' --flops-budget 0.5 0.75 \
+  run rm -rf runs/results-per-head
+  run python train_agent.py "${per_head_options[@]}" --warm-start hindsight --hyperparams '{}' --flops-budget 0.5 0.75 \
     --logdir runs/results-per-head --run-name train --compare
   run=runs/results-per-head/train
-  cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
-  cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
-  python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
+  run cp "$run/bc_model.safetensors" runs/results-per-head/bc.safetensors
+  run cp "$run/model.safetensors" runs/results-per-head/bc_ppo.safetensors
+  run python -m agents.evaluate "${per_head_options[@]}" --modes joint --budgets 0.75 0.625 0.5 --timing-repeats 0 \
     --out results/per-head --logdir runs/results-per-head --policies uniform static:fisher energy:0.9 \
     hindsight:fisher runs/results-per-head/bc.safetensors runs/results-per-head/bc_ppo.safetensors
 fi
@@ -76,17 +78,17 @@ fi
 if [[ " $stages " == *" per_head_delta "* ]]; then
   for mode in ${DELTA_MODES:-joint separate}; do
     name=per-head-delta$([[ $mode == joint ]] || echo "-$mode")  # joint keeps the folder name it was first run with
-    rm -rf "runs/results-$name"
-    python train_agent.py --spectral-mode "$mode" --flops-budget 0.5 0.75 --logdir "runs/results-$name" \
+    run rm -rf "runs/results-$name"
+    run python train_agent.py --spectral-mode "$mode" --flops-budget 0.5 0.75 --logdir "runs/results-$name" \
       --run-name train --compare
     run="runs/results-$name/train"
-    cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
-    cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
+    run cp "$run/bc_model.safetensors" "runs/results-$name/bc.safetensors"
+    run cp "$run/model.safetensors" "runs/results-$name/bc_ppo.safetensors"
     # PPO from scratch on the same env, with the updates that let it beat random (50 episodes each, paired reward)
-    python train_agent.py --preset scratch --spectral-mode "$mode" --flops-budget 0.5 0.75 \
+    run python train_agent.py --preset scratch --spectral-mode "$mode" --flops-budget 0.5 0.75 \
       --logdir "runs/results-$name" --run-name scratch --compare
-    cp "runs/results-$name/scratch/model.safetensors" "runs/results-$name/ppo_scratch.safetensors"
-    python -m agents.evaluate --modes "$mode" \
+    run cp "runs/results-$name/scratch/model.safetensors" "runs/results-$name/ppo_scratch.safetensors"
+    run python -m agents.evaluate --modes "$mode" \
       --budgets 0.75 0.625 0.5 --timing-repeats 0 --out "results/$name" --logdir "runs/results-$name" \
       --policies uniform static:fisher energy:0.9 random hindsight:fisher hindsight:scaled_delta \
       "runs/results-$name/bc.safetensors" "runs/results-$name/bc_ppo.safetensors" \
@@ -97,31 +99,31 @@ fi
 if [[ " $stages " == *" ppo_vs_bc "* ]]; then
   # a clone that misses its teacher: 80 BC epochs on 8 teacher episodes (the main command's env, seeds of its warm start)
   env_options=(--env DRRL-Attention-v0)  # the main command's env as it is
-  rm -rf runs/results-ppo-vs-bc data/teacher-8
-  mkdir -p results/ppo-vs-bc runs/results-ppo-vs-bc
-  python -m oracle --policy hindsight --estimate scaled_delta --episodes 8 --seed 500000 --out data/teacher-8 \
+  run rm -rf runs/results-ppo-vs-bc data/teacher-8
+  run mkdir -p results/ppo-vs-bc runs/results-ppo-vs-bc
+  run python -m oracle --policy hindsight --estimate scaled_delta --episodes 8 --seed 500000 --out data/teacher-8 \
     "${env_options[@]}"
-  python -m agents.bc --dataset data/teacher-8 --epochs 80 --entropy-coef 0.05 --out runs/results-ppo-vs-bc/bc \
+  run python -m agents.bc --dataset data/teacher-8 --epochs 80 --entropy-coef 0.05 --out runs/results-ppo-vs-bc/bc \
     --logdir runs/results-ppo-vs-bc/bc-logs
-  python train_agent.py "${env_options[@]}" --bc-model runs/results-ppo-vs-bc/bc.safetensors --bc-temperature 0.3 \
+  run python train_agent.py "${env_options[@]}" --bc-model runs/results-ppo-vs-bc/bc.safetensors --bc-temperature 0.3 \
     --kl-baseline waterfill_log_ratio --kl-credit model --total-timesteps 9000 --n-steps 1500 \
     --hyperparams '{"learning_rate": 3e-4, "batch_size": 300, "n_epochs": 10, "gamma": 1.0}' \
     --logdir runs/results-ppo-vs-bc --run-name train --eval-episodes 48 --timing-repeats 0 \
-    --compare uniform hindsight:scaled_delta runs/results-ppo-vs-bc/bc.safetensors | tee results/ppo-vs-bc/table.md
+    --compare uniform hindsight:scaled_delta runs/results-ppo-vs-bc/bc.safetensors | run tee results/ppo-vs-bc/table.md
 fi
 
 if [[ " $stages " == *" paper "* ]]; then
   # the paper's MDP (DRRL-Attention-Paper-v0)
   env_options=(--env DRRL-Attention-Paper-v0)
   steps="${STEPS:-12000}"
-  rm -rf runs/results
-  python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
+  run rm -rf runs/results
+  run python -m oracle --episodes 24 --out data/oracle-wiki-256 "${env_options[@]}"
   # the run names are the agents' ids in the tables and figures (maskable_ppo:bc_ppo, maskable_ppo:beta0)
-  python train_agent.py --preset paper --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
+  run python train_agent.py --preset paper --total-timesteps "$steps" --bc-dataset data/oracle-wiki-256 \
     --logdir runs/results --run-name bc_ppo --checkpoint-every 3000 --compare
-  python train_agent.py --preset paper --total-timesteps "$steps" --beta 0 --logdir runs/results \
+  run python train_agent.py --preset paper --total-timesteps "$steps" --beta 0 --logdir runs/results \
     --run-name beta0 --compare
-  python -m agents.evaluate "${env_options[@]}" --modes separate joint --runs runs/results --ablations \
+  run python -m agents.evaluate "${env_options[@]}" --modes separate joint --runs runs/results --ablations \
     --policies full fixed:32 energy:0.9 random stable_rank threshold:0.1 gumbel:0.05 oracle \
     runs/results/bc_ppo/model.safetensors static:match runs/results/beta0/model.safetensors
 fi
