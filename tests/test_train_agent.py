@@ -327,3 +327,27 @@ def test_a_config_edited_after_its_checkpoints_is_refused_on_resume(tmp_path):
     (run / "config.json").write_text(json.dumps({"seq_len": 16}))  # edited by hand
     with pytest.raises(ConfigChangedError, match="config.json was changed after checkpoint step_000000008"):
         latest_checkpoint(run / "checkpoints")
+
+
+def test_ctrl_c_saves_what_resume_needs_and_says_so_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from sb3_contrib import MaskablePPO
+
+    from train_agent import main
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MaskablePPO, "learn", interrupted)
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "cache"))
+    argv = [*tiny_options(tiny_model_dir), "--n-steps", "16", "--logdir", str(tmp_path / "runs"), "--run-name", "r"]
+    assert main(argv) == 130
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("interrupted; python train_agent.py --resume") and "Traceback" not in "\n".join(error)
+    assert list((tmp_path / "runs" / "r" / "checkpoints").glob("step_*.json"))  # resumable
+
+
+def test_a_sample_count_that_would_hang_reset_is_refused():
+    from drrl_env.config import EnvConfig
+
+    with pytest.raises(ValueError, match="sensitivity_samples must be an integer <= 1024"):
+        EnvConfig(sensitivity_samples=2**40)
