@@ -16,7 +16,7 @@ REFERENCE = (12, 8)  # the tiny layered model has 2 layers; ranks (4, 8, 12, 16)
 
 
 def layered(model_dir, **overrides):
-    kwargs = dict(model=model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
+    kwargs = layer_mdp(model=model_dir, ranks=(4, 8, 12, 16), seq_len=32, batch_size=2, guardrail="off")
     return gym.make("DRRL-Attention-v0", **{**kwargs, **overrides}).unwrapped
 
 

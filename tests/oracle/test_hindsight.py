@@ -173,7 +173,8 @@ def test_hindsight_per_head_plays_its_unit_allocation(tiny_layered_model_dir):
 def test_hindsight_fisher_reuses_the_per_head_env_profile(tiny_layered_model_dir):
     kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
     env = gym.make(
-        "DRRL-Attention-v0", **kwargs, flops_budget=0.5, device="cpu", guardrail="off", sensitivity_samples=2
+        "DRRL-Attention-v0",
+        **{**kwargs, "flops_budget": 0.5, "device": "cpu", "guardrail": "off", "sensitivity_samples": 2},
     ).unwrapped
     observation, _ = env.reset(seed=3)
     assert env.sensitivity_profile.shape == (env.num_layers, env.kv_heads, len(RANKS))

@@ -256,7 +256,7 @@ def test_baselines_record_through_the_same_writer(tmp_path, tiny_model_dir, caps
             assert set(dataset["rank"]) <= {8, 16}  # 8, or the guardrail's nearest allowed rank
     capsys.readouterr()
     assert main(["--policy", "fixd:8", "--out", str(tmp_path / "x"), *common]) == 2
-    assert "unknown baseline" in capsys.readouterr().err
+    assert "neither an existing agent file nor a baseline" in capsys.readouterr().err  # before the model loads
 
 
 def test_teacher_folder_is_keyed_by_the_env_configuration(tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_kl_baseline_waterfill_scores_the_episode_against_its_teachers_allocatio
         else:
             assert info["reward_terms"]["terminal"] < -0.1
     with pytest.raises(ValueError, match="needs sensitivity_samples > 0 and a flops_budget"):
-        EnvConfig(kl_baseline="waterfill", flops_budget=0.5)
+        EnvConfig(kl_baseline="waterfill", flops_budget=0.5, sensitivity_samples=0)
     trained_with = {**kwargs, "sensitivity_estimate": "scaled_delta", "kl_baseline": "waterfill"}
     row = evaluate_policy(make_baseline("uniform"), trained_with, 1, timing_repeats=0)  # a baseline sees no profile
     assert row.kl > 0

@@ -53,7 +53,8 @@ def test_per_unit_features_are_each_units_rows_and_the_water_fill_over_units():
 def test_per_head_env_shows_each_groups_profile(tiny_layered_model_dir):
     kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, per_head=True)
     env = gym.make(
-        "DRRL-Attention-v0", **kwargs, device="cpu", guardrail="off", sensitivity_samples=2, flops_budget=0.5
+        "DRRL-Attention-v0",
+        **{**kwargs, "device": "cpu", "guardrail": "off", "sensitivity_samples": 2, "flops_budget": 0.5},
     ).unwrapped
     assert env.observation_slices["sensitivity"].stop - env.observation_slices["sensitivity"].start == 3 * 5 * 2
     observation, _ = env.reset(seed=2)
