@@ -19,6 +19,7 @@ def run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env={**ENV, **env})
 
 
+@pytest.mark.expensive
 def test_help_explains_every_option():
     out = run("train_agent.py", "--help")
     assert out.returncode == 0
@@ -280,6 +281,7 @@ def test_trust_is_given_on_the_command_line_never_read_from_a_run_folder(tmp_pat
     assert resume_options(build_parser(argv), argv, RESUMABLE_CHANGES, "train_agent.py")["trust_pickle"] is True
 
 
+@pytest.mark.expensive
 def test_inputs_the_comparison_needs_are_checked_before_training(tmp_path, capsys):
     from train_agent import main
 
@@ -329,6 +331,7 @@ def test_a_config_edited_after_its_checkpoints_is_refused_on_resume(tmp_path):
         latest_checkpoint(run / "checkpoints")
 
 
+@pytest.mark.expensive
 def test_ctrl_c_saves_what_resume_needs_and_says_so_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from sb3_contrib import MaskablePPO
 

@@ -64,6 +64,7 @@ def _observations(space: gym.spaces.Box, count: int = 8) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (count, *space.shape)).astype(np.float32)
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_round_trips_through_an_agent_file(name, tiny_kwargs, tmp_path):
     algorithm = get_algorithm(name)

@@ -84,6 +84,7 @@ def test_bc_agrees_with_the_oracle_on_held_out_episodes(oracle_dataset, policy):
     assert untrained.val_accuracy[-1] < 0.5
 
 
+@pytest.mark.expensive
 def test_bc_model_loads_into_maskable_ppo_and_trains_on(oracle_dataset, tmp_path):
     directory, kwargs = oracle_dataset
     model, _ = behaviour_clone(

@@ -22,6 +22,7 @@ def zoo_env_kwargs(tiny_layered_model_dir):
     return layer_mdp(model=tiny_layered_model_dir, ranks=(2, 4, 8, 12, 16), seq_len=32, segment_len=8, batch_size=2)
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_registered_algorithm_trains_and_acts(name, zoo_env_kwargs):
     algorithm = get_algorithm(name)
@@ -311,6 +312,7 @@ def test_headroom_captured_and_delta_ppl():
         assert "budget" not in markdown_table(rows_without) and "headroom" not in markdown_table(rows_without)
 
 
+@pytest.mark.expensive
 def test_evaluate_at_several_budgets(tiny_layered_model_dir, tmp_path):
     from agents.evaluate import main
 

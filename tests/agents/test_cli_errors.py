@@ -92,6 +92,7 @@ def test_oracle_out_must_be_a_usable_folder(tiny_model_dir, tmp_path, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # nothing mixed in
 
 
+@pytest.mark.expensive
 def test_train_agent_and_evaluate_output_folders(tmp_path, capsys):
     from agents import evaluate
 

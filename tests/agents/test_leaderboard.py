@@ -14,6 +14,7 @@ def tiny_protocol(tiny_layered_model_dir):
     return Protocol(corpora=("wiki",), budgets=(0.625, 0.5), episodes=1, overrides=overrides)
 
 
+@pytest.mark.expensive
 def test_entries_are_ranked_by_the_headroom_they_capture(tiny_protocol, tmp_path):
     for spec in ("uniform", "hindsight:fisher:2", "fixed:8"):
         records = run_entry(spec, tiny_protocol)

@@ -110,6 +110,7 @@ def test_zoo_loads_rllib_agent_files_and_sb3_ones_stay_sb3(tmp_path, tiny_kwargs
     assert isinstance(action, int) and info["action_mask"][action]
 
 
+@pytest.mark.expensive
 def test_a_behaviour_cloned_sb3_agent_warm_starts_rllib(tiny_kwargs, tmp_path):
     rllib()
     import ray
@@ -171,6 +172,7 @@ def test_help_and_clear_errors(tmp_path):
     assert out.returncode == 2 and "not a run folder of python -m agents.rllib" in out.stderr
 
 
+@pytest.mark.expensive
 def test_without_the_extra_the_error_names_the_install_command(tmp_path):
     code = (
         "import sys; sys.modules['ray'] = None; from agents.rllib import main; "

@@ -50,6 +50,7 @@ def _run(env, seed: int, first_action: np.ndarray | None) -> tuple[list, list, d
     return actions, rewards, info
 
 
+@pytest.mark.expensive
 def test_following_the_teachers_plan_earns_nothing_and_costs_one_forward(kwargs):
     env = gym.make("DRRL-Attention-v0", **{**kwargs, "kl_credit": "completion"}).unwrapped
     _, rewards, info = _run(env, 3, None)

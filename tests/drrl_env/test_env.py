@@ -42,6 +42,7 @@ def test_check_env_passes(tiny_env_kwargs, overrides):
     sb3_check_env(env.unwrapped)
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("env_id", sorted(drrl_env.VARIANTS))
 def test_check_env_passes_on_every_registered_id(tiny_model_dir, env_id):
     env = gym.make(env_id, model=tiny_model_dir, **TINY_SIZES)

@@ -64,6 +64,7 @@ def _valid_kwargs():
     )
 
 
+@pytest.mark.expensive
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(drawn=_valid_kwargs(), seed=st.integers(0, 2**31 - 1))
 def test_every_valid_config_builds_an_env_that_rolls_out(tiny_model_dir, drawn, seed):
@@ -83,6 +84,7 @@ def test_every_valid_config_builds_an_env_that_rolls_out(tiny_model_dir, drawn, 
         assert info["budget_used"] <= info["budget"] + 1e-9
 
 
+@pytest.mark.expensive
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(action=ANYTHING)
 def test_every_action_is_taken_or_refused_by_name(tiny_model_dir, action):

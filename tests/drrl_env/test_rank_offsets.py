@@ -30,6 +30,7 @@ def play(env, choose, seed=5):
     return info, played, reward
 
 
+@pytest.mark.expensive
 def test_reference_baseline_scores_the_episode_against_the_reference_on_the_same_batch(tiny_layered_model_dir):
     env = layered(tiny_layered_model_dir, kl_baseline="reference", reference_ranks=REFERENCE)
     info, _, _ = play(env, lambda e, o: e.config.ranks.index(REFERENCE[e.attention_call.layer]))

@@ -113,6 +113,7 @@ def _flip(path, start=300, count=40):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.expensive
 def test_corrupted_shards_are_refused_on_load_and_recomputed_on_resume(tmp_path, oracle_env_kwargs):
     directory = tmp_path / "ds"
     record_trajectories(directory, RandomAllowed(), 4, oracle_env_kwargs, 1, episodes_per_shard=2, progress=False)

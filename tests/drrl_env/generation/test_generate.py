@@ -187,6 +187,7 @@ def test_group_basis_keeps_the_logit_map_of_the_unnormalised_joint_maps():
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.expensive
 def test_calibrated_generation_uses_the_stored_grams(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
     loaded = load_causal_lm(tiny_model_dir)
@@ -305,6 +306,7 @@ def test_env_reset_runs_on_given_tokens(tiny_env_kwargs):
     env.close()
 
 
+@pytest.mark.expensive
 def test_perplexity_command_adds_key_bases(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from agents import perplexity
 

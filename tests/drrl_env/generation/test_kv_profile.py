@@ -56,6 +56,7 @@ def test_profile_names_bad_arguments(tiny_layered_model_dir):
         decode_kl_profile(loaded, torch.zeros(8, dtype=torch.long), RANKS)
 
 
+@pytest.mark.expensive
 def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_layered_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path))
     kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=(4, 8, 12, 16), seq_len=64, batch_size=1)

@@ -67,6 +67,7 @@ def test_scaled_profile_ranks_a_new_inputs_cells_like_its_exact_profile(tiny_lay
     assert spearmanr(profile[below].ravel(), exact[below].ravel()).statistic > 0.9
 
 
+@pytest.mark.expensive
 def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_model_dir, cache):
     kwargs = layer_mdp(
         model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"
@@ -101,6 +102,7 @@ def test_env_hindsight_and_baseline_with_the_scaled_delta_estimate(tiny_layered_
     assert row.flops_policy_ratio > 0 and row.flops_with_policy_ratio > row.flops_ratio  # its profile is counted
 
 
+@pytest.mark.expensive
 def test_kl_baseline_waterfill_scores_the_episode_against_its_teachers_allocation(tiny_layered_model_dir, cache):
     kwargs = layer_mdp(
         model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, device="cpu", guardrail="off"

@@ -82,6 +82,7 @@ def test_water_fill_share_follows_the_costs():
     assert shares[sensitivity_features(np.stack([cheap, costly, costly]), 0, shares, 0.5)[10:].argmax()] < 0.5
 
 
+@pytest.mark.expensive
 @pytest.mark.parametrize("segment_len", [None, 8])
 def test_env_shows_the_episode_profile(tiny_layered_model_dir, segment_len):
     kwargs = layer_mdp(model=tiny_layered_model_dir, ranks=RANKS, seq_len=32, batch_size=2, segment_len=segment_len)
