@@ -3,8 +3,9 @@
 An evaluation is one folder under ``--logdir`` (``evaluate__TIME``) with one *run* per policy, so TensorBoard's
 run selector overlays the policies on every chart. Every row of the evaluation is a scalar tagged
 ``eval/<metric>/<corpus>/<mode>/budget_<b>``: the corpus by its short name (a file's stem), the budget in the tag,
-so two budgets never share a tag. A custom-scalars layout (TensorBoard's own plugin) puts every policy of a
-metric on one chart per corpus and mode; the figures go in as images under the names of the PNGs. Training
+so two budgets never share a tag; and ``eval/<metric>/<corpus>/<mode>/by_budget`` with the budget (per mille) as
+the step. A custom-scalars layout (TensorBoard's own plugin) draws the latter, every policy of a metric on one
+chart per corpus and mode, a line across the budgets; the figures go in as images under the names of the PNGs. Training
 runs get a layout of their ``drrl/`` scalars beside SB3's ``rollout/`` and ``train/``, and their
 hyperparameters in the HParams tab.
 """
@@ -69,7 +70,11 @@ def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: fl
 
     writers: dict[str, Any] = {}
     layout: dict[str, dict[str, list]] = {}
-    for row in rows:
+    def budget_of(row: EvaluationRow) -> float:
+        budget = row.budget if row.budget is not None else default_budget
+        return budget if isinstance(budget, (int, float)) else 0.0
+
+    for row in sorted(rows, key=budget_of):  # steps in order: TensorBoard drops what a smaller step follows
         name = run_name(row.policy)
         writer = writers.setdefault(name, SummaryWriter(str(folder / name)))
         budget = row.budget if row.budget is not None else default_budget
@@ -78,9 +83,11 @@ def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: fl
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             writer.add_scalar(eval_tag(metric, row, budget), value, 0)
-            category = layout.setdefault(f"{title}", {})
-            chart = f"{corpus_name(row.corpus)} / {row.mode}"
-            category[chart] = ["Multiline", [f"eval/{metric}/{corpus_name(row.corpus)}/{row.mode}/"]]
+            base = f"eval/{metric}/{corpus_name(row.corpus)}/{row.mode}"
+            if isinstance(budget, (int, float)):  # the budget as the step (per mille): a line across budgets
+                writer.add_scalar(f"{base}/by_budget", value, round(1000 * budget))
+            chart = f"{corpus_name(row.corpus)} / {row.mode} (x: logit-FLOPs budget, per mille)"
+            layout.setdefault(title, {})[chart] = ["Multiline", [f"^{base}/by_budget$"]]
     with SummaryWriter(str(folder / "layout")) as writer:
         writer.add_custom_scalars(layout)
     for writer in writers.values():

@@ -30,7 +30,10 @@ def test_a_two_budget_two_policy_evaluation_reads_back_as_a_user_expects(tiny_la
     (config,) = EventAccumulator(str(board / "layout")).Reload().Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(config.tensor_proto).item())
     charts = {category.title: [chart.multiline.tag[0] for chart in category.chart] for category in layout.category}
-    assert charts["KL to the full model (nats/token)"] == ["eval/kl/my_corpus/joint/"]  # every policy, one chart
+    assert charts["KL to the full model (nats/token)"] == ["^eval/kl/my_corpus/joint/by_budget$"]  # all policies
+    steps = [event.step for event in EventAccumulator(str(board / "uniform")).Reload().Scalars(
+        "eval/kl/my_corpus/joint/by_budget")]  # fmt: skip
+    assert sorted(steps) == [500, 625]  # the budget as the step: a line across budgets
     images = EventAccumulator(str(board / "figures")).Reload().Tags()["images"]
     assert "pareto" in images and (tmp_path / "results" / "pareto.png").is_file()
 
