@@ -44,7 +44,7 @@ from agents.evaluate import comparison_table, evaluate_policy
 from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
 from agents.results import read_csv
-from agents.tensorboard import write_hparams, write_training_layout
+from agents.tensorboard import sb3_writer, write_hparams, write_training_layout
 from agents.train_config import (
     PPO_NEAR_CLONE,
     PRESETS,
@@ -229,7 +229,7 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
     if not train.resume and train.bc_temperature != 1 and (bc_dataset or train.bc_model):
         scale_action_logits(model.policy, train.bc_temperature)
     model.set_logger(configure(str(run_dir), ["tensorboard"]))
-    write_training_layout(run_dir)
+    write_training_layout(sb3_writer(model))
     return model
 
 
@@ -311,7 +311,7 @@ def train_and_compare(run: RunOptions) -> int:
     metrics = {"hparams/num_timesteps": float(model.num_timesteps)}
     if run.compare.compare:
         metrics |= compare(run, model, run_dir, setup)
-    write_hparams(run_dir, run.to_json(), metrics)
+    write_hparams(sb3_writer(model), run.to_json(), metrics)
     return 0
 
 

@@ -70,6 +70,7 @@ def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: fl
 
     writers: dict[str, Any] = {}
     layout: dict[str, dict[str, list]] = {}
+
     def budget_of(row: EvaluationRow) -> float:
         budget = row.budget if row.budget is not None else default_budget
         return budget if isinstance(budget, (int, float)) else 0.0
@@ -95,25 +96,30 @@ def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: fl
     return writers
 
 
-def write_training_layout(run_dir: Path) -> None:
+def sb3_writer(model: Any) -> Any:
+    """The ``SummaryWriter`` of an SB3 model's TensorBoard logger (what its ``rollout/`` and ``train/`` go to)."""
+    from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+    for output in model.logger.output_formats:
+        if isinstance(output, TensorBoardOutputFormat):
+            return output.writer
+    raise ValueError("the model logs to no TensorBoard folder")
+
+
+def write_training_layout(writer: Any) -> None:
     """The custom-scalars layout of a training run: its ``drrl/`` scalars beside SB3's ``rollout/`` and ``train/``."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    layout = {prefix: {tag: ["Multiline", [tag]] for tag in tags} for prefix, tags in TRAIN_CHARTS.items()}
-    with SummaryWriter(str(run_dir)) as writer:
-        writer.add_custom_scalars(layout)
+    layout = {prefix: {tag: ["Multiline", [f"^{tag}$"]] for tag in tags} for prefix, tags in TRAIN_CHARTS.items()}
+    writer.add_custom_scalars(layout)
 
 
-def write_hparams(run_dir: Path, hyperparameters: dict[str, Any], metrics: dict[str, float]) -> None:
-    """The run's hyperparameters and final metrics in TensorBoard's HParams tab (in the run's own folder)."""
-    from torch.utils.tensorboard import SummaryWriter
+def write_hparams(writer: Any, hyperparameters: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's hyperparameters and final metrics in TensorBoard's HParams tab, in the run's own event file."""
     from torch.utils.tensorboard.summary import hparams
 
     shown = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
              for key, value in hyperparameters.items()}  # fmt: skip
-    experiment, session_start, session_end = hparams(shown, metrics)
-    with SummaryWriter(str(run_dir)) as writer:
-        for summary in (experiment, session_start, session_end):
-            writer.file_writer.add_summary(summary)
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, 0)
+    for summary in hparams(shown, metrics):
+        writer.file_writer.add_summary(summary)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, 0)
+    writer.flush()

@@ -71,7 +71,10 @@ def test_train_agent_smoke(tiny_model_dir, tmp_path):
         assert tag in tags["scalars"], tag
     assert "drrl/rank_histogram" in tags["histograms"] and "drrl/rank_heatmap" in tags["images"]
     assert "custom_scalars__config__" in tags["tensors"]  # the layout: drrl/ beside rollout/ and train/
-    assert "_hparams_/session_start_info" in tags["tensors"] and "hparams/test_kl" in tags["scalars"]
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    hparams = EventMultiplexer().AddRunsFromDirectory(str(run_dir)).Reload().PluginRunToTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams["."] and "hparams/test_kl" in tags["scalars"]  # HParams tab
     from agents.figures import training_curves_figure
 
     figure = training_curves_figure(tmp_path / "runs")  # Fig. 2 from the run's event files
