@@ -72,7 +72,9 @@ def test_every_valid_config_builds_an_env_that_rolls_out(tiny_model_dir, drawn, 
     budget, smallest = drawn.pop("budget"), min(drawn["ranks"]) / 16  # the tiny model's head dim is 16
     if budget is not None:  # a budget between the smallest rank's share and 1 (below it is a documented error)
         budget = tuple(smallest + b * (1 - smallest) for b in sorted(np.atleast_1d(budget)))
-    env = gym.make("DRRL-Attention-v0", model=tiny_model_dir, flops_budget=budget, **TINY, **drawn)
+    # no signal here (each drawn candidate set would fit its own Eq. S scale); the step fuzz below has it
+    env = gym.make("DRRL-Attention-v0", model=tiny_model_dir, flops_budget=budget, **{**TINY, "sensitivity_samples": 0},
+                   **drawn)  # fmt: skip
     observation, _ = env.reset(seed=seed)
     terminated = False
     while not terminated:
