@@ -124,7 +124,7 @@ FUZZ_CONFIGS = [  # (registered id, overrides); four steps per segment unless sa
     (PER_LAYER_ENV_ID, {"flops_budget": None, "reward": "kl", "kl_shaping_weight": 5.0}),
 ]
 """every registered id, and the settings that stress the masks, rewards and guardrails"""
-FUZZ_STEPS = 4_000  # 400 steps (about 50 episodes) per configuration
+FUZZ_STEPS = 2_400  # 240 steps (about 30 episodes) per configuration
 
 
 def _masked_sample(env: gym.Env, mask: np.ndarray, rng: np.random.Generator):
