@@ -41,6 +41,7 @@ def add_batch_options(parser: argparse.ArgumentParser, episodes: int) -> None:
     parser.add_argument("--mode", default="joint", help="spectral mode")
     parser.add_argument("--split", default="validation", help="corpus split of the batches")
     parser.add_argument("--seed", type=int, default=20_000, help="first episode seed")
+    parser.add_argument("--samples", type=int, default=16, help="label samples of the Eq. S scale's fit")
     add_model_options(parser)
 
 
@@ -55,7 +56,7 @@ def add_model_options(parser: argparse.ArgumentParser, seq_len: int | None = 128
 def eq_s_env(args: argparse.Namespace) -> DRRLAttentionEnv:
     """The README main command's env (per head, Eq. S with 16 samples, 1 x 128, no guardrail) at ``args``' options."""
     kwargs = dict(
-        per_head=True, sensitivity_samples=16, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
+        per_head=True, sensitivity_samples=args.samples, sensitivity_estimate="scaled_delta", flops_budget=args.budget,
         seq_len=args.seq_len, batch_size=1, spectral_mode=args.mode, guardrail="off", split=args.split,
         model=args.model, ranks=tuple(args.ranks),
     )  # fmt: skip

@@ -14,7 +14,7 @@ TINY_RANKS = ["4", "8", "12", "16"]
 
 def tiny_arguments(name, model, tmp_path):
     """Each experiment's command line, shrunk to the tiny model and a handful of cells."""
-    batch = ["--model", model, "--ranks", *TINY_RANKS, "--seq-len", "32", "--episodes", "2"]
+    batch = ["--model", model, "--ranks", *TINY_RANKS, "--seq-len", "32", "--episodes", "2", "--samples", "2"]
     return {
         "decode_profile_predictor": ["--model", model, "--context", "80", "--train-prompts", "2", "--test-prompts",
                                      "2", "--tokens", "4", "--window", "8", "--ranks", "4", "8", "--mean-rank", "8"],
