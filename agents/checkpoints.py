@@ -35,7 +35,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.agent_file import load_agent_into, save_agent
 from agents.networks import PolicySetup
-from drrl_env.lm.files import remove_stale_temporaries, sha256_of, write_atomic, write_text_atomic
+from drrl_env.lm.files import first_line, remove_stale_temporaries, sha256_of, write_atomic, write_text_atomic
 
 COUNTERS = (
     "num_timesteps",
@@ -164,7 +164,7 @@ def restore_checkpoint(model: BaseAlgorithm, files: dict[str, Path]) -> None:
     try:
         state = torch.load(files["state"], weights_only=True)
     except Exception as error:  # a file that passed its checksum but is not a weights-only state
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CorruptCheckpointError(
             f"{files['state']} is not a readable training state: weights-only loading refused it ({reason}); "
             "a state file holds only tensors and plain values, so this one is corrupt or crafted"

@@ -61,8 +61,8 @@ def eval_tag(metric: str, row: EvaluationRow, budget: float | None) -> str:
     return f"eval/{metric}/{corpus_name(row.corpus)}/{row.mode}/budget_{shown}"
 
 
-def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: float | None) -> dict[str, Any]:
-    """Write ``rows`` to ``folder`` (one run per policy) with the custom-scalars layout; returns the writers' runs.
+def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: float | None) -> None:
+    """Write ``rows`` to ``folder`` (one run per policy) with the custom-scalars layout.
 
     ``default_budget``: the budget of rows that carry none (an evaluation at the env's one budget).
     """
@@ -93,7 +93,6 @@ def write_evaluation(rows: list[EvaluationRow], folder: Path, default_budget: fl
         writer.add_custom_scalars(layout)
     for writer in writers.values():
         writer.close()
-    return writers
 
 
 def sb3_writer(model: Any) -> Any:

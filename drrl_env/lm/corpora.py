@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from drrl_env.lm.files import first_line
+
 DEFAULT_CORPUS = "wiki"
 SPLITS = ("train", "validation", "test")
 EVALUATION_ONLY = ("news", "shakespeare")
@@ -179,7 +181,7 @@ def _local_corpus(path: Path) -> datasets.Dataset:
     try:
         dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - the builders raise many types for a malformed file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"local corpus {str(path)!r} could not be read as {path.suffix} ({reason})") from None
     if "text" not in dataset.column_names:
         raise ValueError(f"local corpus {str(path)!r} has no 'text' column (columns: {dataset.column_names})")

