@@ -4,7 +4,9 @@ Prints one table: for n in {256, 1024, 4096} and r in {16, 32, 48, 64}, both spe
 the wall-clock ratio low-rank / full (SDPA) for the default path (zero-padded to width d, fused
 SDPA) and for the width-r reference path (``fused=False``), the FLOPs ratio (core and with overheads, from
 ``drrl_env.attention.flops``) and the share of the low-rank time spent on the spectra. A second table
-compares spectrum methods (Gram + eigh, ``torch.linalg.svd``, ``torch.svd_lowrank``).
+compares spectrum methods (Gram + eigh, ``torch.linalg.svd``, ``torch.svd_lowrank``), and a third the places the
+float64 ``eigh`` of a batch of ``64 x 64`` Grams can run (``drrl_env.attention.spectra.EIGH_SOLVERS``: ``device``,
+one cuSOLVER launch per matrix on CUDA; ``host``, one copy each way and LAPACK on the CPU).
 
     python benchmarks/attention.py [--device cpu|cuda] [--lengths 256 1024 4096] [--repeats 5]
 """
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from drrl_env.attention import spectra
 from drrl_env.attention.flops import full_attention_flops, low_rank_attention_flops
 from drrl_env.attention.lowrank import full_attention, low_rank_attention
 from drrl_env.attention.spectra import block_spectrum
@@ -95,6 +98,20 @@ def main() -> None:
             ms = 1e3 * timed(fn, device, args.repeats)
             cells.append(f"{ms:8.2f} ({ms / full_ms:4.2f}x)")
         print(f"{n:>5} {cells[0]:>16} {cells[1]:>16} {cells[2]:>18}")
+    print()
+    print("float64 eigh of a batch of 64 x 64 Grams, ms, by solver (the env's step: B * (Hq + Hkv) blocks a layer)")
+    print(f"{'batch':>6} {'device':>10} {'host':>10} {'max |eigenvalue difference| / largest':>38}")
+    for batch in (12, 96, 768):
+        x = torch.randn(batch, 256, D, device=device, generator=generator) * torch.logspace(0, -3, D, device=device)
+        gram = (x.transpose(-1, -2) @ x).double()
+        cells, values = [], []
+        for solver in ("device", "host"):
+            spectra.set_eigh_solver(solver)
+            cells.append(1e3 * timed(lambda: spectra.symmetric_eigh(gram), device, args.repeats))
+            values.append(spectra.symmetric_eigh(gram)[0])
+        spectra.set_eigh_solver("auto")
+        error = float((values[0] - values[1]).abs().max() / values[1].abs().max())
+        print(f"{batch:>6} {cells[0]:>10.2f} {cells[1]:>10.2f} {error:>38.1e}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,19 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 ROOT = Path(__file__).resolve().parent.parent
 """the repository root"""
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""pytest-xdist's workers (README: ``-n auto``), which share the cores"""
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+SCALE_TOKENS = 512
+"""validation tokens an Eq. S scale is fitted on in tests (2048 in use): the same code, a quarter of the one-off cost"""
+
+
+@pytest.fixture(autouse=True)
+def small_scale_fit(monkeypatch):
+    from drrl_env.profiles import delta_scale
+
+    monkeypatch.setattr(delta_scale, "SCALE_TOKENS", SCALE_TOKENS)
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 3) -> LlamaForCausalLM:

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from drrl_env.attention.spectra import BlockSpectrum, block_spectrum
+from drrl_env.attention.spectra import BlockSpectrum, block_spectrum, symmetric_eigh
 
 SpectralMode = Literal["separate", "joint", "calibrated"]
 PER_INPUT_MODES: tuple[str, ...] = ("separate", "joint")
@@ -224,7 +224,7 @@ def logit_core_svd(q_spec: BlockSpectrum, k_spec: BlockSpectrum) -> LogitCore:
     below ``JOINT_RELATIVE_CUTOFF * S_1`` are zero.
     """
     core = logit_core(q_spec, k_spec)
-    eigenvalues, eigenvectors = torch.linalg.eigh(core.transpose(-1, -2) @ core)  # ascending
+    eigenvalues, eigenvectors = symmetric_eigh(core.transpose(-1, -2) @ core)  # ascending
     singular_values = eigenvalues.flip(-1).clamp_min(0.0).sqrt()  # (B, Hq, d) descending
     right = eigenvectors.flip(-1)  # (B, Hq, d, d)
     kept = singular_values > JOINT_RELATIVE_CUTOFF * singular_values[..., :1]

@@ -7,15 +7,63 @@ per block) and diagonalised by ``torch.linalg.eigh`` in float64 (``d x d`` work,
 eigenvalues are the squared singular values, clamped at zero, so rank-deficient or all-zero
 blocks give exact zeros and never NaN. Squared singular values (energies) carry an absolute
 error of order ``eps * sigma_1^2``; that is the quantity every bound and NER uses.
+
+Where the eigendecomposition runs (:func:`symmetric_eigh`): ``torch.linalg.eigh`` on CUDA hands a
+batch of matrices larger than 32 x 32 to cuSOLVER one matrix per launch (PyTorch's
+``linalg_eigh_cusolver``; pytorch/pytorch#175585), so on a GPU the batch of ``64 x 64`` Grams is copied
+to the host, decomposed there by LAPACK in one call, and copied back (``host``). On the CPU the two
+are the same call (``device``). ``DRRL_EIGH_SOLVER`` or :func:`set_eigh_solver` choose explicitly.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 EIGH_DTYPE = torch.float64
+EighSolver = Literal["auto", "device", "host"]
+EIGH_SOLVERS: tuple[str, ...] = get_args(EighSolver)
+_eigh_solver: str | None = None  # None: DRRL_EIGH_SOLVER, else auto
+
+
+def set_eigh_solver(solver: str) -> None:
+    """Choose where :func:`symmetric_eigh` runs from now on.
+
+    ``auto`` (``device`` on the CPU, ``host`` on CUDA), ``device`` (``torch.linalg.eigh`` where the tensor
+    lives), or ``host`` (LAPACK on the CPU, one copy each way). Like
+    ``torch.backends.cuda.preferred_linalg_library``, it is a process-wide setting; the environment variable
+    ``DRRL_EIGH_SOLVER`` gives its initial value.
+    """
+    global _eigh_solver
+    if solver not in EIGH_SOLVERS:
+        raise ValueError(f"eigh solver {solver!r}: expected one of {', '.join(EIGH_SOLVERS)}")
+    _eigh_solver = solver
+
+
+def eigh_solver_for(device: torch.device) -> str:
+    """The solver :func:`symmetric_eigh` uses for a tensor on ``device`` under the current setting."""
+    solver = _eigh_solver or os.environ.get("DRRL_EIGH_SOLVER") or "auto"
+    if solver not in EIGH_SOLVERS:
+        raise ValueError(f"DRRL_EIGH_SOLVER={solver!r}: expected one of {', '.join(EIGH_SOLVERS)}")
+    if solver == "auto":
+        return "host" if device.type == "cuda" else "device"
+    return solver
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of symmetric ``(..., d, d)`` matrices in ``EIGH_DTYPE``, without a launch per matrix.
+
+    Returns eigenvalues ascending ``(..., d)`` and eigenvectors ``(..., d, d)``, both in ``EIGH_DTYPE`` on
+    ``matrix``'s device. The solver follows :func:`set_eigh_solver`.
+    """
+    matrix = matrix.to(EIGH_DTYPE)
+    if matrix.device.type == "cpu" or eigh_solver_for(matrix.device) == "device":
+        return torch.linalg.eigh(matrix)
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.cpu())
+    return eigenvalues.to(matrix.device, non_blocking=True), eigenvectors.to(matrix.device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -71,7 +119,7 @@ def gram_spectrum(gram: torch.Tensor) -> BlockSpectrum:
     A sum of Grams (``X`` stacked from several blocks: the query heads of one key/value group, or
     many calibration sequences) gives the spectrum of the stacked block.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(EIGH_DTYPE))  # ascending
+    eigenvalues, eigenvectors = symmetric_eigh(gram)  # ascending
     singular_values = eigenvalues.flip(-1).clamp_min(0.0).sqrt()  # (..., d) descending
     right_vectors = eigenvectors.flip(-1)  # (..., d, d), columns match singular_values
     return BlockSpectrum(singular_values=singular_values, right_vectors=right_vectors)

@@ -80,13 +80,16 @@ def delta_scale(
     samples: int,
     per_head: bool,
     corpus: str = DEFAULT_CORPUS,
-    tokens: int = SCALE_TOKENS,
+    tokens: int | None = None,
 ) -> np.ndarray:
     """:func:`fit_delta_scale` on the first ``tokens`` validation tokens of ``corpus`` in chunks of ``seq_len``, cached.
+
+    ``tokens`` defaults to ``SCALE_TOKENS``, read at the call.
 
     Raises:
         ValueError: the validation split has fewer than ``seq_len`` tokens.
     """
+    tokens = SCALE_TOKENS if tokens is None else tokens
     key = [loaded.name, list(ranks), mode, segment_len, seq_len, samples, per_head, corpus, SCALE_SPLIT, tokens]
     path = cache_file("delta_scale", loaded.name, [*key, str(loaded.model.dtype)], ".npy")
     if path not in _LOADED_SCALES:  # read once per process: every scaled_delta reset asks for it

@@ -162,13 +162,15 @@ def test_same_seed_same_episode_on_defaults_across_many_episodes(tiny_env_kwargs
 
 
 @pytest.mark.expensive
-@pytest.mark.parametrize("overrides", [{}, {"seq_len": 32, "per_head": False}])
-def test_check_env_on_the_real_defaults(overrides):
-    overrides = {**overrides, "sensitivity_samples": 2}  # the Eq. S scale's one-off fit at 2 label samples, not 16
+@pytest.mark.parametrize(
+    "env_id, overrides",
+    [("DRRL-Attention-v0", {"sensitivity_samples": 2}), ("DRRL-Attention-PerLayer-v0", {"seq_len": 32})],
+)  # the Eq. S scale's one-off fit at 2 label samples, not 16; the per-layer id shows no sensitivity
+def test_check_env_on_the_real_defaults(env_id, overrides):
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = gym.make("DRRL-Attention-v0", **overrides)
+    env = gym.make(env_id, **overrides)
     check_env(env.unwrapped, skip_render_check=True)
     sb3_check_env(env.unwrapped)
 

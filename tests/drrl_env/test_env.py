@@ -286,7 +286,7 @@ def test_subproc_vec_env(tiny_env_kwargs):
 def test_maskable_ppo_on_the_default_model():
     from sb3_contrib import MaskablePPO
 
-    env = gym.make("DRRL-Attention-v0", seq_len=64, batch_size=1)
+    env = gym.make("DRRL-Attention-v0", sensitivity_samples=2)  # the Eq. S scale of test_check_env_on_the_real_defaults
     model = MaskablePPO("MlpPolicy", env, n_steps=60, batch_size=30, n_epochs=1, seed=0)
     model.learn(120)
     assert model.num_timesteps >= 120

@@ -1,7 +1,9 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drrl_env.attention import spectra
 from drrl_env.attention.spectra import block_spectrum, power_iteration_spectral_norm
 
 
@@ -76,3 +78,35 @@ def test_power_iteration_is_batched():
     estimate = power_iteration_spectral_norm(m, 100)
     assert estimate.shape == (5, 7)
     assert torch.allclose(estimate, torch.linalg.matrix_norm(m.double(), ord=2), rtol=1e-5)
+
+
+def test_eigh_solver_is_the_host_on_cuda_unless_asked(monkeypatch):
+    monkeypatch.setattr(spectra, "_eigh_solver", None)
+    monkeypatch.delenv("DRRL_EIGH_SOLVER", raising=False)
+    assert spectra.eigh_solver_for(torch.device("cuda")) == "host"
+    assert spectra.eigh_solver_for(torch.device("cpu")) == "device"
+    monkeypatch.setenv("DRRL_EIGH_SOLVER", "device")
+    assert spectra.eigh_solver_for(torch.device("cuda")) == "device"
+    spectra.set_eigh_solver("host")  # the setter wins over the environment variable
+    assert spectra.eigh_solver_for(torch.device("cuda")) == "host"
+    with pytest.raises(ValueError, match="eigh solver 'lapack': expected one of auto, device, host"):
+        spectra.set_eigh_solver("lapack")
+    monkeypatch.setattr(spectra, "_eigh_solver", None)
+    monkeypatch.setenv("DRRL_EIGH_SOLVER", "magma")
+    with pytest.raises(ValueError, match="DRRL_EIGH_SOLVER='magma'"):
+        spectra.symmetric_eigh(torch.eye(3, device="cuda" if torch.cuda.is_available() else "meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host solver differs from the device's only on a GPU")
+@pytest.mark.parametrize("solver", ["host", "device"])
+def test_every_solver_matches_the_float64_cpu_reference_on_a_gpu(solver, monkeypatch):
+    monkeypatch.setattr(spectra, "_eigh_solver", solver)
+    torch.manual_seed(3)
+    x = (torch.randn(2, 9, 256, 64) * torch.logspace(0, -4, 64)).double()  # decaying, as real keys; float64 Grams
+    reference = block_spectrum(x)  # CPU float64 LAPACK
+    on_gpu = block_spectrum(x.cuda())
+    scale = float(reference.singular_values[..., 0].max() ** 2)
+    torch.testing.assert_close(on_gpu.energies.cpu(), reference.energies, atol=1e-10 * scale, rtol=0)
+    for r in (8, 32):  # the subspaces the low-rank attention projects on
+        top, top_ref = on_gpu.right_vectors[..., :r].cpu(), reference.right_vectors[..., :r]
+        torch.testing.assert_close(top @ top.transpose(-1, -2), top_ref @ top_ref.transpose(-1, -2), atol=1e-6, rtol=0)
