@@ -18,9 +18,10 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam, Image
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor
 
 from agents.networks import PolicySetup
+from agents.vec_env import BatchedVecEnv
 from drrl_env import ENV_ID
 from drrl_env.render import rank_heatmap_rgb
 from drrl_env.wrappers import EpisodeSeeds
@@ -75,11 +76,25 @@ class ValueWarmupCallback(BaseCallback):
 
 
 def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
-    """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in a Dummy/SubprocVecEnv.
+    """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in one vector env.
+
+    ``vec``: ``sync`` (DummyVecEnv), ``subproc`` (SubprocVecEnv) or ``batched`` (the env's native vector env,
+    :class:`agents.vec_env.BatchedVecEnv`, on the same episode seeds).
 
     Each subprocess of a SubprocVecEnv gets ``cpu_count // n_envs`` torch threads (at least one): with torch's
     default, every core in every process, the processes contend for the cores (benchmarks/scaling.py).
+
+    Raises:
+        ValueError: an unknown ``vec``, or ``batched`` with a policy that wraps each env (transformer, residual).
     """
+    if vec == "batched":
+        if setup.history or setup.offsets is not None:
+            raise ValueError(
+                f"--vec batched runs the episodes without per-env wrappers; the {setup.name} network"
+                f"{' (residual)' if setup.offsets is not None else ''} needs them: use --vec sync"
+            )
+        vector = gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode="vector_entry_point", **env_kwargs)
+        return VecMonitor(BatchedVecEnv(vector, seed))
 
     def factory(index: int):
         def make() -> gym.Env:
@@ -91,7 +106,7 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
         return make
 
     if vec not in ("sync", "subproc"):
-        raise ValueError(f"vec must be 'sync' or 'subproc', got {vec!r}")
+        raise ValueError(f"vec must be 'sync', 'subproc' or 'batched', got {vec!r}")
     factories = [factory(i) for i in range(n_envs)]
     return DummyVecEnv(factories) if vec == "sync" else SubprocVecEnv(factories, start_method="spawn")
 

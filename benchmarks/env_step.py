@@ -11,7 +11,14 @@ Measured in one run on the same batches, per setting, with the whole episode tim
 included, so the reference pass is counted) and divided by its steps; plus where a step's time
 goes (cProfile, cumulative seconds per part).
 
-    python benchmarks/env_step.py [--seq-len 256] [--batch-size 2] [--episodes 3] [--device cpu]
+Then the native vector env against the same number of single envs (issue 38: at least their steps/s): ``N``
+episodes of one setting (the kl reward, exact guardrail, budget 0.625, one rank per layer) run one after another
+in N single envs, and as one ``DRRL-Attention-v0`` vector env (``gym.make_vec``: one batched forward pass), same
+seeds and fixed action; steps/s count episode steps (each over ``batch-size`` sequences), and the floor is the
+plain model's forward over the stacked batch divided by its layers, twice (the reference pass).
+
+    python benchmarks/env_step.py [--seq-len 256] [--batch-size 2] [--episodes 3] [--device cpu] [--num-envs 8]
+                                  [--vector-only]
 """
 
 from __future__ import annotations
@@ -47,9 +54,83 @@ PARTS = {  # label: (file, function) as cProfile names them
 }
 
 
+VECTOR_SETTING = dict(guardrail="exact", kl_shaping_weight=1.0)
+"""the setting of the single-vs-vector comparison, on DRRL-Attention-PerLayer-v0 (one rank per layer, no signal)"""
+
+
 def main() -> None:
-    args = env_benchmark_parser(__doc__, episodes=3).parse_args()
+    parser = env_benchmark_parser(__doc__, episodes=3)
+    parser.add_argument("--num-envs", type=int, default=8, help="episodes of the single-vs-vector comparison")
+    parser.add_argument("--vector-only", action="store_true", help="only the single-vs-vector comparison")
+    args = parser.parse_args()
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, spectral_mode=args.mode, device=args.device)
+    if not args.vector_only:
+        profile_settings(args, common)
+    compare_vector(args, common)
+
+
+def compare_vector(args, common: dict) -> None:
+    """N single envs one after another against one vector env of N, same seeds and fixed action, side by side."""
+    kwargs = {**common, **VECTOR_SETTING}
+    n, action = args.num_envs, 2
+    singles = [gym.make("DRRL-Attention-PerLayer-v0", **kwargs).unwrapped for _ in range(n)]
+    vector = gym.make_vec("DRRL-Attention-PerLayer-v0", num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
+    sync = torch.cuda.synchronize if singles[0].device.type == "cuda" else (lambda: None)
+    length = singles[0].num_layers * singles[0].num_segments
+
+    def run_singles(seed: int) -> None:
+        for i, env in enumerate(singles):
+            _episode(env, seed + i, action)
+
+    def run_vector(seed: int) -> None:
+        vector.reset(seed=seed)
+        for _ in range(length):
+            vector.step(np.full(n, action))
+
+    seconds = {}
+    for label, run in (("single envs, one after another", run_singles), ("vector env", run_vector)):
+        run(100)  # warm-up
+        sync()
+        start = time.perf_counter()
+        for episode in range(args.episodes):
+            run(1000 * episode)
+        sync()
+        seconds[label] = time.perf_counter() - start
+    stacked = torch.cat([env.input_ids for env in vector.envs])
+    layer_seconds = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            singles[0].loaded.model(input_ids=stacked, logits_to_keep=1)
+        sync()
+        layer_seconds.append((time.perf_counter() - start) / singles[0].num_layers)
+    floor_ms = 2 * 1e3 * float(np.median(layer_seconds))  # the step's layer and the reference pass's
+    steps = args.episodes * length * n
+    device = (
+        torch.cuda.get_device_name() if singles[0].device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"\n## single envs against the vector env (N = {n})\n{device}; torch {torch.__version__}; SmolLM2-135M; "
+        f"B={args.batch_size} n={args.seq_len} mode={args.mode}; {args.episodes} x {n} episodes of {length} steps; "
+        f"kl reward, exact guardrail, budget 0.625"
+    )
+    print(f"floor of a vector step (N episodes' layer, twice): {floor_ms:.2f} ms")
+    for label, total in seconds.items():
+        per_vector_step_ms = 1e3 * total / (args.episodes * length)
+        print(
+            f"  {label:<32} {steps / total:8.1f} env steps/s  {steps * args.batch_size / total:8.1f} sequence-steps/s"
+            f"  {per_vector_step_ms:8.2f} ms per N steps (ratio to the floor {per_vector_step_ms / floor_ms:.2f})"
+        )
+    single, batched = seconds.values()
+    print(f"vector / single steps/s: {single / batched:.2f}x")
+    vector.close()
+    for env in singles:
+        env.close()
+
+
+def profile_settings(args, common: dict) -> None:
+    """Each setting's step against its floor, and where its time goes."""
     action = 2  # rank 32, or the nearest the masks allow
     for label, overrides in SETTINGS.items():
         env = gym.make("DRRL-Attention-PerLayer-v0", **common, **overrides).unwrapped  # one rank per layer

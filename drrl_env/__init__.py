@@ -44,4 +44,9 @@ _os.register_at_fork(after_in_child=lambda: _torch.set_num_threads(1))
 
 for _env_id, _variant in VARIANTS.items():  # one register per variant, as gymnasium/envs/__init__.py does
     if _env_id not in _gym.registry:
-        _gym.register(id=_env_id, entry_point="drrl_env.env:DRRLAttentionEnv", kwargs=dict(_variant))
+        _gym.register(
+            id=_env_id,
+            entry_point="drrl_env.env:DRRLAttentionEnv",
+            vector_entry_point="drrl_env.vector:DRRLAttentionVectorEnv",  # gym.make_vec: one batched forward pass
+            kwargs=dict(_variant),
+        )

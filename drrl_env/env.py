@@ -19,7 +19,7 @@ from drrl_env.attention.flops import (
 )
 from drrl_env.attention.hook import AttentionCall, install, segment_spans
 from drrl_env.config import DEFAULT_RANKS, EnvConfig
-from drrl_env.episode import CandidateRewards, Episode, ReferencePass, StepOutcome
+from drrl_env.episode import CandidateRewards, Episode, EpisodeStart, ReferencePass, StepOutcome
 from drrl_env.features import ObservationLayout, SequenceDynamics, candidate_ner, layer_weight_statistics
 from drrl_env.guardrail import FlopsBudget, guardrail_threshold, truncation_errors
 from drrl_env.lm.corpora import corpus_tokens, sample_batch
@@ -205,6 +205,18 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
         ``options``: ``guardrail_step`` (Eq. 11's t), ``episode_seed`` (replay one batch),
         ``input_ids`` (run the episode on these tokens instead of a drawn batch).
         """
+        drawn = self._draw(seed, options)
+        needed = self.needs_reference
+        reference = ReferencePass.run(self.loaded, self.hook, drawn.batch, self.config.segment_len) if needed else None
+        return self._begin(drawn, reference)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether an episode needs a full-rank reference pass over its batch (the kl reward, the LM-loss term)."""
+        return self.config.reward_kind == "kl" or self.config.terminal_lm_weight > 0
+
+    def _draw(self, seed: int | None, options: dict[str, Any] | None) -> EpisodeStart:
+        """The first half of :meth:`reset`: seeding, the episode's batch, budget and sensitivity profile."""
         super().reset(seed=seed)
         options = dict(options or {})
         unknown = sorted(set(options) - {"guardrail_step", "episode_seed", "input_ids"})
@@ -237,33 +249,39 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
                 cfg.per_head,
             )
         sensitivity_seconds = time.perf_counter() - started if cfg.sensitivity_samples else 0.0
-        needs_reference = cfg.reward_kind == "kl" or cfg.terminal_lm_weight > 0
-        reference = ReferencePass.run(self.loaded, self.hook, batch, cfg.segment_len) if needs_reference else None
+        return EpisodeStart(batch, share, episode_seed, sensitivity_seconds)
+
+    def _begin(
+        self, drawn: EpisodeStart, reference: ReferencePass | None, runner: Any = None
+    ) -> tuple[np.ndarray, dict]:
+        """The second half of :meth:`reset`: the episode on ``drawn``'s batch, its first observation and info."""
+        cfg = self.config
         self._episode = Episode(
             config=cfg,
             loaded=self.loaded,
             hook=self.hook,
-            batch=batch,
-            budget=self._budget(share),
+            batch=drawn.batch,
+            budget=self._budget(drawn.share),
             reference=reference,
             epsilon=self.epsilon,
-            episode_seed=episode_seed,
+            episode_seed=drawn.episode_seed,
             guardrail_step=self.guardrail_step,
             num_segments=self.num_segments,
-            baseline_ranks=self._baseline_ranks(share),
+            baseline_ranks=self._baseline_ranks(drawn.share),
             sensitivity=self._sensitivity,
+            runner=runner,
         )
         return self._observation(), {
             "layer": self._episode.call.layer,
             "segment": self._episode.call.segment,
             "action_mask": self.action_masks(),
             "epsilon": self.epsilon,
-            "budget": share,
-            "episode_seed": episode_seed,
+            "budget": drawn.share,
+            "episode_seed": drawn.episode_seed,
             "flops_sensitivity": self.profile_flops(cfg.sensitivity_estimate, cfg.sensitivity_samples)
             if cfg.sensitivity_samples
             else 0.0,
-            "seconds_sensitivity": sensitivity_seconds,
+            "seconds_sensitivity": drawn.sensitivity_seconds,
         }
 
     def _baseline_ranks(self, share: float) -> list | None:
@@ -301,8 +319,14 @@ class DRRLAttentionEnv(gym.Env[np.ndarray, Any]):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         episode = self._require_episode("step()")
-        requested = action_indices(action, len(self.config.ranks), self.kv_heads, self.config.per_head)  # (Hkv,)
-        outcome: StepOutcome = episode.step(requested)
+        return self._stepped(episode.step(self._requested(action)))
+
+    def _requested(self, action: Any) -> torch.Tensor:
+        """``action`` as candidate indices ``(Hkv,)``, or a one-line ``ValueError``."""
+        return action_indices(action, len(self.config.ranks), self.kv_heads, self.config.per_head)
+
+    def _stepped(self, outcome: StepOutcome) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """What :meth:`step` returns for a step's ``outcome``."""
         info = outcome.info
         info["action_mask"] = self.action_masks() if not outcome.terminated else np.zeros_like(info["mask_before"])
         if outcome.terminated:

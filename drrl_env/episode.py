@@ -57,6 +57,21 @@ class ReferencePass:
             logits = loaded.model(input_ids=batch).logits  # (B, n, V)
         return cls(hidden, logits)
 
+    def rows(self, start: int, stop: int) -> ReferencePass:
+        """The pass of batch rows ``start:stop`` alone (one episode of a batched pass)."""
+        hidden = {key: None if value is None else value[start:stop] for key, value in self.hidden.items()}
+        return ReferencePass(hidden, self.logits[start:stop])
+
+
+@dataclass(frozen=True)
+class EpisodeStart:
+    """What a reset draws before the forward pass starts: the batch, its budget share, the seed that replays it."""
+
+    batch: torch.Tensor
+    share: float
+    episode_seed: int
+    sensitivity_seconds: float
+
 
 @dataclass(frozen=True)
 class CandidateRewards:
@@ -117,6 +132,9 @@ class Episode:
     list of ranks per key/value group per layer"""
     sensitivity: np.ndarray | None = None
     """the batch's sensitivity profile (what ``kl_credit="completion"`` water-fills the rest of the budget over)"""
+    runner: Any = None
+    """the forward pass the episode steps: its own :class:`SteppedForward` (None: started here), or its rows of a
+    shared one (``drrl_env.vector``)"""
     call: AttentionCall | None = field(init=False)
     steps: list[dict[str, Any]] = field(init=False, default_factory=list)
     final: dict[str, Any] = field(init=False, default_factory=dict)
@@ -128,9 +146,14 @@ class Episode:
         self.step_index = 0
         self.previous_ranks = torch.full((self.kv_heads,), self.head_dim, dtype=torch.int64)
         self.history: list[list[Any]] = [[None] * self.num_segments for _ in range(shape.num_layers)]
-        self.runner = SteppedForward(
-            self.loaded.model, self.hook, self.batch, self.config.segment_len, keep_logits=self.reference is not None
-        )
+        if self.runner is None:
+            self.runner = SteppedForward(
+                self.loaded.model,
+                self.hook,
+                self.batch,
+                self.config.segment_len,
+                keep_logits=self.reference is not None,
+            )
         self.call = self.runner.start()
         self.deviation = self._deviation()
         self.credit: CompletionCredit | None = None
@@ -223,6 +246,15 @@ class Episode:
 
     def step(self, requested: torch.Tensor) -> StepOutcome:
         """Run the step with candidate indices ``requested (Hkv,)``; advance to the next call."""
+        output = self.decide(requested)
+        return self.complete(self.runner.send(output))
+
+    def decide(self, requested: torch.Tensor) -> torch.Tensor:
+        """The first half of :meth:`step`: the attention output for ``requested (Hkv,)``, to continue the forward with.
+
+        A vector env (``drrl_env.vector``) runs this for each of its episodes, continues their shared forward pass
+        once, and hands each episode its rows of the next call through :meth:`complete`.
+        """
         cfg, call = self.config, self.call
         chosen, violation = self._execute(requested)
         ranks = self.candidate_ranks[chosen]  # (Hkv,)
@@ -264,7 +296,14 @@ class Episode:
         self.history[call.layer][call.segment] = rank_value
         self.previous_ranks = ranks.clone()
         self.step_index += 1
-        self.call = self.runner.send(evaluated.output[0])
+        self._decided = (call, info, requested, rank_value, fidelity, flops_ratio, perturbation, violation_term)
+        return evaluated.output[0]
+
+    def complete(self, next_call: AttentionCall | None) -> StepOutcome:
+        """The second half of :meth:`step`, given the forward pass's next call (None: it has finished)."""
+        cfg = self.config
+        call, info, requested, rank_value, fidelity, flops_ratio, perturbation, violation_term = self._decided
+        self.call = next_call
         terminated = self.call is None
         if cfg.reward_kind == "kl":
             previous_deviation, self.deviation = self.deviation, self._deviation()  # 0 at the terminal state

@@ -108,10 +108,13 @@ def test_bad_arguments_get_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.expensive
-@pytest.mark.parametrize("algo", ["maskable_ppo", "dqn"])  # dqn: replay buffer and exploration RNG too
+@pytest.mark.parametrize(
+    "algo",
+    ["maskable_ppo", "dqn", "maskable_ppo --vec batched --n-envs 2"],  # dqn: replay buffer and exploration RNG too
+)  # batched: the native vector env's episode positions
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(algo, tiny_model_dir, tmp_path):
     options = [*tiny_options(tiny_model_dir), "--n-steps", "32", "--checkpoint-every", "64", "--compare",
-               "--eps-decay", "0.01", "--algo", algo]  # fmt: skip
+               "--eps-decay", "0.01", "--algo", *algo.split()]  # fmt: skip
     whole = run("train_agent.py", *options, "--total-timesteps", "128", "--logdir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     cut = run("train_agent.py", *options, "--total-timesteps", "64", "--logdir", str(tmp_path / "cut"))

@@ -92,6 +92,34 @@ class AttentionCall:
         """SVD of the logits' ``d x d`` core per query head (``lowrank.logit_core_svd``), computed once."""
         return logit_core_svd(self.query_spectrum, self.key_spectrum)
 
+    def rows(self, start: int, stop: int) -> AttentionCall:
+        """The call of batch rows ``start:stop`` alone (one episode of a batched forward pass, ``drrl_env.vector``).
+
+        Spectra already computed for the whole batch (one batched ``eigh``) are handed down as slices, so the rows'
+        spectra are exactly those the rows would have had alone: every block is decomposed on its own.
+        """
+        rows = slice(start, stop)
+        batched = self.mask is not None and self.mask.shape[0] > 1
+        part = AttentionCall(
+            self.layer,
+            self.segment,
+            self.num_segments,
+            self.query[rows],
+            self.key[rows],
+            self.value[rows],
+            self.mask[rows] if batched else self.mask,
+            self.scale,
+            None if self.hidden_states is None else self.hidden_states[rows],
+            self.calibration,
+        )
+        for name in ("query_spectrum", "key_spectrum"):
+            if name in self.__dict__:
+                spectrum = self.__dict__[name]
+                part.__dict__[name] = BlockSpectrum(spectrum.singular_values[rows], spectrum.right_vectors[rows])
+        if "logit_core" in self.__dict__:
+            part.__dict__["logit_core"] = tuple(factor[rows] for factor in self.__dict__["logit_core"])
+        return part
+
     @cached_property
     def _full_output(self) -> torch.Tensor:
         return full_attention(self.query, self.key, self.value, self.scale, self.mask)
