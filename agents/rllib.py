@@ -66,7 +66,7 @@ from agents.zoo import make_policy
 from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
 from drrl_env.lm.files import check_output_folder, write_text_atomic
-from drrl_env.wrappers import MaskInObservation
+from drrl_env.wrappers import MaskInObservation, MaskInVectorObservation
 
 ALGO = "rllib_ppo"
 ENV_NAME = "DRRL-Attention-v0-masked"
@@ -87,6 +87,9 @@ class RLlibConfig:
     """Ray actors sampling episodes in parallel (0: sample in this process)"""
     num_envs_per_env_runner: int = 1
     """envs per env runner, stepped as one gymnasium vector env"""
+    batched_envs: bool = False
+    """run each env runner's envs as the env's native vector env (drrl_env.vector): their episodes through one
+    batched forward pass of the LM, instead of one forward pass per env"""
     num_cpus_per_env_runner: int = 1
     """CPUs each env runner reserves (Ray gives the actor that many torch threads)"""
     num_gpus_per_env_runner: float = 0.0
@@ -119,7 +122,7 @@ class RLlibConfig:
 
 RESUMABLE_CHANGES = frozenset(
     {"total_timesteps", "resume", "logdir", "checkpoint_every", "eval_every", "compare", "eval_episodes",
-     "timing_repeats", "num_env_runners", "num_envs_per_env_runner", "num_cpus_per_env_runner",
+     "timing_repeats", "num_env_runners", "num_envs_per_env_runner", "batched_envs", "num_cpus_per_env_runner",
      "num_gpus_per_env_runner", "num_gpus", "ray_address", "device"}
 )  # fmt: skip
 """options a resumed run may be given with other values than it was started with"""
@@ -155,11 +158,18 @@ def ppo_hyperparameters(config: RLlibConfig) -> dict[str, Any]:
     return values
 
 
-def make_masked_env(env_config: dict[str, Any]) -> gym.Env:
-    """The env creator registered with Ray: DRRL-Attention-v0 with ``env_config`` as its arguments, mask inside."""
+def make_masked_env(env_config: dict[str, Any]) -> gym.Env | gym.vector.VectorEnv:
+    """The env creator registered with Ray: DRRL-Attention-v0 with ``env_config`` as its arguments, mask inside.
+
+    With ``num_envs`` in ``env_config`` (RLlib's ``vector_entry_point`` mode): that many episodes of the native
+    vector env, masks inside.
+    """
     import drrl_env  # noqa: F401  (registers DRRL-Attention-v0 in this env runner's process)
 
     kwargs = {name: value for name, value in dict(env_config).items() if name != "num_envs"}
+    if "num_envs" in dict(env_config):  # RLlib's vector_entry_point (--batched-envs): the native vector env
+        envs = env_config["num_envs"]
+        return MaskInVectorObservation(gym.make_vec(ENV_ID, envs, vectorization_mode="vector_entry_point", **kwargs))
     return MaskInObservation(gym.make(ENV_ID, **kwargs))
 
 
@@ -182,6 +192,7 @@ def build_algorithm(config: RLlibConfig, kwargs: dict[str, Any]) -> Any:
             num_envs_per_env_runner=config.num_envs_per_env_runner,
             num_cpus_per_env_runner=config.num_cpus_per_env_runner,
             num_gpus_per_env_runner=config.num_gpus_per_env_runner,
+            gym_env_vectorize_mode="vector_entry_point" if config.batched_envs else "sync",
         )
         .learners(num_gpus_per_learner=config.num_gpus)
         .training(**ppo_hyperparameters(config))

@@ -96,7 +96,7 @@ def compare_vector(args, common: dict) -> None:
             run(1000 * episode)
         sync()
         seconds[label] = time.perf_counter() - start
-    stacked = torch.cat([env.input_ids for env in vector.envs])
+    stacked = torch.cat([env._episode.batch for env in vector.envs])  # noqa: SLF001 - the last episodes' batches
     layer_seconds = []
     for _ in range(3):
         sync()

@@ -71,6 +71,32 @@ class MaskInObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return self.env.unwrapped.action_masks()
 
 
+class MaskInVectorObservation(gym.vector.VectorWrapper):
+    """:class:`MaskInObservation` for the native vector env (``drrl_env.vector``): batched dict observations.
+
+    Each env's mask comes from its info's ``action_mask``; an episode that has just ended carries an all-ones mask.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv) -> None:
+        super().__init__(env)
+        self.single_observation_space = mask_observation_space(env.single_observation_space, env.single_action_space)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, env.num_envs)
+
+    def _with_masks(self, observations: np.ndarray, infos: dict[str, Any], ended: np.ndarray) -> dict[str, np.ndarray]:
+        shape = (self.num_envs, *self.single_observation_space["action_mask"].shape)
+        masks = np.asarray(infos["action_mask"], np.float32).reshape(shape).copy()
+        masks[ended] = 1.0
+        return {"action_mask": masks, "observations": observations}
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        observations, infos = self.env.reset(**kwargs)
+        return self._with_masks(observations, infos, np.zeros(self.num_envs, dtype=bool)), infos
+
+    def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        observations, rewards, terminated, truncated, infos = self.env.step(actions)
+        return self._with_masks(observations, infos, terminated | truncated), rewards, terminated, truncated, infos
+
+
 DEFAULT_OFFSETS = (-2, -1, 0, 1, 2)
 """RankOffsets' actions: candidate steps below and above the reference rank (the default ranks: +-16)"""
 

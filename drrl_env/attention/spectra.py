@@ -60,10 +60,27 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``matrix``'s device. The solver follows :func:`set_eigh_solver`.
     """
     matrix = matrix.to(EIGH_DTYPE)
-    if matrix.device.type == "cpu" or eigh_solver_for(matrix.device) == "device":
+    if matrix.device.type != "cpu" and eigh_solver_for(matrix.device) == "device":
         return torch.linalg.eigh(matrix)
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.cpu())
+    eigenvalues, eigenvectors = _lapack_eigh(matrix.cpu())
     return eigenvalues.to(matrix.device, non_blocking=True), eigenvectors.to(matrix.device, non_blocking=True)
+
+
+def _lapack_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of CPU matrices on one intra-op thread.
+
+    A batch of small matrices gains nothing from LAPACK's threads, and while another thread's OpenMP pool is
+    alive (the env's paused forward pass, ``drrl_env.lm.runner``) the threaded call waits on its cores: twice the
+    time (docs/benchmarks.md, "The spectra's threads").
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return torch.linalg.eigh(matrix)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrix)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from gymnasium.utils.env_checker import check_env
 
 import drrl_env  # noqa: F401  (registers the env)
 from drrl_env.wrappers import MaskInObservation, mask_observation_space
-from tests.conftest import ROOT, layer_mdp
+from tests.conftest import LAYER_MDP, ROOT, TINY_SIZES, layer_mdp
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -208,7 +208,19 @@ def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = tmp_path.glob("DRRL-Attention-PerLayer-v0__rllib_ppo__0__*")
     assert json.loads((run_dir / "config.json").read_text())["num_env_runners"] == 1
-    out = run("-m", "agents.rllib", "--resume", str(run_dir), "--num-env-runners", "2", "--total-timesteps", "384")
+    out = run(
+        "-m",
+        "agents.rllib",
+        "--resume",
+        str(run_dir),
+        "--num-env-runners",
+        "2",
+        "--total-timesteps",
+        "384",
+        "--num-envs-per-env-runner",
+        "2",
+        "--batched-envs",
+    )  # each runner's 2 episodes: one batched forward
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming" in out.stdout and "(192 steps done)" in out.stdout
     checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
@@ -237,3 +249,21 @@ def test_training_with_one_then_two_env_runners(tiny_kwargs, tmp_path):
     actions = greedy_actions(agent.module, observations, masks)
     assert np.array_equal(greedy_actions(restored.module, observations, masks), actions)
     assert actions[:16].max() <= 1
+
+
+def test_rllibs_masked_vector_env(tiny_model_dir):
+    from agents.rllib import make_masked_env
+    from drrl_env.vector import DRRLAttentionVectorEnv
+    from drrl_env.wrappers import MaskInVectorObservation
+
+    kwargs = dict(model=tiny_model_dir, **TINY_SIZES, **LAYER_MDP)
+    envs = make_masked_env({**kwargs, "num_envs": 2})  # what RLlib's vector_entry_point mode calls
+    assert isinstance(envs, MaskInVectorObservation) and isinstance(envs.unwrapped, DRRLAttentionVectorEnv)
+    observations, _ = envs.reset(seed=0)
+    assert envs.observation_space.contains(observations)
+    np.testing.assert_array_equal(observations["action_mask"], envs.unwrapped.action_masks().astype(np.float32))
+    length = envs.unwrapped.envs[0].num_layers * envs.unwrapped.envs[0].num_segments
+    for _ in range(length):
+        observations, _, terminated, _, _ = envs.step(envs.unwrapped.action_masks().argmax(axis=1))
+    assert terminated.all() and (observations["action_mask"] == 1.0).all()  # defined distributions after the end
+    envs.close()
