@@ -24,7 +24,7 @@ from drrl_env.config import ENV_ID, PAPER_ENV_ID, PER_LAYER_ENV_ID
 
 BEST_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "hindsight:scaled_delta")
 """what the main command compares its agent with: the fixed rules at the same budget and the per-input ceilings"""
-VEC_ENVS = ("sync", "subproc", "batched")
+VEC_ENVS = ("auto", "batched", "sync", "subproc")
 
 
 PPO_NEAR_CLONE = '{"learning_rate": 1e-5, "target_kl": 0.01}'
@@ -105,9 +105,10 @@ class TrainConfig:
     """seed of the agent and of the episodes"""
     n_envs: int = 1
     """parallel envs"""
-    vec: str = "sync"
-    """vector env: 'sync' (in-process, one forward pass per env), 'subproc' (one process per env) or 'batched' (the
-    env's native vector env, drrl_env.vector: the n_envs episodes through one batched forward pass; mlp network only)"""
+    vec: str = "auto"
+    """vector env: 'batched' (the env's native vector env, drrl_env.vector: the n_envs episodes through one batched
+    forward pass; the mlp network, not residual), 'sync' (in-process, one forward pass per env), 'subproc' (one
+    process per env), or 'auto': batched where it applies and n_envs > 1, else sync. All give the same episodes"""
     n_steps: int = 150
     """rollout length per env and update for on-policy algorithms; it must be a multiple of the episode length
     (layers x segments), so that checkpoints fall at episode boundaries, which --resume needs. 150 is 5 episodes

@@ -75,11 +75,12 @@ class ValueWarmupCallback(BaseCallback):
         return True
 
 
-def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "sync") -> VecEnv:
+def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "auto") -> VecEnv:
     """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in one vector env.
 
-    ``vec``: ``sync`` (DummyVecEnv), ``subproc`` (SubprocVecEnv) or ``batched`` (the env's native vector env,
-    :class:`agents.vec_env.BatchedVecEnv`, on the same episode seeds).
+    ``vec``: ``sync`` (DummyVecEnv), ``subproc`` (SubprocVecEnv), ``batched`` (the env's native vector env,
+    :class:`agents.vec_env.BatchedVecEnv`, on the same episode seeds), or ``auto`` (``batched`` for more than one
+    env when the policy wraps no env, else ``sync``).
 
     Each subprocess of a SubprocVecEnv gets ``cpu_count // n_envs`` torch threads (at least one): with torch's
     default, every core in every process, the processes contend for the cores (benchmarks/scaling.py).
@@ -87,8 +88,11 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
     Raises:
         ValueError: an unknown ``vec``, or ``batched`` with a policy that wraps each env (transformer, residual).
     """
+    wrapped = bool(setup.history) or setup.offsets is not None
+    if vec == "auto":
+        vec = "batched" if n_envs > 1 and not wrapped else "sync"
     if vec == "batched":
-        if setup.history or setup.offsets is not None:
+        if wrapped:
             raise ValueError(
                 f"--vec batched runs the episodes without per-env wrappers; the {setup.name} network"
                 f"{' (residual)' if setup.offsets is not None else ''} needs them: use --vec sync"

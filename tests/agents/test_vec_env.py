@@ -45,3 +45,12 @@ def test_maskable_ppo_trains_on_the_batched_env_and_wrappers_are_refused(tiny_mo
     env.close()
     with pytest.raises(ValueError, match="--vec batched runs the episodes without per-env wrappers; the transformer"):
         make_vec_env(kwargs, policy_setup("transformer", 4), n_envs=2, seed=0, vec="batched")
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.vec_env import BatchedVecEnv
+
+    for setup, n_envs, expected in ((policy_setup("mlp"), 2, BatchedVecEnv), (policy_setup("mlp"), 1, DummyVecEnv),
+                                    (policy_setup("transformer", 4), 2, DummyVecEnv)):  # fmt: skip
+        auto = make_vec_env(kwargs, setup, n_envs=n_envs, seed=0)  # --vec auto, the default
+        assert isinstance(auto.unwrapped, expected), (setup.name, n_envs)
+        auto.close()
