@@ -21,7 +21,7 @@ LAYERS = [
 """lowest first: a module may import its own layer's modules and lower layers' only"""
 ENV_MODULES = {
     "actions", "cli", "config", "credit", "env", "episode", "features", "guardrail", "render", "replay", "reward",
-    "vector", "wrappers",
+    "kvcache", "vector", "wrappers",
 }  # fmt: skip
 """the only modules at drrl_env's top: the env's own; everything else lives in a room"""
 

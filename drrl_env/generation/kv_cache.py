@@ -99,15 +99,18 @@ def cache_bytes(cache: Cache) -> dict[str, int]:
     """
     sizes = {"keys": 0, "values": 0}
     for layer in cache.layers:
-        sinks, recent = getattr(layer, "sinks", None), getattr(layer, "recent", None)
-        parts = (
-            ("keys", layer.keys),
-            ("values", layer.values),
-            ("keys", getattr(sinks, "keys", None)),
-            ("keys", recent),
-        )
-        for part, tensor in parts:
-            if tensor is not None:
-                sizes[part] += tensor.numel() * tensor.element_size()
+        for part, size in layer_bytes(layer).items():
+            sizes[part] += size
     sizes["total"] = sizes["keys"] + sizes["values"]
+    return sizes
+
+
+def layer_bytes(layer: object) -> dict[str, int]:
+    """``{"keys", "values"}`` bytes of one cache layer (:func:`cache_bytes`)."""
+    sinks, recent = getattr(layer, "sinks", None), getattr(layer, "recent", None)
+    parts = (("keys", layer.keys), ("values", layer.values), ("keys", getattr(sinks, "keys", None)), ("keys", recent))
+    sizes = {"keys": 0, "values": 0}
+    for part, tensor in parts:
+        if tensor is not None:
+            sizes[part] += tensor.numel() * tensor.element_size()
     return sizes

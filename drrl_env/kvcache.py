@@ -1,0 +1,402 @@
+"""DRRL-KVCache-v0: choose each layer's key-cache rank for generation, after looking at the first generated tokens.
+
+An episode is one prompt of ``context`` tokens from the pool of its split. The prompt is prefilled exactly and the
+full model generates its first ``observe_tokens`` tokens greedily with the full cache; then the agent commits the
+key-cache rank of every layer, one step per layer (candidates ``ranks``); then the next ``horizon`` tokens of the
+full model's own greedy continuation are scored teacher-forced through the compressed cache (keys projected on each
+layer's basis of the prompt and the observed tokens, the attention sinks and the recent window exact, values at
+full width: :mod:`drrl_env.generation.decode`). The reward, at the last step, is minus the mean per-token
+``KL(p_full || p)`` of the scored tokens' next-token distributions (label-free).
+
+**Budget.** A share ``cache_budget`` of the full key cache's bytes after the observed tokens (the exact sink and
+window keys counted; values are always full and not part of it), enforced by the action mask as in
+DRRL-Attention-v0: a rank is allowed only if the episode can still end within budget with every later layer at
+the smallest candidate. A ``(lo, hi)`` range draws a budget per episode; the observation carries it.
+
+**Observation**, at the step of layer ``l`` (``KVCacheObservation``): the relative logit error
+``||Q (I - W_q W_k^T) K^T||_F^2 / ||Q K^T||_F^2`` of the observed tokens' queries against the prefix's keys in
+layer ``l``'s basis at each candidate rank, the same for the prompt's last ``observe_tokens`` queries in the
+prompt's own basis (:func:`drrl_env.generation.decode_profile.prefill_logit_errors`), the depth, the budget and
+the budget left, and the ranks chosen so far. Only what is causal and cheap at commit time: the statistics come
+from ``d x d`` Grams of queries and keys the prefill and the observed steps compute anyway (their FLOPs, counted
+in ``info["flops_observation"]``; the extra forward passes that compute them here are an artefact of computing
+them outside the generation's own hooks and are not charged).
+
+**Cheap episodes.** What an episode needs of its prompt (the observed and scored tokens, the full model's logits
+of the scored tokens, the key cache after the prefix at every candidate rank, the observation's statistics) is
+computed once per prompt and kept for the ``cached_prompts`` most recently used prompts; an episode on a kept
+prompt runs only the scored continuation at its ranks. Because the prefix is attended exactly, each layer's cache
+at a rank does not depend on the other layers' ranks, so the caches of one prefill per candidate rank combine into
+the cache of any allocation (as :func:`drrl_env.generation.decode_profile.decode_kl_profile` does).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from drrl_env.generation.decode import cached_forward, key_cache_attention, rank_table
+from drrl_env.generation.decode_profile import greedy_continuation, prefill_logit_errors
+from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
+from drrl_env.generation.kv_cache import LowRankKeyCache, layer_bytes
+from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
+from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm, resolve_device
+from drrl_env.lm.scoring import next_token_kl
+
+KVCACHE_ENV_ID = "DRRL-KVCache-v0"
+KV_BASES = ("joint", "separate")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Every argument of DRRL-KVCache-v0 (``gym.make`` keywords), validated."""
+
+    model: str = DEFAULT_MODEL
+    """HF causal LM: the offline default, a local folder or a hub id"""
+    corpus: str = DEFAULT_CORPUS
+    """text the prompts come from (a name or a path)"""
+    split: str = "train"
+    """split of the corpus the prompt pool is drawn from"""
+    context: int = 1024
+    """prompt tokens"""
+    prompts: int = 16
+    """prompts in the pool: the first ``prompts`` chunks of ``context`` tokens of the split"""
+    observe_tokens: int = 64
+    """tokens the full model generates before the ranks are committed (their statistics are the observation)"""
+    horizon: int = 64
+    """tokens scored after the commit (the full model's own greedy continuation, teacher-forced)"""
+    ranks: tuple[int, ...] = (16, 32, 48, 64)
+    """candidate key-cache ranks (ascending; a rank equal to the head dimension keeps a layer's keys full)"""
+    cache_budget: float | tuple[float, float] | None = 0.75
+    """the episode's key-cache bytes as a share of the full key cache's (a (lo, hi) range: drawn per episode);
+    None: no budget"""
+    basis: str = "joint"
+    """the key basis: 'joint' (the logits' Eckart-Young basis) or 'separate' (the keys' top singular vectors)"""
+    sink_tokens: int = SINK_TOKENS
+    """first tokens whose keys stay exact"""
+    recent_tokens: int = RECENT_TOKENS
+    """the window of last positions whose keys stay exact for every decode step"""
+    cached_prompts: int = 4
+    """prompts whose precomputed state is kept in memory (least recently used evicted)"""
+    device: str = "cpu"
+    """torch device of the model ('cpu', 'cuda', 'auto')"""
+
+    def __post_init__(self) -> None:
+        for name in ("context", "prompts", "observe_tokens", "horizon", "cached_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.horizon < 2:
+            raise ValueError(f"horizon must be an integer >= 2, got {self.horizon!r}")
+        for name in ("sink_tokens", "recent_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        ranks = self.ranks
+        if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__") or len(ranks) == 0:
+            raise ValueError(f"ranks must be a non-empty sequence of integers >= 1, got {ranks!r}")
+        for rank in ranks:
+            if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(f"ranks must be integers >= 1, got entry {rank!r}")
+        object.__setattr__(self, "ranks", tuple(sorted({int(r) for r in ranks})))
+        if self.basis not in KV_BASES:
+            raise ValueError(f"basis must be one of {KV_BASES}, got {self.basis!r}")
+        budget = self.cache_budget
+        if budget is not None:
+            bounds = (budget, budget) if not isinstance(budget, (tuple, list)) else tuple(budget)
+            real = all(isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in bounds)
+            if len(bounds) != 2 or not real or not all(math.isfinite(b) and 0 < b <= 1 for b in bounds):
+                raise ValueError(f"cache_budget must be None, a share in (0, 1] or a (lo, hi) range, got {budget!r}")
+            if bounds[0] > bounds[1]:
+                raise ValueError(f"cache_budget range must have lo <= hi, got {budget!r}")
+            object.__setattr__(self, "cache_budget", (float(bounds[0]), float(bounds[1])))
+        for name in ("model", "corpus", "split", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> KVCacheConfig:
+        """Build from ``gym.make`` keywords; unknown keywords get an error listing the valid ones."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"{KVCACHE_ENV_ID} got unknown argument(s) {unknown}; valid arguments: {names}")
+        return cls(**kwargs)
+
+
+@dataclass
+class PromptState:
+    """What every episode on one prompt shares, computed once (module docstring, "Cheap episodes").
+
+    Attributes:
+        prefix: ``(1, context + observe_tokens)`` the prompt and the observed tokens.
+        continuation: ``(1, horizon)`` the full model's greedy continuation after the prefix (the scored tokens).
+        reference: ``(1, horizon, V)`` the full model's next-token logits of the scored tokens.
+        caches: per candidate rank (and the head dimension: full keys), the key cache after the prefix with every
+            layer at it.
+        first_logits: ``(1, 1, V)`` the next-token logits after the prefix (attended exactly: the same at every rank).
+        layer_bytes: ``(L, K)`` key bytes of each layer's cache at each candidate after the prefix;
+            ``full_layer_bytes`` ``(L,)`` at full width.
+        observed_errors, prompt_errors: ``(L, K)`` relative logit errors (the observation's statistics).
+        seconds: wall-clock of the precomputation; ``seconds_observation``: of its statistics alone.
+    """
+
+    prefix: torch.Tensor
+    continuation: torch.Tensor
+    reference: torch.Tensor | None
+    caches: dict[int, LowRankKeyCache]
+    first_logits: torch.Tensor
+    layer_bytes: np.ndarray
+    observed_errors: np.ndarray
+    prompt_errors: np.ndarray
+    seconds: float
+    seconds_observation: float
+    full_layer_bytes: np.ndarray | None = None
+
+
+def layer_key_bytes(cache: LowRankKeyCache) -> list[int]:
+    """Key bytes of each layer of ``cache`` (sink and recent keys included: :func:`layer_bytes`)."""
+    return [layer_bytes(layer)["keys"] for layer in cache.layers]
+
+
+@torch.no_grad()
+def prompt_state(loaded: LoadedModel, prompt: torch.Tensor, config: KVCacheConfig) -> PromptState:
+    """:class:`PromptState` of ``prompt`` ``(1, context)`` under ``config``."""
+    started = time.perf_counter()
+    generated = greedy_continuation(loaded, prompt, config.observe_tokens + config.horizon)  # (1, T_o + T_h)
+    prefix = torch.cat([prompt.cpu(), generated[:, : config.observe_tokens]], dim=1)
+    continuation = generated[:, config.observe_tokens :]
+    head_dim = loaded.attention_shape.head_dim
+    caches, first_logits = {}, None
+    for rank in sorted(set(config.ranks) | {head_dim}):  # the full cache too: the reference
+        cache, handler = key_cache_attention(
+            loaded,
+            min(rank, head_dim),
+            config.basis,
+            sink_tokens=config.sink_tokens,
+            recent_tokens=config.recent_tokens,
+        )
+        logits = cached_forward(loaded, handler, cache, prefix)[:, -1:]  # the prefix is attended exactly:
+        caches[rank], first_logits = cache, logits if first_logits is None else first_logits  # same at every rank
+    state = PromptState(
+        prefix, continuation, None, caches, first_logits, np.zeros(0), np.zeros(0), np.zeros(0), 0.0, 0.0
+    )
+    state.reference = continued_logits(loaded, config, state, [head_dim] * loaded.attention_shape.num_layers)
+    observed = time.perf_counter()
+    state.observed_errors = prefill_logit_errors(loaded, prefix, config.ranks, config.observe_tokens, config.basis)
+    state.prompt_errors = prefill_logit_errors(loaded, prompt, config.ranks, config.observe_tokens, config.basis)
+    state.seconds_observation = time.perf_counter() - observed
+    state.layer_bytes = np.array([layer_key_bytes(caches[rank]) for rank in config.ranks]).T  # (L, K)
+    state.full_layer_bytes = np.array(layer_key_bytes(caches[head_dim]))  # (L,)
+    state.seconds = time.perf_counter() - started
+    return state
+
+
+@torch.no_grad()
+def continued_logits(loaded: LoadedModel, config: KVCacheConfig, state: PromptState, plan: list[int]) -> torch.Tensor:
+    """``(1, horizon, V)`` next-token logits of the scored tokens through the cache of ``plan`` (a rank per layer).
+
+    Layer ``l``'s cache is (a shallow copy of) the prefix's cache at ``plan[l]``: a layer's update rebinds its
+    tensors, so the kept caches stay as they were.
+    """
+    shape = loaded.attention_shape
+    cache = LowRankKeyCache(shape.num_layers)
+    cache.layers = [copy.copy(state.caches[int(rank)].layers[layer]) for layer, rank in enumerate(plan)]
+    table = rank_table([min(int(rank), shape.head_dim) for rank in plan], shape)
+    handler = KeyBasisAttention(table, config.basis, None, cache, config.sink_tokens, config.recent_tokens)
+    rest = cached_forward(loaded, handler, cache, state.continuation[:, :-1])
+    return torch.cat([state.first_logits, rest], dim=1)
+
+
+@dataclass
+class KeyCacheBudget:
+    """An episode's budget on key-cache bytes, enforced through the mask (as ``drrl_env.guardrail.FlopsBudget``).
+
+    ``costs`` ``(L, K)`` are the key bytes of each layer at each candidate, ``full`` the full key cache's bytes.
+    A candidate at layer ``l`` is allowed only if the episode can still end within ``share * full`` with every
+    later layer at its cheapest candidate, so every episode ends at or under budget, whatever the policy does.
+    """
+
+    costs: np.ndarray
+    full: int
+    share: float
+    spent: int = 0
+
+    def __post_init__(self) -> None:
+        cheapest = int(self.costs.min(axis=1).sum())
+        if Fraction(self.share) * self.full < cheapest:
+            raise ValueError(
+                f"cache_budget {self.share} is below the smallest candidates' share of the key cache "
+                f"({cheapest / self.full:.4f}): no episode could meet it"
+            )
+
+    def mask(self, layer: int) -> np.ndarray:
+        """``(K,)``: True where the candidate keeps the episode within budget."""
+        later = int(self.costs[layer + 1 :].min(axis=1).sum())
+        allowance = Fraction(self.share) * self.full
+        return np.array([self.spent + int(cost) + later <= allowance for cost in self.costs[layer]])
+
+    def used_share(self) -> float:
+        return self.spent / self.full
+
+    def left_share(self, layer: int) -> float:
+        """Budget left over the full bytes of the layers from ``layer`` on (the mean share the rest may use)."""
+        full_rest = self.full * (len(self.costs) - layer) / len(self.costs)
+        return float((self.share * self.full - self.spent) / full_rest) if full_rest else 0.0
+
+
+OBSERVATION_CLIP = 10.0
+
+
+class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
+    """DRRL-KVCache-v0 (module docstring). ``action_masks()`` is the budget's mask (sb3-contrib's convention).
+
+    Observation (float32, clipped to ``[-10, 10]``): the observed tokens' relative logit error at each candidate
+    (K), the prompt's last queries' (K), depth ``l / (L - 1)``, the budget and the budget left (2), and the mean
+    and last rank chosen so far as shares of the head dimension (2). Action: ``Discrete(K)``, the candidate index.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.config = KVCacheConfig.from_kwargs(kwargs)
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.loaded = load_causal_lm(cfg.model, device=str(self.device))
+        self.loaded.check_length(cfg.context + cfg.observe_tokens + cfg.horizon, "context + observe_tokens + horizon")
+        shape = self.loaded.attention_shape
+        self.num_layers, self.head_dim = shape.num_layers, shape.head_dim
+        if max(cfg.ranks) > self.head_dim:
+            raise ValueError(f"ranks must not exceed the model's head_dim ({self.head_dim}), got {list(cfg.ranks)}")
+        tokens = corpus_tokens(cfg.corpus, cfg.split, self.loaded.tokenizer)
+        self.prompts = sequential_chunks(tokens, cfg.context, cfg.prompts * cfg.context)
+        if len(self.prompts) < cfg.prompts:
+            held = len(self.prompts)
+            raise ValueError(f"prompts={cfg.prompts}: the {cfg.split} split holds only {held} of {cfg.context} tokens")
+        size = 2 * len(cfg.ranks) + 5
+        self.observation_space = spaces.Box(-OBSERVATION_CLIP, OBSERVATION_CLIP, (size,), np.float32)
+        self.action_space = spaces.Discrete(len(cfg.ranks))
+        self._states: OrderedDict[int, PromptState] = OrderedDict()
+        self._state: PromptState | None = None
+        self._budget: KeyCacheBudget | None = None
+        self._plan: list[int] = []
+        self.prefills = 0
+        """prompts precomputed so far (an episode on a kept prompt adds none)"""
+
+    # ----------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Start an episode. ``options``: ``prompt`` (an index into the pool instead of a drawn one)."""
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"prompt"})
+        if unknown:
+            raise ValueError(f"reset options must be 'prompt', got {unknown}")
+        cfg = self.config
+        index = int(self.np_random.integers(cfg.prompts))
+        share = 1.0
+        if cfg.cache_budget is not None:
+            lo, hi = cfg.cache_budget
+            share = lo if lo == hi else float(self.np_random.uniform(lo, hi))
+        if "prompt" in options:
+            index = options["prompt"]
+            if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < cfg.prompts:
+                raise ValueError(f"reset option prompt must be an index in [0, {cfg.prompts}), got {index!r}")
+            index = int(index)
+        self._state = self._prompt(index)
+        self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
+        self._plan, self._index = [], index
+        return self._observation(), {
+            "prompt": index,
+            "budget": share,
+            "action_mask": self.action_masks(),
+            "flops_observation": self.observation_flops(),
+            "seconds_observation": self._state.seconds_observation,
+        }
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._state is None or len(self._plan) == self.num_layers:
+            raise RuntimeError(
+                f"{KVCACHE_ENV_ID}: call reset() before step() (the episode has not started or has ended)"
+            )
+        if isinstance(action, np.ndarray) and action.size == 1:
+            action = action.reshape(()).item()
+        if (
+            not isinstance(action, (int, np.integer))
+            or isinstance(action, bool)
+            or not 0 <= action < len(self.config.ranks)
+        ):
+            raise ValueError(f"action must be an integer in [0, {len(self.config.ranks)}), got {action!r}")
+        layer, mask = len(self._plan), self.action_masks()
+        chosen = int(action) if mask[action] else int(np.flatnonzero(mask).max())  # the largest allowed below
+        self._budget.spent += int(self._state.layer_bytes[layer, chosen])
+        self._plan.append(self.config.ranks[chosen])
+        info: dict[str, Any] = {
+            "layer": layer, "rank": self.config.ranks[chosen], "masked_violation": not bool(mask[action]),
+            "budget": self._budget.share, "budget_used": self._budget.used_share(),
+        }  # fmt: skip
+        terminated = len(self._plan) == self.num_layers
+        reward = 0.0
+        if terminated:
+            logits = continued_logits(self.loaded, self.config, self._state, self._plan)
+            info["kl"] = next_token_kl(self._state.reference, logits)
+            info["ranks"] = list(self._plan)
+            reward = -info["kl"]
+            info["action_mask"] = np.zeros(len(self.config.ranks), dtype=bool)
+            observation = np.zeros(self.observation_space.shape, np.float32)
+        else:
+            info["action_mask"] = self.action_masks()
+            observation = self._observation()
+        return observation, reward, terminated, False, info
+
+    def action_masks(self) -> np.ndarray:
+        """``(K,)``: the candidates the budget allows at the current layer."""
+        if self._budget is None or len(self._plan) == self.num_layers:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before action_masks()")
+        return self._budget.mask(len(self._plan))
+
+    def observation_flops(self) -> float:
+        """FLOPs of the observation's statistics beyond the generation's own work, per episode (an estimate).
+
+        Per layer and key/value group: the ``d x d`` Grams of the prefix's keys and queries and of the observed
+        and the prompt's last queries (``2 d^2`` per row), and per candidate rank a basis and two ``d x d``
+        trace products (about ``14 d^3``: an eigendecomposition and four products).
+        """
+        shape, cfg = self.loaded.attention_shape, self.config
+        rows = (cfg.context + cfg.observe_tokens) * (1 + shape.q_heads // shape.kv_heads) + 2 * cfg.observe_tokens
+        per_group = 2 * shape.head_dim**2 * rows + len(cfg.ranks) * 14 * shape.head_dim**3
+        return float(shape.num_layers * shape.kv_heads * per_group)
+
+    # ----------------------------------------------------------------- internals
+    def _prompt(self, index: int) -> PromptState:
+        """The prompt's state, from the kept ones or computed (evicting the least recently used)."""
+        if index in self._states:
+            self._states.move_to_end(index)
+            return self._states[index]
+        state = prompt_state(self.loaded, self.prompts[index : index + 1].to(self.device), self.config)
+        self.prefills += 1
+        self._states[index] = state
+        while len(self._states) > self.config.cached_prompts:
+            self._states.popitem(last=False)
+        return state
+
+    def _observation(self) -> np.ndarray:
+        layer, state, budget = len(self._plan), self._state, self._budget
+        chosen = np.asarray(self._plan, dtype=np.float64) / self.head_dim
+        parts = [
+            state.observed_errors[layer],
+            state.prompt_errors[layer],
+            [layer / max(self.num_layers - 1, 1), budget.share, budget.left_share(layer)],
+            [chosen.mean() if len(chosen) else 1.0, chosen[-1] if len(chosen) else 1.0],
+        ]
+        return np.clip(np.concatenate(parts), -OBSERVATION_CLIP, OBSERVATION_CLIP).astype(np.float32)

@@ -1,0 +1,118 @@
+"""DRRL-KVCache-v0 on a tiny model: the budget mask, the reward against a direct KL, the prompt cache, determinism."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import drrl_env  # noqa: F401 - registers the ids
+from drrl_env.generation.decode import teacher_forced_logits
+from drrl_env.generation.kv_cache import layer_bytes
+from drrl_env.kvcache import KVCACHE_ENV_ID, continued_logits
+from drrl_env.lm.scoring import next_token_kl
+
+TINY_KV = dict(context=48, prompts=3, observe_tokens=8, horizon=8, ranks=(4, 8, 12, 16), recent_tokens=4,
+               cached_prompts=2, cache_budget=0.6)  # fmt: skip
+
+
+@pytest.fixture
+def make(tiny_layered_model_dir):
+    def make(**overrides):
+        return gym.make(KVCACHE_ENV_ID, model=tiny_layered_model_dir, **{**TINY_KV, **overrides}).unwrapped
+
+    return make
+
+
+def play(env, policy, seed=None, prompt=None):
+    observation, info = env.reset(seed=seed, options=None if prompt is None else {"prompt": prompt})
+    trace, terminated = [observation], False
+    while not terminated:
+        observation, reward, terminated, _, info = env.step(policy(env))
+        trace.append(observation)
+    return trace, reward, info
+
+
+def test_checkers_pass(make):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = make()
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env)
+
+
+def test_reward_is_minus_the_kl_of_a_direct_generation_with_the_same_ranks(make):
+    env = make()
+    rng = np.random.default_rng(0)
+    _, reward, info = play(env, lambda env: int(rng.choice(np.flatnonzero(env.action_masks()))), seed=1)
+    state, cfg = env._state, env.config  # noqa: SLF001 - the episode's prompt state
+    # an independent path: one prefill of the prefix at the episode's ranks, then the continuation
+    direct = teacher_forced_logits(env.loaded, state.prefix, state.continuation, info["ranks"], cfg.basis,
+                                   sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens)  # fmt: skip
+    full = teacher_forced_logits(env.loaded, state.prefix, state.continuation, "full", cfg.basis,
+                                 sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens)  # fmt: skip
+    assert -reward == pytest.approx(next_token_kl(full, direct), rel=1e-4, abs=1e-7)
+    assert reward < 0 and min(info["ranks"]) < 16  # something was compressed, and it cost something
+    full_plan = continued_logits(env.loaded, cfg, state, [16] * env.num_layers)
+    assert next_token_kl(state.reference, full_plan) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("budget", [0.45, (0.5, 0.9)])
+def test_every_episode_ends_within_its_key_cache_budget(make, budget):
+    env = make(cache_budget=budget)
+    rng = np.random.default_rng(1)
+    shares = []
+    for episode in range(4):
+        # greedy for the largest rank: the mask alone keeps it within budget
+        _, _, info = play(env, lambda env: len(env.config.ranks) - 1 if rng.random() < 0.7 else 0, seed=episode)
+        state = env._state  # noqa: SLF001
+        # the bytes of the cache the episode really scored through, measured from its tensors
+        cache_layers = [state.caches[rank].layers[layer] for layer, rank in enumerate(info["ranks"])]
+        used = sum(layer_bytes(layer)["keys"] for layer in cache_layers)
+        assert used == pytest.approx(info["budget_used"] * state.full_layer_bytes.sum())
+        assert info["budget_used"] <= info["budget"] + 1e-12
+        shares.append(info["budget"])
+    assert len(set(shares)) == (1 if np.isscalar(budget) else 4)
+    with pytest.raises(ValueError, match="cache_budget 0.05 is below the smallest candidates' share"):
+        make(cache_budget=0.05).reset(seed=0)
+
+
+def test_episodes_after_the_first_reuse_the_prompt_and_the_same_seed_gives_the_same_episode(make):
+    env, other = make(), make()
+    last = lambda env: int(np.flatnonzero(env.action_masks())[-1])  # noqa: E731
+    first, reward, _ = play(env, last, seed=3)
+    assert env.prefills == 1
+    again, reward_again, _ = play(env, last, prompt=env._index)  # noqa: SLF001 - the same prompt again
+    assert env.prefills == 1 and reward_again == reward  # no prefill, the same episode
+    for observation, expected in zip(again, first, strict=True):
+        np.testing.assert_array_equal(observation, expected)
+    replayed, reward_other, _ = play(other, last, seed=3)  # another env, the same seed
+    assert reward_other == reward
+    for observation, expected in zip(replayed, first, strict=True):
+        np.testing.assert_array_equal(observation, expected)
+    for prompt in range(3):  # three prompts through a memory of two: the least recently used is evicted
+        env.reset(options={"prompt": prompt})
+    assert list(env._states) == [1, 2]  # noqa: SLF001
+    kept = env.prefills
+    env.reset(options={"prompt": 1})
+    assert env.prefills == kept  # kept: no prefill
+    env.reset(options={"prompt": 0})
+    assert env.prefills == kept + 1  # evicted: computed again
+
+
+def test_bad_arguments_name_the_argument(make):
+    for bad, message in [({"context": 0}, "context must be an integer >= 1"), ({"horizon": 1}, "horizon must be"),
+                         ({"ranks": ()}, "ranks must be a non-empty"), ({"basis": "calibrated"}, "basis must be"),
+                         ({"cache_budget": 1.5}, "cache_budget must be None"), ({"ranks": (4, 32)}, "head_dim"),
+                         ({"prompts": 10**8}, "holds only")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            make(**bad)
+    with pytest.raises(TypeError, match="unknown argument"):
+        make(seq_len=8)
+    env = make()
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.step(0)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"action must be an integer in \[0, 4\)"):
+        env.step(7)
+    with pytest.raises(ValueError, match="reset option prompt must be an index"):
+        env.reset(options={"prompt": 3})
