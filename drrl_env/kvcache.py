@@ -368,13 +368,16 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     def observation_flops(self) -> float:
         """FLOPs of the observation's statistics beyond the generation's own work, per episode (an estimate).
 
-        Per layer and key/value group: the ``d x d`` Grams of the prefix's keys and queries and of the observed
-        and the prompt's last queries (``2 d^2`` per row), and per candidate rank a basis and two ``d x d``
-        trace products (about ``14 d^3``: an eigendecomposition and four products).
+        The prefix's key and query Grams are the basis's, which the compressed cache computes anyway. Beyond
+        them, per layer and key/value group: the ``d x d`` Grams of the observed tokens' queries and of the prompt's
+        last ones (``2 d^2`` per query row), one decomposition of the basis shared by every candidate (about
+        ``10 d^3``), and per candidate the error's ``d x d`` products (about ``4 d^3``). An estimate of the work the
+        statistics need, not of this implementation, which computes them outside the generation in extra passes.
         """
         shape, cfg = self.loaded.attention_shape, self.config
-        rows = (cfg.context + cfg.observe_tokens) * (1 + shape.q_heads // shape.kv_heads) + 2 * cfg.observe_tokens
-        per_group = 2 * shape.head_dim**2 * rows + len(cfg.ranks) * 14 * shape.head_dim**3
+        rows = 2 * cfg.observe_tokens * (shape.q_heads // shape.kv_heads)
+        d = shape.head_dim
+        per_group = 2 * d**2 * rows + 10 * d**3 + len(cfg.ranks) * 4 * d**3
         return float(shape.num_layers * shape.kv_heads * per_group)
 
     # ----------------------------------------------------------------- internals
