@@ -9,7 +9,7 @@ low-rank attention. Target (issue 10): at most 1.3x the floor.
 
 Measured in one run on the same batches, per setting, with the whole episode timed (``reset``
 included, so the reference pass is counted) and divided by its steps; plus where a step's time
-goes (cProfile, cumulative seconds per part).
+goes (cProfile of the same episodes run again, cumulative seconds per part: the timing runs unprofiled).
 
 Then the native vector env against the same number of single envs (issue 38: at least their steps/s): ``N``
 episodes of one setting (the kl reward, exact guardrail, budget 0.625, one rank per layer) run one after another
@@ -142,11 +142,12 @@ def profile_settings(args, common: dict) -> None:
         for episode in range(args.episodes):
             sync()
             start = time.perf_counter()
-            profiler.enable()
-            calls = run(episode)
-            profiler.disable()
+            calls = run(episode)  # timed without the profiler, which slows Python-heavy steps
             sync()
             episode_seconds.append(time.perf_counter() - start)
+            profiler.enable()
+            run(episode)  # the same episode again, profiled: where its time goes
+            profiler.disable()
             steps += len(calls)
             for call, rank in calls:  # fresh spectra: no cached decompositions
                 sync()
@@ -175,8 +176,8 @@ def profile_settings(args, common: dict) -> None:
             f"steps/s {1e3 / step_ms:.1f}"
         )
         stats = pstats.Stats(profiler)
-        total = sum(episode_seconds)
-        print(f"where the time goes (cProfile, share of {total:.2f} s):")
+        total = stats.total_tt
+        print(f"where the time goes (cProfile, share of the profiled episodes' {total:.2f} s):")
         for part, (filename, function) in PARTS.items():
             seconds = sum(e[3] for key, e in stats.stats.items() if key[0].endswith(filename) and key[2] == function)
             if seconds:

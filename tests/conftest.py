@@ -1,7 +1,10 @@
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
+# SB3's learn() without a logger makes a folder /tmp/SB3-<time> per call; one folder for the whole session instead
+os.environ.setdefault("SB3_LOGDIR", tempfile.mkdtemp(prefix="drrl-tests-sb3-"))
 
 import pytest
 import torch
