@@ -296,12 +296,16 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
 
     # ----------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        """Start an episode. ``options``: ``prompt`` (an index into the pool instead of a drawn one)."""
+        """Start an episode.
+
+        ``options``: ``prompt`` (an index into the pool instead of a drawn one), ``budget`` (this episode's
+        key-cache share instead of a drawn one; needs ``cache_budget``).
+        """
         super().reset(seed=seed)
         options = dict(options or {})
-        unknown = sorted(set(options) - {"prompt"})
+        unknown = sorted(set(options) - {"prompt", "budget"})
         if unknown:
-            raise ValueError(f"reset options must be 'prompt', got {unknown}")
+            raise ValueError(f"reset options must be 'prompt' or 'budget', got {unknown}")
         cfg = self.config
         index = int(self.np_random.integers(cfg.prompts))
         share = 1.0
@@ -313,6 +317,13 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < cfg.prompts:
                 raise ValueError(f"reset option prompt must be an index in [0, {cfg.prompts}), got {index!r}")
             index = int(index)
+        if "budget" in options:
+            share = options["budget"]
+            if cfg.cache_budget is None or not isinstance(share, (int, float, np.number)) or not 0 < share <= 1:
+                raise ValueError(
+                    f"reset option budget must be a share in (0, 1] of an env with a cache_budget, got {share!r}"
+                )
+            share = float(share)
         self._state = self._prompt(index)
         self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
         self._plan, self._index = [], index

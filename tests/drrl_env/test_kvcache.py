@@ -116,3 +116,12 @@ def test_bad_arguments_name_the_argument(make):
         env.step(7)
     with pytest.raises(ValueError, match="reset option prompt must be an index"):
         env.reset(options={"prompt": 3})
+
+
+def test_maskable_ppo_trains_in_it(make):
+    from sb3_contrib import MaskablePPO
+
+    env = make()
+    model = MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, n_epochs=1, seed=0)
+    model.learn(16)  # 8 episodes of 2 layers, on 3 kept prompts
+    assert model.num_timesteps >= 16 and env.prefills <= 3
