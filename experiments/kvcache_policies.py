@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 kl[budget, name].append(play(env, policy)["kl"])
         print(f"prompt {prompt + 1}/{args.prompts} done", flush=True)
     print(f"\n{KVCACHE_ENV_ID}: {args.prompts} {args.corpus} {args.split} prompts of {args.context} tokens, "
-          f"{args.observe_tokens} observed, {args.horizon} scored; KL per token from the full model")  # fmt: skip
+          f"{args.observe_tokens} observed, {args.horizon} scored; KL per token from the full model\n")  # fmt: skip
     print("| budget | policy | mean KL | below static | headroom captured |\n|---|---|---|---|---|")
     for budget in args.budgets:
         static = np.asarray(kl.get((budget, "static"), [np.nan] * args.prompts))
