@@ -307,11 +307,13 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if unknown:
             raise ValueError(f"reset options must be 'prompt' or 'budget', got {unknown}")
         cfg = self.config
-        index = int(self.np_random.integers(cfg.prompts))
+        episode_seed = int(self.np_random.integers(2**63))  # draws the prompt and the budget (a record replays it)
+        rng = np.random.default_rng(episode_seed)
+        index = int(rng.integers(cfg.prompts))
         share = 1.0
         if cfg.cache_budget is not None:
             lo, hi = cfg.cache_budget
-            share = lo if lo == hi else float(self.np_random.uniform(lo, hi))
+            share = lo if lo == hi else float(rng.uniform(lo, hi))
         if "prompt" in options:
             index = options["prompt"]
             if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < cfg.prompts:
@@ -326,8 +328,10 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             share = float(share)
         self._state = self._prompt(index)
         self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
-        self._plan, self._index = [], index
+        self._plan, self._index, self._steps, self._final = [], index, [], {}
+        self._episode_seed = episode_seed
         return self._observation(), {
+            "episode_seed": episode_seed,
             "prompt": index,
             "budget": share,
             "action_mask": self.action_masks(),
@@ -363,12 +367,36 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             info["kl"] = next_token_kl(self._state.reference, logits)
             info["ranks"] = list(self._plan)
             reward = -info["kl"]
+            self._final = {"budget_used": info["budget_used"], "kl": info["kl"]}
             info["action_mask"] = np.zeros(len(self.config.ranks), dtype=bool)
             observation = np.zeros(self.observation_space.shape, np.float32)
         else:
             info["action_mask"] = self.action_masks()
             observation = self._observation()
+        info["reward_terms"] = {"terminal": reward}
+        step = {"action": [int(action)], "rank": info["rank"], "reward": reward, "reward_terms": {"terminal": reward}}
+        self._steps.append(step)
         return observation, reward, terminated, False, info
+
+    def episode_record(self) -> dict[str, Any]:
+        """What reproduces the current (or last) episode, JSON-ready (``drrl_env.replay``).
+
+        The config, the prompt and budget, each step's action, rank and reward, and at the end the budget used and
+        the KL.
+        """
+        if self._state is None:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before episode_record()")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
+        return {
+            "version": 1, "env_id": KVCACHE_ENV_ID, "config": config, "episode_seed": self._episode_seed,
+            "guardrail_step": 0, "prompt": self._index, "budget": self._budget.share, "steps": list(self._steps),
+            "terminated": bool(self._final), **self._final,
+        }  # fmt: skip
+
+    @property
+    def num_segments(self) -> int:
+        """One step per layer (``drrl_env.replay`` counts ``num_layers * num_segments`` steps)."""
+        return 1
 
     def action_masks(self) -> np.ndarray:
         """``(K,)``: the candidates the budget allows at the current layer."""

@@ -21,6 +21,7 @@ from typing import Any
 import gymnasium as gym
 
 from drrl_env.config import ENV_ID, VARIANTS
+from drrl_env.kvcache import KVCACHE_ENV_ID
 
 FINAL_KEYS = ("budget_used", "kl", "lm_loss", "lm_loss_full")
 
@@ -49,11 +50,16 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
         if key not in record:
             raise ValueError(f"not an episode record: the key {key!r} is missing")
     env_id = record.get("env_id", ENV_ID)
-    if env_id not in VARIANTS:  # gym.make imports the module an id names: a record may name only our ids
-        raise ValueError(f"env_id {env_id!r} is not a registered id of drrl (expected one of {sorted(VARIANTS)})")
+    ids = sorted([*VARIANTS, KVCACHE_ENV_ID])
+    if env_id not in ids:  # gym.make imports the module an id names: a record may name only our ids
+        raise ValueError(f"env_id {env_id!r} is not a registered id of drrl (expected one of {ids})")
     env = gym.make(env_id, **{**record["config"], **overrides}).unwrapped
     try:
-        options = {"episode_seed": int(record["episode_seed"]), "guardrail_step": int(record["guardrail_step"])}
+        if env_id == KVCACHE_ENV_ID:  # the episode's prompt and budget, as it was reset
+            options = {"prompt": int(record["prompt"])}
+            options |= {"budget": float(record["budget"])} if env.config.cache_budget is not None else {}
+        else:
+            options = {"episode_seed": int(record["episode_seed"]), "guardrail_step": int(record["guardrail_step"])}
         _, info = env.reset(options=options)
         if not _close(info["budget"], record.get("budget", info["budget"]), atol):
             return ReplayResult(False, 0, 0, f"budget: recorded {record['budget']}, replayed {info['budget']}")
@@ -68,7 +74,7 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
             lacking = [key for key in ("action", "rank", "reward", "reward_terms") if key not in recorded]
             if lacking:
                 raise ValueError(f"step {index} of the record lacks {lacking}")
-            action = recorded["action"] if env.config.per_head else recorded["action"][0]
+            action = recorded["action"] if getattr(env.config, "per_head", False) else recorded["action"][0]
             _, reward, terminated, _, info = env.step(action)
             if info["rank"] != recorded["rank"]:
                 return ReplayResult(

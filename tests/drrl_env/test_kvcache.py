@@ -121,7 +121,23 @@ def test_bad_arguments_name_the_argument(make):
 def test_maskable_ppo_trains_in_it(make):
     from sb3_contrib import MaskablePPO
 
-    env = make()
+    env = make(cached_prompts=3)
     model = MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, n_epochs=1, seed=0)
-    model.learn(16)  # 8 episodes of 2 layers, on 3 kept prompts
+    model.learn(16)  # 8 episodes of 2 layers on a pool of 3 prompts, all kept: each computed once
     assert model.num_timesteps >= 16 and env.prefills <= 3
+
+
+def test_an_episode_record_replays(make):
+    import json
+
+    from drrl_env.replay import replay
+
+    env = make(cache_budget=(0.5, 0.9))
+    rng = np.random.default_rng(2)
+    play(env, lambda env: int(rng.choice(np.flatnonzero(env.action_masks()))), seed=4)
+    record = json.loads(json.dumps(env.episode_record()))  # JSON-ready
+    assert record["env_id"] == KVCACHE_ENV_ID and len(record["steps"]) == env.num_layers and record["terminated"]
+    result = replay(record)
+    assert result.matches, result.message
+    record["kl"] += 1e-3
+    assert not replay(record).matches
