@@ -32,7 +32,6 @@ the cache of any allocation (as :func:`drrl_env.generation.decode_profile.decode
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -46,8 +45,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from drrl_env.generation.decode import cached_forward, key_cache_attention, rank_table
-from drrl_env.generation.decode_profile import greedy_continuation, prefill_logit_errors
+from drrl_env.generation.decode import rank_table
+from drrl_env.generation.decode_profile import (
+    continued_logits,
+    greedy_continuation,
+    prefill_logit_errors,
+    prefilled,
+)
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.generation.kv_cache import LowRankKeyCache, layer_bytes
 from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
@@ -154,15 +158,15 @@ class PromptState:
 
     prefix: torch.Tensor
     continuation: torch.Tensor
-    reference: torch.Tensor | None
+    reference: torch.Tensor
     caches: dict[int, LowRankKeyCache]
     first_logits: torch.Tensor
     layer_bytes: np.ndarray
+    full_layer_bytes: np.ndarray
     observed_errors: np.ndarray
     prompt_errors: np.ndarray
     seconds: float
     seconds_observation: float
-    full_layer_bytes: np.ndarray | None = None
 
 
 def layer_key_bytes(cache: LowRankKeyCache) -> list[int]:
@@ -177,46 +181,48 @@ def prompt_state(loaded: LoadedModel, prompt: torch.Tensor, config: KVCacheConfi
     generated = greedy_continuation(loaded, prompt, config.observe_tokens + config.horizon)  # (1, T_o + T_h)
     prefix = torch.cat([prompt.cpu(), generated[:, : config.observe_tokens]], dim=1)
     continuation = generated[:, config.observe_tokens :]
-    head_dim = loaded.attention_shape.head_dim
-    caches, first_logits = {}, None
-    for rank in sorted(set(config.ranks) | {head_dim}):  # the full cache too: the reference
-        cache, handler = key_cache_attention(
-            loaded,
-            min(rank, head_dim),
-            config.basis,
-            sink_tokens=config.sink_tokens,
-            recent_tokens=config.recent_tokens,
-        )
-        logits = cached_forward(loaded, handler, cache, prefix)[:, -1:]  # the prefix is attended exactly:
-        caches[rank], first_logits = cache, logits if first_logits is None else first_logits  # same at every rank
-    state = PromptState(
-        prefix, continuation, None, caches, first_logits, np.zeros(0), np.zeros(0), np.zeros(0), 0.0, 0.0
-    )
-    state.reference = continued_logits(loaded, config, state, [head_dim] * loaded.attention_shape.num_layers)
+    shape = loaded.attention_shape
+    options = {"sink_tokens": config.sink_tokens, "recent_tokens": config.recent_tokens}
+    caches: dict[int, LowRankKeyCache] = {}
+    for rank in sorted(set(config.ranks) | {shape.head_dim}):  # the full cache too: the reference
+        caches[rank], _, first_logits = prefilled(loaded, prefix, min(rank, shape.head_dim), config.basis, options)
+    # the prefix is attended exactly: the logits after it are the full model's at every rank (the last: full keys)
+    reference = scored_logits(loaded, config, caches, first_logits, continuation, [shape.head_dim] * shape.num_layers)
     observed = time.perf_counter()
-    state.observed_errors = prefill_logit_errors(loaded, prefix, config.ranks, config.observe_tokens, config.basis)
-    state.prompt_errors = prefill_logit_errors(loaded, prompt, config.ranks, config.observe_tokens, config.basis)
-    state.seconds_observation = time.perf_counter() - observed
-    state.layer_bytes = np.array([layer_key_bytes(caches[rank]) for rank in config.ranks]).T  # (L, K)
-    state.full_layer_bytes = np.array(layer_key_bytes(caches[head_dim]))  # (L,)
-    state.seconds = time.perf_counter() - started
-    return state
+    observed_errors = prefill_logit_errors(loaded, prefix, config.ranks, config.observe_tokens, config.basis)
+    prompt_errors = prefill_logit_errors(loaded, prompt, config.ranks, config.observe_tokens, config.basis)
+    seconds_observation = time.perf_counter() - observed
+    return PromptState(
+        prefix, continuation, reference, caches, first_logits,
+        np.array([layer_key_bytes(caches[rank]) for rank in config.ranks]).T,  # (L, K)
+        np.array(layer_key_bytes(caches[shape.head_dim])),  # (L,)
+        observed_errors, prompt_errors, time.perf_counter() - started, seconds_observation,
+    )  # fmt: skip
 
 
-@torch.no_grad()
-def continued_logits(loaded: LoadedModel, config: KVCacheConfig, state: PromptState, plan: list[int]) -> torch.Tensor:
-    """``(1, horizon, V)`` next-token logits of the scored tokens through the cache of ``plan`` (a rank per layer).
+def scored_logits(
+    loaded: LoadedModel,
+    config: KVCacheConfig,
+    caches: dict[int, LowRankKeyCache],
+    first_logits: torch.Tensor,
+    continuation: torch.Tensor,
+    plan: list[int],
+) -> torch.Tensor:
+    """``(1, horizon, V)`` next-token logits of ``continuation`` through the cache of ``plan`` (a rank per layer).
 
-    Layer ``l``'s cache is (a shallow copy of) the prefix's cache at ``plan[l]``: a layer's update rebinds its
-    tensors, so the kept caches stay as they were.
+    Layer ``l``'s cache is the prefix's cache at ``plan[l]`` (``continued_logits`` reads shallow copies: the kept
+    caches stay as they were).
     """
     shape = loaded.attention_shape
-    cache = LowRankKeyCache(shape.num_layers)
-    cache.layers = [copy.copy(state.caches[int(rank)].layers[layer]) for layer, rank in enumerate(plan)]
+    layers = [caches[int(rank)].layers[layer] for layer, rank in enumerate(plan)]
     table = rank_table([min(int(rank), shape.head_dim) for rank in plan], shape)
-    handler = KeyBasisAttention(table, config.basis, None, cache, config.sink_tokens, config.recent_tokens)
-    rest = cached_forward(loaded, handler, cache, state.continuation[:, :-1])
-    return torch.cat([state.first_logits, rest], dim=1)
+    handler = KeyBasisAttention(table, config.basis, None, None, config.sink_tokens, config.recent_tokens)
+    return continued_logits(loaded, layers, handler, continuation, first_logits)
+
+
+def episode_logits(loaded: LoadedModel, config: KVCacheConfig, state: PromptState, plan: list[int]) -> torch.Tensor:
+    """:func:`scored_logits` of ``state``'s scored tokens through the cache of ``plan``."""
+    return scored_logits(loaded, config, state.caches, state.first_logits, state.continuation, plan)
 
 
 @dataclass
@@ -363,7 +369,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         terminated = len(self._plan) == self.num_layers
         reward = 0.0
         if terminated:
-            logits = continued_logits(self.loaded, self.config, self._state, self._plan)
+            logits = episode_logits(self.loaded, self.config, self._state, self._plan)
             info["kl"] = next_token_kl(self._state.reference, logits)
             info["ranks"] = list(self._plan)
             reward = -info["kl"]

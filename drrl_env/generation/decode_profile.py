@@ -92,10 +92,10 @@ def decode_kl_profile(
     for prompt in prompts:
         prompt = prompt[None]
         continuation = greedy_continuation(loaded, prompt, tokens)
-        full_cache, full_handler, first = _prefilled(loaded, prompt, "full", basis, options)
-        reference = _continued(loaded, full_cache.layers, full_handler, continuation, first)
+        full_cache, full_handler, first = prefilled(loaded, prompt, "full", basis, options)
+        reference = continued_logits(loaded, full_cache.layers, full_handler, continuation, first)
         for rank in below:
-            low_cache, low_handler, _ = _prefilled(loaded, prompt, rank, basis, options)
+            low_cache, low_handler, _ = prefilled(loaded, prompt, rank, basis, options)
             for layer in range(layers):
                 table = torch.full((layers,), head_dim)
                 table[layer] = rank
@@ -103,14 +103,14 @@ def decode_kl_profile(
                     rank_table(table, shape), basis, low_handler.calibrated, None, sink_tokens, recent_tokens
                 )
                 cache_layers = [(low_cache if j == layer else full_cache).layers[j] for j in range(layers)]
-                kl = next_token_kl(reference, _continued(loaded, cache_layers, handler, continuation, first))
+                kl = next_token_kl(reference, continued_logits(loaded, cache_layers, handler, continuation, first))
                 cost[layer, ranks.index(rank)] += kl / prompts.shape[0]
             bar.update()
     bar.close()
     return cost
 
 
-def _continued(
+def continued_logits(
     loaded: LoadedModel,
     cache_layers: list,
     handler: KeyBasisAttention,
@@ -127,7 +127,7 @@ def _continued(
     return torch.cat([first, cached_forward(loaded, handler, cache, continuation[:, :-1])], dim=1)
 
 
-def _prefilled(
+def prefilled(
     loaded: LoadedModel, prompt: torch.Tensor, ranks: str | int, basis: str, options: dict
 ) -> tuple[LowRankKeyCache, KeyBasisAttention, torch.Tensor]:
     """The key cache after an exact prefill of ``prompt`` with every layer at ``ranks``, its handler, last logits."""

@@ -7,7 +7,7 @@ import pytest
 import drrl_env  # noqa: F401 - registers the ids
 from drrl_env.generation.decode import teacher_forced_logits
 from drrl_env.generation.kv_cache import layer_bytes
-from drrl_env.kvcache import KVCACHE_ENV_ID, continued_logits
+from drrl_env.kvcache import KVCACHE_ENV_ID, episode_logits
 from drrl_env.lm.scoring import next_token_kl
 
 TINY_KV = dict(context=48, prompts=3, observe_tokens=8, horizon=8, ranks=(4, 8, 12, 16), recent_tokens=4,
@@ -52,7 +52,7 @@ def test_reward_is_minus_the_kl_of_a_direct_generation_with_the_same_ranks(make)
                                  sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens)  # fmt: skip
     assert -reward == pytest.approx(next_token_kl(full, direct), rel=1e-4, abs=1e-7)
     assert reward < 0 and min(info["ranks"]) < 16  # something was compressed, and it cost something
-    full_plan = continued_logits(env.loaded, cfg, state, [16] * env.num_layers)
+    full_plan = episode_logits(env.loaded, cfg, state, [16] * env.num_layers)
     assert next_token_kl(state.reference, full_plan) == pytest.approx(0.0, abs=1e-6)
 
 
