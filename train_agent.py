@@ -3,6 +3,7 @@
     python train_agent.py                      # the default recipe (--preset per-head), about 10 min on 2 CPU cores
     python train_agent.py --preset per-layer   # another recipe: per-head, scratch, per-layer, residual, paper
     python train_agent.py --env DRRL-Attention-Paper-v0 --warm-start none   # any registered env, any option
+    python train_agent.py --env DRRL-KVCache-v0    # the key cache of generation (--preset kvcache)
 
 The default recipe trains in ``DRRL-Attention-v0`` (what ``gym.make`` gives): one rank per key/value
 head group, the Eq. S signal in the observation, a budget of 0.625 of full attention's logit FLOPs.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -41,6 +43,7 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import comparison_table, evaluate_policy
+from agents.kv_evaluate import kv_comparison, kv_markdown_table, write_kv_csv
 from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
 from agents.results import read_csv
@@ -57,12 +60,21 @@ from agents.train_config import (
     resume_options,
 )
 from agents.training import GuardrailScheduleCallback, RankLoggingCallback, ValueWarmupCallback, make_vec_env
-from agents.warm_start import WARM_STARTS, hindsight_teacher_dataset, scale_action_logits, teacher_estimate
+from agents.warm_start import (
+    KV_WARM_STARTS,
+    WARM_STARTS,
+    hindsight_teacher_dataset,
+    kv_teacher_dataset,
+    scale_action_logits,
+    teacher_estimate,
+)
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env.cli import add_dataclass_arguments, at_least
+from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.corpora import EVALUATION_ONLY, load_corpus
 from drrl_env.lm.files import check_output_folder, lock_folder, write_text_atomic
 from oracle.dataset import check_dataset_fits_env
+from oracle.kvcache import KV_POLICIES
 
 BC_MODEL = "bc_model.safetensors"
 """the behaviour-cloned agent a run starts from, in its run folder"""
@@ -117,10 +129,32 @@ def check_run_name(name: str, logdir: Path) -> None:
         )
 
 
+def check_kv_options(run: RunOptions) -> None:
+    """The options DRRL-KVCache-v0 refuses or reads otherwise: one-line ``ValueError``s naming the option."""
+    train = run.train
+    if train.warm_start not in KV_WARM_STARTS:
+        raise ValueError(f"--warm-start {train.warm_start}: {KVCACHE_ENV_ID} takes one of {KV_WARM_STARTS}")
+    if train.residual:
+        raise ValueError(f"--residual starts at a DRRL-Attention static allocation; {KVCACHE_ENV_ID} has none")
+    if train.eval_every:
+        raise ValueError(f"--eval-every: {KVCACHE_ENV_ID}'s evaluation is the comparison after training")
+    for spec in run.compare.compare:
+        if spec not in KV_POLICIES and not spec.endswith(".safetensors"):
+            raise ValueError(f"--compare {spec!r}: expected one of {KV_POLICIES} or an agent .safetensors file")
+        if spec.endswith(".safetensors") and not Path(spec).is_file():
+            raise ValueError(f"--compare {spec}: no such agent file")
+    if run.env["cache_budget"] is None and run.compare.compare:
+        raise ValueError("--cache-budget none: the comparison is at equal key-cache bytes; give a budget")
+
+
 def check_options(run: RunOptions) -> None:
     """Checks of the options that need no model: one-line ``ValueError``s naming the option."""
     train = run.train
     algorithm = get_algorithm(train.algo)
+    if run.env_id == KVCACHE_ENV_ID:
+        check_kv_options(run)
+    elif train.warm_start == "self_profile":
+        raise ValueError(f"--warm-start {train.warm_start}: the teacher of {KVCACHE_ENV_ID}, not of {run.env_id}")
     if (train.bc_dataset or train.bc_model) and not algorithm.masked:
         raise ValueError(f"--bc-dataset/--bc-model warm-start maskable_ppo only, not --algo {train.algo}")
     if train.bc_dataset and train.bc_model:
@@ -134,7 +168,7 @@ def check_options(run: RunOptions) -> None:
     warmup = train.value_warmup_steps
     if warmup < 0 or (warmup and not algorithm.on_policy):
         raise ValueError(f"--value-warmup-steps {warmup}: expected 0, or > 0 with an actor-critic algo")
-    for spec in run.compare.compare:
+    for spec in run.compare.compare if run.env_id != KVCACHE_ENV_ID else ():
         check_policy_spec(spec, "--compare")
         if spec.endswith(".zip") and not train.trust_pickle:
             raise ValueError(
@@ -198,9 +232,12 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
     if train.residual and not train.resume:
         start_at_reference(model, setup)
     elif not train.resume and train.warm_start != "none" and not (bc_dataset or train.bc_model):
-        if run.env["flops_budget"] is None or not algorithm.masked:
-            needs = "needs maskable_ppo and a --flops-budget; starting from scratch"
+        budget = "cache_budget" if run.env_id == KVCACHE_ENV_ID else "flops_budget"
+        if run.env[budget] is None or not algorithm.masked:
+            needs = f"needs maskable_ppo and a --{budget.replace('_', '-')}; starting from scratch"
             print(f"note: --warm-start {train.warm_start} {needs}")
+        elif train.warm_start == "self_profile":
+            bc_dataset = str(kv_teacher_dataset(run.env, train.warm_start_episodes))
         else:
             estimate = teacher_estimate(train.warm_start)
             bc_dataset = str(hindsight_teacher_dataset(run.env, train.warm_start_episodes, estimate))
@@ -233,9 +270,32 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
     return model
 
 
+def kv_compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> dict[str, float]:
+    """The key-cache comparison (``agents.kv_evaluate``): ``--compare``, the clone and the agent at both budgets."""
+    from oracle.kvcache import kv_policy
+
+    algorithm = get_algorithm(run.train.algo)
+    policies = [kv_policy(spec) if spec in KV_POLICIES else make_policy(spec, run.env) for spec in run.compare.compare]
+    if (run_dir / BC_MODEL).is_file():
+        policies.append(make_policy(str(run_dir / BC_MODEL), run.env))
+        policies[-1].name = "bc (this run's start)"
+    policies.append(ModelPolicy(model.policy, algorithm, setup, f"{run.train.algo} (this run)"))
+    budgets = sorted(set(run.env["cache_budget"]), reverse=True)
+    rows = kv_comparison(policies, run.env, run.compare.eval_episodes, budgets)
+    write_kv_csv(rows, run_dir / "comparison.csv")
+    print("\n" + kv_markdown_table(rows, run.env) + f"\n(every column in {run_dir / 'comparison.csv'})")
+    agent = [row for row in rows if row.policy == policies[-1].name]
+    return {
+        "hparams/test_kl": float(np.mean([row.kl for row in agent])),
+        "hparams/test_headroom_captured": float(np.mean([row.headroom_captured for row in agent])),
+    }
+
+
 def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> dict[str, float]:
     """Run ``--compare``'s baselines, the behaviour-cloned start (if any) and the agent over the same test episodes."""
     train = run.train
+    if run.env_id == KVCACHE_ENV_ID:
+        return kv_compare(run, model, run_dir, setup)
     algorithm = get_algorithm(train.algo)
     policies = [make_policy(spec, run.env, train.trust_pickle) for spec in run.compare.compare]
     if (run_dir / BC_MODEL).is_file():
@@ -256,7 +316,7 @@ def train_and_compare(run: RunOptions) -> int:
     try:
         check_options(run)
         setup = residual_setup(train, run.env)  # with --residual: the static allocation and the paired reward
-        env = make_vec_env(run.env, setup, train.n_envs, train.seed, train.vec)
+        env = make_vec_env(run.env, setup, train.n_envs, train.seed, train.vec, run.env_id)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -288,7 +348,8 @@ def train_and_compare(run: RunOptions) -> int:
     callbacks = [RankLoggingCallback(run.to_json(), evaluate_now, train.eval_every)]
     if train.checkpoint_every:  # before the schedule: a checkpoint keeps the eps_t its pending episode was reset with
         callbacks.append(CheckpointCallback(run_dir / "checkpoints", train.checkpoint_every, setup))
-    callbacks.append(GuardrailScheduleCallback())
+    if run.env_id != KVCACHE_ENV_ID:  # the key-cache env has no guardrail
+        callbacks.append(GuardrailScheduleCallback())
     if train.value_warmup_steps:
         callbacks.append(ValueWarmupCallback(train.value_warmup_steps))
     remaining = train.total_timesteps - model.num_timesteps

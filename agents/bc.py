@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 
 from agents.agent_file import agent_path, save_agent
 from agents.networks import DEFAULT_HISTORY, NETWORKS, policy_setup
-from drrl_env import ENV_ID
 from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options
 from drrl_env.lm.files import check_output_folder
 from drrl_env.wrappers import stack_states
-from oracle.dataset import env_config_of, load_trajectories, read_metadata
+from oracle.dataset import env_config_of, env_id_of_dataset, load_trajectories, read_metadata
 
 
 @dataclass
@@ -164,7 +163,7 @@ def behaviour_clone(
     setup = policy_setup(config.network, config.history)
     metadata = read_metadata(dataset)
     demos = load_demonstrations(dataset, setup.history, config.verify)
-    env = setup.wrap(gym.make(ENV_ID, **env_config_of(metadata)))
+    env = setup.wrap(gym.make(env_id_of_dataset(metadata), **env_config_of(metadata)))
     model = MaskablePPO("MlpPolicy", env, policy_kwargs=setup.policy_kwargs, seed=config.seed, device="cpu")
     episode_ids = np.unique(demos.episodes)
     if len(episode_ids) < 2:

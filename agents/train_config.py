@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from agents.networks import DEFAULT_HISTORY
 from drrl_env.cli import (
+    ENV_IDS,
     add_dataclass_arguments,
     add_env_arguments,
     at_least,
@@ -21,9 +23,13 @@ from drrl_env.cli import (
     preparse,
 )
 from drrl_env.config import ENV_ID, PAPER_ENV_ID, PER_LAYER_ENV_ID
+from drrl_env.kvcache import KVCACHE_ENV_ID
 
 BEST_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "hindsight:scaled_delta")
 """what the main command compares its agent with: the fixed rules at the same budget and the per-input ceilings"""
+KV_COMPARE = ("uniform", "static", "logit_error", "self_profile", "hindsight")
+"""what an agent of DRRL-KVCache-v0 is compared with (oracle.kvcache): the fixed rules, the rule on its own
+observation, its teacher and the ceiling"""
 VEC_ENVS = ("auto", "batched", "sync", "subproc")
 
 
@@ -79,6 +85,21 @@ PRESETS: dict[str, Preset] = {
         {"residual": True, "warm_start": "none", "total_timesteps": 4500, "hyperparams": None},
         compare=("uniform", "static:fisher", "hindsight:fisher"),
     ),
+    "kvcache": Preset(
+        KVCACHE_ENV_ID,
+        "DRRL-KVCache-v0: each layer's key-cache rank after 64 generated tokens, at 0.6-0.75 of the key cache, "
+        "cloned from the self-profile teacher, then MaskablePPO; compared at both budgets on test prompts",
+        {
+            "warm_start": "self_profile",
+            "warm_start_episodes": 64,
+            "bc_epochs": 200,
+            "total_timesteps": 1920,
+            "n_steps": 240,
+            "hyperparams": PPO_NEAR_CLONE,
+        },
+        {"cache_budget": (0.6, 0.75), "cached_prompts": 16},
+        KV_COMPARE,
+    ),  # fmt: skip
     "paper": Preset(
         PAPER_ENV_ID,
         "the paper's MDP (separate Q/K truncation, per-step Eq. 13 reward, Eq. 9 guardrail, no budget), from scratch",
@@ -88,6 +109,8 @@ PRESETS: dict[str, Preset] = {
 }
 """every recipe of train_agent.py by name; docs/training.md says what each measured"""
 DEFAULT_PRESET = "per-head"
+KV_PRESET = "kvcache"
+"""the recipe ``--env DRRL-KVCache-v0`` starts from when no --preset is given"""
 
 
 @dataclass
@@ -95,8 +118,9 @@ class TrainConfig:
     """How train_agent.py trains (the env's options come from ``EnvConfig``)."""
 
     preset: str = DEFAULT_PRESET
-    """named recipe (agents.train_config.PRESETS): per-head (the default), scratch, per-layer, residual, paper; it
-    sets the env variant and the defaults of the options below, which still override it"""
+    """named recipe (agents.train_config.PRESETS): per-head (the default), scratch, per-layer, residual, paper,
+    kvcache (DRRL-KVCache-v0, the default with --env DRRL-KVCache-v0); it sets the env and the defaults of the
+    options below, which still override it"""
     algo: str = "maskable_ppo"
     """RL algorithm, a name of the registry agents.algorithms.ALGORITHMS"""
     total_timesteps: int = 1500
@@ -178,9 +202,10 @@ class CompareConfig:
     """The comparison train_agent.py prints after training."""
 
     compare: tuple[str, ...] = BEST_COMPARE
-    """policy specs to compare the agent with on the test split (the option with no spec: skip the comparison)"""
+    """policy specs to compare the agent with on the test split (the option with no spec: skip the comparison);
+    DRRL-KVCache-v0: names of oracle.kvcache's policies or agent files"""
     eval_episodes: int = 4
-    """test episodes per policy"""
+    """test episodes per policy (DRRL-KVCache-v0: test prompts, each at both ends of the --cache-budget range)"""
     timing_repeats: int = 2
     """timed forward replays per policy for ms/token"""
 
@@ -264,9 +289,19 @@ def resume_options(
 
 
 def chosen_preset(argv: list[str] | None) -> tuple[Preset, str]:
-    """``--preset`` and ``--env`` of ``argv``, read before the full parse (they set the other options' defaults)."""
-    preset = PRESETS[preparse(argv, "--preset", sorted(PRESETS), DEFAULT_PRESET)]
-    return preset, env_id_of(argv, preset.env)
+    """``--preset`` and ``--env`` of ``argv``, read before the full parse (they set the other options' defaults).
+
+    ``--env DRRL-KVCache-v0`` without a ``--preset`` takes :data:`KV_PRESET`. A preset of one env family with an id
+    of the other (the key-cache env and the DRRL-Attention ids take different options) is a ``ValueError``.
+    """
+    name = preparse(argv, "--preset", sorted(PRESETS), DEFAULT_PRESET)
+    env_id = env_id_of(argv, PRESETS[name].env, ENV_IDS)
+    given = any(arg == "--preset" or arg.startswith("--preset=") for arg in (sys.argv[1:] if argv is None else argv))
+    if env_id == KVCACHE_ENV_ID and not given:
+        name = KV_PRESET
+    if (env_id == KVCACHE_ENV_ID) != (PRESETS[name].env == KVCACHE_ENV_ID):
+        raise ValueError(f"--preset {name} trains in {PRESETS[name].env}, not in --env {env_id}")
+    return PRESETS[name], env_id
 
 
 def add_comparison_and_env_arguments(parser: argparse.ArgumentParser, preset: Preset, env_id: str) -> None:
@@ -282,7 +317,7 @@ def add_comparison_and_env_arguments(parser: argparse.ArgumentParser, preset: Pr
         types={"eval_episodes": at_least(1), "timing_repeats": at_least(0)},
         nargs={"compare": "*"},
     )
-    add_env_arguments(parser, env_id, **preset.env_options)
+    add_env_arguments(parser, env_id, ENV_IDS, **preset.env_options)
 
 
 def parse_hyperparams(text: str | None, accepted: Collection[str], owner: str) -> dict[str, Any]:

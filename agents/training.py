@@ -23,6 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from agents.networks import PolicySetup
 from agents.vec_env import BatchedVecEnv
 from drrl_env import ENV_ID
+from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.render import rank_heatmap_rgb
 from drrl_env.wrappers import EpisodeSeeds
 
@@ -75,8 +76,10 @@ class ValueWarmupCallback(BaseCallback):
         return True
 
 
-def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "auto") -> VecEnv:
-    """``n_envs`` seeded DRRL-Attention-v0 envs, wrapped for the policy and monitored, in one vector env.
+def make_vec_env(
+    env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, seed: int, vec: str = "auto", env_id: str = ENV_ID
+) -> VecEnv:
+    """``n_envs`` seeded ``env_id`` envs, wrapped for the policy and monitored, in one vector env.
 
     ``vec``: ``sync`` (DummyVecEnv), ``subproc`` (SubprocVecEnv), ``batched`` (the env's native vector env,
     :class:`agents.vec_env.BatchedVecEnv`, on the same episode seeds), or ``auto`` (``batched`` for more than one
@@ -89,22 +92,25 @@ def make_vec_env(env_kwargs: dict[str, Any], setup: PolicySetup, n_envs: int, se
         ValueError: an unknown ``vec``, or ``batched`` with a policy that wraps each env (transformer, residual).
     """
     wrapped = bool(setup.history) or setup.offsets is not None
+    native = env_id != KVCACHE_ENV_ID  # the DRRL-Attention ids have a vector env
     if vec == "auto":
-        vec = "batched" if n_envs > 1 and not wrapped else "sync"
+        vec = "batched" if n_envs > 1 and not wrapped and native else "sync"
+    if vec == "batched" and not native:
+        raise ValueError(f"--vec batched: {env_id} has no native vector env; use --vec sync or subproc")
     if vec == "batched":
         if wrapped:
             raise ValueError(
                 f"--vec batched runs the episodes without per-env wrappers; the {setup.name} network"
                 f"{' (residual)' if setup.offsets is not None else ''} needs them: use --vec sync"
             )
-        vector = gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode="vector_entry_point", **env_kwargs)
+        vector = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **env_kwargs)
         return VecMonitor(BatchedVecEnv(vector, seed))
 
     def factory(index: int):
         def make() -> gym.Env:
             if vec == "subproc":
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_envs))
-            env = EpisodeSeeds(gym.make(ENV_ID, **env_kwargs), seed + index, n_envs)
+            env = EpisodeSeeds(gym.make(env_id, **env_kwargs), seed + index, n_envs)
             return Monitor(setup.wrap(env))
 
         return make
@@ -124,8 +130,9 @@ def step_metrics(info: dict[str, Any]) -> dict[str, float]:
     if "reward_terms" not in info:
         return {}
     metrics = {f"reward_terms/{term}": float(value) for term, value in info["reward_terms"].items()}
-    metrics["flops_saved"] = 1.0 - info["flops"] / info["flops_full"]
-    metrics["flops_logits_ratio"] = info["flops_logits"] / info["flops_logits_full"]
+    if "flops" in info:  # the DRRL-Attention ids; DRRL-KVCache-v0 reports the key cache used instead
+        metrics["flops_saved"] = 1.0 - info["flops"] / info["flops_full"]
+        metrics["flops_logits_ratio"] = info["flops_logits"] / info["flops_logits_full"]
     for name in (
         "guardrail_mask_rate",
         "budget_mask_rate",
@@ -138,7 +145,8 @@ def step_metrics(info: dict[str, Any]) -> dict[str, float]:
         if name in info:
             metrics[name] = float(info[name])
     metrics["violation_rate"] = float(info["masked_violation"])
-    metrics["mask_rate"] = 1.0 - float(np.mean(info["mask_before"]))  # the mask this step faced
+    if "mask_before" in info:
+        metrics["mask_rate"] = 1.0 - float(np.mean(info["mask_before"]))  # the mask this step faced
     return metrics
 
 
@@ -182,7 +190,7 @@ class RankLoggingCallback(BaseCallback):
             for name, value in step_metrics(info).items():
                 self._values[name].append(value)
             if "rank" in info:
-                self._ranks[(info["layer"], info["segment"])].append(float(np.mean(info["rank"])))
+                self._ranks[(info["layer"], info.get("segment", 0))].append(float(np.mean(info["rank"])))
         return True
 
     def _on_rollout_end(self) -> None:

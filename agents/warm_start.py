@@ -26,9 +26,12 @@ from drrl_env.profiles.kl import FISHER_SAMPLES
 from oracle.dataset import record_trajectories
 from oracle.hindsight import HindsightOracle
 
-WARM_STARTS = ("hindsight", "hindsight:scaled_delta", "none")
+WARM_STARTS = ("hindsight", "hindsight:scaled_delta", "self_profile", "none")
 """--warm-start choices: the hindsight teacher by the Fisher profile, or by Eq. S (the agent's own
-``sensitivity_estimate="scaled_delta"`` observation then shows the teacher's plan exactly), or none"""
+``sensitivity_estimate="scaled_delta"`` observation then shows the teacher's plan exactly), the self-profile
+teacher of DRRL-KVCache-v0 (:func:`kv_teacher_dataset`), or none"""
+KV_WARM_STARTS = ("self_profile", "none")
+"""the --warm-start choices of DRRL-KVCache-v0"""
 REWARD_OPTIONS = ("reward", "kl_shaping_weight", "kl_baseline", "kl_credit", "alpha", "beta", "gamma",
                   "violation_penalty", "terminal_lm_weight", "reference_ranks")  # fmt: skip
 """options that change only the rewards: the teacher's actions and observations do not depend on them, so its
@@ -57,7 +60,7 @@ def teacher_folder(env_kwargs: dict[str, Any], estimate: str = "fisher") -> Path
 
 def teacher_estimate(warm_start: str) -> str:
     """The profile estimate of a --warm-start choice's teacher: ``hindsight`` -> 'fisher', ``hindsight:E`` -> E."""
-    teachers = tuple(choice for choice in WARM_STARTS if choice != "none")
+    teachers = tuple(choice for choice in WARM_STARTS if choice.startswith("hindsight"))
     if warm_start not in teachers:
         raise ValueError(f"warm start must be one of {teachers} to have a teacher, got {warm_start!r}")
     return warm_start.partition(":")[2] or "fisher"
@@ -78,6 +81,30 @@ def hindsight_teacher_dataset(
     if progress:
         print(f"warm start: {episodes} episodes of the teacher {teacher.name} (cached in {folder})")
     record_trajectories(folder, teacher, episodes, kwargs, TEACHER_SEED, progress=progress)
+    return folder
+
+
+def kv_teacher_dataset(env_kwargs: dict[str, Any], episodes: int, progress: bool = True) -> Path:
+    """Build (or reuse, or extend) the self-profile teacher's dataset of DRRL-KVCache-v0 for ``env_kwargs``.
+
+    The teacher (``oracle.kvcache``'s ``self_profile``) water-fills each episode's budget over the prompt's own
+    decode profile over its observed tokens: causal, so an agent shown the cheap statistics of the same tokens can
+    in principle learn it. Every prompt of the pool is kept (``cached_prompts = prompts``) and its profile measured
+    once, so the dataset costs a prompt's precomputation and profile per prompt, not per episode. Cached under
+    ``$DRRL_CACHE_DIR/datasets/`` by a digest of the env configuration (not the device or ``cached_prompts``).
+    """
+    from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig
+    from oracle.kvcache import kv_policy
+
+    kwargs = {**env_kwargs, "cached_prompts": env_kwargs["prompts"]}
+    config = KVCacheConfig(**kwargs)
+    described = {key: value for key, value in vars(config).items() if key not in ("device", "cached_prompts")}
+    text = json.dumps({"oracle": "self_profile", "seed": TEACHER_SEED, **described}, sort_keys=True, default=str)
+    folder = cache_dir() / "datasets" / f"kv-self_profile-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    if progress:
+        print(f"warm start: {episodes} episodes of the self-profile teacher (cached in {folder})")
+    record_trajectories(folder, kv_policy("self_profile"), episodes, kwargs, TEACHER_SEED, progress=progress,
+                        env_id=KVCACHE_ENV_ID)  # fmt: skip
     return folder
 
 

@@ -1,7 +1,8 @@
-"""Command-line options generated from :class:`~drrl_env.env.EnvConfig`, shared by every drrl command.
+"""Command-line options generated from an env's config dataclass, shared by every drrl command.
 
-Each field of ``EnvConfig`` becomes ``--field-name`` with the field's docstring as its help, so a
-new env argument reaches ``train_agent.py``, ``python -m oracle`` and the evaluation at once.
+Each field of ``EnvConfig`` (the DRRL-Attention ids) or ``KVCacheConfig`` (``DRRL-KVCache-v0``) becomes
+``--field-name`` with the field's docstring as its help, so a new env argument reaches ``train_agent.py``,
+``python -m oracle`` and the evaluation at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from drrl_env.config import (
     VARIANTS,
     EnvConfig,
 )
+from drrl_env.kvcache import KV_BASES, KVCACHE_ENV_ID, KVCacheConfig
+
+ENV_IDS = (*sorted(VARIANTS), KVCACHE_ENV_ID)
+"""every registered id: the DRRL-Attention variants (EnvConfig) and the key-cache env (KVCacheConfig)"""
 
 _CHOICES = {
     "spectral_mode": SPECTRAL_MODES,
@@ -58,8 +63,21 @@ def at_least(minimum: int):
     return parse
 
 
+def config_class(env_id: str) -> type:
+    """The config dataclass of the registered ``env_id``: ``KVCacheConfig`` or ``EnvConfig``."""
+    if env_id == KVCACHE_ENV_ID:
+        return KVCacheConfig
+    if env_id not in VARIANTS:
+        raise ValueError(f"env id must be one of {list(ENV_IDS)}, got {env_id!r}")
+    return EnvConfig
+
+
+BUDGET_FIELDS = ("flops_budget", "cache_budget")
+"""the budget option of each config (a share, a (lo, hi) range or none)"""
+
+
 def share_or_none(value: str) -> float | None:
-    """One ``--flops-budget`` value: a share, or ``none`` for no budget."""
+    """One ``--flops-budget`` (``--cache-budget``) value: a share, or ``none`` for no budget."""
     if value.lower() == "none":
         return None
     try:
@@ -112,7 +130,7 @@ def add_dataclass_arguments(
         default = defaults.get(name, field.default)
         hint = hints[name]
         help_text = " ".join(docs.get(name, "").split()).replace("%", "%%")  # argparse formats help with %
-        if name == "flops_budget":
+        if name in BUDGET_FIELDS:
             shown = "none" if default is None else " ".join(f"{v:g}" for v in np.atleast_1d(default))
             group.add_argument(
                 flag,
@@ -171,25 +189,33 @@ def preparse(argv: Sequence[str] | None, flag: str, choices: Sequence[str], defa
     return getattr(known, flag.lstrip("-").replace("-", "_"))
 
 
-def env_id_of(argv: Sequence[str] | None, default: str = ENV_ID) -> str:
-    """The registered id ``--env`` names in ``argv`` (``default`` if none), read before the full parse."""
-    return preparse(argv, "--env", sorted(VARIANTS), default)
+def env_id_of(argv: Sequence[str] | None, default: str = ENV_ID, ids: Sequence[str] | None = None) -> str:
+    """The registered id ``--env`` names in ``argv`` (``default`` if none), read before the full parse.
+
+    ``ids``: the ids the command takes (default: the DRRL-Attention variants).
+    """
+    return preparse(argv, "--env", list(ids or sorted(VARIANTS)), default)
 
 
 def add_env_arguments(
-    parser: argparse.ArgumentParser, env_id: str = ENV_ID, **defaults: Any
+    parser: argparse.ArgumentParser, env_id: str = ENV_ID, ids: Sequence[str] | None = None, **defaults: Any
 ) -> argparse._ArgumentGroup:
-    """``--env ID`` and one option per ``EnvConfig`` field; their defaults: the variant ``env_id``'s, then ``defaults``.
+    """``--env ID`` and one option per field of ``env_id``'s config; their defaults: ``env_id``'s, then ``defaults``.
 
-    The variant is a registered id (:data:`drrl_env.config.VARIANTS`); a command that lets the user
-    choose it reads ``--env`` first with :func:`preparse`, so the options' defaults and ``--help`` follow it.
+    ``env_id`` is a registered id (:data:`ENV_IDS`; a variant's defaults are :data:`drrl_env.config.VARIANTS`'),
+    ``ids`` the ones the command takes (default: the DRRL-Attention variants); a command that lets the user
+    choose it reads ``--env`` first with :func:`env_id_of`, so the options' defaults and ``--help`` follow it.
     """
-    group = add_dataclass_arguments(
-        parser, EnvConfig, f"environment ({env_id} arguments)", {**VARIANTS[env_id], **defaults}, _CHOICES
-    )
+    if env_id == KVCACHE_ENV_ID:
+        choices = {"split": SPLITS, "basis": KV_BASES}
+        group = add_dataclass_arguments(parser, KVCacheConfig, f"environment ({env_id} arguments)", defaults, choices)
+    else:
+        group = add_dataclass_arguments(
+            parser, EnvConfig, f"environment ({env_id} arguments)", {**VARIANTS[env_id], **defaults}, _CHOICES
+        )
     group.add_argument(
         "--env",
-        choices=sorted(VARIANTS),
+        choices=list(ids or sorted(VARIANTS)),
         default=env_id,
         help=f"registered env id whose settings the options above start from (default: {env_id}; docs/env.md)",
     )
@@ -210,12 +236,17 @@ def dataclass_from_options(cls: type, options: Mapping[str, Any]) -> Any:
 
 
 def env_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``gym.make`` keywords (every ``EnvConfig`` field) of the env options in ``options`` (``vars(args)``)."""
-    kwargs = {field.name: options[field.name] for field in dataclasses.fields(EnvConfig)}
+    """The ``gym.make`` keywords (every field of the config of ``options["env"]``) of the env options in ``options``.
+
+    ``options`` is a parsed command line as a mapping (``vars(args)``); without ``env``, the DRRL-Attention ids'.
+    """
+    cls = config_class(options.get("env") or ENV_ID)
+    kwargs = {field.name: options[field.name] for field in dataclasses.fields(cls)}
     kwargs["ranks"] = tuple(kwargs["ranks"])
-    budget = kwargs["flops_budget"]
-    if isinstance(budget, list):  # [None], [share] or [lo, hi]; anything else is refused by EnvConfig
-        kwargs["flops_budget"] = budget[0] if len(budget) == 1 else tuple(budget)
+    name = "cache_budget" if cls is KVCacheConfig else "flops_budget"
+    budget = kwargs[name]
+    if isinstance(budget, list):  # [None], [share] or [lo, hi]; anything else is refused by the config
+        kwargs[name] = budget[0] if len(budget) == 1 else tuple(budget)
     if isinstance(kwargs.get("reference_ranks"), list):
         kwargs["reference_ranks"] = tuple(kwargs["reference_ranks"])
     return kwargs

@@ -400,6 +400,32 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         }  # fmt: skip
 
     @property
+    def layer(self) -> int:
+        """The layer the next step decides (``num_layers`` once the episode has ended)."""
+        return len(self._plan)
+
+    @property
+    def prompt_index(self) -> int:
+        """The current episode's prompt: its index in the pool (``reset(options={"prompt": ...})``)."""
+        if self._state is None:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before prompt_index")
+        return self._index
+
+    @property
+    def budget_share(self) -> float:
+        """The current episode's key-cache budget as a share of the full key cache's bytes (1 without a budget)."""
+        if self._budget is None:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before budget_share")
+        return self._budget.share
+
+    @property
+    def current_prompt(self) -> PromptState:
+        """The current episode's prompt state (what every episode on the prompt shares)."""
+        if self._state is None:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before current_prompt")
+        return self._state
+
+    @property
     def num_segments(self) -> int:
         """One step per layer (``drrl_env.replay`` counts ``num_layers * num_segments`` steps)."""
         return 1

@@ -278,9 +278,10 @@ class EpisodeSeeds(gym.Wrapper):
         return self.env.step(action)
 
     def get_position(self) -> tuple[int, int, int]:
-        """(episodes started, the env's Eq. 11 guardrail step, steps taken in the current episode)."""
-        return self.episode, self.env.unwrapped.guardrail_step, self.steps
+        """(episodes started, the env's Eq. 11 guardrail step (0 in an env without one), steps in this episode)."""
+        return self.episode, getattr(self.env.unwrapped, "guardrail_step", 0), self.steps
 
     def set_position(self, episode: int, guardrail_step: int) -> None:
         self.episode = episode
-        self.env.unwrapped.set_guardrail_step(guardrail_step)
+        if hasattr(self.env.unwrapped, "set_guardrail_step"):  # DRRL-KVCache-v0 has no guardrail
+            self.env.unwrapped.set_guardrail_step(guardrail_step)

@@ -10,40 +10,22 @@ the env has the teacher to beat and the ceiling above it.
 
     python -m experiments.kvcache_policies [--prompts 8] [--budgets 0.75 0.6] [--split test] [--context 1024]
 
-Prints per budget: each policy's mean KL per token, on how many prompts it is below static, and its headroom
-captured ``(KL_static - KL) / (KL_static - KL_hindsight)``.
+Prints per budget (``agents.kv_evaluate``): each policy's mean KL per token, on how many prompts it is below
+static, its headroom captured ``(KL_static - KL) / (KL_static - KL_hindsight)``, the key cache it used and what its
+decision costs. ``--agents FILE ...`` adds trained agents (``train_agent.py --preset kvcache``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-import gymnasium as gym
-import numpy as np
-
 import drrl_env  # noqa: F401  (registers DRRL-KVCache-v0)
-from drrl_env.kvcache import KVCACHE_ENV_ID
+from agents.kv_evaluate import kv_comparison, kv_markdown_table
+from agents.zoo import make_policy
+from drrl_env.kvcache import KVCacheConfig
 from drrl_env.lm.corpora import DEFAULT_CORPUS
 from drrl_env.lm.models import DEFAULT_MODEL
-from oracle.kvcache import (
-    KV_POLICIES,
-    PlannedPolicy,
-    hindsight_profile,
-    kv_policy,
-    play,
-    self_profile,
-    static_profile,
-    waterfill,
-)
-
-
-def profile_of(name: str, prompt: int, env, profiles: dict) -> np.ndarray:
-    """The ``(L, K)`` decode profile ``name`` water-fills on ``prompt``, measured once (``profiles`` keeps it)."""
-    key = (name, None if name == "static" else prompt)  # the static profile is the same for every prompt
-    if key not in profiles:
-        measure = {"static": static_profile, "self_profile": self_profile, "hindsight": hindsight_profile}[name]
-        profiles[key] = measure(env)
-    return profiles[key]
+from oracle.kvcache import KV_POLICIES, kv_policy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,37 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recent-tokens", type=int, default=64, help="exact recent-key window")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.6], help="key-cache shares")
     parser.add_argument("--policies", nargs="+", default=list(KV_POLICIES), choices=KV_POLICIES, help="policies")
+    parser.add_argument("--agents", nargs="*", default=[], help="agent files (.safetensors) trained in the env")
     args = parser.parse_args(argv)
-    env = gym.make(
-        KVCACHE_ENV_ID, model=args.model, corpus=args.corpus, split=args.split, prompts=args.prompts,
-        context=args.context, observe_tokens=args.observe_tokens, horizon=args.horizon, ranks=tuple(args.ranks),
-        recent_tokens=args.recent_tokens, cache_budget=max(args.budgets), cached_prompts=args.prompts,
-    ).unwrapped  # fmt: skip
-    profiles: dict = {}
-    kl = {(budget, name): [] for budget in args.budgets for name in args.policies}
-    for prompt in range(args.prompts):
-        for budget in args.budgets:
-            for name in args.policies:
-                env.reset(seed=prompt, options={"prompt": prompt, "budget": budget})
-                if name in ("static", "self_profile", "hindsight"):  # each profile measured once, spent per budget
-                    cost = profile_of(name, prompt, env, profiles)
-                    policy = PlannedPolicy(lambda env, cost=cost: waterfill(env, cost))
-                else:
-                    policy = kv_policy(name, seed=prompt)
-                kl[budget, name].append(play(env, policy)["kl"])
-        print(f"prompt {prompt + 1}/{args.prompts} done", flush=True)
-    print(f"\n{KVCACHE_ENV_ID}: {args.prompts} {args.corpus} {args.split} prompts of {args.context} tokens, "
-          f"{args.observe_tokens} observed, {args.horizon} scored; KL per token from the full model\n")  # fmt: skip
-    print("| budget | policy | mean KL | below static | headroom captured |\n|---|---|---|---|---|")
-    for budget in args.budgets:
-        static = np.asarray(kl.get((budget, "static"), [np.nan] * args.prompts))
-        ceiling = np.asarray(kl.get((budget, "hindsight"), [np.nan] * args.prompts))
-        for name in args.policies:
-            values = np.asarray(kl[budget, name])
-            below = int((values < static).sum()) if name != "static" else 0
-            gap = static.mean() - ceiling.mean()
-            captured = (static.mean() - values.mean()) / gap if gap > 0 else float("nan")
-            print(f"| {budget:g} | {name} | {values.mean():.5f} | {below}/{args.prompts} | {captured:+.2f} |")
+    config = KVCacheConfig(
+        model=args.model, corpus=args.corpus, context=args.context, observe_tokens=args.observe_tokens,
+        horizon=args.horizon, ranks=tuple(args.ranks), recent_tokens=args.recent_tokens,
+    )  # fmt: skip
+    kwargs = vars(config)
+    policies = [kv_policy(name) for name in args.policies] + [make_policy(path, kwargs) for path in args.agents]
+    rows = kv_comparison(policies, kwargs, args.prompts, args.budgets, args.split)
+    print("\n" + kv_markdown_table(rows, kwargs, args.split))
 
 
 if __name__ == "__main__":

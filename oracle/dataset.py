@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from drrl_env import ENV_ID
-from drrl_env.env import DRRLAttentionEnv, EnvConfig
+from drrl_env.cli import config_class
+from drrl_env.kvcache import KVCacheConfig
 from drrl_env.lm.files import (
     ChecksumLedger,
     check_output_folder,
@@ -93,13 +94,18 @@ def trajectory_features(observation_size: int, groups: int | None = None) -> dat
     return datasets.Features(columns)
 
 
-def dataset_metadata(config: EnvConfig, policy: str, seed: int, episodes_per_shard: int) -> dict[str, Any]:
-    """What identifies a trajectory dataset: rows of two runs with equal metadata are equal."""
+def dataset_metadata(
+    config: Any, policy: str, seed: int, episodes_per_shard: int, env_id: str = ENV_ID
+) -> dict[str, Any]:
+    """What identifies a trajectory dataset: rows of two runs with equal metadata are equal.
+
+    ``config``: the env's config (``EnvConfig``, or ``KVCacheConfig`` for ``env_id`` DRRL-KVCache-v0).
+    """
     env_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
     return {
         "format": FORMAT,
         "version": VERSION,
-        "env_id": ENV_ID,
+        "env_id": env_id,
         "env_config": env_config,
         "policy": policy,
         "seed": seed,
@@ -133,10 +139,18 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def env_config_of(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The ``gym.make`` keywords of the env a dataset was recorded with."""
+    """The ``gym.make`` keywords of the env a dataset was recorded with (``env_id_of_dataset`` names the env)."""
     config = dict(metadata["env_config"])
     config["ranks"] = tuple(config["ranks"])
+    for name in ("flops_budget", "cache_budget"):
+        if isinstance(config.get(name), list):
+            config[name] = tuple(config[name])
     return config
+
+
+def env_id_of_dataset(metadata: dict[str, Any]) -> str:
+    """The registered id of the env a dataset was recorded in."""
+    return metadata.get("env_id", ENV_ID)
 
 
 OBSERVATION_FIELDS = (
@@ -144,6 +158,8 @@ OBSERVATION_FIELDS = (
 )  # fmt: skip
 """env options that decide what an observation says and which action is which rank: a policy cloned from a dataset
 acts in an env that agrees with the dataset's on each of them"""
+KV_OBSERVATION_FIELDS = ("model", "ranks", "basis", "observe_tokens", "sink_tokens", "recent_tokens")
+"""the same for DRRL-KVCache-v0"""
 
 
 def check_dataset_fits_env(directory: str | os.PathLike, env_kwargs: dict[str, Any], option: str) -> None:
@@ -155,14 +171,20 @@ def check_dataset_fits_env(directory: str | os.PathLike, env_kwargs: dict[str, A
     Raises:
         DatasetMismatchError: naming each differing option with the dataset's value and the one given here.
     """
-    defaults = {field.name: field.default for field in dataclasses.fields(EnvConfig)}
-    stored = {**defaults, **read_metadata(directory)["env_config"]}
+    metadata = read_metadata(directory)
+    env_id = env_id_of_dataset(metadata)
+    cls = config_class(env_id)
+    defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+    stored = {**defaults, **metadata["env_config"]}
     wanted = {**defaults, **env_kwargs}
+    if set(env_kwargs) - set(defaults):
+        raise DatasetMismatchError(f"{option} {directory} was recorded in {env_id}, not in the env given here")
+    fields = KV_OBSERVATION_FIELDS if cls is KVCacheConfig else OBSERVATION_FIELDS
 
     def same(value: Any) -> Any:
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    differing = [name for name in OBSERVATION_FIELDS if same(stored[name]) != same(wanted[name])]
+    differing = [name for name in fields if same(stored[name]) != same(wanted[name])]
     if differing:
         details = "; ".join(f"--{n.replace('_', '-')}: dataset {stored[n]!r}, here {wanted[n]!r}" for n in differing)
         raise DatasetMismatchError(
@@ -293,12 +315,15 @@ def _shard_is_complete(path: Path, ledger: ChecksumLedger, rows: int) -> bool:
         return False
 
 
-def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Roll out one seeded episode of ``policy`` on ``env`` (unwrapped); yield one row per step."""
+def run_episode(env: gym.Env, policy: RankPolicy, episode: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Roll out one seeded episode of ``policy`` on ``env`` (unwrapped); yield one row per step.
+
+    A column the env's ``info`` lacks (DRRL-KVCache-v0 has no fidelity, FLOPs or perturbation) is NaN.
+    """
     observation, info = env.reset(seed=seed)
     policy.reset(seed)
     step, terminated = 0, False
-    per_group = env.config.per_head
+    per_group = getattr(env.config, "per_head", False)
     while not terminated:
         mask = env.action_masks()
         action = policy.act(observation, mask, env)
@@ -311,11 +336,11 @@ def run_episode(env: DRRLAttentionEnv, policy: RankPolicy, episode: int, seed: i
             "action_mask": mask,
             "reward": float(reward),
             **{f"reward_{term}": float(terms.get(term, 0.0)) for term in REWARD_TERMS},
-            "fidelity": float(info["fidelity"]),
-            "flops_ratio": float(info["flops"] / info["flops_full"]),
-            "perturbation": float(info["perturbation"]),
+            "fidelity": float(info.get("fidelity", np.nan)),
+            "flops_ratio": float(info["flops"] / info["flops_full"]) if "flops" in info else np.nan,
+            "perturbation": float(info.get("perturbation", np.nan)),
             "layer": info["layer"],
-            "segment": info["segment"],
+            "segment": info.get("segment", 0),
             "step": step,
             "episode": episode,
             "seed": seed,
@@ -331,6 +356,7 @@ def record_trajectories(
     seed: int = 0,
     episodes_per_shard: int = 8,
     progress: bool = True,
+    env_id: str = ENV_ID,
 ) -> datasets.Dataset:
     """Roll out ``episodes`` episodes of ``policy`` and write them to ``directory``, resuming what is there.
 
@@ -341,11 +367,12 @@ def record_trajectories(
             are kept and the run continues from the first missing one.
         policy: a :class:`~oracle.policy.RankPolicy`.
         episodes: the total number of episodes the dataset should hold.
-        env_kwargs: ``gym.make("DRRL-Attention-v0", ...)`` keywords (with ``per_head``, the action and rank
-            columns hold one entry per key/value group).
+        env_kwargs: ``gym.make(env_id, ...)`` keywords (with ``per_head``, the action and rank columns hold one
+            entry per key/value group).
         seed: episode ``i`` runs with seed ``seed + i``.
         episodes_per_shard: episodes per parquet shard (the unit of resumption).
         progress: show a progress bar (episodes/s and the mean episode return).
+        env_id: the registered env (a DRRL-Attention id, or DRRL-KVCache-v0 with a policy of ``oracle.kvcache``).
 
     Returns:
         The whole dataset, loaded back from disk.
@@ -358,9 +385,9 @@ def record_trajectories(
             f"dataset folder {str(directory)!r} is not empty and holds no trajectory dataset; "
             "choose a new or empty folder"
         )
-    env: DRRLAttentionEnv = gym.make(ENV_ID, **(env_kwargs or {})).unwrapped
+    env = gym.make(env_id, **(env_kwargs or {})).unwrapped
     try:
-        metadata = dataset_metadata(env.config, policy.name, seed, episodes_per_shard)
+        metadata = dataset_metadata(env.config, policy.name, seed, episodes_per_shard, env_id)
         stored_episodes = _check_resumable(directory, metadata)
         remove_stale_temporaries(directory, [METADATA_FILE, CHECKSUMS_FILE])
         remove_stale_temporaries(directory / DATA_DIR, ["shard-*"])
@@ -373,7 +400,8 @@ def record_trajectories(
             print(f"warning: {error}; recomputing every shard", file=sys.stderr)
             ledger.clear()
         ledger.record(write_text_atomic(directory / METADATA_FILE, json.dumps(metadata, indent=2)))
-        features = trajectory_features(env.observation_space.shape[0], env.kv_heads if env.config.per_head else None)
+        per_head = getattr(env.config, "per_head", False)
+        features = trajectory_features(env.observation_space.shape[0], env.kv_heads if per_head else None)
         bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
         returns: list[float] = []
         for first in range(0, episodes, episodes_per_shard):
@@ -384,7 +412,8 @@ def record_trajectories(
                 continue
             rows: list[dict[str, Any]] = []
             for episode in shard_episodes:
-                env.set_guardrail_step(episode * steps_per_episode)  # Eq. 11's t as if trained on this data
+                if hasattr(env, "set_guardrail_step"):  # Eq. 11's t as if trained on this data
+                    env.set_guardrail_step(episode * steps_per_episode)
                 episode_rows = list(run_episode(env, policy, episode, seed + episode))
                 rows.extend(episode_rows)
                 returns.append(sum(row["reward"] for row in episode_rows))

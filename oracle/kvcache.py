@@ -1,11 +1,14 @@
 """Rank policies of DRRL-KVCache-v0 that are not learned, at the episode's key-cache bytes (``drrl_env.kvcache``).
 
-Each returns a candidate index per layer for the env's current episode, spent by the water-fill
-(:func:`drrl_env.profiles.waterfill.allocate_ranks`) of a decode profile over the layers' key-byte shares:
+Each is a :class:`oracle.policy.RankPolicy` (``act(observation, action_mask, env)`` on the unwrapped env) that
+plans the episode at its first layer, mostly by the water-fill (:func:`drrl_env.profiles.waterfill.allocate_ranks`)
+of a ``(L, K)`` decode profile over the layers' key-byte shares:
 
 * ``uniform``: every layer at the largest candidate the budget allows for all of them;
 * ``static``: the water-fill of a validation decode profile (``oracle.static.validation_profile`` with the
   ``decode`` estimate: one allocation for every prompt, chosen on validation text);
+* ``logit_error``: the water-fill of the observation's own statistic, the observed tokens' relative logit error
+  at each candidate (a fixed rule on what the agent sees);
 * ``self_profile``: the water-fill of the prompt's own decode profile over its observed tokens (the prompt's
   cache scored on the ``observe_tokens`` the model generated first): causal, so an agent could learn it, but it
   costs a prefill per candidate and a continuation per cell (the teacher);
@@ -13,12 +16,14 @@ Each returns a candidate index per layer for the env's current episode, spent by
   the text it is scored on, so it is a ceiling, not a policy;
 * ``random``: a seeded draw among the allowed candidates at each layer.
 
-Headroom captured by a policy: ``(KL_static - KL_policy) / (KL_static - KL_hindsight)``.
+Headroom captured by a policy: ``(KL_static - KL_policy) / (KL_static - KL_hindsight)``. What a policy's decision
+costs is :func:`decision_flops`, against :func:`generation_flops` of the tokens it allocates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,24 +33,26 @@ from drrl_env.lm.corpora import DEFAULT_CORPUS, EVALUATION_ONLY
 from drrl_env.profiles.waterfill import allocate_ranks
 from oracle.static import DECODE_PROFILE_PROMPTS, validation_profile
 
-KV_POLICIES = ("uniform", "static", "self_profile", "hindsight", "random")
+KV_POLICIES = ("uniform", "static", "logit_error", "self_profile", "hindsight", "random")
+KV_CEILINGS = ("hindsight",)
+"""policies that see the scored text: ceilings, not policies; their decision cost is not defined"""
 
 
 def byte_shares(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(K,)`` key bytes of a layer at each candidate over its full key bytes (the same for every layer)."""
-    state = env._state  # noqa: SLF001 - the episode's prompt state
+    state = env.current_prompt
     return (state.layer_bytes / state.full_layer_bytes[:, None]).mean(axis=0)
 
 
 def waterfill(env: DRRLKVCacheEnv, profile: np.ndarray) -> list[int]:
     """The water-fill of ``profile`` ``(L, K)`` at the episode's budget: a candidate index per layer."""
-    return list(allocate_ranks(profile, byte_shares(env), env._budget.share))  # noqa: SLF001
+    return list(allocate_ranks(profile, byte_shares(env), env.budget_share))
 
 
 def uniform_plan(env: DRRLKVCacheEnv) -> list[int]:
     """Every layer at the largest candidate whose share fits the budget."""
     shares = byte_shares(env)
-    fitting = np.flatnonzero(shares <= env._budget.share + 1e-12)  # noqa: SLF001
+    fitting = np.flatnonzero(shares <= env.budget_share + 1e-12)
     return [int(fitting.max()) if len(fitting) else 0] * env.num_layers
 
 
@@ -60,9 +67,14 @@ def static_profile(env: DRRLKVCacheEnv, progress: bool = False) -> np.ndarray:
     return cost
 
 
+def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
+    """``(L, K)`` the observed tokens' relative logit errors: the observation's first ``K`` entries, every layer."""
+    return env.current_prompt.observed_errors
+
+
 def self_profile(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(L, K)`` the prompt's own decode profile over its observed tokens (the teacher; causal)."""
-    cfg, state = env.config, env._state  # noqa: SLF001
+    cfg, state = env.config, env.current_prompt
     prompt = state.prefix[:, : cfg.context]
     return decode_kl_profile(
         env.loaded, prompt, cfg.ranks, cfg.observe_tokens, cfg.basis,
@@ -72,61 +84,137 @@ def self_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 
 def hindsight_profile(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(L, K)`` the decode profile of the scored tokens after the prefix (sees the scored text: a ceiling)."""
-    cfg, state = env.config, env._state  # noqa: SLF001
+    cfg, state = env.config, env.current_prompt
     return decode_kl_profile(
         env.loaded, state.prefix, cfg.ranks, cfg.horizon, cfg.basis,
         sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
     )  # fmt: skip
 
 
-KVPolicy = Callable[[DRRLKVCacheEnv, int], int]
-"""``policy(env, layer)``: the candidate index for ``layer`` of the env's current episode"""
+PROFILES: dict[str, Callable[[DRRLKVCacheEnv], np.ndarray]] = {
+    "static": static_profile,
+    "logit_error": logit_error_profile,
+    "self_profile": self_profile,
+    "hindsight": hindsight_profile,
+}
+"""the profile each water-filling policy spends"""
 
 
 class PlannedPolicy:
     """A policy that plans the whole allocation at the first layer (``planner(env)``) and plays it."""
 
-    def __init__(self, planner: Callable[[DRRLKVCacheEnv], list[int]]) -> None:
-        self.planner, self.plan = planner, []
+    def __init__(self, name: str, planner: Callable[[DRRLKVCacheEnv], list[int]]) -> None:
+        self.name, self.planner, self.plan = name, planner, []
 
-    def __call__(self, env: DRRLKVCacheEnv, layer: int) -> int:
-        if layer == 0:
+    def reset(self, seed: int) -> None:
+        self.plan = []
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLKVCacheEnv) -> int:
+        if env.layer == 0 or not self.plan:
             self.plan = [int(index) for index in self.planner(env)]
-        return self.plan[layer]
+        return self.plan[env.layer]
+
+
+class ProfilePolicy(PlannedPolicy):
+    """The water-fill of a profile (:data:`PROFILES`), measured once per prompt and kept (``profiles``).
+
+    A prompt's profile does not depend on the budget, so a policy played at several budgets on a prompt measures it
+    once; the kept profiles are keyed by the env's config and the prompt's index.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, self._plan)
+        self.profiles: dict[Any, np.ndarray] = {}
+
+    def profile(self, env: DRRLKVCacheEnv) -> np.ndarray:
+        """``(L, K)`` this policy's profile of the env's current prompt (the static one: the same for every prompt)."""
+        key = (env.config, None if self.name == "static" else env.prompt_index)
+        if key not in self.profiles:
+            self.profiles[key] = PROFILES[self.name](env)
+        return self.profiles[key]
+
+    def _plan(self, env: DRRLKVCacheEnv) -> list[int]:
+        return waterfill(env, self.profile(env))
 
 
 class RandomPolicy:
-    """A seeded draw among the candidates the mask allows, layer by layer."""
+    """A seeded draw among the candidates the mask allows, layer by layer (``reset(seed)`` reseeds it)."""
+
+    name = "random"
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, env: DRRLKVCacheEnv, layer: int) -> int:
-        return int(self.rng.choice(np.flatnonzero(env.action_masks())))
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLKVCacheEnv) -> int:
+        return int(self.rng.choice(np.flatnonzero(action_mask)))
 
 
-def kv_policy(name: str, seed: int = 0) -> KVPolicy:
+def kv_policy(name: str, seed: int = 0) -> PlannedPolicy | RandomPolicy:
     """The policy ``name`` (:data:`KV_POLICIES`)."""
-    planners = {
-        "uniform": uniform_plan,
-        "static": lambda env: waterfill(env, static_profile(env)),
-        "self_profile": lambda env: waterfill(env, self_profile(env)),
-        "hindsight": lambda env: waterfill(env, hindsight_profile(env)),
-    }
     if name == "random":
         return RandomPolicy(seed)
-    if name not in planners:
+    if name == "uniform":
+        return PlannedPolicy(name, uniform_plan)
+    if name not in PROFILES:
         raise ValueError(f"KV-cache policy must be one of {KV_POLICIES}, got {name!r}")
-    return PlannedPolicy(planners[name])
+    return ProfilePolicy(name)
 
 
-def play(env: DRRLKVCacheEnv, policy: KVPolicy) -> dict:
-    """Play the env's current episode (after ``reset``) with ``policy``; the last step's info (``kl``, ``ranks``).
+def play(env: DRRLKVCacheEnv, policy: Any, observation: np.ndarray, seed: int = 0) -> dict:
+    """Play the env's current episode with ``policy`` (a RankPolicy) from ``observation`` (reset's); the last info.
 
-    A candidate the mask refuses plays the largest allowed below it (the env's rule).
+    The last info holds ``kl`` and ``ranks``. A candidate the mask refuses plays the largest allowed below it (the
+    env's rule). ``seed`` reseeds the policy (``policy.reset``) first.
     """
+    policy.reset(seed)
     info: dict = {}
-    for layer in range(env.num_layers):
-        _, _, terminated, _, info = env.step(policy(env, layer))
+    for _ in range(env.num_layers):
+        observation, _, terminated, _, info = env.step(policy.act(observation, env.action_masks(), env))
     assert terminated, "an episode of DRRL-KVCache-v0 has one step per layer"
     return info
+
+
+def forward_flops(env: DRRLKVCacheEnv, tokens: int) -> float:
+    """FLOPs of the full model over ``tokens`` tokens' weights: ``2 P`` per token (attention's own share left out)."""
+    parameters = sum(parameter.numel() for parameter in env.loaded.model.parameters())
+    return 2.0 * parameters * tokens
+
+
+def generation_flops(env: DRRLKVCacheEnv, tokens: int | None = None) -> float:
+    """FLOPs of generating ``tokens`` tokens (default: the scored ``horizon``) at ``context`` keys: an estimate.
+
+    The weights' ``2 P`` per token plus full attention's logits and values over the context (``4 n d`` per query
+    head and layer): what the allocation serves, at full width.
+    """
+    cfg, shape = env.config, env.loaded.attention_shape
+    tokens = cfg.horizon if tokens is None else tokens
+    keys = cfg.context + cfg.observe_tokens
+    attention = 4.0 * keys * shape.head_dim * shape.q_heads * shape.num_layers
+    return forward_flops(env, tokens) + tokens * attention
+
+
+def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
+    """FLOPs of the signal a non-learned policy ``name`` computes per prompt before it commits: an estimate.
+
+    ``uniform``, ``random``: 0; ``static``: 0 per prompt (its profile is computed once, on validation text);
+    ``logit_error``: the observation's statistics (:meth:`DRRLKVCacheEnv.observation_flops`); ``self_profile``: the
+    forward passes of ``decode_kl_profile`` over the prompt (a prefill of ``context`` tokens at full width and at
+    each candidate below the head dimension, the greedy continuation and its reference over ``observe_tokens``,
+    and ``observe_tokens`` teacher-forced tokens per layer and candidate below it), weights only; ``hindsight``:
+    NaN (a ceiling that sees the scored text, not a policy).
+    """
+    cfg = env.config
+    below = sum(1 for rank in cfg.ranks if rank < env.head_dim)
+    if name in KV_CEILINGS:
+        return float("nan")
+    if name == "logit_error":
+        return env.observation_flops()
+    if name == "self_profile":
+        tokens = (1 + below) * cfg.context + 2 * cfg.observe_tokens + env.num_layers * below * cfg.observe_tokens
+        return forward_flops(env, tokens)
+    if name in KV_POLICIES:
+        return 0.0
+    raise ValueError(f"KV-cache policy must be one of {KV_POLICIES}, got {name!r}")

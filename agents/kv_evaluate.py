@@ -1,0 +1,196 @@
+"""The key-cache task's comparison: policies of DRRL-KVCache-v0 at equal key-cache bytes on held-out prompts.
+
+Every policy (the fixed rules, the teacher and the ceiling of :mod:`oracle.kvcache`, and trained agents) plays the
+same episodes: each of the first ``prompts`` prompts of the split at each budget, so every number is the env's own
+KL (``-reward``), measured through the compressed cache. Reported per budget and policy:
+
+* the mean per-token KL of the scored continuation from the full model's, and on how many prompts it is below the
+  static decode allocation's (the strongest fixed rule);
+* the headroom captured ``(KL_static - KL) / (KL_static - KL_hindsight)`` (1: the ceiling, 0: static);
+* the key-cache bytes used, as a share of the full key cache's;
+* the decision's cost: the FLOPs of the signal the policy computes per prompt (``oracle.kvcache.decision_flops``;
+  an agent: the observation's statistics plus its network at every layer) over the FLOPs of generating the scored
+  ``horizon`` tokens and over ``generated_tokens`` (the generation the allocation serves in use), and the wall-clock
+  of its decisions (the profile it measures included).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
+from drrl_env.lm.files import write_atomic
+from oracle.kvcache import KV_POLICIES, ProfilePolicy, decision_flops, generation_flops, play
+from oracle.policy import RankPolicy
+
+GENERATED_TOKENS = 1024
+"""tokens of the generation an allocation serves in use, for the decision's cost share (the env scores ``horizon``)"""
+
+
+@dataclass
+class KVRow:
+    """One policy at one budget, over the compared prompts."""
+
+    policy: str
+    budget: float
+    prompts: int
+    kl: float
+    """mean per-token KL of the scored continuation from the full model's"""
+    below_static: int
+    """prompts on which the KL is below the static allocation's"""
+    headroom_captured: float
+    """(KL_static - KL) / (KL_static - KL_hindsight) of the means; NaN without both rows"""
+    cache_used: float
+    """key-cache bytes over the full key cache's (mean)"""
+    decision_share_horizon: float
+    """decision FLOPs over the FLOPs of generating the scored tokens (NaN for a ceiling)"""
+    decision_share_generation: float
+    """decision FLOPs over the FLOPs of generating GENERATED_TOKENS tokens"""
+    decision_ms: float
+    """wall-clock of the policy's decisions per prompt, its signal included"""
+    mean_rank: float
+    kls: list[float] = field(default_factory=list)
+    ranks: list[list[int]] = field(default_factory=list)
+
+
+class _TimedPolicy:
+    """``policy`` with the wall-clock of its ``act`` calls summed in ``seconds``."""
+
+    def __init__(self, policy: RankPolicy) -> None:
+        self.policy, self.name, self.seconds = policy, policy.name, 0.0
+
+    def reset(self, seed: int) -> None:
+        self.policy.reset(seed)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray, env: DRRLKVCacheEnv) -> Any:
+        started = time.perf_counter()
+        action = self.policy.act(observation, action_mask, env)
+        self.seconds += time.perf_counter() - started
+        return action
+
+
+def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:
+    """FLOPs of ``policy``'s decision per prompt: a rule of :data:`KV_POLICIES` by name, else an agent.
+
+    An agent sees the observation (:meth:`DRRLKVCacheEnv.observation_flops`) and runs its network once per layer
+    (``flops_per_decision``, e.g. :attr:`agents.algorithms.ModelPolicy.flops_per_decision`).
+    """
+    if policy.name in KV_POLICIES:
+        return decision_flops(env, policy.name)
+    return env.observation_flops() + env.num_layers * float(getattr(policy, "flops_per_decision", 0.0))
+
+
+def kv_comparison(
+    policies: Sequence[RankPolicy],
+    env_kwargs: dict[str, Any],
+    prompts: int,
+    budgets: Sequence[float],
+    split: str = "test",
+    generated_tokens: int = GENERATED_TOKENS,
+    progress: bool = True,
+) -> list[KVRow]:
+    """Play every policy on the first ``prompts`` prompts of ``split`` at every budget (module docstring).
+
+    ``env_kwargs``: ``gym.make("DRRL-KVCache-v0")`` keywords (the pool, split, budget and kept prompts are set
+    here: every compared prompt is kept, so its prefill runs once for all policies and budgets).
+    """
+    kwargs = {**env_kwargs, "split": split, "prompts": prompts, "cached_prompts": prompts}
+    kwargs["cache_budget"] = (min(budgets), max(budgets))
+    env: DRRLKVCacheEnv = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
+    timed = [_TimedPolicy(policy) for policy in policies]
+    kls = {(budget, policy.name): [] for budget in budgets for policy in timed}
+    used = {key: [] for key in kls}
+    ranks = {key: [] for key in kls}
+    for policy in policies:  # the static profile is measured once on validation text, not per decision: not timed
+        if isinstance(policy, ProfilePolicy) and policy.name == "static":
+            env.reset(seed=0, options={"prompt": 0})
+            policy.profile(env)
+    bar = tqdm(total=prompts * len(budgets) * len(timed), desc="key-cache comparison", disable=not progress)
+    for prompt in range(prompts):
+        for budget in budgets:
+            for policy in timed:
+                observation, _ = env.reset(seed=prompt, options={"prompt": prompt, "budget": budget})
+                info = play(env, policy, observation, seed=prompt)
+                kls[budget, policy.name].append(info["kl"])
+                used[budget, policy.name].append(info["budget_used"])
+                ranks[budget, policy.name].append(info["ranks"])
+                bar.update()
+    bar.close()
+    horizon_flops, generation = generation_flops(env), generation_flops(env, generated_tokens)
+    rows = []
+    for budget in budgets:
+        static = np.asarray(kls.get((budget, "static"), [np.nan] * prompts))
+        ceiling = np.asarray(kls.get((budget, "hindsight"), [np.nan] * prompts))
+        gap = static.mean() - ceiling.mean()
+        for policy in timed:
+            values = np.asarray(kls[budget, policy.name])
+            cost = policy_decision_flops(env, policy.policy)
+            rows.append(
+                KVRow(
+                    policy.name,
+                    budget,
+                    prompts,
+                    float(values.mean()),
+                    int((values < static).sum()) if policy.name != "static" else 0,
+                    float((static.mean() - values.mean()) / gap) if gap > 0 else float("nan"),
+                    float(np.mean(used[budget, policy.name])),
+                    cost / horizon_flops,
+                    cost / generation,
+                    1e3 * policy.seconds / (prompts * len(budgets)),
+                    float(np.mean(ranks[budget, policy.name])),
+                    values.tolist(),
+                    ranks[budget, policy.name],
+                )  # fmt: skip
+            )
+    env.close()
+    return rows
+
+
+def kv_markdown_table(rows: Sequence[KVRow], env_kwargs: dict[str, Any], split: str = "test") -> str:
+    """The comparison as markdown, with a header line that says what was compared."""
+    first = rows[0]
+    lines = [
+        f"{KVCACHE_ENV_ID}: {first.prompts} {env_kwargs['corpus']} {split} prompts of {env_kwargs['context']} tokens, "
+        f"{env_kwargs['observe_tokens']} observed, {env_kwargs['horizon']} scored; KL per token from the full model; "
+        f"decision cost in FLOPs over generating the {env_kwargs['horizon']} scored / {GENERATED_TOKENS} tokens",
+        "",
+        "| budget | policy | mean KL | below static | headroom captured | key cache | decision cost | decision ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cost = (
+            "- (ceiling)"
+            if np.isnan(row.decision_share_horizon)
+            else f"{100 * row.decision_share_horizon:.2g} % / {100 * row.decision_share_generation:.2g} %"
+        )
+        below = "-" if row.policy == "static" else f"{row.below_static}/{row.prompts}"
+        lines.append(
+            f"| {row.budget:g} | {row.policy} | {row.kl:.5f} | {below} | {row.headroom_captured:+.2f} | "
+            f"{row.cache_used:.3f} | {cost} | {row.decision_ms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_kv_csv(rows: Sequence[KVRow], path: str | Path) -> None:
+    """Every field of every row (per-prompt KLs and ranks as space-separated lists), written atomically."""
+    fields = [f.name for f in dataclasses.fields(KVRow)]
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            for row in rows:
+                values = [getattr(row, name) for name in fields]
+                writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
+
+    write_atomic(Path(path), write)
