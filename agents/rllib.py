@@ -1,6 +1,7 @@
 """Train an agent on DRRL-Attention-v0 with Ray RLlib: PPO with action masking, on one machine or a cluster.
 
     python -m agents.rllib [--num-env-runners 2] [--total-timesteps 4500] [--seed 0] [env options]
+    python -m agents.rllib --env DRRL-KVCache-v0 [--bc-model RUN/bc_model.safetensors]   # the key-cache env
 
 The second training backend beside train_agent.py's SB3 (install the extra: pip install
 'drrl[rllib]'). RLlib's new API stack, following its own action-masking example: the env is
@@ -46,6 +47,7 @@ import gymnasium as gym
 from tqdm.auto import tqdm
 
 from agents.evaluate import comparison_table, evaluate_policy
+from agents.kv_evaluate import kv_comparison, kv_markdown_table
 from agents.rllib_agent import (
     MODEL_CONFIG,
     RLlibPolicy,
@@ -55,16 +57,16 @@ from agents.rllib_agent import (
     sb3_weights_as_rllib,
 )
 from agents.train_config import (
-    DEFAULT_PRESET,
-    PRESETS,
     CompareConfig,
     add_comparison_and_env_arguments,
+    chosen_preset,
     parse_hyperparams,
     resume_options,
 )
 from agents.zoo import make_policy
 from drrl_env import ENV_ID
-from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
+from drrl_env.cli import add_dataclass_arguments, at_least, dataclass_from_options, env_kwargs
+from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.files import check_output_folder, write_text_atomic
 from drrl_env.wrappers import MaskInObservation, MaskInVectorObservation
 
@@ -129,7 +131,7 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The options of RLlibConfig, CompareConfig and EnvConfig (the recommended MDP, as train_agent.py's)."""
+    """The options of RLlibConfig, CompareConfig and the env's config (``--env``; the defaults as train_agent.py's)."""
     parser = argparse.ArgumentParser(
         prog="python -m agents.rllib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -141,7 +143,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                "num_cpus_per_env_runner": at_least(1), "train_batch_size": at_least(1), "minibatch_size": at_least(1),
                "num_epochs": at_least(1), "checkpoint_every": at_least(0), "eval_every": at_least(0)},
     )  # fmt: skip
-    add_comparison_and_env_arguments(parser, PRESETS[DEFAULT_PRESET], env_id_of(argv))
+    preset, env_id = chosen_preset(argv)
+    add_comparison_and_env_arguments(parser, preset, env_id)
     return parser
 
 
@@ -159,22 +162,23 @@ def ppo_hyperparameters(config: RLlibConfig) -> dict[str, Any]:
 
 
 def make_masked_env(env_config: dict[str, Any]) -> gym.Env | gym.vector.VectorEnv:
-    """The env creator registered with Ray: DRRL-Attention-v0 with ``env_config`` as its arguments, mask inside.
+    """The env creator registered with Ray: ``env_config["env_id"]`` with the rest as its arguments, mask inside.
 
-    With ``num_envs`` in ``env_config`` (RLlib's ``vector_entry_point`` mode): that many episodes of the native
-    vector env, masks inside.
+    The id defaults to DRRL-Attention-v0. With ``num_envs`` in ``env_config`` (RLlib's ``vector_entry_point``
+    mode): that many episodes of the native vector env, masks inside.
     """
-    import drrl_env  # noqa: F401  (registers DRRL-Attention-v0 in this env runner's process)
+    import drrl_env  # noqa: F401  (registers the ids in this env runner's process)
 
-    kwargs = {name: value for name, value in dict(env_config).items() if name != "num_envs"}
+    env_id = dict(env_config).get("env_id", ENV_ID)
+    kwargs = {name: value for name, value in dict(env_config).items() if name not in ("num_envs", "env_id")}
     if "num_envs" in dict(env_config):  # RLlib's vector_entry_point (--batched-envs): the native vector env
         envs = env_config["num_envs"]
-        return MaskInVectorObservation(gym.make_vec(ENV_ID, envs, vectorization_mode="vector_entry_point", **kwargs))
-    return MaskInObservation(gym.make(ENV_ID, **kwargs))
+        return MaskInVectorObservation(gym.make_vec(env_id, envs, vectorization_mode="vector_entry_point", **kwargs))
+    return MaskInObservation(gym.make(env_id, **kwargs))
 
 
-def build_algorithm(config: RLlibConfig, kwargs: dict[str, Any]) -> Any:
-    """RLlib's PPO on the masked env, with the action-masking module and the ``drrl/`` metrics callback."""
+def build_algorithm(config: RLlibConfig, kwargs: dict[str, Any], env_id: str = ENV_ID) -> Any:
+    """RLlib's PPO on the masked ``env_id``, with the action-masking module and the ``drrl/`` metrics callback."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -186,7 +190,7 @@ def build_algorithm(config: RLlibConfig, kwargs: dict[str, Any]) -> Any:
     register_env(ENV_NAME, make_masked_env)
     config = (
         PPOConfig()
-        .environment(ENV_NAME, env_config=kwargs)
+        .environment(ENV_NAME, env_config={**kwargs, "env_id": env_id})
         .env_runners(
             num_env_runners=config.num_env_runners,
             num_envs_per_env_runner=config.num_envs_per_env_runner,
@@ -268,11 +272,17 @@ def trained_module(algorithm: Any, spaces: tuple[gym.Space, gym.Space]) -> Any:
     return module.eval()
 
 
-def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, gym.Space], run_dir: Path) -> None:
+def train(
+    config: RLlibConfig,
+    kwargs: dict[str, Any],
+    spaces: tuple[gym.Space, gym.Space],
+    run_dir: Path,
+    env_id: str = ENV_ID,
+) -> None:
     """Train until ``--total-timesteps``, logging each iteration; save checkpoints and the agent file."""
     from agents.rllib_metrics import TensorBoardResults
 
-    algorithm = build_algorithm(config, kwargs)
+    algorithm = build_algorithm(config, kwargs, env_id)
     board = TensorBoardResults(run_dir)
     try:
         if config.resume:
@@ -293,7 +303,8 @@ def train(config: RLlibConfig, kwargs: dict[str, Any], spaces: tuple[gym.Space, 
         next_eval = (done // config.eval_every + 1) * config.eval_every if config.eval_every else 0
         with tqdm(total=config.total_timesteps, initial=done, desc="training (RLlib PPO)", unit="step") as bar:
             while done < config.total_timesteps:
-                set_guardrail_step(algorithm, done)
+                if env_id != KVCACHE_ENV_ID:  # the key-cache env has no guardrail
+                    set_guardrail_step(algorithm, done)
                 started = time.perf_counter()
                 results = algorithm.train()
                 now = steps_sampled(algorithm)
@@ -329,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         ppo_hyperparameters(config)
         if config.bc_model and not config.resume and not Path(config.bc_model).is_file():
             raise ValueError(f"--bc-model {config.bc_model}: no such file")
-        probe = gym.make(ENV_ID, **kwargs)  # the env's own checks, here rather than in every env runner
+        env_id = options["env"]
+        if env_id == KVCACHE_ENV_ID and (config.eval_every or config.batched_envs):
+            raise ValueError(f"--eval-every and --batched-envs are for the DRRL-Attention ids, not {env_id}")
+        probe = gym.make(env_id, **kwargs)  # the env's own checks, here rather than in every env runner
         spaces = (probe.observation_space, probe.action_space)
         probe.close()
         if config.bc_model and not config.resume:  # refused here, before Ray starts, if it does not fit
@@ -347,13 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(run_dir / "config.json", json.dumps(options, indent=2, default=str))
     ray.init(address=config.ray_address, include_dashboard=False, configure_logging=False)
     try:
-        train(config, kwargs, spaces, run_dir)
+        train(config, kwargs, spaces, run_dir, env_id)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         ray.shutdown()
-    if compare.compare:
+    if compare.compare and env_id == KVCACHE_ENV_ID:
+        from oracle.kvcache import KV_POLICIES, kv_policy
+
+        policies = [kv_policy(spec) if spec in KV_POLICIES else make_policy(spec, kwargs) for spec in compare.compare]
+        policies.append(RLlibPolicy.from_file(run_dir / "model.safetensors"))
+        policies[-1].name = f"{ALGO} (this run)"
+        budgets = sorted(set(kwargs["cache_budget"]), reverse=True)
+        print(kv_markdown_table(kv_comparison(policies, kwargs, compare.eval_episodes, budgets), kwargs))
+    elif compare.compare:
         policies = [make_policy(spec, kwargs) for spec in compare.compare]
         policies.append(RLlibPolicy.from_file(run_dir / "model.safetensors"))
         policies[-1].name = f"{ALGO} (this run)"

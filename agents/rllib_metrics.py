@@ -38,7 +38,7 @@ class DRRLMetricsCallback(RLlibCallback):
             metrics_logger.log_value(("drrl", name), value, reduce="mean")
         if "rank" in info:
             rank = float(np.mean(info["rank"]))
-            metrics_logger.log_value((RANK_CELLS, f"{info['layer']}:{info['segment']}"), rank, reduce="mean")
+            metrics_logger.log_value((RANK_CELLS, f"{info['layer']}:{info.get('segment', 0)}"), rank, reduce="mean")
             metrics_logger.log_value((RANK_COUNTS, f"{rank:g}"), 1, reduce="sum")
 
 

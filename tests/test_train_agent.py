@@ -360,3 +360,55 @@ def test_a_sample_count_that_would_hang_reset_is_refused():
 
     with pytest.raises(ValueError, match="sensitivity_samples must be an integer <= 1024"):
         EnvConfig(sensitivity_samples=2**40)
+
+
+TINY_KV = ["--env", "DRRL-KVCache-v0", "--context", "48", "--prompts", "4", "--observe-tokens", "8", "--horizon", "8",
+           "--ranks", "4", "8", "12", "16", "--recent-tokens", "4", "--cache-budget", "0.6", "0.75"]  # fmt: skip
+
+
+@pytest.mark.expensive
+def test_train_agent_in_the_key_cache_env(tiny_layered_model_dir, tmp_path):
+    """--env DRRL-KVCache-v0: the self-profile teacher's dataset, BC, MaskablePPO, the comparison at both budgets."""
+    out = run(
+        "train_agent.py", *TINY_KV, "--model", tiny_layered_model_dir, "--warm-start-episodes", "8",
+        "--bc-epochs", "5", "--total-timesteps", "16", "--n-steps", "8", "--eval-episodes", "2",
+        "--logdir", str(tmp_path / "runs"), "--run-name", "kv", DRRL_CACHE_DIR=str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "behaviour cloning: held-out agreement with the teacher" in out.stdout
+    (teacher,) = (tmp_path / "cache" / "datasets").glob("kv-self_profile-*")
+    metadata = json.loads((teacher / "metadata.json").read_text())
+    assert metadata["env_id"] == "DRRL-KVCache-v0" and metadata["policy"] == "self_profile"
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 0.")]
+    table = {(cells[0].strip(), cells[1].strip()): [c.strip() for c in cells[2:]] for cells in rows}
+    names = ("uniform", "static", "logit_error", "self_profile", "hindsight", "bc (this run's start)",
+             "maskable_ppo (this run)")  # fmt: skip
+    assert set(table) == {(budget, name) for budget in ("0.75", "0.6") for name in names}
+    for budget in ("0.75", "0.6"):
+        assert float(table[budget, "maskable_ppo (this run)"][3]) <= float(budget) + 1e-9  # the key cache used
+        assert table[budget, "hindsight"][4] == "- (ceiling)"
+    import csv
+
+    with open(tmp_path / "runs" / "kv" / "comparison.csv") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == 14 and all(len(row["kls"].split()) == 2 for row in csv_rows)
+    assert (tmp_path / "runs" / "kv" / "model.safetensors").is_file()
+
+
+def test_the_key_cache_env_refuses_the_attention_options(tmp_path, capsys):
+    from train_agent import main
+
+    def refused(*argv: str) -> str:
+        assert main([*TINY_KV, *argv, "--logdir", str(tmp_path)]) == 2
+        return capsys.readouterr().err
+
+    assert "--warm-start hindsight: DRRL-KVCache-v0 takes one of ('self_profile', 'none')" in refused(
+        "--warm-start", "hindsight"
+    )
+    assert "--preset per-head trains in DRRL-Attention-v0, not in --env DRRL-KVCache-v0" in refused(
+        "--preset", "per-head"
+    )
+    assert "--compare 'fixed:8': expected one of" in refused("--compare", "fixed:8")
+    assert "--eval-every: DRRL-KVCache-v0's evaluation is the comparison" in refused("--eval-every", "8")
+    assert main(["--warm-start", "self_profile", "--logdir", str(tmp_path)]) == 2
+    assert "--warm-start self_profile: the teacher of DRRL-KVCache-v0" in capsys.readouterr().err

@@ -267,3 +267,20 @@ def test_rllibs_masked_vector_env(tiny_model_dir):
         observations, _, terminated, _, _ = envs.step(envs.unwrapped.action_masks().argmax(axis=1))
     assert terminated.all() and (observations["action_mask"] == 1.0).all()  # defined distributions after the end
     envs.close()
+
+
+@pytest.mark.expensive
+def test_rllib_trains_in_the_key_cache_env(tiny_kwargs, tmp_path):
+    rllib()
+    options = ["--env", "DRRL-KVCache-v0", "--model", tiny_kwargs["model"], "--context", "48", "--prompts", "2",
+               "--observe-tokens", "8", "--horizon", "8", "--ranks", "4", "8", "12", "16", "--recent-tokens", "4",
+               "--cache-budget", "0.6", "0.75", "--num-env-runners", "0", "--train-batch-size", "16",
+               "--minibatch-size", "8", "--num-epochs", "1", "--total-timesteps", "16", "--eval-episodes", "1",
+               "--compare", "uniform", "static", "--logdir", str(tmp_path)]  # fmt: skip
+    out = run("-m", "agents.rllib", *options)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = tmp_path.glob("DRRL-KVCache-v0__rllib_ppo__0__*")
+    assert (run_dir / "model.safetensors").is_file()
+    rows = [line.split("|")[2].strip() for line in out.stdout.splitlines() if line.startswith("| 0.")]
+    assert rows == ["uniform", "static", "rllib_ppo (this run)"] * 2  # at both budgets
+    assert scalars(run_dir, "rollout/ep_rew_mean")
