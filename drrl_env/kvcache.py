@@ -6,7 +6,9 @@ key-cache rank of every layer, one step per layer (candidates ``ranks``); then t
 full model's own greedy continuation are scored teacher-forced through the compressed cache (keys projected on each
 layer's basis of the prompt and the observed tokens, the attention sinks and the recent window exact, values at
 full width: :mod:`drrl_env.generation.decode`). The reward, at the last step, is minus the mean per-token
-``KL(p_full || p)`` of the scored tokens' next-token distributions (label-free).
+``KL(p_full || p)`` of the scored tokens' next-token distributions (label-free), or with ``kl_baseline`` its
+improvement on a fixed rule's KL on the same prompt and budget (the paired reward: ``KL_b - KL`` or
+``log(KL_b / KL)``, the fixed rule uniform ranks or the static decode allocation).
 
 **Budget.** A share ``cache_budget`` of the full key cache's bytes after the observed tokens (the exact sink and
 window keys counted; values are always full and not part of it), enforced by the action mask as in
@@ -54,12 +56,16 @@ from drrl_env.generation.decode_profile import (
 )
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.generation.kv_cache import LowRankKeyCache, layer_bytes
-from drrl_env.lm.corpora import DEFAULT_CORPUS, corpus_tokens, sequential_chunks
+from drrl_env.lm.corpora import DEFAULT_CORPUS, EVALUATION_ONLY, corpus_tokens, sequential_chunks
 from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm, resolve_device
 from drrl_env.lm.scoring import next_token_kl
+from drrl_env.profiles.validation import DECODE_PROFILE_PROMPTS, validation_profile
+from drrl_env.profiles.waterfill import allocate_ranks
+from drrl_env.reward import kl_terminal_reward
 
 KVCACHE_ENV_ID = "DRRL-KVCache-v0"
 KV_BASES = ("joint", "separate")
+KV_BASELINES = ("none", "uniform", "uniform_log_ratio", "static", "static_log_ratio")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,11 @@ class KVCacheConfig:
     """the window of last positions whose keys stay exact for every decode step"""
     cached_prompts: int = 4
     """prompts whose precomputed state is kept in memory (least recently used evicted)"""
+    kl_baseline: str = "none"
+    """the terminal reward: 'none' (-KL), or paired with a fixed rule's KL on the same prompt and budget: 'uniform' /
+    'static' (KL_b - KL, KL_b of uniform ranks / of the static decode allocation, the water-fill of the validation
+    decode profile), 'uniform_log_ratio' / 'static_log_ratio' (log(KL_b / KL)); it costs one more scored
+    continuation per new prompt and allocation"""
     device: str = "cpu"
     """torch device of the model ('cpu', 'cuda', 'auto')"""
 
@@ -116,6 +127,8 @@ class KVCacheConfig:
         object.__setattr__(self, "ranks", tuple(sorted({int(r) for r in ranks})))
         if self.basis not in KV_BASES:
             raise ValueError(f"basis must be one of {KV_BASES}, got {self.basis!r}")
+        if self.kl_baseline not in KV_BASELINES:
+            raise ValueError(f"kl_baseline must be one of {KV_BASELINES}, got {self.kl_baseline!r}")
         budget = self.cache_budget
         if budget is not None:
             bounds = (budget, budget) if not isinstance(budget, (tuple, list)) else tuple(budget)
@@ -167,6 +180,8 @@ class PromptState:
     prompt_errors: np.ndarray
     seconds: float
     seconds_observation: float
+    kls: dict[tuple[int, ...], float] = dataclasses.field(default_factory=dict)
+    """the KL of every allocation scored on this prompt so far (an episode that repeats one scores nothing new)"""
 
 
 def layer_key_bytes(cache: LowRankKeyCache) -> list[int]:
@@ -369,10 +384,15 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         terminated = len(self._plan) == self.num_layers
         reward = 0.0
         if terminated:
-            logits = episode_logits(self.loaded, self.config, self._state, self._plan)
-            info["kl"] = next_token_kl(self._state.reference, logits)
+            info["kl"] = self._kl(self._plan)
             info["ranks"] = list(self._plan)
-            reward = -info["kl"]
+            baseline = self.config.kl_baseline
+            if baseline != "none":
+                uniform = baseline.startswith("uniform")
+                rule = self.uniform_plan() if uniform else self.waterfill_plan(self.static_profile())
+                info["kl_baseline"] = self._kl([self.config.ranks[index] for index in rule])
+            paired = {"static": "reference", "static_log_ratio": "reference_log_ratio"}.get(baseline, baseline)
+            reward = kl_terminal_reward(info["kl"], info.get("kl_baseline"), paired)
             self._final = {"budget_used": info["budget_used"], "kl": info["kl"]}
             info["action_mask"] = np.zeros(len(self.config.ranks), dtype=bool)
             observation = np.zeros(self.observation_space.shape, np.float32)
@@ -436,6 +456,34 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before action_masks()")
         return self._budget.mask(len(self._plan))
 
+    def byte_shares(self) -> np.ndarray:
+        """``(K,)`` a layer's key bytes at each candidate over its full key bytes, on the current prompt (mean)."""
+        state = self.current_prompt
+        return (state.layer_bytes / state.full_layer_bytes[:, None]).mean(axis=0)
+
+    def waterfill_plan(self, profile: np.ndarray) -> list[int]:
+        """The water-fill of ``profile`` ``(L, K)`` at the episode's budget: a candidate index per layer."""
+        return [int(index) for index in allocate_ranks(profile, self.byte_shares(), self.budget_share)]
+
+    def uniform_plan(self) -> list[int]:
+        """Every layer at the largest candidate whose key-byte share fits the episode's budget."""
+        fitting = np.flatnonzero(self.byte_shares() <= self.budget_share + 1e-12)
+        return [int(fitting.max()) if len(fitting) else 0] * self.num_layers
+
+    def static_profile(self, progress: bool = False) -> np.ndarray:
+        """``(L, K)`` the validation decode profile of the env's model and candidates (measured once, cached on disk).
+
+        Its water-fill is the static decode allocation. The validation split of the env's corpus, or of the default
+        corpus for an evaluation-only one (news, shakespeare): chosen on text other than the prompts'.
+        """
+        cfg = self.config
+        corpus = DEFAULT_CORPUS if cfg.corpus in EVALUATION_ONLY else cfg.corpus
+        max_tokens = cfg.context * DECODE_PROFILE_PROMPTS
+        cost, _ = validation_profile(
+            cfg.model, corpus, cfg.context, None, cfg.ranks, cfg.basis, cfg.device, max_tokens, progress, "decode"
+        )
+        return cost
+
     def observation_flops(self) -> float:
         """FLOPs of the observation's statistics beyond the generation's own work, per episode (an estimate).
 
@@ -463,6 +511,14 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         while len(self._states) > self.config.cached_prompts:
             self._states.popitem(last=False)
         return state
+
+    def _kl(self, plan: list[int]) -> float:
+        """The KL per scored token of the current prompt through the cache of ``plan`` (ranks), kept per prompt."""
+        key = tuple(int(rank) for rank in plan)
+        kls = self._state.kls
+        if key not in kls:
+            kls[key] = next_token_kl(self._state.reference, episode_logits(self.loaded, self.config, self._state, plan))
+        return kls[key]
 
     def _observation(self) -> np.ndarray:
         layer, state, budget = len(self._plan), self._state, self._budget

@@ -37,8 +37,8 @@ from drrl_env.lm.models import DEFAULT_MODEL, load_causal_lm
 from drrl_env.lm.scoring import lm_loss, replay_scores
 from drrl_env.profiles.kl import FISHER_SAMPLES, layer_kl_profile
 from drrl_env.profiles.sensitivity import fisher_kl_profile
+from drrl_env.profiles.validation import validation_profile
 from drrl_env.profiles.waterfill import allocate_ranks, rank_shares
-from oracle.static import validation_profile
 
 
 def mean_offdiagonal_correlation(rows: np.ndarray) -> float:

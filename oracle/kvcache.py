@@ -2,11 +2,11 @@
 
 Each is a :class:`oracle.policy.RankPolicy` (``act(observation, action_mask, env)`` on the unwrapped env) that
 plans the episode at its first layer, mostly by the water-fill (:func:`drrl_env.profiles.waterfill.allocate_ranks`)
-of a ``(L, K)`` decode profile over the layers' key-byte shares:
+of a ``(L, K)`` decode profile over the layers' key-byte shares (:meth:`DRRLKVCacheEnv.waterfill_plan`):
 
 * ``uniform``: every layer at the largest candidate the budget allows for all of them;
-* ``static``: the water-fill of a validation decode profile (``oracle.static.validation_profile`` with the
-  ``decode`` estimate: one allocation for every prompt, chosen on validation text);
+* ``static``: the water-fill of a validation decode profile (:meth:`DRRLKVCacheEnv.static_profile`: one
+  allocation for every prompt, chosen on validation text);
 * ``logit_error``: the water-fill of the observation's own statistic, the observed tokens' relative logit error
   at each candidate (a fixed rule on what the agent sees);
 * ``self_profile``: the water-fill of the prompt's own decode profile over its observed tokens (the prompt's
@@ -29,42 +29,10 @@ import numpy as np
 
 from drrl_env.generation.decode_profile import decode_kl_profile
 from drrl_env.kvcache import DRRLKVCacheEnv
-from drrl_env.lm.corpora import DEFAULT_CORPUS, EVALUATION_ONLY
-from drrl_env.profiles.waterfill import allocate_ranks
-from oracle.static import DECODE_PROFILE_PROMPTS, validation_profile
 
 KV_POLICIES = ("uniform", "static", "logit_error", "self_profile", "hindsight", "random")
 KV_CEILINGS = ("hindsight",)
 """policies that see the scored text: ceilings, not policies; their decision cost is not defined"""
-
-
-def byte_shares(env: DRRLKVCacheEnv) -> np.ndarray:
-    """``(K,)`` key bytes of a layer at each candidate over its full key bytes (the same for every layer)."""
-    state = env.current_prompt
-    return (state.layer_bytes / state.full_layer_bytes[:, None]).mean(axis=0)
-
-
-def waterfill(env: DRRLKVCacheEnv, profile: np.ndarray) -> list[int]:
-    """The water-fill of ``profile`` ``(L, K)`` at the episode's budget: a candidate index per layer."""
-    return list(allocate_ranks(profile, byte_shares(env), env.budget_share))
-
-
-def uniform_plan(env: DRRLKVCacheEnv) -> list[int]:
-    """Every layer at the largest candidate whose share fits the budget."""
-    shares = byte_shares(env)
-    fitting = np.flatnonzero(shares <= env.budget_share + 1e-12)
-    return [int(fitting.max()) if len(fitting) else 0] * env.num_layers
-
-
-def static_profile(env: DRRLKVCacheEnv, progress: bool = False) -> np.ndarray:
-    """``(L, K)`` the validation decode profile (cached on disk by ``oracle.static``)."""
-    cfg = env.config
-    corpus = DEFAULT_CORPUS if cfg.corpus in EVALUATION_ONLY else cfg.corpus
-    max_tokens = cfg.context * DECODE_PROFILE_PROMPTS
-    cost, _ = validation_profile(
-        cfg.model, corpus, cfg.context, None, cfg.ranks, cfg.basis, cfg.device, max_tokens, progress, "decode"
-    )
-    return cost
 
 
 def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
@@ -92,7 +60,7 @@ def hindsight_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 
 
 PROFILES: dict[str, Callable[[DRRLKVCacheEnv], np.ndarray]] = {
-    "static": static_profile,
+    "static": DRRLKVCacheEnv.static_profile,
     "logit_error": logit_error_profile,
     "self_profile": self_profile,
     "hindsight": hindsight_profile,
@@ -134,7 +102,7 @@ class ProfilePolicy(PlannedPolicy):
         return self.profiles[key]
 
     def _plan(self, env: DRRLKVCacheEnv) -> list[int]:
-        return waterfill(env, self.profile(env))
+        return env.waterfill_plan(self.profile(env))
 
 
 class RandomPolicy:
@@ -157,7 +125,7 @@ def kv_policy(name: str, seed: int = 0) -> PlannedPolicy | RandomPolicy:
     if name == "random":
         return RandomPolicy(seed)
     if name == "uniform":
-        return PlannedPolicy(name, uniform_plan)
+        return PlannedPolicy(name, DRRLKVCacheEnv.uniform_plan)
     if name not in PROFILES:
         raise ValueError(f"KV-cache policy must be one of {KV_POLICIES}, got {name!r}")
     return ProfilePolicy(name)

@@ -141,3 +141,21 @@ def test_an_episode_record_replays(make):
     assert result.matches, result.message
     record["kl"] += 1e-3
     assert not replay(record).matches
+
+
+@pytest.mark.parametrize("baseline", ["uniform", "uniform_log_ratio", "static", "static_log_ratio"])
+def test_the_paired_reward_is_the_improvement_on_the_fixed_rules_kl_on_the_same_prompt(make, baseline):
+    import math
+
+    plain, paired = make(), make(kl_baseline=baseline)
+    plain.reset(seed=3)
+    rule = plain.uniform_plan() if baseline.startswith("uniform") else plain.waterfill_plan(plain.static_profile())
+    *_, rule_info = play(plain, lambda env: rule[env.layer], seed=3)  # the fixed rule played as an episode
+    agent = [0, 3]  # another allocation, refused down to what the budget allows
+    *_, info = play(plain, lambda env: agent[env.layer], seed=3)
+    _, reward, paired_info = play(paired, lambda env: agent[env.layer], seed=3)
+    assert paired_info["kl"] == info["kl"] and paired_info["kl_baseline"] == rule_info["kl"]
+    difference = rule_info["kl"] - info["kl"]
+    ratio = math.log(max(rule_info["kl"], 1e-9) / max(info["kl"], 1e-9))
+    assert reward == pytest.approx(ratio if baseline.endswith("log_ratio") else difference, rel=1e-12, abs=1e-15)
+    assert info["kl"] != rule_info["kl"]  # the test compares two allocations, not one with itself

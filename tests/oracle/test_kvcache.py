@@ -11,14 +11,12 @@ from oracle.kvcache import (
     KV_POLICIES,
     PlannedPolicy,
     ProfilePolicy,
-    byte_shares,
     decision_flops,
     generation_flops,
     hindsight_profile,
     kv_policy,
     play,
     self_profile,
-    waterfill,
 )
 
 TINY_KV = dict(context=48, prompts=2, observe_tokens=8, horizon=8, ranks=(4, 8, 12, 16), recent_tokens=4)
@@ -31,7 +29,7 @@ def env(tiny_layered_model_dir):
 
 def test_uniform_is_the_largest_equal_rank_within_budget(env):
     observation, _ = env.reset(seed=0)
-    shares = byte_shares(env)
+    shares = env.byte_shares()
     assert np.all(np.diff(shares) > 0) and shares[-1] == pytest.approx(1.0)
     info = play(env, kv_policy("uniform"), observation)
     assert len(set(info["ranks"])) == 1 and info["budget_used"] <= 0.6 + 1e-12
@@ -43,7 +41,7 @@ def test_the_water_fill_spends_the_budget_where_the_profile_says(env):
     observation, _ = env.reset(seed=0)
     profile = np.zeros((env.num_layers, len(env.config.ranks)))
     profile[1, :-1] = [8.0, 4.0, 2.0]  # layer 1 is sensitive, layer 0 costs nothing
-    plan = waterfill(env, profile)
+    plan = env.waterfill_plan(profile)
     assert plan[1] > plan[0]
     info = play(env, PlannedPolicy("planned", lambda env: plan), observation)
     assert info["ranks"] == [env.config.ranks[i] for i in plan] and info["budget_used"] <= 0.6 + 1e-12

@@ -27,7 +27,7 @@ def test_calibration_grams_and_profiles_validate_what_they_read(tmp_path):
     from safetensors.torch import save_file
 
     from drrl_env.profiles.calibration import _load_grams
-    from oracle.static import _load_profile
+    from drrl_env.profiles.validation import _load_profile
 
     save_file({"query": torch.ones(1, 2, 4, 4), "key": torch.full((1, 2, 4, 4), float("inf"))}, tmp_path / "g.st")
     with pytest.raises(ValueError, match="finite"):
