@@ -13,6 +13,10 @@ agreement.
     python -m agents.generate --policy static:fisher --prompt "The history of the city" --max-new-tokens 48
     python -m agents.generate --policy fixed:32 --corpus wiki --context 512 --prompts 2
     python -m agents.generate --policy static:0.484:decode --seq-len 1024 --ranks 16 32 48 64 --context 4096
+    python -m agents.generate --env DRRL-KVCache-v0 --policy RUN/model.safetensors   # observe, then commit
+
+``--env DRRL-KVCache-v0`` (:mod:`agents.kv_generate`): the policy commits the ranks after the full model's first
+generated tokens, from what they showed (an agent of ``train_agent.py --env DRRL-KVCache-v0``).
 
 ``static:F:decode`` water-fills a profile of generation itself (:mod:`drrl_env.generation.decode_profile`, on
 ``--seq-len``-token validation prompts, cached on disk): the per-layer ranks that meet the key
@@ -32,12 +36,13 @@ import torch
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.attention.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
-from drrl_env.cli import add_env_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
+from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
 from drrl_env.config import PER_LAYER_ENV_ID
 from drrl_env.env import DRRLAttentionEnv
 from drrl_env.generation.decode import generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
 from drrl_env.lm.models import LoadedModel, ModelNotAvailableError, load_causal_lm
 from drrl_env.lm.scoring import next_token_kl
@@ -190,6 +195,10 @@ def corpus_prompts(
 
 
 def main(argv: list[str] | None = None) -> int:
+    if env_id_of(argv, PER_LAYER_ENV_ID, ENV_IDS) == KVCACHE_ENV_ID:  # observe, then commit: agents.kv_generate
+        from agents.kv_generate import main as kv_main
+
+        return kv_main(argv)
     args = build_parser(argv).parse_args(argv)
     if args.spectral_mode is None:  # a policy observes, and profiles, the basis generation uses
         args.spectral_mode = args.basis if args.basis in PER_PROMPT_KINDS else "joint"

@@ -319,14 +319,18 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Start an episode.
 
-        ``options``: ``prompt`` (an index into the pool instead of a drawn one), ``budget`` (this episode's
-        key-cache share instead of a drawn one; needs ``cache_budget``).
+        ``options``: ``prompt`` (an index into the pool instead of a drawn one), ``input_ids`` (a prompt of one's
+        own, ``(1, n)`` or ``(n,)`` token ids, ``n >= 2``: its state is computed for this episode and not kept in
+        the pool's cache; ``info["prompt"]`` is then -1), ``budget`` (this episode's key-cache share instead of a
+        drawn one; needs ``cache_budget``).
         """
         super().reset(seed=seed)
         options = dict(options or {})
-        unknown = sorted(set(options) - {"prompt", "budget"})
+        unknown = sorted(set(options) - {"prompt", "budget", "input_ids"})
         if unknown:
-            raise ValueError(f"reset options must be 'prompt' or 'budget', got {unknown}")
+            raise ValueError(f"reset options must be 'prompt', 'input_ids' or 'budget', got {unknown}")
+        if "prompt" in options and "input_ids" in options:
+            raise ValueError("reset options 'prompt' and 'input_ids' exclude each other")
         cfg = self.config
         episode_seed = int(self.np_random.integers(2**63))  # draws the prompt and the budget (a record replays it)
         rng = np.random.default_rng(episode_seed)
@@ -347,7 +351,10 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
                     f"reset option budget must be a share in (0, 1] of an env with a cache_budget, got {share!r}"
                 )
             share = float(share)
-        self._state = self._prompt(index)
+        if "input_ids" in options:
+            self._state, index = self._own_prompt(options["input_ids"]), -1
+        else:
+            self._state = self._prompt(index)
         self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
         self._plan, self._index, self._steps, self._final = [], index, [], {}
         self._episode_seed = episode_seed
@@ -417,6 +424,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             "version": 1, "env_id": KVCACHE_ENV_ID, "config": config, "episode_seed": self._episode_seed,
             "guardrail_step": 0, "prompt": self._index, "budget": self._budget.share, "steps": list(self._steps),
             "terminated": bool(self._final), **self._final,
+            **({"input_ids": self.prompt_ids[0].tolist()} if self._index < 0 else {}),
         }  # fmt: skip
 
     @property
@@ -430,6 +438,11 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if self._state is None:
             raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before prompt_index")
         return self._index
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        """``(1, n)`` the current episode's prompt (without the observed tokens)."""
+        return self.current_prompt.prefix[:, : -self.config.observe_tokens]
 
     @property
     def budget_share(self) -> float:
@@ -519,6 +532,21 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if key not in kls:
             kls[key] = next_token_kl(self._state.reference, episode_logits(self.loaded, self.config, self._state, plan))
         return kls[key]
+
+    def _own_prompt(self, input_ids: Any) -> PromptState:
+        """The state of a prompt given as token ids (``reset(options={"input_ids": ...})``), not kept."""
+        ids = torch.as_tensor(np.asarray(input_ids))
+        if ids.dim() == 1:
+            ids = ids[None]
+        vocabulary = self.loaded.model.config.vocab_size
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"reset option input_ids must be (1, n) or (n,) token ids with n >= 2, got {input_ids!r}")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocabulary:
+            raise ValueError(f"reset option input_ids must be token ids in [0, {vocabulary}), got {input_ids!r}")
+        cfg = self.config
+        length = ids.shape[1] + cfg.observe_tokens + cfg.horizon
+        self.loaded.check_length(length, "input_ids + observe_tokens + horizon")
+        return prompt_state(self.loaded, ids.long().to(self.device), cfg)
 
     def _observation(self) -> np.ndarray:
         layer, state, budget = len(self._plan), self._state, self._budget

@@ -56,7 +56,8 @@ def replay(record: dict[str, Any], atol: float = 1e-9, **overrides: Any) -> Repl
     env = gym.make(env_id, **{**record["config"], **overrides}).unwrapped
     try:
         if env_id == KVCACHE_ENV_ID:  # the episode's prompt and budget, as it was reset
-            options = {"prompt": int(record["prompt"])}
+            own = record.get("input_ids")  # a prompt given as token ids (reset option input_ids), else the pool's
+            options = {"input_ids": own} if own is not None else {"prompt": int(record["prompt"])}
             options |= {"budget": float(record["budget"])} if env.config.cache_budget is not None else {}
         else:
             options = {"episode_seed": int(record["episode_seed"]), "guardrail_step": int(record["guardrail_step"])}

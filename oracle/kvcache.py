@@ -42,10 +42,9 @@ def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 
 def self_profile(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(L, K)`` the prompt's own decode profile over its observed tokens (the teacher; causal)."""
-    cfg, state = env.config, env.current_prompt
-    prompt = state.prefix[:, : cfg.context]
+    cfg = env.config
     return decode_kl_profile(
-        env.loaded, prompt, cfg.ranks, cfg.observe_tokens, cfg.basis,
+        env.loaded, env.prompt_ids, cfg.ranks, cfg.observe_tokens, cfg.basis,
         sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
     )  # fmt: skip
 
@@ -87,7 +86,7 @@ class ProfilePolicy(PlannedPolicy):
     """The water-fill of a profile (:data:`PROFILES`), measured once per prompt and kept (``profiles``).
 
     A prompt's profile does not depend on the budget, so a policy played at several budgets on a prompt measures it
-    once; the kept profiles are keyed by the env's config and the prompt's index.
+    once; the kept profiles are keyed by the env's config and the prompt (its index in the pool, or its tokens).
     """
 
     def __init__(self, name: str) -> None:
@@ -96,7 +95,8 @@ class ProfilePolicy(PlannedPolicy):
 
     def profile(self, env: DRRLKVCacheEnv) -> np.ndarray:
         """``(L, K)`` this policy's profile of the env's current prompt (the static one: the same for every prompt)."""
-        key = (env.config, None if self.name == "static" else env.prompt_index)
+        prompt = env.prompt_index if env.prompt_index >= 0 else tuple(env.prompt_ids[0].tolist())  # own prompts
+        key = (env.config, None if self.name == "static" else prompt)
         if key not in self.profiles:
             self.profiles[key] = PROFILES[self.name](env)
         return self.profiles[key]
