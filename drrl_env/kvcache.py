@@ -512,6 +512,12 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         per_group = 2 * d**2 * rows + 10 * d**3 + len(cfg.ranks) * 4 * d**3
         return float(shape.num_layers * shape.kv_heads * per_group)
 
+    def close(self) -> None:
+        """Drop the kept prompts' states (their caches and logits: hundreds of MB each at context 1024)."""
+        self._states.clear()
+        self._state = None
+        super().close()
+
     # ----------------------------------------------------------------- internals
     def _prompt(self, index: int) -> PromptState:
         """The prompt's state, from the kept ones or computed (evicting the least recently used)."""

@@ -54,3 +54,25 @@ def test_bad_command_lines_get_one_line_before_any_work(argv, message, tmp_path,
     assert leaderboard.main([*argv, "--out", str(tmp_path / "board")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and message in error and "\n" not in error
+
+
+def test_the_key_cache_task_ranks_its_entries_beside_the_prefill_tasks(tiny_layered_model_dir, tmp_path):
+    from agents.leaderboard import run_kv_entries
+
+    kv = dict(model=tiny_layered_model_dir, context=48, observe_tokens=8, horizon=8, ranks=(4, 8, 12, 16),
+              recent_tokens=4)  # fmt: skip
+    protocol = Protocol(corpora=("wiki",), kv_budgets=(0.75, 0.6), kv_prompts=2, kv_overrides=kv)
+    specs = ("uniform", "static", "self_profile", "hindsight")
+    records = run_kv_entries(specs, protocol)
+    assert [(r["task"], r["budget"]) for r in records["static"]] == [("key-cache", 0.75), ("key-cache", 0.6)]
+    prefill = {name: float("nan") for name in FIELDS} | {"task": "per-head", "corpus": "wiki", "budget": 0.5, "kl": 1.0}
+    write_entry(tmp_path / "uniform", [prefill], "python -m agents.leaderboard uniform")  # a prefill task's cell
+    for spec in specs:
+        write_entry(tmp_path / spec, records[spec], f"python -m agents.leaderboard {spec} --tasks key-cache")
+    entries = read_entries(tmp_path)
+    assert {r["task"] for r in entries["uniform"]} == {"per-head", "key-cache"}  # the other task's cells kept
+    table = write_leaderboard(tmp_path).read_text()
+    section = table.split("### key-cache")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
+    assert len(rows) == 4 and any("- (ceiling)" in row for row in rows if "[hindsight]" in row)
+    assert "### per-head" in table and "[uniform]" in table.split("### per-head")[1].split("###")[0]
