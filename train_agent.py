@@ -43,7 +43,7 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.kv_evaluate import kv_comparison, kv_markdown_table, write_kv_csv
+from agents.kv_evaluate import check_kv_spec, kv_comparison, kv_markdown_table, write_kv_csv
 from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
 from agents.results import read_csv
@@ -139,10 +139,7 @@ def check_kv_options(run: RunOptions) -> None:
     if train.eval_every:
         raise ValueError(f"--eval-every: {KVCACHE_ENV_ID}'s evaluation is the comparison after training")
     for spec in run.compare.compare:
-        if spec not in KV_POLICIES and not spec.endswith(".safetensors"):
-            raise ValueError(f"--compare {spec!r}: expected one of {KV_POLICIES} or an agent .safetensors file")
-        if spec.endswith(".safetensors") and not Path(spec).is_file():
-            raise ValueError(f"--compare {spec}: no such agent file")
+        check_kv_spec(spec, "--compare")
     if run.env["cache_budget"] is None and run.compare.compare:
         raise ValueError("--cache-budget none: the comparison is at equal key-cache bytes; give a budget")
 

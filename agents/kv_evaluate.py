@@ -16,7 +16,6 @@ KL (``-reward``), measured through the compressed cache. Reported per budget and
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -28,8 +27,8 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.results import write_rows_csv
 from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
-from drrl_env.lm.files import write_atomic
 from oracle.kvcache import KV_POLICIES, ProfilePolicy, decision_flops, generation_flops, play
 from oracle.policy import RankPolicy
 
@@ -77,6 +76,15 @@ class _TimedPolicy:
         action = self.policy.act(observation, action_mask, env)
         self.seconds += time.perf_counter() - started
         return action
+
+
+def check_kv_spec(spec: str, option: str) -> None:
+    """Refuse, before any work, a spec of DRRL-KVCache-v0 that is neither a rule of ``oracle.kvcache`` nor a file.
+
+    ``option`` names the command's option, for the one-line ``ValueError``.
+    """
+    if spec not in KV_POLICIES and not Path(spec).is_file():
+        raise ValueError(f"{option} {spec!r}: expected an agent file or one of {KV_POLICIES}")
 
 
 def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:
@@ -183,14 +191,4 @@ def kv_markdown_table(rows: Sequence[KVRow], env_kwargs: dict[str, Any], split: 
 
 def write_kv_csv(rows: Sequence[KVRow], path: str | Path) -> None:
     """Every field of every row (per-prompt KLs and ranks as space-separated lists), written atomically."""
-    fields = [f.name for f in dataclasses.fields(KVRow)]
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(fields)
-            for row in rows:
-                values = [getattr(row, name) for name in fields]
-                writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
-
-    write_atomic(Path(path), write)
+    write_rows_csv(rows, [f.name for f in dataclasses.fields(KVRow)], path)

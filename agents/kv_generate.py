@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import gymnasium as gym
 import torch
 
 from agents.generate import compare_with_full, full_cache_bytes
-from agents.kv_evaluate import policy_decision_flops
+from agents.kv_evaluate import check_kv_spec, policy_decision_flops
 from agents.zoo import make_policy
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
 from drrl_env.generation.decode import generate
@@ -68,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.policy in KV_CEILINGS:
             raise ValueError(f"--policy {args.policy} sees the text it is scored on: a ceiling, not a policy")
-        if args.policy not in KV_POLICIES and not Path(args.policy).is_file():
-            raise ValueError(f"--policy {args.policy!r}: expected an agent file or one of {KV_POLICIES}")
+        check_kv_spec(args.policy, "--policy")
         env: DRRLKVCacheEnv = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
         policy = kv_policy(args.policy, args.seed) if args.policy in KV_POLICIES else make_policy(args.policy, kwargs)
         tokenizer = env.loaded.tokenizer

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from agents.evaluate import evaluate_policy
-from agents.kv_evaluate import KVRow, kv_comparison
+from agents.kv_evaluate import KVRow, check_kv_spec, kv_comparison
 from agents.results import EvaluationRow
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env.config import ENV_ID, PER_LAYER_ENV_ID, VARIANTS, EnvConfig
@@ -149,12 +149,6 @@ def _kv_record(row: KVRow, task: str, corpus: str) -> dict[str, Any]:
                   decision_ms=row.decision_ms, mean_rank=row.mean_rank, cache_ratio=row.cache_used,
                   decision_share=row.decision_share_generation)  # fmt: skip
     return values
-
-
-def check_kv_spec(spec: str) -> None:
-    """Refuse a spec the key-cache task cannot run: neither a rule of ``oracle.kvcache`` nor an existing file."""
-    if spec not in KV_POLICIES and not Path(spec).is_file():
-        raise ValueError(f"{spec!r} does not run in the key-cache task: expected an agent file or one of {KV_POLICIES}")
 
 
 def run_kv_entries(specs: Sequence[str], protocol: Protocol = PROTOCOL) -> dict[str, list[dict[str, Any]]]:
@@ -355,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             if prefill_tasks:
                 check_policy_spec(spec, "policies")
             if kv:
-                check_kv_spec(spec)
+                check_kv_spec(spec, "policies (key-cache task)")
         kv_records = run_kv_entries(args.policies) if kv else {}
         for spec in args.policies:
             name = args.name or entry_name(spec)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from drrl_env.lm.files import write_atomic
 
@@ -201,7 +203,11 @@ back empty"""
 def write_csv(rows: list[EvaluationRow], path: Path) -> None:
     """All fields of every row (per-layer ranks as a space-separated list)."""
     fields = [f.name for f in dataclasses.fields(EvaluationRow) if f.name not in NOT_IN_CSV]
-    fields += ["ppl", "ppl_full", "delta_ppl_percent", "flops_with_policy_ratio"]
+    write_rows_csv(rows, [*fields, "ppl", "ppl_full", "delta_ppl_percent", "flops_with_policy_ratio"], path)
+
+
+def write_rows_csv(rows: Sequence[Any], fields: Sequence[str], path: str | Path) -> None:
+    """The attributes ``fields`` of every row as a CSV (a list as its items space-separated), written atomically."""
 
     def write(temporary: str) -> None:
         with open(temporary, "w", newline="") as handle:
@@ -211,7 +217,7 @@ def write_csv(rows: list[EvaluationRow], path: Path) -> None:
                 values = [getattr(row, name) for name in fields]
                 writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in values])
 
-    write_atomic(path, write)
+    write_atomic(Path(path), write)
 
 
 def read_csv(path: Path) -> list[EvaluationRow]:

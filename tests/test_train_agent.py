@@ -408,7 +408,7 @@ def test_the_key_cache_env_refuses_the_attention_options(tmp_path, capsys):
     assert "--preset per-head trains in DRRL-Attention-v0, not in --env DRRL-KVCache-v0" in refused(
         "--preset", "per-head"
     )
-    assert "--compare 'fixed:8': expected one of" in refused("--compare", "fixed:8")
+    assert "--compare 'fixed:8': expected an agent file or one of" in refused("--compare", "fixed:8")
     assert "--eval-every: DRRL-KVCache-v0's evaluation is the comparison" in refused("--eval-every", "8")
     assert main(["--warm-start", "self_profile", "--logdir", str(tmp_path)]) == 2
     assert "--warm-start self_profile: the teacher of DRRL-KVCache-v0" in capsys.readouterr().err
