@@ -27,7 +27,7 @@ from drrl_env.kvcache import KVCACHE_ENV_ID
 
 BEST_COMPARE = ("uniform", "static:fisher", "hindsight:fisher", "hindsight:scaled_delta")
 """what the main command compares its agent with: the fixed rules at the same budget and the per-input ceilings"""
-KV_COMPARE = ("uniform", "static", "logit_error", "self_profile", "hindsight")
+KV_COMPARE = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight")
 """what an agent of DRRL-KVCache-v0 is compared with (oracle.kvcache): the fixed rules, the rule on its own
 observation, its teacher and the ceiling"""
 VEC_ENVS = ("auto", "batched", "sync", "subproc")

@@ -7,6 +7,9 @@ of a ``(L, K)`` decode profile over the layers' key-byte shares (:meth:`DRRLKVCa
 * ``uniform``: every layer at the largest candidate the budget allows for all of them;
 * ``static``: the water-fill of a validation decode profile (:meth:`DRRLKVCacheEnv.static_profile`: one
   allocation for every prompt, chosen on validation text);
+* ``energy``: the water-fill of the share of each layer's key energy (the prefix's key spectrum, per head) outside
+  each candidate's top singular directions (:func:`drrl_env.generation.decode_profile.key_energy_residuals`: the
+  adaptive-SVD energy criterion, spent at the budget);
 * ``logit_error``: the water-fill of the observation's own statistic, the observed tokens' relative logit error
   at each candidate (a fixed rule on what the agent sees);
 * ``self_profile``: the water-fill of the prompt's own decode profile over its observed tokens (the prompt's
@@ -27,12 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.generation.decode_profile import decode_kl_profile
+from drrl_env.generation.decode_profile import decode_kl_profile, key_energy_residuals
 from drrl_env.kvcache import DRRLKVCacheEnv
 
-KV_POLICIES = ("uniform", "static", "logit_error", "self_profile", "hindsight", "random")
+KV_POLICIES = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight", "random")
 KV_CEILINGS = ("hindsight",)
 """policies that see the scored text: ceilings, not policies; their decision cost is not defined"""
+
+
+def energy_profile(env: DRRLKVCacheEnv) -> np.ndarray:
+    """``(L, K)`` the prefix's key energy outside each candidate's top directions, per layer (heads averaged)."""
+    return key_energy_residuals(env.loaded, env.current_prompt.prefix, env.config.ranks, env.config.sink_tokens)
 
 
 def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
@@ -60,6 +68,7 @@ def hindsight_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 
 PROFILES: dict[str, Callable[[DRRLKVCacheEnv], np.ndarray]] = {
     "static": DRRLKVCacheEnv.static_profile,
+    "energy": energy_profile,
     "logit_error": logit_error_profile,
     "self_profile": self_profile,
     "hindsight": hindsight_profile,
@@ -168,11 +177,12 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
     """FLOPs of the signal a non-learned policy ``name`` computes per prompt before it commits: an estimate.
 
     ``uniform``, ``random``: 0; ``static``: 0 per prompt (its profile is computed once, on validation text);
-    ``logit_error``: the observation's statistics (:meth:`DRRLKVCacheEnv.observation_flops`); ``self_profile``: the
-    forward passes of ``decode_kl_profile`` over the prompt (a prefill of ``context`` tokens at full width and at
-    each candidate below the head dimension, the greedy continuation and its reference over ``observe_tokens``,
-    and ``observe_tokens`` teacher-forced tokens per layer and candidate below it), weights only; ``hindsight``:
-    NaN (a ceiling that sees the scored text, not a policy).
+    ``energy``: each layer's and key/value head's key Gram over the prefix (``2 n d^2``) and its eigenvalues (about
+    ``10 d^3``; the forward pass is the generation's own); ``logit_error``: the observation's statistics
+    (:meth:`DRRLKVCacheEnv.observation_flops`); ``self_profile``: the forward passes of ``decode_kl_profile`` over
+    the prompt (a prefill of ``context`` tokens at full width and at each candidate below the head dimension, the
+    greedy continuation and its reference over ``observe_tokens``, and ``observe_tokens`` teacher-forced tokens per
+    layer and candidate below it), weights only; ``hindsight``: NaN (a ceiling that sees the scored text).
     """
     cfg = env.config
     below = sum(1 for rank in cfg.ranks if rank < env.head_dim)
@@ -180,6 +190,9 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
         return float("nan")
     if name == "logit_error":
         return env.observation_flops()
+    if name == "energy":
+        d, keys = env.head_dim, cfg.context + cfg.observe_tokens
+        return float(env.num_layers * env.loaded.attention_shape.kv_heads * (2 * keys * d**2 + 10 * d**3))
     if name == "self_profile":
         tokens = (1 + below) * cfg.context + 2 * cfg.observe_tokens + env.num_layers * below * cfg.observe_tokens
         return forward_flops(env, tokens)

@@ -381,7 +381,7 @@ def test_train_agent_in_the_key_cache_env(tiny_layered_model_dir, tmp_path):
     assert metadata["env_id"] == "DRRL-KVCache-v0" and metadata["policy"] == "self_profile"
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 0.")]
     table = {(cells[0].strip(), cells[1].strip()): [c.strip() for c in cells[2:]] for cells in rows}
-    names = ("uniform", "static", "logit_error", "self_profile", "hindsight", "bc (this run's start)",
+    names = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight", "bc (this run's start)",
              "maskable_ppo (this run)")  # fmt: skip
     assert set(table) == {(budget, name) for budget in ("0.75", "0.6") for name in names}
     for budget in ("0.75", "0.6"):
@@ -391,7 +391,7 @@ def test_train_agent_in_the_key_cache_env(tiny_layered_model_dir, tmp_path):
 
     with open(tmp_path / "runs" / "kv" / "comparison.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
-    assert len(csv_rows) == 14 and all(len(row["kls"].split()) == 2 for row in csv_rows)
+    assert len(csv_rows) == 16 and all(len(row["kls"].split()) == 2 for row in csv_rows)
     assert (tmp_path / "runs" / "kv" / "model.safetensors").is_file()
 
 

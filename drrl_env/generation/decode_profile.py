@@ -179,3 +179,34 @@ def prefill_logit_errors(
     with install(loaded.model).use(handler):
         loaded.model(input_ids=prompt.to(loaded.device))
     return errors
+
+
+def key_energy_residuals(
+    loaded: LoadedModel, prompt: torch.Tensor, ranks: Sequence[int], sink_tokens: int = SINK_TOKENS
+) -> np.ndarray:
+    """``(L, K)`` the share of each layer's key energy outside its top-``r`` singular directions, at each candidate.
+
+    Per layer and key/value head, the eigenvalues ``s_1 >= s_2 >= ...`` of the Gram of the prompt's keys (``prompt``
+    ``(1, n)``, the sinks left out as a key basis leaves them out): ``1 - sum_{i <= r} s_i / sum_i s_i``, averaged
+    over the heads (0 at ranks ``>= d``). The energy criterion of adaptive-SVD rank selection (the ``energy:T``
+    baseline of the prefill), as a profile a water-fill can spend; one forward pass.
+    """
+    if prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise ValueError(f"prompt must be one (1, n) token row, got shape {tuple(prompt.shape)}")
+    shape = loaded.attention_shape
+    residuals = np.zeros((shape.num_layers, len(ranks)))
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        valid = key_validity(call)
+        sinks = find_sinks(call.key, valid, sink_tokens)
+        _, gram_k = prompt_grams(call.query.double(), call.key.double(), valid, sinks)
+        energy = torch.linalg.eigvalsh(gram_k[0]).flip(-1).clamp_min(0.0)  # (Hkv, d), descending
+        captured = energy.cumsum(-1) / energy.sum(-1, keepdim=True)
+        for k, rank in enumerate(ranks):
+            if rank < shape.head_dim:
+                residuals[call.layer, k] = float((1.0 - captured[:, int(rank) - 1]).mean())
+        return call.full()
+
+    with install(loaded.model).use(handler):
+        loaded.model(input_ids=prompt.to(loaded.device))
+    return residuals

@@ -112,3 +112,29 @@ def test_prefill_logit_errors_equal_the_eckart_young_truncation_of_the_stacked_l
     assert errors[0, 0] > errors[0, 1] > 0
     with pytest.raises(ValueError, match="window"):
         prefill_logit_errors(loaded, prompt, RANKS, window=0)
+
+
+def test_key_energy_residuals_equal_the_singular_values_of_the_keys(tiny_layered_model_dir):
+    from drrl_env.generation.decode_profile import key_energy_residuals
+
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    shape = loaded.attention_shape
+    prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
+    captured = []
+
+    def keep(call):
+        captured.append(call.key[0].double())
+        return call.full()
+
+    with torch.no_grad(), install(loaded.model).use(keep):
+        loaded.model(input_ids=prompt)
+    residuals = key_energy_residuals(loaded, prompt, RANKS, sink_tokens=1)
+    assert residuals.shape == (shape.num_layers, len(RANKS)) and np.all(residuals[:, -1] == 0)
+    for layer, key in enumerate(captured):
+        for k, rank in enumerate(RANKS[:-1]):
+            shares = []
+            for head in range(shape.kv_heads):
+                energy = np.linalg.svd(key[head, 1:].numpy(), compute_uv=False) ** 2  # the sink (token 0) left out
+                shares.append(1.0 - energy[:rank].sum() / energy.sum())
+            assert residuals[layer, k] == pytest.approx(np.mean(shares), rel=1e-9, abs=1e-12)
+    assert np.all(np.diff(residuals[:, :-1], axis=1) <= 1e-12)  # less energy left out at a larger rank
