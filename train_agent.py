@@ -43,7 +43,7 @@ from agents.checkpoints import (
     save_checkpoint,
 )
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.kv_evaluate import check_kv_spec, kv_comparison, kv_markdown_table, write_kv_csv
+from agents.kv_evaluate import check_kv_spec, kv_comparison, kv_markdown_table, make_kv_policy, write_kv_csv
 from agents.networks import NETWORKS, PolicySetup
 from agents.residual import residual_setup, start_at_reference
 from agents.results import read_csv
@@ -74,7 +74,6 @@ from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.corpora import EVALUATION_ONLY, load_corpus
 from drrl_env.lm.files import check_output_folder, lock_folder, write_text_atomic
 from oracle.dataset import check_dataset_fits_env
-from oracle.kvcache import KV_POLICIES
 
 BC_MODEL = "bc_model.safetensors"
 """the behaviour-cloned agent a run starts from, in its run folder"""
@@ -269,10 +268,8 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
 
 def kv_compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> dict[str, float]:
     """The key-cache comparison (``agents.kv_evaluate``): ``--compare``, the clone and the agent at both budgets."""
-    from oracle.kvcache import kv_policy
-
     algorithm = get_algorithm(run.train.algo)
-    policies = [kv_policy(spec) if spec in KV_POLICIES else make_policy(spec, run.env) for spec in run.compare.compare]
+    policies = [make_kv_policy(spec, run.env) for spec in run.compare.compare]
     if (run_dir / BC_MODEL).is_file():
         policies.append(make_policy(str(run_dir / BC_MODEL), run.env))
         policies[-1].name = "bc (this run's start)"

@@ -28,8 +28,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents.results import write_rows_csv
+from agents.zoo import make_policy
 from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
-from oracle.kvcache import KV_POLICIES, ProfilePolicy, decision_flops, generation_flops, play
+from oracle.kvcache import KV_POLICIES, ProfilePolicy, decision_flops, generation_flops, kv_policy, play
 from oracle.policy import RankPolicy
 
 GENERATED_TOKENS = 1024
@@ -85,6 +86,11 @@ def check_kv_spec(spec: str, option: str) -> None:
     """
     if spec not in KV_POLICIES and not Path(spec).is_file():
         raise ValueError(f"{option} {spec!r}: expected an agent file or one of {KV_POLICIES}")
+
+
+def make_kv_policy(spec: str, env_kwargs: dict[str, Any], seed: int = 0) -> RankPolicy:
+    """A policy of DRRL-KVCache-v0 from its spec: a rule of ``oracle.kvcache`` by name, or an agent file."""
+    return kv_policy(spec, seed) if spec in KV_POLICIES else make_policy(spec, env_kwargs)
 
 
 def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:

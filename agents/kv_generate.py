@@ -23,15 +23,14 @@ import gymnasium as gym
 import torch
 
 from agents.generate import compare_with_full, full_cache_bytes
-from agents.kv_evaluate import check_kv_spec, policy_decision_flops
-from agents.zoo import make_policy
+from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_decision_flops
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
 from drrl_env.generation.decode import generate
 from drrl_env.generation.kv_cache import cache_bytes
 from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
 from drrl_env.lm.corpora import CorpusNotAvailableError
 from drrl_env.lm.models import ModelNotAvailableError
-from oracle.kvcache import KV_CEILINGS, KV_POLICIES, generation_flops, kv_policy, play
+from oracle.kvcache import KV_CEILINGS, generation_flops, play
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--policy {args.policy} sees the text it is scored on: a ceiling, not a policy")
         check_kv_spec(args.policy, "--policy")
         env: DRRLKVCacheEnv = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
-        policy = kv_policy(args.policy, args.seed) if args.policy in KV_POLICIES else make_policy(args.policy, kwargs)
+        policy = make_kv_policy(args.policy, kwargs, args.seed)
         tokenizer = env.loaded.tokenizer
         prompts = [tokenizer(text, return_tensors="pt").input_ids for text in args.prompt or []]
         for index, prompt in enumerate(prompts):

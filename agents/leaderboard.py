@@ -39,13 +39,12 @@ import numpy as np
 import torch
 
 from agents.evaluate import evaluate_policy
-from agents.kv_evaluate import KVRow, check_kv_spec, kv_comparison
+from agents.kv_evaluate import KVRow, check_kv_spec, kv_comparison, make_kv_policy
 from agents.results import EvaluationRow
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env.config import ENV_ID, PER_LAYER_ENV_ID, VARIANTS, EnvConfig
 from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig
 from drrl_env.lm.files import check_output_folder, write_text_atomic
-from oracle.kvcache import KV_POLICIES, kv_policy
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def run_kv_entries(specs: Sequence[str], protocol: Protocol = PROTOCOL) -> dict[
     records: dict[str, list[dict[str, Any]]] = {spec: [] for spec in specs}
     for index, corpus in enumerate(protocol.corpora):
         kwargs = protocol.kv_kwargs(corpus)
-        policies = [kv_policy(spec) if spec in KV_POLICIES else make_policy(spec, kwargs) for spec in specs]
+        policies = [make_kv_policy(spec, kwargs) for spec in specs]
         for spec, policy in zip(specs, policies, strict=True):
             policy.name = spec  # rows by spec (two agents may share a name)
         print(f"[{index + 1}/{len(protocol.corpora)}] key-cache: {corpus}, {len(specs)} policies", flush=True)

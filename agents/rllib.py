@@ -47,7 +47,7 @@ import gymnasium as gym
 from tqdm.auto import tqdm
 
 from agents.evaluate import comparison_table, evaluate_policy
-from agents.kv_evaluate import kv_comparison, kv_markdown_table
+from agents.kv_evaluate import kv_comparison, kv_markdown_table, make_kv_policy
 from agents.rllib_agent import (
     MODEL_CONFIG,
     RLlibPolicy,
@@ -368,9 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     if compare.compare and env_id == KVCACHE_ENV_ID:
-        from oracle.kvcache import KV_POLICIES, kv_policy
-
-        policies = [kv_policy(spec) if spec in KV_POLICIES else make_policy(spec, kwargs) for spec in compare.compare]
+        policies = [make_kv_policy(spec, kwargs) for spec in compare.compare]
         policies.append(RLlibPolicy.from_file(run_dir / "model.safetensors"))
         policies[-1].name = f"{ALGO} (this run)"
         budgets = sorted(set(kwargs["cache_budget"]), reverse=True)
