@@ -99,6 +99,10 @@ class KVCacheConfig:
     """the window of last positions whose keys stay exact for every decode step"""
     cached_prompts: int = 4
     """prompts whose precomputed state is kept in memory (least recently used evicted)"""
+    static_prior: bool = False
+    """add the static prior to the observation: the layer's validation decode profile (log10 of its KL per
+    candidate) and the static allocation's rank at the layer for the episode's budget (a share of the head
+    dimension); computed once on validation text, so free per prompt"""
     kl_baseline: str = "none"
     """the terminal reward: 'none' (-KL), or paired with a fixed rule's KL on the same prompt and budget: 'uniform' /
     'static' (KL_b - KL, KL_b of uniform ranks / of the static decode allocation, the water-fill of the validation
@@ -278,6 +282,8 @@ class KeyCacheBudget:
 
 
 OBSERVATION_CLIP = 10.0
+STATIC_PRIOR_FLOOR = 1e-7
+"""added to the validation profile's KL before its log10 in the static prior (a rank at the head dimension costs 0)"""
 
 
 class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
@@ -285,7 +291,9 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
 
     Observation (float32, clipped to ``[-10, 10]``): the observed tokens' relative logit error at each candidate
     (K), the prompt's last queries' (K), depth ``l / (L - 1)``, the budget and the budget left (2), and the mean
-    and last rank chosen so far as shares of the head dimension (2). Action: ``Discrete(K)``, the candidate index.
+    and last rank chosen so far as shares of the head dimension (2); with ``static_prior``, also the layer's
+    validation decode profile (``log10(KL + 1e-7)``, K) and the static allocation's rank share at the layer (1).
+    Action: ``Discrete(K)``, the candidate index.
     """
 
     metadata = {"render_modes": []}
@@ -305,12 +313,13 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if len(self.prompts) < cfg.prompts:
             held = len(self.prompts)
             raise ValueError(f"prompts={cfg.prompts}: the {cfg.split} split holds only {held} of {cfg.context} tokens")
-        size = 2 * len(cfg.ranks) + 5
+        size = 2 * len(cfg.ranks) + 5 + (len(cfg.ranks) + 1 if cfg.static_prior else 0)
         self.observation_space = spaces.Box(-OBSERVATION_CLIP, OBSERVATION_CLIP, (size,), np.float32)
         self.action_space = spaces.Discrete(len(cfg.ranks))
         self._states: OrderedDict[int, PromptState] = OrderedDict()
         self._state: PromptState | None = None
         self._budget: KeyCacheBudget | None = None
+        self._static_plan: list[int] | None = None
         self._plan: list[int] = []
         self.prefills = 0
         """prompts precomputed so far (an episode on a kept prompt adds none)"""
@@ -358,6 +367,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
         self._plan, self._index, self._steps, self._final = [], index, [], {}
         self._episode_seed = episode_seed
+        self._static_plan = self.waterfill_plan(self.static_profile()) if cfg.static_prior else None
         return self._observation(), {
             "episode_seed": episode_seed,
             "prompt": index,
@@ -563,4 +573,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             [layer / max(self.num_layers - 1, 1), budget.share, budget.left_share(layer)],
             [chosen.mean() if len(chosen) else 1.0, chosen[-1] if len(chosen) else 1.0],
         ]
+        if self._static_plan is not None:  # the static prior (KVCacheConfig.static_prior)
+            parts.append(np.log10(self.static_profile()[layer] + STATIC_PRIOR_FLOOR))
+            parts.append([self.config.ranks[self._static_plan[layer]] / self.head_dim])
         return np.clip(np.concatenate(parts), -OBSERVATION_CLIP, OBSERVATION_CLIP).astype(np.float32)

@@ -159,3 +159,20 @@ def test_the_paired_reward_is_the_improvement_on_the_fixed_rules_kl_on_the_same_
     ratio = math.log(max(rule_info["kl"], 1e-9) / max(info["kl"], 1e-9))
     assert reward == pytest.approx(ratio if baseline.endswith("log_ratio") else difference, rel=1e-12, abs=1e-15)
     assert info["kl"] != rule_info["kl"]  # the test compares two allocations, not one with itself
+
+
+def test_the_static_prior_shows_the_validation_profile_and_the_static_allocation(make):
+    from gymnasium.utils.env_checker import check_env
+
+    env = make(static_prior=True)
+    check_env(env, skip_render_check=True)
+    K = len(env.config.ranks)
+    assert env.observation_space.shape == (3 * K + 6,)
+    observation, _ = env.reset(seed=0)
+    profile, plan = env.static_profile(), env.waterfill_plan(env.static_profile())
+    for layer in range(env.num_layers):
+        np.testing.assert_allclose(observation[2 * K + 5 : 3 * K + 5], np.log10(profile[layer] + 1e-7), rtol=1e-6)
+        assert observation[-1] == pytest.approx(env.config.ranks[plan[layer]] / env.head_dim)
+        observation, *_ = env.step(plan[layer])
+    plain, _ = make().reset(seed=0)
+    np.testing.assert_array_equal(make(static_prior=True).reset(seed=0)[0][: 2 * K + 5], plain)  # the rest unchanged
