@@ -12,6 +12,7 @@ TINY = ["--observe-tokens", "8", "--horizon", "8", "--ranks", "4", "8", "12", "1
         "--max-new-tokens", "10", "--cache-budget", "0.6"]  # fmt: skip
 
 
+@pytest.mark.expensive
 def test_generation_with_ranks_committed_after_the_observed_tokens(tiny_layered_model_dir, capsys):
     from agents.generate import main
 

@@ -56,6 +56,7 @@ def test_bad_command_lines_get_one_line_before_any_work(argv, message, tmp_path,
     assert error.startswith("error:") and message in error and "\n" not in error
 
 
+@pytest.mark.expensive
 def test_the_key_cache_task_ranks_its_entries_beside_the_prefill_tasks(tiny_layered_model_dir, tmp_path):
     from agents.leaderboard import run_kv_entries
 
