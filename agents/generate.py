@@ -39,13 +39,12 @@ from drrl_env.attention.kv_basis import BASIS_KINDS, PER_PROMPT_KINDS
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, dataclass_from_options, env_id_of, env_kwargs
 from drrl_env.config import PER_LAYER_ENV_ID
 from drrl_env.env import DRRLAttentionEnv
-from drrl_env.generation.decode import generate, teacher_forced_logits
+from drrl_env.generation.decode import generate, quality_against_full
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
-from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.generation.kv_cache import cache_bytes, full_cache_bytes
 from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.corpora import CorpusNotAvailableError, corpus_tokens, sequential_chunks
 from drrl_env.lm.models import LoadedModel, ModelNotAvailableError, load_causal_lm
-from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles.calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, calibration_grams
 from oracle.policy import RankPolicy
 
@@ -97,25 +96,12 @@ def policy_ranks(policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, seed: i
     return ranks
 
 
-def full_cache_bytes(loaded: LoadedModel, batch: int, tokens: int) -> int:
-    """Bytes of a full-width float key/value cache of ``tokens`` tokens (what transformers' DynamicCache holds)."""
-    shape = loaded.attention_shape
-    element = torch.finfo(loaded.model.dtype).bits // 8
-    return 2 * shape.num_layers * batch * shape.kv_heads * tokens * shape.head_dim * element
-
-
 def compare_with_full(
     loaded: LoadedModel, prompt: torch.Tensor, generated: torch.Tensor, ranks, config: GenerationConfig
 ) -> tuple[float, float]:
     """Mean per-step KL(full || low rank), teacher-forced on full greedy generation, and greedy agreement."""
-    full = generate(loaded, prompt, "full", max_new_tokens=config.max_new_tokens, do_sample=False)
-    continuation = full[:, prompt.shape[1] :]
-    reference = teacher_forced_logits(loaded, prompt, continuation, "full")
-    low = teacher_forced_logits(loaded, prompt, continuation, ranks, config.basis, **cache_options(loaded, config))
-    kl = next_token_kl(reference, low)
-    width = min(continuation.shape[1], generated.shape[1])
-    agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
-    return kl, agreement
+    options = cache_options(loaded, config)
+    return quality_against_full(loaded, prompt, generated, ranks, config.basis, config.max_new_tokens, **options)
 
 
 def cache_options(loaded: LoadedModel, config: GenerationConfig) -> dict:

@@ -12,6 +12,7 @@ attention's own greedy continuation and the greedy agreement, and the text.
 
     python -m agents.generate --env DRRL-KVCache-v0 --policy runs/RUN/model.safetensors --prompts 2
     python -m agents.generate --env DRRL-KVCache-v0 --policy static --prompt "The history of the city" --context 8
+    python -m agents.kv_generate ...   # the same command
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import sys
 import gymnasium as gym
 import torch
 
-from agents.generate import compare_with_full, full_cache_bytes
 from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_decision_flops
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
-from drrl_env.generation.decode import generate
-from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.generation.decode import generate, quality_against_full
+from drrl_env.generation.kv_cache import cache_bytes, full_cache_bytes
 from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
 from drrl_env.lm.corpora import CorpusNotAvailableError
 from drrl_env.lm.models import ModelNotAvailableError
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(env: DRRLKVCacheEnv, policy, prompt: torch.Tensor | None, index: int, args: argparse.Namespace) -> None:
     """Commit the ranks after the observed tokens, generate on, and print ranks, cache, cost, quality and text."""
-    from agents.generate import GenerationConfig
-
     cfg, loaded = env.config, env.loaded
     info = kv_ranks(env, policy, prompt, index, args.seed + index)
     ranks, prefix = info["ranks"], env.current_prompt.prefix  # the prompt and the observed tokens
@@ -108,9 +106,13 @@ def report(env: DRRLKVCacheEnv, policy, prompt: torch.Tensor | None, index: int,
     print(f"key cache {keys / 2**20:.2f} MB = {keys / full_keys:.3f} of full width ({full_keys / 2**20:.2f} MB); "
           f"decision {100 * cost:.2g} % of the FLOPs of the {args.max_new_tokens} tokens generated")  # fmt: skip
     if not args.no_compare:
-        config = GenerationConfig(basis=cfg.basis, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
-                                  max_new_tokens=args.max_new_tokens)  # fmt: skip
-        kl, agreement = compare_with_full(loaded, prefix.to(env.device), generated, ranks, config)
+        kl, agreement = quality_against_full(
+            loaded, prefix.to(env.device), generated, ranks, cfg.basis, args.max_new_tokens, **options
+        )
         print(f"against full attention: KL {kl:.5f} nats/token (teacher-forced), greedy agreement {agreement:.3f}")
     print("text:", loaded.tokenizer.decode(generated[0], skip_special_tokens=True))
     print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,7 @@ from drrl_env.attention.lowrank import as_rank_vector
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.generation.kv_cache import LowRankKeyCache
 from drrl_env.lm.models import AttentionShape, LoadedModel
+from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles.calibration import calibration_grams
 
 try:  # transformers >= 5.2x names the cache keyword ``cache``; earlier 5.x releases ``past_key_values``
@@ -183,3 +184,27 @@ def cached_forward(
     """Logits ``(B, m, V)`` of one forward of ``input_ids`` through ``cache`` (filled and read by ``handler``)."""
     with install(loaded.model).use(handler):
         return loaded.model(input_ids=input_ids.to(loaded.device), use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+
+def quality_against_full(
+    loaded: LoadedModel,
+    prompt: torch.Tensor,
+    generated: torch.Tensor,
+    ranks: RankSpec,
+    basis: str = "joint",
+    max_new_tokens: int = 32,
+    **options: Any,
+) -> tuple[float, float]:
+    """How far generation at ``ranks`` is from full attention's on ``prompt`` ``(1, n)``: (KL, greedy agreement).
+
+    The KL is the mean per-step ``KL(p_full || p)`` teacher-forced on full attention's greedy continuation of
+    ``max_new_tokens`` tokens; the agreement, the share of ``generated`` (the low-rank generation's new tokens) equal
+    to that continuation. ``options``: :func:`teacher_forced_logits`'s (the exact keys, the prefill, the calibration).
+    """
+    full = generate(loaded, prompt, "full", max_new_tokens=max_new_tokens, do_sample=False)
+    continuation = full[:, prompt.shape[1] :]
+    reference = teacher_forced_logits(loaded, prompt, continuation, "full")
+    low = teacher_forced_logits(loaded, prompt, continuation, ranks, basis, **options)
+    width = min(continuation.shape[1], generated.shape[1])
+    agreement = float((generated[:, :width] == continuation[:, :width]).double().mean())
+    return next_token_kl(reference, low), agreement

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from drrl_env.attention.kv_basis import KeyBasis
 from drrl_env.generation.kv_attention import Sinks
+from drrl_env.lm.models import LoadedModel
 
 
 class LowRankKeyLayer(DynamicLayer):
@@ -114,3 +115,10 @@ def layer_bytes(layer: object) -> dict[str, int]:
         if tensor is not None:
             sizes[part] += tensor.numel() * tensor.element_size()
     return sizes
+
+
+def full_cache_bytes(loaded: LoadedModel, batch: int, tokens: int) -> int:
+    """Bytes of a full-width float key/value cache of ``tokens`` tokens (what transformers' DynamicCache holds)."""
+    shape = loaded.attention_shape
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    return 2 * shape.num_layers * batch * shape.kv_heads * tokens * shape.head_dim * element

@@ -11,6 +11,7 @@ from drrl_env.generation.decode import teacher_forced_logits
 from drrl_env.generation.decode_profile import decode_kl_profile, greedy_continuation, prefill_logit_errors
 from drrl_env.lm.models import load_causal_lm
 from drrl_env.lm.scoring import next_token_kl
+from drrl_env.profiles import validation
 from drrl_env.profiles.calibration import collect_grams
 from oracle import static
 from oracle.baselines import make_baseline
@@ -72,7 +73,7 @@ def test_static_decode_allocates_from_the_profile_and_caches_it_on_disk(tiny_lay
     def measure(*args):
         raise AssertionError("the profile should come from the disk cache")
 
-    monkeypatch.setattr(static, "measure_validation_profile", measure)
+    monkeypatch.setattr(validation, "measure_validation_profile", measure)
     again = make_baseline("static:0.5:decode", kwargs)
     np.testing.assert_array_equal(again.cost, policy.cost)
     with pytest.raises(ValueError, match="estimate"):
