@@ -31,7 +31,7 @@ from drrl_env.config import (
     VARIANTS,
     EnvConfig,
 )
-from drrl_env.kvcache import KV_BASES, KVCACHE_ENV_ID, KVCacheConfig
+from drrl_env.kvcache import KV_BASELINES, KV_BASES, KVCACHE_ENV_ID, KVCacheConfig
 
 ENV_IDS = (*sorted(VARIANTS), KVCACHE_ENV_ID)
 """every registered id: the DRRL-Attention variants (EnvConfig) and the key-cache env (KVCacheConfig)"""
@@ -207,7 +207,7 @@ def add_env_arguments(
     choose it reads ``--env`` first with :func:`env_id_of`, so the options' defaults and ``--help`` follow it.
     """
     if env_id == KVCACHE_ENV_ID:
-        choices = {"split": SPLITS, "basis": KV_BASES}
+        choices = {"split": SPLITS, "basis": KV_BASES, "kl_baseline": KV_BASELINES}
         group = add_dataclass_arguments(parser, KVCacheConfig, f"environment ({env_id} arguments)", defaults, choices)
     else:
         group = add_dataclass_arguments(
