@@ -137,8 +137,6 @@ def check_kv_options(run: RunOptions) -> None:
         raise ValueError(f"--residual starts at a DRRL-Attention static allocation; {KVCACHE_ENV_ID} has none")
     if train.eval_every:
         raise ValueError(f"--eval-every: {KVCACHE_ENV_ID}'s evaluation is the comparison after training")
-    for spec in run.compare.compare:
-        check_kv_spec(spec, "--compare")
     if run.env["cache_budget"] is None and run.compare.compare:
         raise ValueError("--cache-budget none: the comparison is at equal key-cache bytes; give a budget")
 
@@ -164,8 +162,11 @@ def check_options(run: RunOptions) -> None:
     warmup = train.value_warmup_steps
     if warmup < 0 or (warmup and not algorithm.on_policy):
         raise ValueError(f"--value-warmup-steps {warmup}: expected 0, or > 0 with an actor-critic algo")
-    for spec in run.compare.compare if run.env_id != KVCACHE_ENV_ID else ():
-        check_policy_spec(spec, "--compare")
+    for spec in run.compare.compare:
+        if run.env_id == KVCACHE_ENV_ID:
+            check_kv_spec(spec, "--compare")
+        else:
+            check_policy_spec(spec, "--compare")
         if spec.endswith(".zip") and not train.trust_pickle:
             raise ValueError(
                 f"--compare {spec} is an SB3 .zip, a pickle that can run code; pass --trust-pickle if you trust it"
@@ -269,7 +270,7 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
 def kv_compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicySetup) -> dict[str, float]:
     """The key-cache comparison (``agents.kv_evaluate``): ``--compare``, the clone and the agent at both budgets."""
     algorithm = get_algorithm(run.train.algo)
-    policies = [make_kv_policy(spec, run.env) for spec in run.compare.compare]
+    policies = [make_kv_policy(spec, run.env, trust_pickle=run.train.trust_pickle) for spec in run.compare.compare]
     if (run_dir / BC_MODEL).is_file():
         policies.append(make_policy(str(run_dir / BC_MODEL), run.env))
         policies[-1].name = "bc (this run's start)"

@@ -88,9 +88,12 @@ def check_kv_spec(spec: str, option: str) -> None:
         raise ValueError(f"{option} {spec!r}: expected an agent file or one of {KV_POLICIES}")
 
 
-def make_kv_policy(spec: str, env_kwargs: dict[str, Any], seed: int = 0) -> RankPolicy:
-    """A policy of DRRL-KVCache-v0 from its spec: a rule of ``oracle.kvcache`` by name, or an agent file."""
-    return kv_policy(spec, seed) if spec in KV_POLICIES else make_policy(spec, env_kwargs)
+def make_kv_policy(spec: str, env_kwargs: dict[str, Any], seed: int = 0, trust_pickle: bool = False) -> RankPolicy:
+    """A policy of DRRL-KVCache-v0 from its spec: a rule of ``oracle.kvcache`` by name, or an agent file.
+
+    ``trust_pickle``: as :func:`agents.zoo.make_policy` (an SB3 ``.zip`` loads only with it).
+    """
+    return kv_policy(spec, seed) if spec in KV_POLICIES else make_policy(spec, env_kwargs, trust_pickle)
 
 
 def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:
