@@ -367,7 +367,8 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         self._budget = KeyCacheBudget(self._state.layer_bytes, int(self._state.full_layer_bytes.sum()), share)
         self._plan, self._index, self._steps, self._final = [], index, [], {}
         self._episode_seed = episode_seed
-        self._static_plan = self.waterfill_plan(self.static_profile()) if cfg.static_prior else None
+        static = cfg.static_prior or cfg.kl_baseline.startswith("static")  # the static allocation, once per episode
+        self._static_plan = self.waterfill_plan(self.static_profile()) if static else None
         return self._observation(), {
             "episode_seed": episode_seed,
             "prompt": index,
@@ -405,8 +406,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             info["ranks"] = list(self._plan)
             baseline = self.config.kl_baseline
             if baseline != "none":
-                uniform = baseline.startswith("uniform")
-                rule = self.uniform_plan() if uniform else self.waterfill_plan(self.static_profile())
+                rule = self.uniform_plan() if baseline.startswith("uniform") else self._static_plan
                 info["kl_baseline"] = self._kl([self.config.ranks[index] for index in rule])
             paired = {"static": "reference", "static_log_ratio": "reference_log_ratio"}.get(baseline, baseline)
             reward = kl_terminal_reward(info["kl"], info.get("kl_baseline"), paired)
@@ -573,7 +573,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
             [layer / max(self.num_layers - 1, 1), budget.share, budget.left_share(layer)],
             [chosen.mean() if len(chosen) else 1.0, chosen[-1] if len(chosen) else 1.0],
         ]
-        if self._static_plan is not None:  # the static prior (KVCacheConfig.static_prior)
+        if self.config.static_prior:
             parts.append(np.log10(self.static_profile()[layer] + STATIC_PRIOR_FLOOR))
             parts.append([self.config.ranks[self._static_plan[layer]] / self.head_dim])
         return np.clip(np.concatenate(parts), -OBSERVATION_CLIP, OBSERVATION_CLIP).astype(np.float32)
