@@ -100,8 +100,7 @@ def report(env: DRRLKVCacheEnv, policy, prompt: torch.Tensor | None, index: int,
     keys = cache_bytes(out.cache)["keys"]
     full_keys = full_cache_bytes(loaded, 1, out.sequences.shape[1] - 1) // 2
     cost = policy_decision_flops(env, policy) / generation_flops(env, args.max_new_tokens)
-    observed = prefix.shape[1] - env.prompt_ids.shape[1]
-    print(f"prompt {index}: {env.prompt_ids.shape[1]} tokens, {observed} observed; policy {policy.name}")
+    print(f"prompt {index}: {env.prompt_ids.shape[1]} tokens, {cfg.observe_tokens} observed; policy {policy.name}")
     print("ranks per layer:", " ".join(str(rank) for rank in ranks))
     print(f"key cache {keys / 2**20:.2f} MB = {keys / full_keys:.3f} of full width ({full_keys / 2**20:.2f} MB); "
           f"decision {100 * cost:.2g} % of the FLOPs of the {args.max_new_tokens} tokens generated")  # fmt: skip
