@@ -8,7 +8,13 @@ generation of T new tokens (EOS suppressed, so every run generates T):
   each ``--layer-ranks`` allocation (one rank per layer, e.g. the ``static:F:decode`` allocation
   that ``experiments/key_cache_profile.py`` prints), through :func:`drrl_env.generation.decode.generate`, with
   its defaults (one exact sink key, the last ``--recent-tokens`` keys exact for each decode step,
-  the prompt attended exactly) unless told.
+  the prompt attended exactly) unless told;
+* each ``--policy`` of DRRL-KVCache-v0 (a rule of :mod:`oracle.kvcache` such as ``static``, or a trained agent's
+  file) at ``--cache-budget``: the policy commits each quality prompt's ranks after the full model's first
+  ``--observe-tokens`` tokens (one episode of the env on the prompt, ``agents.kv_generate.kv_ranks``); the quality
+  columns score each prompt with its own ranks, and the timing runs the batch with the first prompt's ranks
+  (:class:`~drrl_env.generation.kv_cache.LowRankKeyCache` holds one rank per layer and head for a whole batch;
+  at an equal budget the cache's bytes, and so the decode time, hardly depend on which layers get the bytes).
 
 Columns: key/value cache bytes at the end (measured from the cache's tensors) and their ratio to
 full; prefill ms; decode ms/token (median over the T - 1 decode steps of one generation, after a
@@ -28,6 +34,7 @@ which made full attention's decode time vary 2x between runs (docs/benchmarks.md
 
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
                                 [--layer-ranks R,R,...] [--low-rank-prefill] [--out FILE.json]
+                                [--policy static --policy AGENT.safetensors [--static-prior] --cache-budget 0.75]
 """
 
 from __future__ import annotations
@@ -38,19 +45,24 @@ import statistics
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from agents.kv_evaluate import check_kv_spec, make_kv_policy
+from agents.kv_generate import kv_ranks
 from drrl_env.attention.flops import key_cache_generation_flops
 from drrl_env.attention.kv_basis import BASIS_KINDS
 from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
+from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
 from drrl_env.lm.files import write_text_atomic
 from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
 from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles.calibration import calibration_grams
+from oracle.kvcache import KV_CEILINGS
 
 
 class StepClock(BaseStreamer):
@@ -137,6 +149,35 @@ def layer_ranks(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integer ranks, got {text!r}") from None
 
 
+def policy_env_kwargs(args: argparse.Namespace, context: int) -> dict:
+    """``gym.make`` keywords of the DRRL-KVCache-v0 env whose episodes commit the ``--policy`` ranks at ``context``."""
+    return {
+        "model": args.model, "device": args.device, "corpus": "wiki", "split": "test", "context": context,
+        "prompts": args.quality_prompts, "observe_tokens": args.observe_tokens, "horizon": 2,
+        "cache_budget": args.cache_budget, "basis": "joint", "sink_tokens": args.sink_tokens,
+        "recent_tokens": args.recent_tokens, "cached_prompts": 1, "static_prior": args.static_prior,
+    }  # fmt: skip
+
+
+def policy_ranks(args: argparse.Namespace, context: int) -> dict[str, list[list[int]]]:
+    """Per ``--policy``, the ranks it commits on each of the first ``--quality-prompts`` wiki test prompts.
+
+    One DRRL-KVCache-v0 env on those prompts (the pool of the test split at ``context`` tokens: the first of
+    :func:`sequential_chunks`, as the benchmark's), one prompt's state at a time.
+    """
+    if not args.policy:
+        return {}
+    kwargs = policy_env_kwargs(args, context)
+    env = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
+    policies = [make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policy]
+    ranks: dict[str, list[list[int]]] = {spec: [] for spec in args.policy}
+    for index in range(args.quality_prompts):
+        for spec, policy in zip(args.policy, policies, strict=True):
+            ranks[spec].append([int(rank) for rank in kv_ranks(env, policy, None, index, index)["ranks"]])
+    env.close()
+    return ranks
+
+
 def rank_label(rank: int | list[int] | None) -> str:
     """A row's rank column: ``full``, the rank, or an allocation's mean rank."""
     if rank is None:
@@ -151,7 +192,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="prompt lengths n")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes B for the timing")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (T)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[48, 32, 16], help="ranks r (every layer)")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[48, 32, 16], help="ranks r (every layer)")
     parser.add_argument(
         "--layer-ranks",
         type=layer_ranks,
@@ -168,8 +209,28 @@ def main() -> None:
     )
     parser.add_argument("--calibration-tokens", type=int, default=32768, help="calibrated basis: validation tokens")
     parser.add_argument("--quality-prompts", type=int, default=4, help="prompts per context for KL and agreement")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        help="also a policy of DRRL-KVCache-v0 that commits each prompt's ranks after looking: a rule of "
+        "oracle.kvcache (static, energy, ...) or an agent file (repeat for several; the joint basis)",
+    )
+    parser.add_argument("--cache-budget", type=float, default=0.75, help="--policy: share of the full key cache")
+    parser.add_argument("--observe-tokens", type=int, default=64, help="--policy: tokens generated before the commit")
+    parser.add_argument("--static-prior", action="store_true", help="--policy: the env option an agent trained with")
+    parser.add_argument("--trust-pickle", action="store_true", help="--policy: load an SB3 .zip (a pickle)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    try:
+        for spec in args.policy:
+            if spec in KV_CEILINGS:
+                raise ValueError(f"--policy {spec} sees the text it is scored on: a ceiling, not a policy")
+            check_kv_spec(spec, "--policy")
+        for context in args.contexts if args.policy else []:
+            KVCacheConfig.from_kwargs(policy_env_kwargs(args, context))
+    except ValueError as error:
+        parser.error(str(error))
     options = {
         "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, "exact_prefill": not args.low_rank_prefill
     }  # fmt: skip
@@ -210,13 +271,23 @@ def main() -> None:
         for basis, rank in configs[1:]:
             low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **generation)
             quality[basis, str(rank)] = kl_and_agreement(full_logits, low)
+        committed = policy_ranks(args, context)
+        for spec, per_prompt in committed.items():  # each prompt through its own ranks
+            low = torch.cat([
+                teacher_forced_logits(loaded, quality_prompts[i : i + 1], reference[i : i + 1], ranks, "joint",
+                                      **generation)
+                for i, ranks in enumerate(per_prompt)
+            ])  # fmt: skip
+            quality[f"policy {spec}", str(per_prompt[0])] = kl_and_agreement(full_logits, low)
+        runs = configs + [(f"policy {spec}", per_prompt[0]) for spec, per_prompt in committed.items()]
         for batch in args.batches:
             prompts = chunks[:batch]
             timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, generation)  # warm-up
             baseline = None
-            for basis, rank in configs:
+            for basis, rank in runs:
+                kind = "joint" if basis is not None and basis.startswith("policy ") else basis
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, basis, rank, sync, generation
+                    loaded, prompts, args.new_tokens, kind, rank, sync, generation
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
@@ -230,7 +301,7 @@ def main() -> None:
                         "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
                         "decode_ratio": step_ms / baseline[2],
                         "flops_ratio": 1.0 if basis is None else attention_flops_ratio(
-                            loaded, context, args.new_tokens, rank, basis, options),
+                            loaded, context, args.new_tokens, rank, kind, options),
                         "kl": kl, "top1_teacher_forced": top1,
                         "greedy_agreement": float((generated == baseline[0]).double().mean()),
                         "reached_gbs": (parameter_bytes + sizes["total"]) / (step_ms / 1000) / 1e9,
