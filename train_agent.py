@@ -257,7 +257,10 @@ def build_model(run: RunOptions, env: VecEnv, run_dir: Path, setup: PolicySetup)
         )
         bc, result = behaviour_clone(bc_dataset, bc_config, run_dir / "bc")
         load_agent_into(model, save_agent(bc, run_dir / BC_MODEL))
-        print(f"behaviour cloning: held-out agreement with the teacher {result.val_accuracy[-1]:.3f}")
+        print(
+            f"behaviour cloning: held-out agreement with the teacher {result.val_accuracy[-1]:.3f} "
+            f"({result.held_out} held out)"
+        )
     elif train.bc_model and not warm_zip:
         load_agent_into(model, train.bc_model)
     if not train.resume and train.bc_temperature != 1 and (bc_dataset or train.bc_model):

@@ -3,6 +3,7 @@
 The policy is the one MaskablePPO trains (:mod:`agents.networks`), and the loss is the masked
 cross-entropy of its own action distribution: ``-log pi(a_oracle | s, mask)``, where sb3-contrib's
 masking gives masked ranks zero probability. The dataset's last ``validation_fraction`` of
+prompts (DRRL-KVCache-v0's pool, whose prompts several episodes share) or, in an env without a prompt pool, of
 episodes (held-out text) is kept for validation; each epoch logs ``bc/train_loss``,
 ``bc/val_loss``, ``bc/train_accuracy`` and ``bc/val_accuracy`` (top-1 agreement with the
 recorded actions, under the masks) to TensorBoard through SB3's logger. The result is saved as
@@ -51,7 +52,7 @@ class BCConfig:
     learning_rate: float = 1e-3
     """Adam learning rate"""
     validation_fraction: float = 0.2
-    """fraction of episodes held out (the last ones), at least one"""
+    """fraction of prompts (an env with a prompt pool) or episodes held out (the last ones), at least one"""
     seed: int = 0
     """seed of the policy's initialisation and of the shuffling"""
     entropy_coef: float = 0.0
@@ -80,6 +81,8 @@ class BCResult:
     val_loss: list[float] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
+    held_out: str = "episodes"
+    """what the validation rows hold out: 'prompts' (an env with a prompt pool) or 'episodes'"""
 
 
 @dataclass
@@ -90,6 +93,23 @@ class Demonstrations:
     masks: np.ndarray  # (N, K) bool, or (N, Hkv * K) group-major with per-head ranks
     actions: np.ndarray  # (N,) int64, or (N, Hkv) with per-head ranks
     episodes: np.ndarray  # (N,) int64
+    prompts: np.ndarray | None = None  # (N,) int64: the episode's prompt in the env's pool (None, or -1: no pool)
+
+    def held_out_rows(self, fraction: float) -> tuple[np.ndarray, np.ndarray, str]:
+        """Training and validation rows: the last ``fraction`` of prompts held out, or of episodes without a pool.
+
+        Returns ``(train_rows, validation_rows, unit)``, ``unit`` 'prompts' or 'episodes'. Holding out whole prompts
+        keeps the validation agreement honest where several episodes share a prompt (they share its statistics).
+        """
+        groups, unit = self.episodes, "episodes"
+        if self.prompts is not None and (self.prompts >= 0).all() and len(np.unique(self.prompts)) >= 2:
+            groups, unit = self.prompts, "prompts"
+        ids = np.unique(groups)
+        if len(ids) < 2:
+            raise ValueError(f"the dataset holds {len(ids)} {unit[:-1]}(s); behaviour cloning needs at least 2")
+        held_out = ids[-max(1, math.ceil(fraction * len(ids))) :]
+        validation = np.isin(groups, held_out)
+        return np.flatnonzero(~validation), np.flatnonzero(validation), unit
 
 
 def load_demonstrations(directory: str | os.PathLike, history: int = 0, verify: bool = True) -> Demonstrations:
@@ -108,7 +128,8 @@ def load_demonstrations(directory: str | os.PathLike, history: int = 0, verify: 
         observations = np.stack(windows)
     masks = np.stack(data["action_mask"]).astype(bool)
     actions = np.stack(data["action"]) if len(data) and np.ndim(data["action"][0]) else np.asarray(data["action"])
-    return Demonstrations(observations, masks, actions.astype(np.int64), episodes)
+    prompts = np.asarray(data["prompt"]) if "prompt" in data.column_names else None
+    return Demonstrations(observations, masks, actions.astype(np.int64), episodes, prompts)
 
 
 def _evaluate(model: MaskablePPO, demos: Demonstrations, rows: np.ndarray, batch_size: int) -> tuple[float, float]:
@@ -165,16 +186,14 @@ def behaviour_clone(
     demos = load_demonstrations(dataset, setup.history, config.verify)
     env = setup.wrap(gym.make(env_id_of_dataset(metadata), **env_config_of(metadata)))
     model = MaskablePPO("MlpPolicy", env, policy_kwargs=setup.policy_kwargs, seed=config.seed, device="cpu")
-    episode_ids = np.unique(demos.episodes)
-    if len(episode_ids) < 2:
-        raise ValueError(f"{dataset} holds {len(episode_ids)} episode(s); behaviour cloning needs at least 2")
-    held_out = episode_ids[-max(1, math.ceil(config.validation_fraction * len(episode_ids))) :]
-    val_rows = np.flatnonzero(np.isin(demos.episodes, held_out))
-    train_rows = np.flatnonzero(~np.isin(demos.episodes, held_out))
+    try:
+        train_rows, val_rows, result_unit = demos.held_out_rows(config.validation_fraction)
+    except ValueError as error:
+        raise ValueError(f"{dataset}: {error}") from None
     logger = configure(str(logdir), ["tensorboard"]) if logdir is not None else None
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=config.learning_rate)
     rng = np.random.default_rng(config.seed)
-    result = BCResult()
+    result = BCResult(held_out=result_unit)
     bar = tqdm(range(config.epochs), desc="behaviour cloning", unit="epoch", disable=not progress)
     for epoch in bar:
         model.policy.set_training_mode(True)
@@ -238,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = save_agent(model, args.out)
     print(
-        f"saved {path}: held-out agreement with the dataset's actions {result.val_accuracy[-1]:.3f}, "
+        f"saved {path}: held-out agreement with the dataset's actions {result.val_accuracy[-1]:.3f} "
+        f"({result.held_out} held out), "
         f"loss {result.val_loss[-1]:.4f}"
     )
     return 0

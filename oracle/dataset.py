@@ -70,6 +70,9 @@ class DatasetCorruptError(ValueError):
 def trajectory_features(observation_size: int, groups: int | None = None) -> datasets.Features:
     """Columns of a trajectory dataset (one row per env step).
 
+    ``prompt`` is the episode's prompt in an env with a pool of prompts (DRRL-KVCache-v0's ``prompt_index``), -1
+    in one without; datasets written before it existed lack the column (and keep lacking it when resumed).
+
     ``groups``: with per-head ranks (``per_head=True``), the key/value groups: ``action`` and ``rank`` are then
     a sequence of that length (the MultiDiscrete action and the rank each group ran at); None: one integer each.
     """
@@ -90,6 +93,7 @@ def trajectory_features(observation_size: int, groups: int | None = None) -> dat
         "step": value("int32"),
         "episode": value("int64"),
         "seed": value("int64"),
+        "prompt": value("int64"),
     }
     return datasets.Features(columns)
 
@@ -322,6 +326,7 @@ def run_episode(env: gym.Env, policy: RankPolicy, episode: int, seed: int) -> It
     """
     observation, info = env.reset(seed=seed)
     policy.reset(seed)
+    prompt = int(env.prompt_index) if hasattr(type(env), "prompt_index") else -1
     step, terminated = 0, False
     per_group = getattr(env.config, "per_head", False)
     while not terminated:
@@ -344,6 +349,7 @@ def run_episode(env: gym.Env, policy: RankPolicy, episode: int, seed: int) -> It
             "step": step,
             "episode": episode,
             "seed": seed,
+            "prompt": prompt,
         }
         observation, step = next_observation, step + 1
 
@@ -402,6 +408,9 @@ def record_trajectories(
         ledger.record(write_text_atomic(directory / METADATA_FILE, json.dumps(metadata, indent=2)))
         per_head = getattr(env.config, "per_head", False)
         features = trajectory_features(env.observation_space.shape[0], env.kv_heads if per_head else None)
+        first_shard = _shard_path(directory, 0)
+        if stored_episodes and first_shard.exists() and "prompt" not in pq.read_schema(first_shard).names:
+            del features["prompt"]  # resuming a dataset written before the column: its shards must agree
         bar = tqdm(total=episodes, unit="episode", desc=f"{policy.name} trajectories", disable=not progress)
         returns: list[float] = []
         for first in range(0, episodes, episodes_per_shard):

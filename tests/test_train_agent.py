@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -233,7 +234,6 @@ def test_value_warmup_is_refused_without_a_critic(tmp_path, capsys):
 
 def test_bc_temperature_divides_the_logits_and_keeps_the_argmax():
     import gymnasium as gym
-    import numpy as np
     import torch
     from stable_baselines3 import PPO
 
@@ -376,9 +376,14 @@ def test_train_agent_in_the_key_cache_env(tiny_layered_model_dir, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "behaviour cloning: held-out agreement with the teacher" in out.stdout
+    assert "(prompts held out)" in out.stdout  # the pool's prompts, not episodes that share them with training
     (teacher,) = (tmp_path / "cache" / "datasets").glob("kv-self_profile-*")
     metadata = json.loads((teacher / "metadata.json").read_text())
     assert metadata["env_id"] == "DRRL-KVCache-v0" and metadata["policy"] == "self_profile"
+    from oracle.dataset import load_trajectories
+
+    prompts = np.asarray(load_trajectories(teacher)["prompt"])
+    assert set(prompts) <= {0, 1, 2, 3} and len(set(prompts)) >= 2
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 0.")]
     table = {(cells[0].strip(), cells[1].strip()): [c.strip() for c in cells[2:]] for cells in rows}
     names = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight", "bc (this run's start)",

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 import drrl_env  # noqa: F401  (registers the env)
 from agents.agent_file import load_agent_into, save_agent
 from agents.algorithms import get_algorithm
-from agents.bc import BCConfig, behaviour_clone, load_demonstrations
+from agents.bc import BCConfig, Demonstrations, behaviour_clone, load_demonstrations
 from agents.networks import TransformerExtractor, policy_setup
 from drrl_env.wrappers import StateHistory, stack_states
 from oracle import GreedyOracle, record_trajectories
@@ -178,3 +178,20 @@ def test_per_head_hindsight_dataset_and_bc(tmp_path, tiny_layered_model_dir):
     observation, _ = env.reset(seed=0)
     action, _ = model.predict(observation, action_masks=env.unwrapped.action_masks(), deterministic=True)
     assert action.shape == (2,)
+
+
+def test_validation_holds_out_whole_prompts_where_episodes_share_them():
+    """Episodes of a prompt pool share the prompt's statistics: validation holds out prompts, else episodes."""
+    episodes = np.repeat(np.arange(8), 3)  # 8 episodes of 3 steps
+    prompts = np.repeat(np.array([0, 1, 2, 3, 0, 1, 2, 3]), 3)  # each prompt played twice
+    demos = Demonstrations(np.zeros((24, 2)), np.ones((24, 4), bool), np.zeros(24, np.int64), episodes, prompts)
+    train, validation, unit = demos.held_out_rows(0.25)
+    assert unit == "prompts" and set(prompts[validation]) == {3} and 3 not in set(prompts[train])
+    assert len(train) + len(validation) == 24 and len(validation) == 6
+    no_pool = Demonstrations(demos.observations, demos.masks, demos.actions, episodes, np.full(24, -1))
+    train, validation, unit = no_pool.held_out_rows(0.25)
+    assert unit == "episodes" and set(episodes[validation]) == {6, 7}
+    one_prompt = Demonstrations(demos.observations, demos.masks, demos.actions, episodes, np.zeros(24, np.int64))
+    assert one_prompt.held_out_rows(0.25)[2] == "episodes"  # one prompt cannot be split: its episodes are
+    with pytest.raises(ValueError, match="holds 1 episode"):
+        Demonstrations(demos.observations[:3], demos.masks[:3], demos.actions[:3], episodes[:3]).held_out_rows(0.2)
