@@ -427,8 +427,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         The config, the prompt and budget, each step's action, rank and reward, and at the end the budget used and
         the KL.
         """
-        if self._state is None:
-            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before episode_record()")
+        self._started("episode_record()")
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
         return {
             "version": 1, "env_id": KVCACHE_ENV_ID, "config": config, "episode_seed": self._episode_seed,
@@ -445,8 +444,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     @property
     def prompt_index(self) -> int:
         """The current episode's prompt: its index in the pool (``reset(options={"prompt": ...})``)."""
-        if self._state is None:
-            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before prompt_index")
+        self._started("prompt_index")
         return self._index
 
     @property
@@ -457,15 +455,13 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     @property
     def budget_share(self) -> float:
         """The current episode's key-cache budget as a share of the full key cache's bytes (1 without a budget)."""
-        if self._budget is None:
-            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before budget_share")
+        self._started("budget_share")
         return self._budget.share
 
     @property
     def current_prompt(self) -> PromptState:
         """The current episode's prompt state (what every episode on the prompt shares)."""
-        if self._state is None:
-            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before current_prompt")
+        self._started("current_prompt")
         return self._state
 
     @property
@@ -529,6 +525,11 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         super().close()
 
     # ----------------------------------------------------------------- internals
+    def _started(self, what: str) -> None:
+        """Raise the one error of every use of an episode's state before the first ``reset()``."""
+        if self._state is None or self._budget is None:
+            raise RuntimeError(f"{KVCACHE_ENV_ID}: call reset() before {what}")
+
     def _prompt(self, index: int) -> PromptState:
         """The prompt's state, from the kept ones or computed (evicting the least recently used)."""
         if index in self._states:
