@@ -20,6 +20,7 @@ Training logs to TensorBoard under ``--logdir/RUN`` (``RUN`` is ``--run-name``, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -70,7 +71,7 @@ from agents.warm_start import (
 )
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env.cli import add_dataclass_arguments, at_least
-from drrl_env.kvcache import KVCACHE_ENV_ID
+from drrl_env.kvcache import KVCACHE_ENV_ID, shared_prompt_states
 from drrl_env.lm.corpora import EVALUATION_ONLY, load_corpus
 from drrl_env.lm.files import check_output_folder, lock_folder, write_text_atomic
 from oracle.dataset import check_dataset_fits_env
@@ -309,7 +310,18 @@ def compare(run: RunOptions, model: BaseAlgorithm, run_dir: Path, setup: PolicyS
 
 
 def train_and_compare(run: RunOptions) -> int:
-    """Train the run's agent (new or resumed), save it, and print the comparison; the exit code."""
+    """Train the run's agent (new or resumed), save it, and print the comparison; the exit code.
+
+    In the key-cache env the teacher's dataset and the training share the train prompts' states
+    (:func:`drrl_env.kvcache.shared_prompt_states`), released before the comparison.
+    """
+    with contextlib.ExitStack() as sharing:
+        if run.env_id == KVCACHE_ENV_ID:
+            sharing.enter_context(shared_prompt_states())
+        return _train_and_compare(run, sharing)
+
+
+def _train_and_compare(run: RunOptions, sharing: contextlib.ExitStack) -> int:
     train = run.train
     try:
         check_options(run)
@@ -366,6 +378,7 @@ def train_and_compare(run: RunOptions) -> int:
         print("note: the run ended mid-episode; --resume continues from its last checkpoint", file=sys.stderr)
     path = save_agent(model, run_dir / "model.safetensors", setup)
     model.get_env().close()
+    sharing.close()  # the train prompts' states: the comparison runs on the test prompts
     print(f"saved {path} ({model.num_timesteps} steps); tensorboard --logdir {run_dir.parent}")
     metrics = {"hparams/num_timesteps": float(model.num_timesteps)}
     if run.compare.compare:

@@ -29,15 +29,20 @@ of the scored tokens, the key cache after the prefix at every candidate rank, th
 computed once per prompt and kept for the ``cached_prompts`` most recently used prompts; an episode on a kept
 prompt runs only the scored continuation at its ranks. Because the prefix is attended exactly, each layer's cache
 at a rank does not depend on the other layers' ranks, so the caches of one prefill per candidate rank combine into
-the cache of any allocation (as :func:`drrl_env.generation.decode_profile.decode_kl_profile` does).
+the cache of any allocation (as :func:`drrl_env.generation.decode_profile.decode_kl_profile` does). Within a
+:func:`shared_prompt_states` block the envs of one process also share the states of equal prompts and settings
+(``train_agent.py`` records the teacher's dataset in one env and trains in another: one precomputation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -186,6 +191,31 @@ class PromptState:
     seconds_observation: float
     kls: dict[tuple[int, ...], float] = dataclasses.field(default_factory=dict)
     """the KL of every allocation scored on this prompt so far (an episode that repeats one scores nothing new)"""
+
+
+_shared_states: dict[tuple, PromptState] | None = None
+"""the prompt states every env of the process shares inside a :func:`shared_prompt_states` block (else None)"""
+
+
+@contextlib.contextmanager
+def shared_prompt_states() -> Iterator[None]:
+    """Within the block, the DRRL-KVCache-v0 envs of this process share the states of equal prompts.
+
+    An env that needs a prompt's state takes it from the block's store if an env with the same model, device and
+    state settings (``observe_tokens``, ``horizon``, ``ranks``, ``basis``, ``sink_tokens``, ``recent_tokens``)
+    computed it for the same tokens, and leaves the states it computes there. The store keeps every state until
+    the block ends (hundreds of MB each at context 1024: one block per pool of prompts); a nested block uses the
+    outer one's store. Envs in other processes (``SubprocVecEnv``, RLlib's workers) share nothing.
+    """
+    global _shared_states
+    outer = _shared_states
+    if outer is None:
+        _shared_states = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared_states = None
 
 
 def layer_key_bytes(cache: LowRankKeyCache) -> list[int]:
@@ -535,12 +565,25 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if index in self._states:
             self._states.move_to_end(index)
             return self._states[index]
-        state = prompt_state(self.loaded, self.prompts[index : index + 1].to(self.device), self.config)
-        self.prefills += 1
+        prompt = self.prompts[index : index + 1]
+        key = self._shared_key(prompt)
+        state = None if _shared_states is None else _shared_states.get(key)
+        if state is None:
+            state = prompt_state(self.loaded, prompt.to(self.device), self.config)
+            self.prefills += 1
+            if _shared_states is not None:
+                _shared_states[key] = state
         self._states[index] = state
         while len(self._states) > self.config.cached_prompts:
             self._states.popitem(last=False)
         return state
+
+    def _shared_key(self, prompt: torch.Tensor) -> tuple:
+        """What makes two envs' states of ``prompt`` equal (:func:`shared_prompt_states`)."""
+        cfg = self.config
+        tokens = hashlib.sha256(prompt.cpu().numpy().tobytes()).hexdigest()
+        settings = (cfg.observe_tokens, cfg.horizon, tuple(cfg.ranks), cfg.basis, cfg.sink_tokens, cfg.recent_tokens)
+        return (cfg.model, str(self.device), str(self.loaded.model.dtype), *settings, tokens)
 
     def _kl(self, plan: list[int]) -> float:
         """The KL per scored token of the current prompt through the cache of ``plan`` (ranks), kept per prompt."""

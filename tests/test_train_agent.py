@@ -417,3 +417,26 @@ def test_the_key_cache_env_refuses_the_attention_options(tmp_path, capsys):
     assert "--eval-every: DRRL-KVCache-v0's evaluation is the comparison" in refused("--eval-every", "8")
     assert main(["--warm-start", "self_profile", "--logdir", str(tmp_path)]) == 2
     assert "--warm-start self_profile: the teacher of DRRL-KVCache-v0" in capsys.readouterr().err
+
+
+@pytest.mark.expensive
+def test_the_teacher_dataset_and_the_training_compute_each_train_prompt_once(
+    tiny_layered_model_dir, tmp_path, monkeypatch
+):
+    import drrl_env.kvcache as kvcache
+    from train_agent import main
+
+    computed = []
+    original = kvcache.prompt_state
+
+    def counted(loaded, prompt, config):
+        computed.append(tuple(prompt.reshape(-1).tolist()))
+        return original(loaded, prompt, config)
+
+    monkeypatch.setattr(kvcache, "prompt_state", counted)
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "cache"))
+    argv = [*TINY_KV, "--model", tiny_layered_model_dir, "--warm-start-episodes", "8", "--bc-epochs", "1",
+            "--total-timesteps", "16", "--n-steps", "8", "--compare", "--logdir", str(tmp_path / "runs")]  # fmt: skip
+    assert main(argv) == 0
+    assert len(computed) == len(set(computed)) == 4  # the 4 train prompts, once for the teacher and the training
+    assert kvcache._shared_states is None  # noqa: SLF001 - released at the end

@@ -7,7 +7,7 @@ import pytest
 import drrl_env  # noqa: F401 - registers the ids
 from drrl_env.generation.decode import teacher_forced_logits
 from drrl_env.generation.kv_cache import layer_bytes
-from drrl_env.kvcache import KVCACHE_ENV_ID, episode_logits
+from drrl_env.kvcache import KVCACHE_ENV_ID, episode_logits, shared_prompt_states
 from drrl_env.lm.scoring import next_token_kl
 
 TINY_KV = dict(context=48, prompts=3, observe_tokens=8, horizon=8, ranks=(4, 8, 12, 16), recent_tokens=4,
@@ -97,6 +97,22 @@ def test_episodes_after_the_first_reuse_the_prompt_and_the_same_seed_gives_the_s
     assert env.prefills == kept  # kept: no prefill
     env.reset(options={"prompt": 0})
     assert env.prefills == kept + 1  # evicted: computed again
+
+
+def test_envs_share_equal_prompts_states_only_inside_a_shared_block(make):
+    with shared_prompt_states():
+        first, second = make(), make()
+        first.reset(options={"prompt": 1})
+        second.reset(options={"prompt": 1})
+        assert (first.prefills, second.prefills) == (1, 0) and second.current_prompt is first.current_prompt
+        second.reset(options={"prompt": 0})
+        assert second.prefills == 1  # a prompt no env computed yet
+        other = make(horizon=4)  # other state settings: its own state
+        other.reset(options={"prompt": 1})
+        assert other.prefills == 1 and other.current_prompt is not first.current_prompt
+    outside = make()
+    outside.reset(options={"prompt": 1})
+    assert outside.prefills == 1  # the store ended with the block
 
 
 def test_bad_arguments_name_the_argument(make):
