@@ -41,8 +41,9 @@ from agents.tensorboard import write_evaluation
 from agents.zoo import check_policy_spec, make_policy
 from drrl_env import ENV_ID
 from drrl_env.attention.lowrank import SPECTRAL_MODES
-from drrl_env.cli import add_env_arguments, env_id_of, env_kwargs, share_or_none
+from drrl_env.cli import ENV_IDS, add_env_arguments, env_id_of, env_kwargs, share_or_none
 from drrl_env.env import DRRLAttentionEnv
+from drrl_env.kvcache import KVCACHE_ENV_ID
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
 from drrl_env.lm.files import check_output_folder
 from drrl_env.lm.scoring import LayerRanksHandler, forward_seconds
@@ -335,6 +336,10 @@ def parse_plan(argv: list[str] | None) -> tuple[EvaluationPlan, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if env_id_of(argv, ENV_ID, ENV_IDS) == KVCACHE_ENV_ID:  # the key-cache task's comparison: agents.kv_evaluate
+        from agents.kv_evaluate import main as kv_main
+
+        return kv_main(argv)
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import figures

@@ -12,11 +12,20 @@ KL (``-reward``), measured through the compressed cache. Reported per budget and
   an agent: the observation's statistics plus its network at every layer) over the FLOPs of generating the scored
   ``horizon`` tokens and over ``generated_tokens`` (the generation the allocation serves in use), and the wall-clock
   of its decisions (the profile it measures included).
+
+As a command (``python -m agents.evaluate --env DRRL-KVCache-v0``, or ``python -m agents.kv_evaluate``) it compares
+``--policies`` on the first ``--prompts`` prompts of ``--corpus``'s test split at every ``--budgets`` share and
+writes ``table.md`` and ``comparison.csv`` to ``--out``::
+
+    python -m agents.evaluate --env DRRL-KVCache-v0 --policies static hindsight runs/RUN/model.safetensors \
+        --context 4096 --prompts 4 --budgets 0.75 0.6 --out results/kv4096
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +38,11 @@ from tqdm.auto import tqdm
 
 from agents.results import write_rows_csv
 from agents.zoo import make_policy
+from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
 from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
+from drrl_env.lm.corpora import CorpusNotAvailableError
+from drrl_env.lm.files import check_output_folder, write_text_atomic
+from drrl_env.lm.models import ModelNotAvailableError
 from oracle.kvcache import KV_POLICIES, ProfilePolicy, decision_flops, generation_flops, kv_policy, play
 from oracle.policy import RankPolicy
 
@@ -201,3 +214,63 @@ def kv_markdown_table(rows: Sequence[KVRow], env_kwargs: dict[str, Any], split: 
 def write_kv_csv(rows: Sequence[KVRow], path: str | Path) -> None:
     """Every field of every row (per-prompt KLs and ranks as space-separated lists), written atomically."""
     write_rows_csv(rows, [f.name for f in dataclasses.fields(KVRow)], path)
+
+
+DEFAULT_KV_POLICIES = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agents.evaluate --env DRRL-KVCache-v0",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_KV_POLICIES),
+        help=f"rules of oracle.kvcache ({', '.join(KV_POLICIES)}) and agent files; include static and hindsight "
+        f"for the headroom column (default: {' '.join(DEFAULT_KV_POLICIES)})",
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", type=float, default=[0.75, 0.6], help="key-cache shares compared (default: 0.75 0.6)"
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help="allow SB3 .zip agents (pickles) in --policies")
+    parser.add_argument("--out", default="results/kvcache", help="folder of table.md and comparison.csv")
+    parser.add_argument(
+        "--generated-tokens",
+        type=at_least(1),
+        default=GENERATED_TOKENS,
+        help=f"the generation a decision serves, for its cost share (default: {GENERATED_TOKENS})",
+    )
+    # the compared prompts: the first --prompts of --corpus's test split, of --context tokens
+    add_env_arguments(parser, KVCACHE_ENV_ID, ENV_IDS, split="test", prompts=4)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kwargs = env_kwargs(vars(args))
+    try:
+        for spec in args.policies:
+            check_kv_spec(spec, "--policies")
+        for budget in args.budgets:
+            if not 0 < budget <= 1:
+                raise ValueError(f"--budgets {budget}: expected a share of the key cache in (0, 1]")
+        out = check_output_folder(args.out, "--out")
+        policies = [make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policies]
+        budgets = sorted(set(args.budgets), reverse=True)
+        rows = kv_comparison(policies, kwargs, kwargs["prompts"], budgets, kwargs["split"], args.generated_tokens)
+    except (ValueError, FileNotFoundError, ModelNotAvailableError, CorpusNotAvailableError) as error:
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    table = kv_markdown_table(rows, kwargs, kwargs["split"])
+    write_text_atomic(out / "table.md", table + "\n")
+    write_kv_csv(rows, out / "comparison.csv")
+    print(table + f"\n\nwrote {out}/table.md and {out}/comparison.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
