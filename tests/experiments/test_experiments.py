@@ -24,7 +24,7 @@ def tiny_arguments(name, model, tmp_path):
                                  "--segment-len", "16", "--ranks", *TINY_RANKS, "--budgets", "0.625"],
         "kvcache_policies": ["--model", model, "--prompts", "2", "--context", "48", "--observe-tokens", "8",
                              "--horizon", "8", "--ranks", "4", "8", "12", "16", "--recent-tokens", "4",
-                             "--budgets", "0.75", "0.6"],
+                             "--budgets", "0.75", "0.6", "--out", str(tmp_path / "kv")],
         "key_cache_profile": ["--model", model, "--profile-context", "80", "--profile-tokens", "4", "--ranks", "4",
                               "8", "--mean-rank", "8", "--context", "80", "--prompts", "1", "--tokens", "4"],
         "measure_headroom": ["--model", model, "--chunks", "1", "--validation-chunks", "1", "--seq-len", "32",
