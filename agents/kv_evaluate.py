@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,13 @@ from tqdm.auto import tqdm
 from agents.results import write_rows_csv
 from agents.zoo import make_policy
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
-from drrl_env.kvcache import KVCACHE_ENV_ID, DRRLKVCacheEnv
+from drrl_env.kvcache import (
+    KVCACHE_ENV_ID,
+    DRRLKVCacheEnv,
+    KVCacheConfig,
+    observation_size,
+    shared_prompt_states,
+)
 from drrl_env.lm.corpora import CorpusNotAvailableError
 from drrl_env.lm.files import check_output_folder, write_text_atomic
 from drrl_env.lm.models import ModelNotAvailableError
@@ -120,6 +126,20 @@ def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:
     return env.observation_flops() + env.num_layers * float(getattr(policy, "flops_per_decision", 0.0))
 
 
+def wants_static_prior(policy: RankPolicy, candidates: int) -> bool | None:
+    """Whether an agent was trained with the static prior in its observation, read from its observation's size.
+
+    None for a rule, or an agent whose size matches neither (its first action then says what it expected).
+    """
+    space = getattr(getattr(policy, "policy", None), "observation_space", None)
+    if space is None or not getattr(space, "shape", None):
+        return None
+    setup = getattr(policy, "setup", None)
+    size = space.shape[-1] - (1 if getattr(setup, "history", 0) else 0)  # a state window adds a validity column
+    sizes = {observation_size(candidates, prior): prior for prior in (False, True)}
+    return sizes.get(size)
+
+
 def kv_comparison(
     policies: Sequence[RankPolicy],
     env_kwargs: dict[str, Any],
@@ -132,23 +152,53 @@ def kv_comparison(
     """Play every policy on the first ``prompts`` prompts of ``split`` at every budget (module docstring).
 
     ``env_kwargs``: ``gym.make("DRRL-KVCache-v0")`` keywords (the pool, split, budget and kept prompts are set
-    here: every compared prompt is kept, so its prefill runs once for all policies and budgets).
+    here: every compared prompt is kept, so its prefill runs once for all policies and budgets). An agent trained
+    with the other ``static_prior`` setting (:func:`wants_static_prior`) plays in an env with its setting, which
+    shares the prompts' states (:func:`drrl_env.kvcache.shared_prompt_states`).
     """
     kwargs = {**env_kwargs, "split": split, "prompts": prompts, "cached_prompts": prompts}
     kwargs["cache_budget"] = (min(budgets), max(budgets))
-    env: DRRLKVCacheEnv = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
+    config = KVCacheConfig.from_kwargs(dict(kwargs))
+    with shared_prompt_states():
+        envs: dict[bool, DRRLKVCacheEnv] = {}
+
+        def env_of(policy: RankPolicy) -> DRRLKVCacheEnv:
+            prior = wants_static_prior(policy, len(config.ranks))
+            prior = config.static_prior if prior is None else prior
+            if prior not in envs:
+                envs[prior] = gym.make(KVCACHE_ENV_ID, **{**kwargs, "static_prior": prior}).unwrapped
+            return envs[prior]
+
+        try:
+            return _compare(policies, env_of, prompts, budgets, generated_tokens, progress)
+        finally:
+            for env in envs.values():
+                env.close()
+
+
+def _compare(
+    policies: Sequence[RankPolicy],
+    env_of: Callable[[RankPolicy], DRRLKVCacheEnv],
+    prompts: int,
+    budgets: Sequence[float],
+    generated_tokens: int,
+    progress: bool,
+) -> list[KVRow]:
+    """:func:`kv_comparison`'s episodes and rows, each policy in the env ``env_of`` gives it."""
     timed = [_TimedPolicy(policy) for policy in policies]
     kls = {(budget, policy.name): [] for budget in budgets for policy in timed}
     used = {key: [] for key in kls}
     ranks = {key: [] for key in kls}
     for policy in policies:  # the static profile is measured once on validation text, not per decision: not timed
         if isinstance(policy, ProfilePolicy) and policy.name == "static":
+            env = env_of(policy)
             env.reset(seed=0, options={"prompt": 0})
             policy.profile(env)
     bar = tqdm(total=prompts * len(budgets) * len(timed), desc="key-cache comparison", disable=not progress)
     for prompt in range(prompts):
         for budget in budgets:
             for policy in timed:
+                env = env_of(policy.policy)
                 observation, _ = env.reset(seed=prompt, options={"prompt": prompt, "budget": budget})
                 info = play(env, policy, observation, seed=prompt)
                 kls[budget, policy.name].append(info["kl"])
@@ -156,13 +206,14 @@ def kv_comparison(
                 ranks[budget, policy.name].append(info["ranks"])
                 bar.update()
     bar.close()
-    horizon_flops, generation = generation_flops(env), generation_flops(env, generated_tokens)
     rows = []
     for budget in budgets:
         static = np.asarray(kls.get((budget, "static"), [np.nan] * prompts))
         ceiling = np.asarray(kls.get((budget, "hindsight"), [np.nan] * prompts))
         gap = static.mean() - ceiling.mean()
         for policy in timed:
+            env = env_of(policy.policy)
+            horizon_flops, generation = generation_flops(env), generation_flops(env, generated_tokens)
             values = np.asarray(kls[budget, policy.name])
             cost = policy_decision_flops(env, policy.policy)
             rows.append(
@@ -182,7 +233,6 @@ def kv_comparison(
                     ranks[budget, policy.name],
                 )  # fmt: skip
             )
-    env.close()
     return rows
 
 

@@ -316,6 +316,11 @@ STATIC_PRIOR_FLOOR = 1e-7
 """added to the validation profile's KL before its log10 in the static prior (a rank at the head dimension costs 0)"""
 
 
+def observation_size(candidates: int, static_prior: bool) -> int:
+    """Length of the observation with ``candidates`` ranks: ``2K + 5``, plus ``K + 1`` with the static prior."""
+    return 2 * candidates + 5 + (candidates + 1 if static_prior else 0)
+
+
 class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     """DRRL-KVCache-v0 (module docstring). ``action_masks()`` is the budget's mask (sb3-contrib's convention).
 
@@ -343,7 +348,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if len(self.prompts) < cfg.prompts:
             held = len(self.prompts)
             raise ValueError(f"prompts={cfg.prompts}: the {cfg.split} split holds only {held} of {cfg.context} tokens")
-        size = 2 * len(cfg.ranks) + 5 + (len(cfg.ranks) + 1 if cfg.static_prior else 0)
+        size = observation_size(len(cfg.ranks), cfg.static_prior)
         self.observation_space = spaces.Box(-OBSERVATION_CLIP, OBSERVATION_CLIP, (size,), np.float32)
         self.action_space = spaces.Discrete(len(cfg.ranks))
         self._states: OrderedDict[int, PromptState] = OrderedDict()

@@ -36,3 +36,34 @@ def test_the_key_cache_comparison_command(tiny_layered_model_dir, tmp_path, caps
     ):
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.expensive
+def test_agents_of_either_static_prior_setting_compare_side_by_side(tiny_layered_model_dir, tmp_path, monkeypatch):
+    """An agent trained with the static prior plays in an env with it, beside one without; prompts computed once."""
+    import gymnasium as gym
+    from sb3_contrib import MaskablePPO
+
+    import drrl_env.kvcache as kvcache
+    from agents.agent_file import save_agent
+    from agents.kv_evaluate import kv_comparison, wants_static_prior
+    from agents.zoo import make_policy
+    from oracle.kvcache import kv_policy
+
+    kwargs = dict(model=tiny_layered_model_dir, context=48, prompts=2, observe_tokens=8, horizon=8,
+                  ranks=(4, 8, 12, 16), recent_tokens=4, cache_budget=0.6)  # fmt: skip
+    agents = {}
+    for prior in (False, True):
+        env = gym.make(KVCACHE_ENV_ID, **kwargs, static_prior=prior)
+        path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / f"prior-{prior}.safetensors")
+        agents[prior] = make_policy(str(path), kwargs)
+        agents[prior].name = f"prior {prior}"
+        assert wants_static_prior(agents[prior], 4) is prior
+    assert wants_static_prior(kv_policy("static"), 4) is None
+    computed = []
+    original = kvcache.prompt_state
+    monkeypatch.setattr(kvcache, "prompt_state", lambda *args: computed.append(1) or original(*args))
+    rows = kv_comparison([kv_policy("uniform"), agents[True], agents[False]], kwargs, 2, [0.6], progress=False)
+    assert [row.policy for row in rows] == ["uniform", "prior True", "prior False"]
+    assert all(np.isfinite(row.kl) and row.cache_used <= 0.6 + 1e-12 for row in rows)
+    assert len(computed) == 2  # each prompt once, for both envs
