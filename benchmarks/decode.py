@@ -34,7 +34,7 @@ which made full attention's decode time vary 2x between runs (docs/benchmarks.md
 
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
                                 [--layer-ranks R,R,...] [--low-rank-prefill] [--out FILE.json]
-                                [--policy static --policy AGENT.safetensors [--static-prior] --cache-budget 0.75]
+                                [--policy static --policy AGENT.safetensors --cache-budget 0.75]
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ import gymnasium as gym
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from agents.kv_evaluate import check_kv_spec, make_kv_policy
+from agents.kv_evaluate import check_kv_spec, make_kv_policy, wants_static_prior
 from agents.kv_generate import kv_ranks
 from drrl_env.attention.flops import key_cache_generation_flops
 from drrl_env.attention.kv_basis import BASIS_KINDS
 from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
-from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig
+from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig, shared_prompt_states
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
 from drrl_env.lm.files import write_text_atomic
 from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
@@ -155,26 +155,33 @@ def policy_env_kwargs(args: argparse.Namespace, context: int) -> dict:
         "model": args.model, "device": args.device, "corpus": "wiki", "split": "test", "context": context,
         "prompts": args.quality_prompts, "observe_tokens": args.observe_tokens, "horizon": 2,
         "cache_budget": args.cache_budget, "basis": "joint", "sink_tokens": args.sink_tokens,
-        "recent_tokens": args.recent_tokens, "cached_prompts": 1, "static_prior": args.static_prior,
+        "recent_tokens": args.recent_tokens, "cached_prompts": 1,
     }  # fmt: skip
 
 
 def policy_ranks(args: argparse.Namespace, context: int) -> dict[str, list[list[int]]]:
     """Per ``--policy``, the ranks it commits on each of the first ``--quality-prompts`` wiki test prompts.
 
-    One DRRL-KVCache-v0 env on those prompts (the pool of the test split at ``context`` tokens: the first of
-    :func:`sequential_chunks`, as the benchmark's), one prompt's state at a time.
+    Episodes of DRRL-KVCache-v0 on those prompts (the pool of the test split at ``context`` tokens: the first of
+    :func:`sequential_chunks`, as the benchmark's); an agent trained with the static prior plays in an env with it
+    (:func:`agents.kv_evaluate.wants_static_prior`), the envs sharing the prompts' states.
     """
     if not args.policy:
         return {}
     kwargs = policy_env_kwargs(args, context)
-    env = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
-    policies = [make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policy]
+    candidates = len(KVCacheConfig.from_kwargs(dict(kwargs)).ranks)
+    policies = {spec: make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policy}
     ranks: dict[str, list[list[int]]] = {spec: [] for spec in args.policy}
-    for index in range(args.quality_prompts):
-        for spec, policy in zip(args.policy, policies, strict=True):
-            ranks[spec].append([int(rank) for rank in kv_ranks(env, policy, None, index, index)["ranks"]])
-    env.close()
+    envs: dict[bool, gym.Env] = {}
+    with shared_prompt_states():
+        for index in range(args.quality_prompts):
+            for spec, policy in policies.items():
+                prior = bool(wants_static_prior(policy, candidates))
+                if prior not in envs:
+                    envs[prior] = gym.make(KVCACHE_ENV_ID, **{**kwargs, "static_prior": prior}).unwrapped
+                ranks[spec].append([int(rank) for rank in kv_ranks(envs[prior], policy, None, index, index)["ranks"]])
+        for env in envs.values():
+            env.close()
     return ranks
 
 
@@ -218,7 +225,6 @@ def main() -> None:
     )
     parser.add_argument("--cache-budget", type=float, default=0.75, help="--policy: share of the full key cache")
     parser.add_argument("--observe-tokens", type=int, default=64, help="--policy: tokens generated before the commit")
-    parser.add_argument("--static-prior", action="store_true", help="--policy: the env option an agent trained with")
     parser.add_argument("--trust-pickle", action="store_true", help="--policy: load an SB3 .zip (a pickle)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -282,7 +288,8 @@ def main() -> None:
         runs = configs + [(f"policy {spec}", per_prompt[0]) for spec, per_prompt in committed.items()]
         for batch in args.batches:
             prompts = chunks[:batch]
-            timed_generation(loaded, prompts[:, :64], 4, "joint", args.ranks[0], sync, generation)  # warm-up
+            warm_rank = args.ranks[0] if args.ranks else loaded.attention_shape.head_dim // 2
+            timed_generation(loaded, prompts[:, :64], 4, "joint", warm_rank, sync, generation)  # warm-up
             baseline = None
             for basis, rank in runs:
                 kind = "joint" if basis is not None and basis.startswith("policy ") else basis
