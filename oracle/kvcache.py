@@ -12,6 +12,9 @@ of a ``(L, K)`` decode profile over the layers' key-byte shares (:meth:`DRRLKVCa
   adaptive-SVD energy criterion, spent at the budget);
 * ``logit_error``: the water-fill of the observation's own statistic, the observed tokens' relative logit error
   at each candidate (a fixed rule on what the agent sees);
+* ``attention_kl``: the water-fill of how far each layer's basis at each candidate moves the observed tokens'
+  attention distributions (:func:`drrl_env.generation.decode_profile.observed_attention_kls`: the logit error
+  weighed by the attention each key gets; causal and cheap);
 * ``self_profile``: the water-fill of the prompt's own decode profile over its observed tokens (the prompt's
   cache scored on the ``observe_tokens`` the model generated first): causal, so an agent could learn it, but it
   costs a prefill per candidate and a continuation per cell (the teacher);
@@ -30,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.generation.decode_profile import decode_kl_profile, key_energy_residuals
+from drrl_env.generation.decode_profile import decode_kl_profile, key_energy_residuals, observed_attention_kls
 from drrl_env.kvcache import DRRLKVCacheEnv
 
-KV_POLICIES = ("uniform", "static", "energy", "logit_error", "self_profile", "hindsight", "random")
+KV_POLICIES = ("uniform", "static", "energy", "logit_error", "attention_kl", "self_profile", "hindsight", "random")
 KV_CEILINGS = ("hindsight",)
 """policies that see the scored text: ceilings, not policies; their decision cost is not defined"""
 
@@ -46,6 +49,19 @@ def energy_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(L, K)`` the observed tokens' relative logit errors: the observation's first ``K`` entries, every layer."""
     return env.current_prompt.observed_errors
+
+
+ATTENTION_KL_QUERIES = 16
+"""observed queries the ``attention_kl`` rule scores per layer and head"""
+
+
+def attention_kl_profile(env: DRRLKVCacheEnv) -> np.ndarray:
+    """``(L, K)`` the observed tokens' attention KL through each layer's basis at each candidate (causal, cheap)."""
+    cfg = env.config
+    return observed_attention_kls(
+        env.loaded, env.current_prompt.prefix, cfg.ranks, cfg.observe_tokens, cfg.basis,
+        sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens, queries=ATTENTION_KL_QUERIES,
+    )  # fmt: skip
 
 
 def self_profile(env: DRRLKVCacheEnv) -> np.ndarray:
@@ -70,6 +86,7 @@ PROFILES: dict[str, Callable[[DRRLKVCacheEnv], np.ndarray]] = {
     "static": DRRLKVCacheEnv.static_profile,
     "energy": energy_profile,
     "logit_error": logit_error_profile,
+    "attention_kl": attention_kl_profile,
     "self_profile": self_profile,
     "hindsight": hindsight_profile,
 }
@@ -179,10 +196,14 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
     ``uniform``, ``random``: 0; ``static``: 0 per prompt (its profile is computed once, on validation text);
     ``energy``: each layer's and key/value head's key Gram over the prefix (``2 n d^2``) and its eigenvalues (about
     ``10 d^3``; the forward pass is the generation's own); ``logit_error``: the observation's statistics
-    (:meth:`DRRLKVCacheEnv.observation_flops`); ``self_profile``: the forward passes of ``decode_kl_profile`` over
-    the prompt (a prefill of ``context`` tokens at full width and at each candidate below the head dimension, the
-    greedy continuation and its reference over ``observe_tokens``, and ``observe_tokens`` teacher-forced tokens per
-    layer and candidate below it), weights only; ``hindsight``: NaN (a ceiling that sees the scored text).
+    (:meth:`DRRLKVCacheEnv.observation_flops`); ``attention_kl``: per layer and key/value group, the basis'
+    decomposition (about ``10 d^3``; its Grams are the cache's own) and per candidate below the head dimension the
+    maps (``4 d^3``), the keys through them (``2 n d r``) and the scored queries' low-rank logits and softmax
+    (``2 G q (d + n) r + 5 G q n``), with the exact logits once (``2 G q n d``); ``self_profile``: the forward
+    passes of ``decode_kl_profile`` over the prompt (a prefill of ``context`` tokens at full width and at each
+    candidate below the head dimension, the greedy continuation and its reference over ``observe_tokens``, and
+    ``observe_tokens`` teacher-forced tokens per layer and candidate below it), weights only; ``hindsight``: NaN
+    (a ceiling that sees the scored text).
     """
     cfg = env.config
     below = sum(1 for rank in cfg.ranks if rank < env.head_dim)
@@ -190,6 +211,11 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
         return float("nan")
     if name == "logit_error":
         return env.observation_flops()
+    if name == "attention_kl":
+        d, n, shape = env.head_dim, cfg.context + cfg.observe_tokens, env.loaded.attention_shape
+        gq = shape.q_heads // shape.kv_heads * ATTENTION_KL_QUERIES
+        per_rank = [4 * d**3 + 2 * n * d * r + 2 * gq * (d + n) * r + 5 * gq * n for r in cfg.ranks if r < d]
+        return float(env.num_layers * shape.kv_heads * (10 * d**3 + 2 * gq * n * d + sum(per_rank)))
     if name == "energy":
         d, keys = env.head_dim, cfg.context + cfg.observe_tokens
         return float(env.num_layers * env.loaded.attention_shape.kv_heads * (2 * keys * d**2 + 10 * d**3))

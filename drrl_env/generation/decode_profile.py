@@ -181,6 +181,67 @@ def prefill_logit_errors(
     return errors
 
 
+def observed_attention_kls(
+    loaded: LoadedModel,
+    prefix: torch.Tensor,
+    ranks: Sequence[int],
+    observed: int,
+    basis: str = "joint",
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    queries: int = 16,
+) -> np.ndarray:
+    """``(L, K)`` how far each layer's key basis at each rank moves the observed tokens' attention distributions.
+
+    ``prefix`` ``(1, n)`` is the prompt followed by its ``observed`` generated tokens, prefilled exactly once. Per
+    layer the key basis is the one the compressed cache builds from the whole prefix (``basis``; sinks exact and
+    left out), and for ``queries`` of the observed positions (evenly spaced, the last included) the value is
+    ``KL(softmax(s) || softmax(s'))`` of the query's attention over the keys before it, ``s`` the exact logits and
+    ``s'`` those through the basis at the rank, exact at the sinks and in the query's window of ``recent_tokens``
+    (as decode scores them), averaged over the queries and query heads (0 at ranks ``>= d``). Unlike the relative
+    logit error (:func:`prefill_logit_errors`), which weighs every key alike, it weighs each key by the attention it
+    gets: the distortion the layer's attention output sees.
+    """
+    if prefix.dim() != 2 or prefix.shape[0] != 1:
+        raise ValueError(f"prefix must be one (1, n) token row, got shape {tuple(prefix.shape)}")
+    if not 1 <= observed < prefix.shape[1] or queries < 1:
+        raise ValueError(f"observed must be in [1, n) and queries >= 1, got {observed} and {queries}")
+    shape = loaded.attention_shape
+    kls = np.zeros((shape.num_layers, len(ranks)))
+    n = prefix.shape[1]
+    positions = torch.linspace(n - observed, n - 1, min(queries, observed)).round().long().unique()
+
+    def handler(call: AttentionCall) -> torch.Tensor:
+        valid = key_validity(call)
+        sinks = find_sinks(call.key, valid, sink_tokens)
+        query, key = call.query.double(), call.key.double()
+        gram_q, gram_k = prompt_grams(query, key, valid, sinks)
+        kv_heads, groups, m = key.shape[1], query.shape[1] // key.shape[1], len(positions)
+        stacked = query[0, :, positions].reshape(kv_heads, groups * m, -1)  # a group's heads, each with its m queries
+        exact = stacked @ key[0].transpose(-1, -2) * call.scale  # (Hkv, G m, n)
+        keys = torch.arange(n, device=query.device).view(1, n)
+        rows = positions.to(query.device).repeat(groups).view(-1, 1)  # each stacked query's position
+        visible = keys <= rows
+        kept = visible & (keys > rows - recent_tokens)  # the window decode scores exactly
+        if sinks is not None:
+            kept |= torch.isin(keys, sinks.index[0])
+        log_p = torch.log_softmax(exact.masked_fill(~visible, float("-inf")), dim=-1)
+        for k, rank in enumerate(ranks):
+            if rank >= shape.head_dim:
+                continue
+            maps = basis_from_grams(gram_q, gram_k, torch.full((kv_heads,), int(rank)), basis)
+            low = (stacked @ maps.query_map[0]) @ (key[0] @ maps.key_map[0]).transpose(-1, -2) * call.scale
+            scores = torch.where(kept, exact, low).masked_fill(~visible, float("-inf"))
+            log_q = torch.log_softmax(scores, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).masked_fill(~visible, 0.0).sum(-1)
+            kls[call.layer, k] = float(kl.mean())
+        return call.full()
+
+    with install(loaded.model).use(handler):
+        loaded.model(input_ids=prefix.to(loaded.device))
+    return kls
+
+
 def key_energy_residuals(
     loaded: LoadedModel, prompt: torch.Tensor, ranks: Sequence[int], sink_tokens: int = SINK_TOKENS
 ) -> np.ndarray:

@@ -64,6 +64,7 @@ def test_teacher_and_ceiling_profiles_and_their_episodes(env):
             assert len(policy.profiles) == 1
     assert all(np.isfinite(kl) and kl >= 0 for kl in results.values())
     assert decision_flops(env, "self_profile") > generation_flops(env) > decision_flops(env, "logit_error") > 0
+    assert decision_flops(env, "attention_kl") > 0
     with pytest.raises(ValueError, match="KV-cache policy must be one of"):
         kv_policy("greedy")
     with pytest.raises(ValueError, match="reset option budget must be a share"):

@@ -8,7 +8,12 @@ import torch
 
 from drrl_env.attention.hook import install
 from drrl_env.generation.decode import teacher_forced_logits
-from drrl_env.generation.decode_profile import decode_kl_profile, greedy_continuation, prefill_logit_errors
+from drrl_env.generation.decode_profile import (
+    decode_kl_profile,
+    greedy_continuation,
+    observed_attention_kls,
+    prefill_logit_errors,
+)
 from drrl_env.lm.models import load_causal_lm
 from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles import validation
@@ -139,3 +144,48 @@ def test_key_energy_residuals_equal_the_singular_values_of_the_keys(tiny_layered
                 shares.append(1.0 - energy[:rank].sum() / energy.sum())
             assert residuals[layer, k] == pytest.approx(np.mean(shares), rel=1e-9, abs=1e-12)
     assert np.all(np.diff(residuals[:, :-1], axis=1) <= 1e-12)  # less energy left out at a larger rank
+
+
+@pytest.mark.parametrize("recent", [0, 6])
+def test_observed_attention_kls_equal_the_kl_of_the_eckart_young_truncated_logits(tiny_layered_model_dir, recent):
+    """The joint basis's logits are the stacked logits' best rank-r approximation (sink out): the KL from that, per
+    query and head, in loops, against the batched feature."""
+    loaded = load_causal_lm(tiny_layered_model_dir, device="cpu")
+    shape = loaded.attention_shape
+    prefix = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
+    n, observed, queries = prefix.shape[1], 12, 4
+    captured = []
+
+    def keep(call):
+        captured.append((call.query[0].double(), call.key[0].double(), call.scale))
+        return call.full()
+
+    with torch.no_grad(), install(loaded.model).use(keep):
+        loaded.model(input_ids=prefix)
+    kls = observed_attention_kls(loaded, prefix, RANKS, observed, recent_tokens=recent, queries=queries)
+    assert kls.shape == (shape.num_layers, len(RANKS)) and np.all(kls[:, -1] == 0)
+    positions = torch.linspace(n - observed, n - 1, queries).round().long().tolist()
+    groups = shape.q_heads // shape.kv_heads
+    for layer, (query, key, scale) in enumerate(captured):
+        for k, rank in enumerate(RANKS[:-1]):
+            values = []
+            for head in range(shape.kv_heads):
+                stacked = query[head * groups : (head + 1) * groups].reshape(-1, shape.head_dim)  # (G n, d)
+                logits = stacked @ key[head, 1:].T
+                u, s, vh = torch.linalg.svd(logits, full_matrices=False)
+                truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+                for member in range(groups):
+                    for p in positions:
+                        row = member * n + p
+                        exact = torch.cat([stacked[row] @ key[head, :1].T, logits[row]])[: p + 1] * scale
+                        low = torch.cat([exact[:1] / scale, truncated[row][:p]]) * scale
+                        window = slice(max(p + 1 - recent, 0), p + 1) if recent else slice(0, 0)
+                        low[window] = exact[window]
+                        log_p, log_q = torch.log_softmax(exact, -1), torch.log_softmax(low, -1)
+                        values.append(float((log_p.exp() * (log_p - log_q)).sum()))
+            assert kls[layer, k] == pytest.approx(np.mean(values), rel=1e-6, abs=1e-12)
+    assert kls[0, 0] > kls[0, 1] > 0
+    full_window = observed_attention_kls(loaded, prefix, RANKS, observed, recent_tokens=n, queries=queries)
+    assert np.all(full_window == 0)  # every key exact: nothing moves
+    with pytest.raises(ValueError, match="observed"):
+        observed_attention_kls(loaded, prefix, RANKS, n)
