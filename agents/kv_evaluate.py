@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -126,18 +127,35 @@ def policy_decision_flops(env: DRRLKVCacheEnv, policy: RankPolicy) -> float:
     return env.observation_flops() + env.num_layers * float(getattr(policy, "flops_per_decision", 0.0))
 
 
-def wants_static_prior(policy: RankPolicy, candidates: int) -> bool | None:
-    """Whether an agent was trained with the static prior in its observation, read from its observation's size.
+OBSERVATION_OPTIONS = ("static_prior", "attention_kl")
+"""the env options that add to DRRL-KVCache-v0's observation"""
 
-    None for a rule, or an agent whose size matches neither (its first action then says what it expected).
+
+def observation_options(policy: RankPolicy, candidates: int) -> dict[str, bool] | None:
+    """The observation options an agent was trained with (:data:`OBSERVATION_OPTIONS`), read from its input's size.
+
+    None for a rule, or an agent whose size matches no setting (its first action then says what it expected).
     """
     space = getattr(getattr(policy, "policy", None), "observation_space", None)
     if space is None or not getattr(space, "shape", None):
         return None
     setup = getattr(policy, "setup", None)
     size = space.shape[-1] - (1 if getattr(setup, "history", 0) else 0)  # a state window adds a validity column
-    sizes = {observation_size(candidates, prior): prior for prior in (False, True)}
-    return sizes.get(size)
+    for prior, attention in itertools.product((False, True), repeat=2):
+        if observation_size(candidates, prior, attention) == size:
+            return {"static_prior": prior, "attention_kl": attention}
+    return None
+
+
+def options_env(
+    envs: dict[tuple[bool, ...], DRRLKVCacheEnv], kwargs: dict[str, Any], options: dict[str, bool] | None
+) -> DRRLKVCacheEnv:
+    """The env of ``envs`` with the observation ``options`` (None: ``kwargs``' own), made from ``kwargs`` if new."""
+    settings = {name: bool(kwargs.get(name, False)) for name in OBSERVATION_OPTIONS} | (options or {})
+    key = tuple(settings[name] for name in OBSERVATION_OPTIONS)
+    if key not in envs:
+        envs[key] = gym.make(KVCACHE_ENV_ID, **{**kwargs, **settings}).unwrapped
+    return envs[key]
 
 
 def kv_comparison(
@@ -153,21 +171,17 @@ def kv_comparison(
 
     ``env_kwargs``: ``gym.make("DRRL-KVCache-v0")`` keywords (the pool, split, budget and kept prompts are set
     here: every compared prompt is kept, so its prefill runs once for all policies and budgets). An agent trained
-    with the other ``static_prior`` setting (:func:`wants_static_prior`) plays in an env with its setting, which
-    shares the prompts' states (:func:`drrl_env.kvcache.shared_prompt_states`).
+    with other observation options (:func:`observation_options`) plays in an env with its options, which shares
+    the prompts' states (:func:`drrl_env.kvcache.shared_prompt_states`).
     """
     kwargs = {**env_kwargs, "split": split, "prompts": prompts, "cached_prompts": prompts}
     kwargs["cache_budget"] = (min(budgets), max(budgets))
     config = KVCacheConfig.from_kwargs(dict(kwargs))
     with shared_prompt_states():
-        envs: dict[bool, DRRLKVCacheEnv] = {}
+        envs: dict[tuple[bool, ...], DRRLKVCacheEnv] = {}
 
         def env_of(policy: RankPolicy) -> DRRLKVCacheEnv:
-            prior = wants_static_prior(policy, len(config.ranks))
-            prior = config.static_prior if prior is None else prior
-            if prior not in envs:
-                envs[prior] = gym.make(KVCACHE_ENV_ID, **{**kwargs, "static_prior": prior}).unwrapped
-            return envs[prior]
+            return options_env(envs, kwargs, observation_options(policy, len(config.ranks)))
 
         try:
             return _compare(policies, env_of, prompts, budgets, generated_tokens, progress)

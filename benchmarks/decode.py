@@ -45,18 +45,17 @@ import statistics
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from agents.kv_evaluate import check_kv_spec, make_kv_policy, wants_static_prior
+from agents.kv_evaluate import check_kv_spec, make_kv_policy, observation_options, options_env
 from agents.kv_generate import kv_ranks
 from drrl_env.attention.flops import key_cache_generation_flops
 from drrl_env.attention.kv_basis import BASIS_KINDS
 from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
-from drrl_env.kvcache import KVCACHE_ENV_ID, KVCacheConfig, shared_prompt_states
+from drrl_env.kvcache import KVCacheConfig, shared_prompt_states
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
 from drrl_env.lm.files import write_text_atomic
 from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
@@ -163,8 +162,8 @@ def policy_ranks(args: argparse.Namespace, context: int) -> dict[str, list[list[
     """Per ``--policy``, the ranks it commits on each of the first ``--quality-prompts`` wiki test prompts.
 
     Episodes of DRRL-KVCache-v0 on those prompts (the pool of the test split at ``context`` tokens: the first of
-    :func:`sequential_chunks`, as the benchmark's); an agent trained with the static prior plays in an env with it
-    (:func:`agents.kv_evaluate.wants_static_prior`), the envs sharing the prompts' states.
+    :func:`sequential_chunks`, as the benchmark's); an agent plays in an env with the observation options it was
+    trained with (:func:`agents.kv_evaluate.observation_options`), the envs sharing the prompts' states.
     """
     if not args.policy:
         return {}
@@ -172,14 +171,12 @@ def policy_ranks(args: argparse.Namespace, context: int) -> dict[str, list[list[
     candidates = len(KVCacheConfig.from_kwargs(dict(kwargs)).ranks)
     policies = {spec: make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policy}
     ranks: dict[str, list[list[int]]] = {spec: [] for spec in args.policy}
-    envs: dict[bool, gym.Env] = {}
+    envs: dict = {}
     with shared_prompt_states():
         for index in range(args.quality_prompts):
             for spec, policy in policies.items():
-                prior = bool(wants_static_prior(policy, candidates))
-                if prior not in envs:
-                    envs[prior] = gym.make(KVCACHE_ENV_ID, **{**kwargs, "static_prior": prior}).unwrapped
-                ranks[spec].append([int(rank) for rank in kv_ranks(envs[prior], policy, None, index, index)["ranks"]])
+                env = options_env(envs, kwargs, observation_options(policy, candidates))
+                ranks[spec].append([int(rank) for rank in kv_ranks(env, policy, None, index, index)["ranks"]])
         for env in envs.values():
             env.close()
     return ranks

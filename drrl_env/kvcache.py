@@ -54,8 +54,10 @@ from gymnasium import spaces
 
 from drrl_env.generation.decode import rank_table
 from drrl_env.generation.decode_profile import (
+    ATTENTION_KL_QUERIES,
     continued_logits,
     greedy_continuation,
+    observed_attention_kls,
     prefill_logit_errors,
     prefilled,
 )
@@ -108,6 +110,10 @@ class KVCacheConfig:
     """add the static prior to the observation: the layer's validation decode profile (log10 of its KL per
     candidate) and the static allocation's rank at the layer for the episode's budget (a share of the head
     dimension); computed once on validation text, so free per prompt"""
+    attention_kl: bool = False
+    """add the observed tokens' attention KL to the observation: per candidate, log10 of how far the layer's basis
+    at the rank moves the attention distributions of 16 observed queries (observed_attention_kls; its FLOPs are
+    counted in info['flops_observation'])"""
     kl_baseline: str = "none"
     """the terminal reward: 'none' (-KL), or paired with a fixed rule's KL on the same prompt and budget: 'uniform' /
     'static' (KL_b - KL, KL_b of uniform ranks / of the static decode allocation, the water-fill of the validation
@@ -147,6 +153,9 @@ class KVCacheConfig:
             if bounds[0] > bounds[1]:
                 raise ValueError(f"cache_budget range must have lo <= hi, got {budget!r}")
             object.__setattr__(self, "cache_budget", (float(bounds[0]), float(bounds[1])))
+        for name in ("static_prior", "attention_kl"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("model", "corpus", "split", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -191,6 +200,8 @@ class PromptState:
     seconds_observation: float
     kls: dict[tuple[int, ...], float] = dataclasses.field(default_factory=dict)
     """the KL of every allocation scored on this prompt so far (an episode that repeats one scores nothing new)"""
+    attention_kls: np.ndarray | None = None
+    """``(L, K)`` the observed tokens' attention KL, computed the first time an env or a rule asks for it"""
 
 
 _shared_states: dict[tuple, PromptState] | None = None
@@ -314,11 +325,13 @@ class KeyCacheBudget:
 OBSERVATION_CLIP = 10.0
 STATIC_PRIOR_FLOOR = 1e-7
 """added to the validation profile's KL before its log10 in the static prior (a rank at the head dimension costs 0)"""
+ATTENTION_KL_FLOOR = 1e-7
+"""added to the attention KL before its log10 in the observation"""
 
 
-def observation_size(candidates: int, static_prior: bool) -> int:
-    """Length of the observation with ``candidates`` ranks: ``2K + 5``, plus ``K + 1`` with the static prior."""
-    return 2 * candidates + 5 + (candidates + 1 if static_prior else 0)
+def observation_size(candidates: int, static_prior: bool, attention_kl: bool = False) -> int:
+    """The observation's length with ``candidates`` ranks: ``2K + 5``, ``+ K + 1`` prior, ``+ K`` attention KL."""
+    return 2 * candidates + 5 + (candidates + 1 if static_prior else 0) + (candidates if attention_kl else 0)
 
 
 class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
@@ -327,8 +340,9 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
     Observation (float32, clipped to ``[-10, 10]``): the observed tokens' relative logit error at each candidate
     (K), the prompt's last queries' (K), depth ``l / (L - 1)``, the budget and the budget left (2), and the mean
     and last rank chosen so far as shares of the head dimension (2); with ``static_prior``, also the layer's
-    validation decode profile (``log10(KL + 1e-7)``, K) and the static allocation's rank share at the layer (1).
-    Action: ``Discrete(K)``, the candidate index.
+    validation decode profile (``log10(KL + 1e-7)``, K) and the static allocation's rank share at the layer (1);
+    with ``attention_kl``, also the observed tokens' attention KL at each candidate (``log10(KL + 1e-7)``, K:
+    :meth:`observed_attention_kls`). Action: ``Discrete(K)``, the candidate index.
     """
 
     metadata = {"render_modes": []}
@@ -348,7 +362,7 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if len(self.prompts) < cfg.prompts:
             held = len(self.prompts)
             raise ValueError(f"prompts={cfg.prompts}: the {cfg.split} split holds only {held} of {cfg.context} tokens")
-        size = observation_size(len(cfg.ranks), cfg.static_prior)
+        size = observation_size(len(cfg.ranks), cfg.static_prior, cfg.attention_kl)
         self.observation_space = spaces.Box(-OBSERVATION_CLIP, OBSERVATION_CLIP, (size,), np.float32)
         self.action_space = spaces.Discrete(len(cfg.ranks))
         self._states: OrderedDict[int, PromptState] = OrderedDict()
@@ -551,7 +565,37 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         rows = 2 * cfg.observe_tokens * (shape.q_heads // shape.kv_heads)
         d = shape.head_dim
         per_group = 2 * d**2 * rows + 10 * d**3 + len(cfg.ranks) * 4 * d**3
-        return float(shape.num_layers * shape.kv_heads * per_group)
+        errors = float(shape.num_layers * shape.kv_heads * per_group)
+        return errors + (self.attention_kl_flops() if cfg.attention_kl else 0.0)
+
+    def observed_attention_kls(self) -> np.ndarray:
+        """``(L, K)`` the current prompt's observed tokens' attention KL at each candidate, computed once per prompt.
+
+        :func:`drrl_env.generation.decode_profile.observed_attention_kls` over ``ATTENTION_KL_QUERIES`` observed
+        queries, with the cache's basis, sinks and recent window.
+        """
+        self._started("observed_attention_kls()")
+        state, cfg = self._state, self.config
+        if state.attention_kls is None:
+            state.attention_kls = observed_attention_kls(
+                self.loaded, state.prefix, cfg.ranks, cfg.observe_tokens, cfg.basis,
+                sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens, queries=ATTENTION_KL_QUERIES,
+            )  # fmt: skip
+        return state.attention_kls
+
+    def attention_kl_flops(self) -> float:
+        """FLOPs of :meth:`observed_attention_kls` beyond the generation's own work, per prompt (an estimate).
+
+        Per layer and key/value group: the basis' decomposition (about ``10 d^3``; its Grams are the cache's own),
+        the scored queries' exact logits (``2 G q n d``), and per candidate below the head dimension the maps
+        (``4 d^3``), the keys through them (``2 n d r``), the queries' low-rank logits and their softmax
+        (``2 G q (d + n) r + 5 G q n``); ``q`` scored queries per head, ``n`` keys.
+        """
+        cfg, shape = self.config, self.loaded.attention_shape
+        d, n = shape.head_dim, cfg.context + cfg.observe_tokens
+        gq = shape.q_heads // shape.kv_heads * min(ATTENTION_KL_QUERIES, cfg.observe_tokens)
+        per_rank = [4 * d**3 + 2 * n * d * r + 2 * gq * (d + n) * r + 5 * gq * n for r in cfg.ranks if r < d]
+        return float(shape.num_layers * shape.kv_heads * (10 * d**3 + 2 * gq * n * d + sum(per_rank)))
 
     def close(self) -> None:
         """Drop the kept prompts' states (their caches and logits: hundreds of MB each at context 1024)."""
@@ -625,4 +669,6 @@ class DRRLKVCacheEnv(gym.Env[np.ndarray, int]):
         if self.config.static_prior:
             parts.append(np.log10(self.static_profile()[layer] + STATIC_PRIOR_FLOOR))
             parts.append([self.config.ranks[self._static_plan[layer]] / self.head_dim])
+        if self.config.attention_kl:
+            parts.append(np.log10(self.observed_attention_kls()[layer] + ATTENTION_KL_FLOOR))
         return np.clip(np.concatenate(parts), -OBSERVATION_CLIP, OBSERVATION_CLIP).astype(np.float32)

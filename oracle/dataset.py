@@ -162,7 +162,16 @@ OBSERVATION_FIELDS = (
 )  # fmt: skip
 """env options that decide what an observation says and which action is which rank: a policy cloned from a dataset
 acts in an env that agrees with the dataset's on each of them"""
-KV_OBSERVATION_FIELDS = ("model", "ranks", "basis", "observe_tokens", "sink_tokens", "recent_tokens", "static_prior")
+KV_OBSERVATION_FIELDS = (
+    "model",
+    "ranks",
+    "basis",
+    "observe_tokens",
+    "sink_tokens",
+    "recent_tokens",
+    "static_prior",
+    "attention_kl",
+)
 """the same for DRRL-KVCache-v0"""
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.generation.decode_profile import decode_kl_profile, key_energy_residuals, observed_attention_kls
+from drrl_env.generation.decode_profile import decode_kl_profile, key_energy_residuals
 from drrl_env.kvcache import DRRLKVCacheEnv
 
 KV_POLICIES = ("uniform", "static", "energy", "logit_error", "attention_kl", "self_profile", "hindsight", "random")
@@ -49,19 +49,6 @@ def energy_profile(env: DRRLKVCacheEnv) -> np.ndarray:
 def logit_error_profile(env: DRRLKVCacheEnv) -> np.ndarray:
     """``(L, K)`` the observed tokens' relative logit errors: the observation's first ``K`` entries, every layer."""
     return env.current_prompt.observed_errors
-
-
-ATTENTION_KL_QUERIES = 16
-"""observed queries the ``attention_kl`` rule scores per layer and head"""
-
-
-def attention_kl_profile(env: DRRLKVCacheEnv) -> np.ndarray:
-    """``(L, K)`` the observed tokens' attention KL through each layer's basis at each candidate (causal, cheap)."""
-    cfg = env.config
-    return observed_attention_kls(
-        env.loaded, env.current_prompt.prefix, cfg.ranks, cfg.observe_tokens, cfg.basis,
-        sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens, queries=ATTENTION_KL_QUERIES,
-    )  # fmt: skip
 
 
 def self_profile(env: DRRLKVCacheEnv) -> np.ndarray:
@@ -86,7 +73,7 @@ PROFILES: dict[str, Callable[[DRRLKVCacheEnv], np.ndarray]] = {
     "static": DRRLKVCacheEnv.static_profile,
     "energy": energy_profile,
     "logit_error": logit_error_profile,
-    "attention_kl": attention_kl_profile,
+    "attention_kl": DRRLKVCacheEnv.observed_attention_kls,
     "self_profile": self_profile,
     "hindsight": hindsight_profile,
 }
@@ -196,10 +183,8 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
     ``uniform``, ``random``: 0; ``static``: 0 per prompt (its profile is computed once, on validation text);
     ``energy``: each layer's and key/value head's key Gram over the prefix (``2 n d^2``) and its eigenvalues (about
     ``10 d^3``; the forward pass is the generation's own); ``logit_error``: the observation's statistics
-    (:meth:`DRRLKVCacheEnv.observation_flops`); ``attention_kl``: per layer and key/value group, the basis'
-    decomposition (about ``10 d^3``; its Grams are the cache's own) and per candidate below the head dimension the
-    maps (``4 d^3``), the keys through them (``2 n d r``) and the scored queries' low-rank logits and softmax
-    (``2 G q (d + n) r + 5 G q n``), with the exact logits once (``2 G q n d``); ``self_profile``: the forward
+    (:meth:`DRRLKVCacheEnv.observation_flops`); ``attention_kl``: :meth:`DRRLKVCacheEnv.attention_kl_flops`;
+    ``self_profile``: the forward
     passes of ``decode_kl_profile`` over the prompt (a prefill of ``context`` tokens at full width and at each
     candidate below the head dimension, the greedy continuation and its reference over ``observe_tokens``, and
     ``observe_tokens`` teacher-forced tokens per layer and candidate below it), weights only; ``hindsight``: NaN
@@ -212,10 +197,7 @@ def decision_flops(env: DRRLKVCacheEnv, name: str) -> float:
     if name == "logit_error":
         return env.observation_flops()
     if name == "attention_kl":
-        d, n, shape = env.head_dim, cfg.context + cfg.observe_tokens, env.loaded.attention_shape
-        gq = shape.q_heads // shape.kv_heads * ATTENTION_KL_QUERIES
-        per_rank = [4 * d**3 + 2 * n * d * r + 2 * gq * (d + n) * r + 5 * gq * n for r in cfg.ranks if r < d]
-        return float(env.num_layers * shape.kv_heads * (10 * d**3 + 2 * gq * n * d + sum(per_rank)))
+        return env.attention_kl_flops()
     if name == "energy":
         d, keys = env.head_dim, cfg.context + cfg.observe_tokens
         return float(env.num_layers * env.loaded.attention_shape.kv_heads * (2 * keys * d**2 + 10 * d**3))

@@ -181,6 +181,10 @@ def prefill_logit_errors(
     return errors
 
 
+ATTENTION_KL_QUERIES = 16
+"""observed queries per layer and head whose attention KL DRRL-KVCache-v0's ``attention_kl`` scores"""
+
+
 def observed_attention_kls(
     loaded: LoadedModel,
     prefix: torch.Tensor,
@@ -189,7 +193,7 @@ def observed_attention_kls(
     basis: str = "joint",
     sink_tokens: int = SINK_TOKENS,
     recent_tokens: int = RECENT_TOKENS,
-    queries: int = 16,
+    queries: int = ATTENTION_KL_QUERIES,
 ) -> np.ndarray:
     """``(L, K)`` how far each layer's key basis at each rank moves the observed tokens' attention distributions.
 

@@ -46,7 +46,7 @@ def test_agents_of_either_static_prior_setting_compare_side_by_side(tiny_layered
 
     import drrl_env.kvcache as kvcache
     from agents.agent_file import save_agent
-    from agents.kv_evaluate import kv_comparison, wants_static_prior
+    from agents.kv_evaluate import kv_comparison, observation_options
     from agents.zoo import make_policy
     from oracle.kvcache import kv_policy
 
@@ -58,8 +58,8 @@ def test_agents_of_either_static_prior_setting_compare_side_by_side(tiny_layered
         path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / f"prior-{prior}.safetensors")
         agents[prior] = make_policy(str(path), kwargs)
         agents[prior].name = f"prior {prior}"
-        assert wants_static_prior(agents[prior], 4) is prior
-    assert wants_static_prior(kv_policy("static"), 4) is None
+        assert observation_options(agents[prior], 4) == {"static_prior": prior, "attention_kl": False}
+    assert observation_options(kv_policy("static"), 4) is None
     computed = []
     original = kvcache.prompt_state
     monkeypatch.setattr(kvcache, "prompt_state", lambda *args: computed.append(1) or original(*args))

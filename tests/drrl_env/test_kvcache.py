@@ -177,6 +177,30 @@ def test_the_paired_reward_is_the_improvement_on_the_fixed_rules_kl_on_the_same_
     assert info["kl"] != rule_info["kl"]  # the test compares two allocations, not one with itself
 
 
+def test_the_attention_kl_option_shows_the_observed_tokens_attention_kl_and_charges_it(make):
+    from gymnasium.utils.env_checker import check_env
+
+    from drrl_env.generation.decode_profile import observed_attention_kls
+
+    env = make(attention_kl=True, static_prior=True)
+    check_env(env, skip_render_check=True)
+    K = len(env.config.ranks)
+    assert env.observation_space.shape == (4 * K + 6,)
+    observation, info = env.reset(seed=0)
+    cfg, state = env.config, env.current_prompt
+    expected = observed_attention_kls(env.loaded, state.prefix, cfg.ranks, cfg.observe_tokens, cfg.basis,
+                                      sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens)  # fmt: skip
+    for layer in range(env.num_layers):
+        np.testing.assert_allclose(observation[-K:], np.log10(expected[layer] + 1e-7), rtol=1e-6)
+        observation, *_ = env.step(int(np.flatnonzero(env.action_masks())[0]))
+    plain = make(static_prior=True)
+    plain_observation, plain_info = plain.reset(seed=0)
+    np.testing.assert_array_equal(env.reset(seed=0)[0][: 3 * K + 6], plain_observation)  # the rest unchanged
+    assert info["flops_observation"] == pytest.approx(plain_info["flops_observation"] + env.attention_kl_flops())
+    with pytest.raises(ValueError, match="attention_kl must be True or False"):
+        make(attention_kl="yes")
+
+
 def test_the_static_prior_shows_the_validation_profile_and_the_static_allocation(make):
     from gymnasium.utils.env_checker import check_env
 
