@@ -15,7 +15,10 @@ TINY_RANKS = ["4", "8", "12", "16"]
 def tiny_arguments(name, model, tmp_path):
     """Each experiment's command line, shrunk to the tiny model and a handful of cells."""
     batch = ["--model", model, "--ranks", *TINY_RANKS, "--seq-len", "32", "--episodes", "2", "--samples", "2"]
+    kv = ["--model", model, "--context", "48", "--observe-tokens", "8", "--horizon", "8", "--ranks", "4", "8", "12",
+          "16", "--recent-tokens", "4"]  # fmt: skip
     return {
+        "attention_kl_rule": [*kv, "--prompts", "2", "--validation-prompts", "1", "--budgets", "0.6", "--hindsight"],
         "decode_profile_predictor": ["--model", model, "--context", "80", "--train-prompts", "2", "--test-prompts",
                                      "2", "--tokens", "4", "--window", "8", "--ranks", "4", "8", "--mean-rank", "8"],
         "delta_signal": ["--model", model, "--ranks", *TINY_RANKS, "--seq-len", "32", "--episodes", "1",
