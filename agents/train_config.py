@@ -88,7 +88,8 @@ PRESETS: dict[str, Preset] = {
     "kvcache": Preset(
         KVCACHE_ENV_ID,
         "DRRL-KVCache-v0: each layer's key-cache rank after 64 generated tokens, at 0.6-0.75 of the key cache, "
-        "cloned from the self-profile teacher, then MaskablePPO; compared at both budgets on test prompts",
+        "the static prior in the observation, cloned from the self-profile teacher, then MaskablePPO; compared at "
+        "both budgets on test prompts",
         {
             "warm_start": "self_profile",
             "warm_start_episodes": 64,
@@ -97,7 +98,7 @@ PRESETS: dict[str, Preset] = {
             "n_steps": 240,
             "hyperparams": PPO_NEAR_CLONE,
         },
-        {"cache_budget": (0.6, 0.75), "cached_prompts": 16},
+        {"cache_budget": (0.6, 0.75), "cached_prompts": 16, "static_prior": True},
         KV_COMPARE,
     ),  # fmt: skip
     "paper": Preset(
