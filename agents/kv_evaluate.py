@@ -24,11 +24,12 @@ writes ``table.md`` and ``comparison.csv`` to ``--out``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,15 +148,31 @@ def observation_options(policy: RankPolicy, candidates: int) -> dict[str, bool] 
     return None
 
 
-def options_env(
-    envs: dict[tuple[bool, ...], DRRLKVCacheEnv], kwargs: dict[str, Any], options: dict[str, bool] | None
-) -> DRRLKVCacheEnv:
-    """The env of ``envs`` with the observation ``options`` (None: ``kwargs``' own), made from ``kwargs`` if new."""
-    settings = {name: bool(kwargs.get(name, False)) for name in OBSERVATION_OPTIONS} | (options or {})
-    key = tuple(settings[name] for name in OBSERVATION_OPTIONS)
-    if key not in envs:
-        envs[key] = gym.make(KVCACHE_ENV_ID, **{**kwargs, **settings}).unwrapped
-    return envs[key]
+@contextlib.contextmanager
+def policy_envs(kwargs: dict[str, Any]) -> Iterator[Callable[[RankPolicy], DRRLKVCacheEnv]]:
+    """``env_of(policy)``: the env of ``kwargs`` with the observation options ``policy`` was trained with.
+
+    An agent gets an env with its options (:func:`observation_options`), a rule the one ``kwargs`` say; each env is
+    made once, when a policy first needs it. The envs share the prompts' states
+    (:func:`drrl_env.kvcache.shared_prompt_states`) and are closed when the block ends.
+    """
+    candidates = len(KVCacheConfig.from_kwargs(dict(kwargs)).ranks)
+    envs: dict[tuple[bool, ...], DRRLKVCacheEnv] = {}
+
+    def env_of(policy: RankPolicy) -> DRRLKVCacheEnv:
+        options = observation_options(policy, candidates) or {}
+        settings = {name: bool(kwargs.get(name, False)) for name in OBSERVATION_OPTIONS} | options
+        key = tuple(settings[name] for name in OBSERVATION_OPTIONS)
+        if key not in envs:
+            envs[key] = gym.make(KVCACHE_ENV_ID, **{**kwargs, **settings}).unwrapped
+        return envs[key]
+
+    with shared_prompt_states():
+        try:
+            yield env_of
+        finally:
+            for env in envs.values():
+                env.close()
 
 
 def kv_comparison(
@@ -172,22 +189,12 @@ def kv_comparison(
     ``env_kwargs``: ``gym.make("DRRL-KVCache-v0")`` keywords (the pool, split, budget and kept prompts are set
     here: every compared prompt is kept, so its prefill runs once for all policies and budgets). An agent trained
     with other observation options (:func:`observation_options`) plays in an env with its options, which shares
-    the prompts' states (:func:`drrl_env.kvcache.shared_prompt_states`).
+    the prompts' states (:func:`policy_envs`).
     """
     kwargs = {**env_kwargs, "split": split, "prompts": prompts, "cached_prompts": prompts}
     kwargs["cache_budget"] = (min(budgets), max(budgets))
-    config = KVCacheConfig.from_kwargs(dict(kwargs))
-    with shared_prompt_states():
-        envs: dict[tuple[bool, ...], DRRLKVCacheEnv] = {}
-
-        def env_of(policy: RankPolicy) -> DRRLKVCacheEnv:
-            return options_env(envs, kwargs, observation_options(policy, len(config.ranks)))
-
-        try:
-            return _compare(policies, env_of, prompts, budgets, generated_tokens, progress)
-        finally:
-            for env in envs.values():
-                env.close()
+    with policy_envs(kwargs) as env_of:
+        return _compare(policies, env_of, prompts, budgets, generated_tokens, progress)
 
 
 def _compare(

@@ -48,14 +48,14 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from agents.kv_evaluate import check_kv_spec, make_kv_policy, observation_options, options_env
+from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_envs
 from agents.kv_generate import kv_ranks
 from drrl_env.attention.flops import key_cache_generation_flops
 from drrl_env.attention.kv_basis import BASIS_KINDS
 from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
-from drrl_env.kvcache import KVCacheConfig, shared_prompt_states
+from drrl_env.kvcache import KVCacheConfig
 from drrl_env.lm.corpora import corpus_tokens, sequential_chunks
 from drrl_env.lm.files import write_text_atomic
 from drrl_env.lm.models import DEFAULT_MODEL, LoadedModel, load_causal_lm
@@ -163,22 +163,19 @@ def policy_ranks(args: argparse.Namespace, context: int) -> dict[str, list[list[
 
     Episodes of DRRL-KVCache-v0 on those prompts (the pool of the test split at ``context`` tokens: the first of
     :func:`sequential_chunks`, as the benchmark's); an agent plays in an env with the observation options it was
-    trained with (:func:`agents.kv_evaluate.observation_options`), the envs sharing the prompts' states.
+    trained with (:func:`agents.kv_evaluate.policy_envs`), the envs sharing the prompts' states.
     """
     if not args.policy:
         return {}
     kwargs = policy_env_kwargs(args, context)
-    candidates = len(KVCacheConfig.from_kwargs(dict(kwargs)).ranks)
     policies = {spec: make_kv_policy(spec, kwargs, 0, args.trust_pickle) for spec in args.policy}
     ranks: dict[str, list[list[int]]] = {spec: [] for spec in args.policy}
-    envs: dict = {}
-    with shared_prompt_states():
+    with policy_envs(kwargs) as env_of:
         for index in range(args.quality_prompts):
             for spec, policy in policies.items():
-                env = options_env(envs, kwargs, observation_options(policy, candidates))
-                ranks[spec].append([int(rank) for rank in kv_ranks(env, policy, None, index, index)["ranks"]])
-        for env in envs.values():
-            env.close()
+                ranks[spec].append(
+                    [int(rank) for rank in kv_ranks(env_of(policy), policy, None, index, index)["ranks"]]
+                )
     return ranks
 
 
