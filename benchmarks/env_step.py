@@ -5,11 +5,13 @@ forward pass; timed as the plain model's forward over the same batch divided by 
 layers, full attention included) plus the layer's low-rank attention (timed on the step's
 captured Q, K, V, spectra included). The kl reward needs a full-rank reference pass over the
 batch (one more layer per step, done in ``reset``), so its floor is two layers plus the
-low-rank attention. Target (issue 10): at most 1.3x the floor.
+low-rank attention; and it needs both passes' logits at every position, so a second floor adds a step's share
+of the LM head over every position, twice. Target (issue 10): at most 1.3x the floor.
 
 Measured in one run on the same batches, per setting, with the whole episode timed (``reset``
 included, so the reference pass is counted) and divided by its steps; plus where a step's time
-goes (cProfile of the same episodes run again, cumulative seconds per part: the timing runs unprofiled).
+goes (cProfile of the same episodes run again, cumulative seconds per part: the timing runs unprofiled; the
+forward pass's own layers are what the parts leave, as cProfile does not follow its greenlet).
 
 Then the native vector env against the same number of single envs (issue 38: at least their steps/s): ``N``
 episodes of one setting (the kl reward, exact guardrail, budget 0.625, one rank per layer) run one after another
@@ -44,7 +46,6 @@ SETTINGS = {  # label: env arguments
 }
 PARTS = {  # label: (file, function) as cProfile names them
     "reference pass (kl reward, in reset)": ("episode.py", "run"),
-    "rest of the layer (forward pass between attention calls)": ("runner.py", "send"),
     "full attention (fidelity term)": ("hook.py", "full"),
     "low-rank attention (spectra + projections + SDPA)": ("hook.py", "low_rank"),
     "exact guardrail errors": ("guardrail.py", "truncation_errors"),
@@ -97,15 +98,12 @@ def compare_vector(args, common: dict) -> None:
         sync()
         seconds[label] = time.perf_counter() - start
     stacked = torch.cat([env._episode.batch for env in vector.envs])  # noqa: SLF001 - the last episodes' batches
-    layer_seconds = []
+    layer_seconds, head_seconds = [], []
     for _ in range(3):
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            singles[0].loaded.model(input_ids=stacked, logits_to_keep=1)
-        sync()
-        layer_seconds.append((time.perf_counter() - start) / singles[0].num_layers)
+        layer_seconds.append(_forward_seconds(singles[0], stacked, all_logits=False, sync=sync) / length)
+        head_seconds.append(_forward_seconds(singles[0], stacked, all_logits=True, sync=sync) / length)
     floor_ms = 2 * 1e3 * float(np.median(layer_seconds))  # the step's layer and the reference pass's
+    head_floor_ms = 2 * 1e3 * float(np.median(head_seconds))  # the same with the LM head over every position
     steps = args.episodes * length * n
     device = (
         torch.cuda.get_device_name() if singles[0].device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -115,12 +113,16 @@ def compare_vector(args, common: dict) -> None:
         f"B={args.batch_size} n={args.seq_len} mode={args.mode}; {args.episodes} x {n} episodes of {length} steps; "
         f"kl reward, exact guardrail, budget 0.625"
     )
-    print(f"floor of a vector step (N episodes' layer, twice): {floor_ms:.2f} ms")
+    print(
+        f"floor of a vector step (N episodes' layer, twice): {floor_ms:.2f} ms; with the LM head over every "
+        f"position: {head_floor_ms:.2f} ms"
+    )
     for label, total in seconds.items():
         per_vector_step_ms = 1e3 * total / (args.episodes * length)
         print(
             f"  {label:<32} {steps / total:8.1f} env steps/s  {steps * args.batch_size / total:8.1f} sequence-steps/s"
-            f"  {per_vector_step_ms:8.2f} ms per N steps (ratio to the floor {per_vector_step_ms / floor_ms:.2f})"
+            f"  {per_vector_step_ms:8.2f} ms per N steps (ratio to the floor {per_vector_step_ms / floor_ms:.2f}; "
+            f"with the head {per_vector_step_ms / head_floor_ms:.2f})"
         )
     single, batched = seconds.values()
     print(f"vector / single steps/s: {single / batched:.2f}x")
@@ -138,7 +140,7 @@ def profile_settings(args, common: dict) -> None:
         run = lambda seed: _episode(env, seed, action)  # noqa: E731
         run(100)  # warm-up
         profiler = cProfile.Profile()
-        episode_seconds, steps, low_rank_seconds, layer_seconds = [], 0, [], []
+        episode_seconds, steps, low_rank_seconds, layer_seconds, head_seconds = [], 0, [], [], []
         for episode in range(args.episodes):
             sync()
             start = time.perf_counter()
@@ -156,15 +158,13 @@ def profile_settings(args, common: dict) -> None:
                 sync()
                 low_rank_seconds.append(time.perf_counter() - start)
             batch = env._episode.batch  # noqa: SLF001 - the same batch, through the plain model
-            start = time.perf_counter()
-            with torch.no_grad():
-                env.loaded.model(input_ids=batch, logits_to_keep=1)
-            sync()
-            layer_seconds.append((time.perf_counter() - start) / len(calls))
+            layer_seconds.append(_forward_seconds(env, batch, all_logits=False, sync=sync) / len(calls))
+            head_seconds.append(_forward_seconds(env, batch, all_logits=True, sync=sync) / len(calls))
         step_ms = 1e3 * sum(episode_seconds) / steps
         layer_ms, low_ms = 1e3 * np.median(layer_seconds), 1e3 * np.median(low_rank_seconds)
         layers = 2 if env.config.reward_kind == "kl" else 1
         floor_ms = layers * layer_ms + low_ms
+        head_ms = 1e3 * np.median(head_seconds) - layer_ms  # a step's share of the LM head over every position
         device = (
             torch.cuda.get_device_name() if env.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         )
@@ -175,14 +175,34 @@ def profile_settings(args, common: dict) -> None:
             f"attention {low_ms:.2f} ms = {floor_ms:.2f} ms; ratio {step_ms / floor_ms:.2f} (target <= 1.3); "
             f"steps/s {1e3 / step_ms:.1f}"
         )
+        if env.needs_reference:  # the reward needs the (B, n, V) logits of both passes: the head is unavoidable
+            with_head = floor_ms + layers * head_ms
+            print(
+                f"floor with the LM head over every position (both passes, {head_ms:.2f} ms a step each): "
+                f"{with_head:.2f} ms; ratio {step_ms / with_head:.2f}"
+            )
         stats = pstats.Stats(profiler)
         total = stats.total_tt
         print(f"where the time goes (cProfile, share of the profiled episodes' {total:.2f} s):")
+        parts = 0.0
         for part, (filename, function) in PARTS.items():
             seconds = sum(e[3] for key, e in stats.stats.items() if key[0].endswith(filename) and key[2] == function)
+            parts += seconds
             if seconds:
                 print(f"  {part:<58} {seconds:7.2f} s  {seconds / total:6.1%}")
+        rest = total - parts  # cProfile cannot follow the forward's greenlet: its time is what the parts leave
+        print(f"  {'the rest: layers between attention calls, LM head, Python':<58} {rest:7.2f} s  {rest / total:6.1%}")
         env.close()
+
+
+def _forward_seconds(env, batch: torch.Tensor, all_logits: bool, sync) -> float:
+    """Seconds of the plain model's forward over ``batch``: the last position's logits, or every position's."""
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        env.loaded.model(input_ids=batch, logits_to_keep=0 if all_logits else 1)
+    sync()
+    return time.perf_counter() - start
 
 
 def _episode(env, seed: int, action: int) -> list:

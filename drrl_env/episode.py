@@ -30,7 +30,7 @@ from drrl_env.guardrail import (
 )
 from drrl_env.lm.models import LoadedModel
 from drrl_env.lm.runner import SteppedForward
-from drrl_env.lm.scoring import lm_loss, next_token_kl, replay_logits
+from drrl_env.lm.scoring import next_token_kl, next_token_scores, replay_logits
 from drrl_env.reward import attention_output_similarity, eq13_terms, kl_terminal_reward, residual_deviation
 
 RECORD_VERSION = 1
@@ -332,12 +332,8 @@ class Episode:
         cfg = self.config
         self.final = {"budget_used": self.budget.used_share}
         if self.reference is not None:
-            logits = self.runner.logits
-            self.final.update(
-                kl=next_token_kl(self.reference.logits, logits),
-                lm_loss=lm_loss(logits, self.batch),
-                lm_loss_full=lm_loss(self.reference.logits, self.batch),
-            )
+            scores = next_token_scores(self.reference.logits, self.runner.logits, self.batch)
+            self.final.update(kl=scores.kl, lm_loss=scores.lm_loss, lm_loss_full=scores.lm_loss_full)
             if cfg.reward_kind == "kl":
                 if self.credit is not None:  # the return was paid step by step (drrl_env.credit)
                     teacher_kl = None if self.credit.exact else self._fixed_rule_kl("waterfill")

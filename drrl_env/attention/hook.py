@@ -10,14 +10,15 @@ layer's post-RoPE Q, K, V, to the *handler* of the calling thread. The handler r
 segment's output, which replaces the full attention output in the forward pass, so later layers
 see its effect. With no handler the layer computes full attention and the model is unchanged.
 
-Handlers are per thread (``threading.local``): several environments may share one loaded model,
-each running its own forward pass in its own thread. Inference only: dropout is not applied.
+Handlers are per execution context (a ``contextvars.ContextVar``: each thread and each greenlet has its own):
+several environments may share one loaded model, each running its own forward pass in its own thread or greenlet
+(``drrl_env.lm.runner``). Inference only: dropout is not applied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -196,8 +197,20 @@ def segment_spans(q_len: int, segment_len: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + length, q_len)) for start in range(0, q_len, length)]
 
 
+@dataclass
+class _HookState:
+    """What one thread or greenlet routes: its handler, segment length, and the last attention input captured."""
+
+    handler: Handler | None = None
+    segment_len: int | None = None
+    attention_input: torch.Tensor | None = None
+
+
+_NO_HANDLER = _HookState()
+
+
 class AttentionHook:
-    """Per-model state of the hook: the per-thread handlers and segment lengths, and the model's calibration.
+    """Per-model state of the hook: each thread's or greenlet's handler and segment length, and the calibration.
 
     ``calibration`` (the Grams of the ``calibrated`` spectral mode, shared by every thread) is
     handed to each :class:`AttentionCall`; :func:`drrl_env.profiles.calibration.attach_calibration` sets it.
@@ -205,31 +218,40 @@ class AttentionHook:
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
-        self._local = threading.local()
+        self._state: contextvars.ContextVar[_HookState | None] = contextvars.ContextVar("drrl_hook", default=None)
         self.calibration: CalibrationGrams | None = None
 
     @property
+    def _current(self) -> _HookState:
+        """The calling context's state (a thread's or a greenlet's; a fresh context routes nothing)."""
+        state = self._state.get()
+        return _NO_HANDLER if state is None else state
+
+    @property
     def handler(self) -> Handler | None:
-        return getattr(self._local, "handler", None)
+        return self._current.handler
 
     @contextlib.contextmanager
     def use(self, handler: Handler | None, segment_len: int | None = None) -> Iterator[None]:
-        """Route this thread's attention calls to ``handler`` (segments of ``segment_len`` queries) inside the block."""
-        previous = (self.handler, getattr(self._local, "segment_len", None))
-        self._local.handler, self._local.segment_len = handler, segment_len
+        """Route this context's attention calls to ``handler`` (segments of ``segment_len`` queries) in the block.
+
+        The context is the calling thread's or greenlet's: others sharing the model are not affected.
+        """
+        token = self._state.set(_HookState(handler, segment_len))
         try:
             yield
         finally:
-            self._local.handler, self._local.segment_len = previous
+            self._state.reset(token)
 
     def capture_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of attention modules: keep this thread's attention input for the handler."""
-        if self.handler is not None:
-            self._local.attention_input = args[0] if args else kwargs.get("hidden_states")
+        """Forward pre-hook of attention modules: keep this context's attention input for the handler."""
+        state = self._state.get()
+        if state is not None and state.handler is not None:
+            state.attention_input = args[0] if args else kwargs.get("hidden_states")
 
     def segments(self, q_len: int) -> list[tuple[int, int]]:
         """Query row ranges ``[start, stop)`` of the segments of a layer call with ``q_len`` queries."""
-        return segment_spans(q_len, getattr(self._local, "segment_len", None))
+        return segment_spans(q_len, self._current.segment_len)
 
     def __call__(
         self,
@@ -248,7 +270,7 @@ class AttentionHook:
         handler = self.handler
         if handler is None:
             return full_attention(query, key, value, scale, mask)
-        hidden = getattr(self._local, "attention_input", None)
+        hidden = self._current.attention_input
         if hidden is not None and hidden.shape[-2] != m:
             hidden = None
         spans = self.segments(m)

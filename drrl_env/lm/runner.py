@@ -1,28 +1,21 @@
 """Runs one LM forward pass layer by layer, pausing at every attention call for an agent.
 
-The forward pass runs in a worker thread whose attention handler hands each
-:class:`~drrl_env.attention.hook.AttentionCall` to the caller and waits for the output to continue with.
-Exactly one of the two threads runs at a time, so results are deterministic, and the hidden
-states stay where the forward pass keeps them: each step costs one layer, not a whole forward.
+The forward pass runs in a greenlet (a coroutine with its own stack, in the caller's thread) whose attention
+handler hands each :class:`~drrl_env.attention.hook.AttentionCall` to the caller and waits for the output to
+continue with. One thread runs both sides, one at a time, so results are deterministic, the hidden states stay
+where the forward pass keeps them (each step costs one layer, not a whole forward), and torch's thread pools are
+not split between two threads (a worker thread cost about 6 ms per step here: docs/benchmarks.md).
+
+An episode is stepped in the thread that started it (greenlets do not cross threads).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-
+import greenlet
 import torch
 from transformers import PreTrainedModel
 
 from drrl_env.attention.hook import AttentionCall, AttentionHook
-
-
-class _Abort(Exception):
-    """Raised inside the worker to unwind an abandoned forward pass."""
-
-
-_ABORT = object()
-_FINISHED = object()
 
 
 class SteppedForward:
@@ -30,7 +23,8 @@ class SteppedForward:
 
     Use: ``call = runner.start()``, then ``call = runner.send(output)`` until it returns None;
     ``runner.logits`` is then the model's ``(B, n, V)`` logits (when ``keep_logits``; otherwise only
-    the last position's are computed and nothing is kept).
+    the last position's are computed and nothing is kept). The forward pass runs without autograd; the
+    caller's grad mode is its own again whenever control comes back to it.
     """
 
     def __init__(
@@ -43,49 +37,53 @@ class SteppedForward:
     ) -> None:
         self._model, self._hook, self._ids = model, hook, input_ids
         self._segment_len, self._keep_logits = segment_len, keep_logits
-        self._calls: queue.Queue = queue.Queue(maxsize=1)
-        self._outputs: queue.Queue = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._run, name="drrl-forward", daemon=True)
+        self._forward = greenlet.greenlet(self._run)
+        self._caller: greenlet.greenlet | None = None
         self.logits: torch.Tensor | None = None
 
     def _handler(self, call: AttentionCall) -> torch.Tensor:
-        self._calls.put(call)
-        output = self._outputs.get()
-        if output is _ABORT:
-            raise _Abort
+        output = self._caller.switch(call)
+        torch.set_grad_enabled(False)  # the caller's grad mode is thread state: the forward's own again
         return output
 
     def _run(self) -> None:
-        try:
-            with torch.no_grad(), self._hook.use(self._handler, self._segment_len):
-                if self._keep_logits:
-                    self.logits = self._model(input_ids=self._ids).logits
-                else:
-                    self._model(input_ids=self._ids, logits_to_keep=1)
-            self._calls.put(_FINISHED)
-        except _Abort:
-            pass
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-            self._calls.put(error)
+        with torch.no_grad(), self._hook.use(self._handler, self._segment_len):
+            if self._keep_logits:
+                self.logits = self._model(input_ids=self._ids).logits
+            else:
+                self._model(input_ids=self._ids, logits_to_keep=1)
 
-    def _next(self) -> AttentionCall | None:
-        item = self._calls.get()
-        if isinstance(item, BaseException):
-            raise item
-        return None if item is _FINISHED else item
+    def _switch(self, value: torch.Tensor | None = None) -> AttentionCall | None:
+        """Run the forward pass until its next attention call (returned) or its end (None)."""
+        self._caller = greenlet.getcurrent()
+        grad = torch.is_grad_enabled()
+        try:
+            call = self._forward.switch() if value is None else self._forward.switch(value)
+        except greenlet.error as error:
+            raise RuntimeError(
+                "a stepped forward pass (an episode) must be stepped in the thread that started it (reset)"
+            ) from error
+        finally:
+            torch.set_grad_enabled(grad)
+        return call  # None when ``_run`` returned
 
     def start(self) -> AttentionCall | None:
         """Start the forward pass; return its first attention call."""
-        self._thread.start()
-        return self._next()
+        if self._forward:  # started and not finished
+            raise RuntimeError("this forward pass has already started")
+        return self._switch()
 
     def send(self, output: torch.Tensor) -> AttentionCall | None:
         """Continue the forward pass with ``output`` for the pending call; return the next call or None."""
-        self._outputs.put(output)
-        return self._next()
+        if not self._forward:
+            raise RuntimeError("this forward pass is not waiting for an output (not started, or finished)")
+        return self._switch(output)
 
     def abort(self) -> None:
         """Abandon a forward pass that is waiting for an output; idempotent."""
-        if self._thread.is_alive():
-            self._outputs.put(_ABORT)
-            self._thread.join()
+        if self._forward:
+            grad = torch.is_grad_enabled()
+            try:
+                self._forward.throw(greenlet.GreenletExit)
+            finally:
+                torch.set_grad_enabled(grad)

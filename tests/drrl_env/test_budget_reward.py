@@ -175,8 +175,14 @@ def test_check_env_on_the_real_defaults(env_id, overrides):
     sb3_check_env(env.unwrapped)
 
 
-def test_kl_and_lm_loss_match_float64_references():
+@pytest.mark.parametrize("block_rows", [None, 1, 3])  # one block; blocks of 1 and 3 rows (the last one ragged)
+def test_kl_and_lm_loss_match_float64_references(block_rows, monkeypatch):
     import torch.nn.functional as F
+
+    from drrl_env.lm import scoring
+
+    if block_rows is not None:
+        monkeypatch.setattr(scoring, "_BLOCK_BYTES", 4 * 500 * block_rows)
 
     generator = torch.Generator().manual_seed(0)
     full = 3 * torch.randn(2, 16, 500, generator=generator)
@@ -188,6 +194,11 @@ def test_kl_and_lm_loss_match_float64_references():
     assert next_token_kl(full, full) == 0.0
     expected_loss = float(F.cross_entropy(full[:, :-1].reshape(-1, 500).double(), ids[:, 1:].reshape(-1)))
     assert lm_loss(full, ids) == pytest.approx(expected_loss, rel=1e-6)
+    expected_low = float(F.cross_entropy(low[:, :-1].reshape(-1, 500).double(), ids[:, 1:].reshape(-1)))
+    scores = scoring.next_token_scores(full, low, ids)
+    assert scores.kl == pytest.approx(expected_kl, rel=1e-5)
+    assert scores.lm_loss == pytest.approx(expected_low, rel=1e-6)
+    assert scores.lm_loss_full == pytest.approx(expected_loss, rel=1e-6)
 
 
 def test_kl_baseline_uniform_scores_the_episode_against_uniform_ranks_on_the_same_batch(tiny_layered_model_dir):
