@@ -18,12 +18,13 @@ attention's own greedy continuation and the greedy agreement, and the text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import gymnasium as gym
 import torch
 
-from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_decision_flops
+from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_decision_flops, policy_envs
 from drrl_env.cli import ENV_IDS, add_env_arguments, at_least, env_kwargs
 from drrl_env.generation.decode import generate, quality_against_full
 from drrl_env.generation.kv_cache import cache_bytes, full_cache_bytes
@@ -63,26 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = env_kwargs(vars(args))
     kwargs["cached_prompts"] = 1
-    try:
-        if args.policy in KV_CEILINGS:
-            raise ValueError(f"--policy {args.policy} sees the text it is scored on: a ceiling, not a policy")
-        check_kv_spec(args.policy, "--policy")
-        env: DRRLKVCacheEnv = gym.make(KVCACHE_ENV_ID, **kwargs).unwrapped
-        policy = make_kv_policy(args.policy, kwargs, args.seed)
-        tokenizer = env.loaded.tokenizer
-        prompts = [tokenizer(text, return_tensors="pt").input_ids for text in args.prompt or []]
-        for index, prompt in enumerate(prompts):
-            if prompt.shape[1] < 2:
-                raise ValueError(f"prompt {index} is {prompt.shape[1]} token(s); a prompt needs at least 2")
-    except (ValueError, OSError, ModelNotAvailableError, CorpusNotAvailableError) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    try:
-        for index in range(len(prompts) or kwargs["prompts"]):
-            report(env, policy, prompts[index] if prompts else None, index, args)
-    except ValueError as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as stack:
+        try:
+            if args.policy in KV_CEILINGS:
+                raise ValueError(f"--policy {args.policy} sees the text it is scored on: a ceiling, not a policy")
+            check_kv_spec(args.policy, "--policy")
+            gym.make(KVCACHE_ENV_ID, **kwargs).close()  # the command line's env options, checked before any work
+            policy = make_kv_policy(args.policy, kwargs, args.seed)
+            env = stack.enter_context(policy_envs(kwargs))(policy)  # an agent's env has its observation options
+            tokenizer = env.loaded.tokenizer
+            prompts = [tokenizer(text, return_tensors="pt").input_ids for text in args.prompt or []]
+            for index, prompt in enumerate(prompts):
+                if prompt.shape[1] < 2:
+                    raise ValueError(f"prompt {index} is {prompt.shape[1]} token(s); a prompt needs at least 2")
+        except (ValueError, OSError, ModelNotAvailableError, CorpusNotAvailableError) as error:
+            print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        try:
+            for index in range(len(prompts) or kwargs["prompts"]):
+                report(env, policy, prompts[index] if prompts else None, index, args)
+        except ValueError as error:
+            print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
     return 0
 
 

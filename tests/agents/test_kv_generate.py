@@ -47,3 +47,20 @@ def test_an_own_prompt_is_an_episode_that_records_and_replays(tiny_layered_model
             env.reset(options={"input_ids": bad})
     with pytest.raises(ValueError, match="exclude each other"):
         env.reset(options={"input_ids": ids, "prompt": 0})
+
+
+@pytest.mark.expensive
+def test_an_agent_generates_in_an_env_with_its_own_observation_options(tiny_layered_model_dir, tmp_path, capsys):
+    """An agent trained with the static prior needs no --static-prior: the command reads it from the agent."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.agent_file import save_agent
+    from agents.generate import main
+
+    env = gym.make(KVCACHE_ENV_ID, model=tiny_layered_model_dir, context=48, prompts=1, observe_tokens=8, horizon=8,
+                   ranks=(4, 8, 12, 16), recent_tokens=4, cache_budget=0.6, static_prior=True)  # fmt: skip
+    path = save_agent(MaskablePPO("MlpPolicy", env, seed=0), tmp_path / "prior.safetensors")
+    argv = ["--env", KVCACHE_ENV_ID, "--model", tiny_layered_model_dir, *TINY, "--context", "48", "--prompts", "1"]
+    assert main([*argv, "--policy", str(path), "--no-compare"]) == 0
+    out = capsys.readouterr().out
+    assert "48 tokens, 8 observed" in out and len(out.split("ranks per layer:")[1].splitlines()[0].split()) == 2
