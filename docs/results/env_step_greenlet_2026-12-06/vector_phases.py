@@ -1,29 +1,51 @@
-import time, numpy as np, gymnasium as gym, torch
-import drrl_env
-kw = dict(seq_len=256, batch_size=2, guardrail="exact", kl_shaping_weight=1.0)
-n = 8
-singles = [gym.make("DRRL-Attention-PerLayer-v0", **kw).unwrapped for _ in range(n)]
-vec = gym.make_vec("DRRL-Attention-PerLayer-v0", num_envs=n, vectorization_mode="vector_entry_point", **kw)
-L = singles[0].num_layers
-def phases_single(seed):
-    r = m = l = 0.0
+"""N = 8 single envs against the vector env, phase by phase: reset, middle steps, last step (2026-12-06).
+
+DRRL-Attention-PerLayer-v0, B = 2, n = 256, kl reward, exact guardrail, budget 0.625, fixed action; rounds of 8
+episodes each, single envs and the vector env interleaved.
+"""
+
+import time
+
+import gymnasium as gym
+import numpy as np
+
+import drrl_env  # noqa: F401 - registers the ids
+
+KWARGS = dict(seq_len=256, batch_size=2, guardrail="exact", kl_shaping_weight=1.0)
+N, ACTION, ROUNDS = 8, 2, 4
+singles = [gym.make("DRRL-Attention-PerLayer-v0", **KWARGS).unwrapped for _ in range(N)]
+vector = gym.make_vec("DRRL-Attention-PerLayer-v0", num_envs=N, vectorization_mode="vector_entry_point", **KWARGS)
+LENGTH = singles[0].num_layers
+
+
+def timed(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def single_phases(seed: int) -> tuple[float, float, float]:
+    reset = middle = last = 0.0
     for i, env in enumerate(singles):
-        t = time.perf_counter(); env.reset(seed=seed + i); r += time.perf_counter() - t
-        for s in range(L):
-            t = time.perf_counter(); env.step(2); d = time.perf_counter() - t
-            if s == L - 1: l += d
-            else: m += d
-    return r, m, l
-def phases_vec(seed):
-    t = time.perf_counter(); vec.reset(seed=seed); r = time.perf_counter() - t
-    m = l = 0.0
-    for s in range(L):
-        t = time.perf_counter(); vec.step(np.full(n, 2)); d = time.perf_counter() - t
-        if s == L - 1: l += d
-        else: m += d
-    return r, m, l
-for f in (phases_single, phases_vec): f(100)
-for rep in range(2):
-    for name, f in (("single", phases_single), ("vector", phases_vec)):
-        r, m, l = f(1000 * rep)
-        print(f"{name}: reset {r:.2f} s, middle steps {m:.2f} s, last step {l:.2f} s, total {r+m+l:.2f}")
+        reset += timed(lambda e=env, s=seed + i: e.reset(seed=s))
+        for step in range(LENGTH):
+            seconds = timed(env.step, ACTION)
+            last, middle = (last + seconds, middle) if step == LENGTH - 1 else (last, middle + seconds)
+    return reset, middle, last
+
+
+def vector_phases(seed: int) -> tuple[float, float, float]:
+    reset, middle, last = timed(lambda: vector.reset(seed=seed)), 0.0, 0.0
+    for step in range(LENGTH):
+        seconds = timed(vector.step, np.full(N, ACTION))
+        last, middle = (last + seconds, middle) if step == LENGTH - 1 else (last, middle + seconds)
+    return reset, middle, last
+
+
+single_phases(100)
+vector_phases(100)
+for round_index in range(ROUNDS):
+    for name, phases in (("single", single_phases), ("vector", vector_phases)):
+        reset, middle, last = phases(1000 * round_index)
+        total = reset + middle + last
+        print(f"{name}: reset {reset:.2f} s, middle steps {middle:.2f} s, last step {last:.2f} s, total {total:.2f}")
