@@ -3,12 +3,15 @@
 For each context length n (wiki test prompts of exactly n tokens) and batch size B, greedy
 generation of T new tokens (EOS suppressed, so every run generates T):
 
-* ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention);
+* ``full``: plain ``model.generate`` (transformers' DynamicCache and SDPA attention; it grows by concatenation,
+  a copy of the whole cache every token);
 * each basis (``separate``, ``joint``, ``calibrated``) at each rank r (every layer at r), and at
   each ``--layer-ranks`` allocation (one rank per layer, e.g. the ``static:F:decode`` allocation
   that ``experiments/key_cache_profile.py`` prints), through :func:`drrl_env.generation.decode.generate`, with
   its defaults (one exact sink key, the last ``--recent-tokens`` keys exact for each decode step,
-  the prompt attended exactly) unless told;
+  the prompt attended exactly) unless told; its cache has storage for the whole generation, written in place;
+* with ``--storage``, the same rows growing by concatenation (``BASIS concatenated``), and full attention through
+  drrl's cache with storage (``full, stored``): the two ways of storing a cache side by side;
 * each ``--policy`` of DRRL-KVCache-v0 (a rule of :mod:`oracle.kvcache` such as ``static``, or a trained agent's
   file) at ``--cache-budget``: the policy commits each quality prompt's ranks after the full model's first
   ``--observe-tokens`` tokens (one episode of the env on the prompt, ``agents.kv_generate.kv_ranks``); the quality
@@ -33,7 +36,7 @@ otherwise glibc may return the cache's per-step allocations to the OS and fault 
 which made full attention's decode time vary 2x between runs (docs/benchmarks.md).
 
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
-                                [--layer-ranks R,R,...] [--low-rank-prefill] [--out FILE.json]
+                                [--layer-ranks R,R,...] [--low-rank-prefill] [--storage] [--out FILE.json]
                                 [--policy static --policy AGENT.safetensors --cache-budget 0.75]
 """
 
@@ -96,11 +99,19 @@ def read_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int 
 
 
 def timed_generation(
-    loaded: LoadedModel, prompts: torch.Tensor, new_tokens: int, basis: str | None, rank, sync, options: dict
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    basis: str | None,
+    rank,
+    sync,
+    options: dict,
+    preallocate: bool = True,
 ):
     """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token).
 
-    ``options``: ``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill`` and ``calibration``.
+    ``options``: ``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill`` and ``calibration``;
+    ``preallocate``: ``generate``'s (storage written in place, or growth by concatenation).
     """
     clock = StepClock(sync)
     settings = dict(
@@ -115,7 +126,7 @@ def timed_generation(
         finally:
             loaded.model.set_attn_implementation(implementation)
     else:
-        out = generate(loaded, prompts, rank, basis=basis, **settings, **options)
+        out = generate(loaded, prompts, rank, basis=basis, preallocate=preallocate, **settings, **options)
     prefill_ms, step_ms = clock.prefill_and_step_ms()
     return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(getattr(out, CACHE_KEYWORD)), prefill_ms, step_ms
 
@@ -220,6 +231,11 @@ def main() -> None:
     parser.add_argument("--cache-budget", type=float, default=0.75, help="--policy: share of the full key cache")
     parser.add_argument("--observe-tokens", type=int, default=64, help="--policy: tokens generated before the commit")
     parser.add_argument("--trust-pickle", action="store_true", help="--policy: load an SB3 .zip (a pickle)")
+    parser.add_argument(
+        "--storage", action="store_true",
+        help="also time full attention through drrl's cache with storage (row 'full, stored') and each low-rank row "
+        "growing by concatenation ('BASIS concatenated'), beside the default rows (low rank written in place)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     try:
@@ -261,6 +277,9 @@ def main() -> None:
                 f"{available} prompts of {context} tokens; ask for at most {available}"
             )
     configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
+    # --storage: full attention through drrl's cache with storage, and each low-rank row growing by concatenation
+    storage_runs = [(f"{basis} concatenated", rank) for basis, rank in configs[1:]] if args.storage else []
+    storage_runs += [(FULL_STORED, "full")] if args.storage else []
     rows = []
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
@@ -280,28 +299,31 @@ def main() -> None:
             ])  # fmt: skip
             quality[f"policy {spec}", str(per_prompt[0])] = kl_and_agreement(full_logits, low)
         runs = configs + [(f"policy {spec}", per_prompt[0]) for spec, per_prompt in committed.items()]
+        runs += storage_runs
         for batch in args.batches:
             prompts = chunks[:batch]
             warm_rank = args.ranks[0] if args.ranks else loaded.attention_shape.head_dim // 2
             timed_generation(loaded, prompts[:, :64], 4, "joint", warm_rank, sync, generation)  # warm-up
             baseline = None
             for basis, rank in runs:
-                kind = "joint" if basis is not None and basis.startswith("policy ") else basis
+                kind = "joint" if basis is not None and basis.startswith(("policy ", FULL_STORED)) else basis
+                preallocate = basis is None or not basis.endswith(" concatenated")
+                kind = kind.removesuffix(" concatenated") if kind else kind
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, kind, rank, sync, generation
+                    loaded, prompts, args.new_tokens, kind, rank, sync, generation, preallocate
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
-                kl, top1 = quality.get((basis, str(rank)), (0.0, 1.0))
+                kl, top1 = quality.get((basis.removesuffix(" concatenated") if basis else basis, str(rank)), (0.0, 1.0))
                 rows.append(
                     {
                         "context": context, "batch": batch, "basis": basis or "full",
-                        "rank": rank if isinstance(rank, int) else rank_label(rank),
+                        "rank": rank if isinstance(rank, (int, str)) else rank_label(rank),
                         "layer_ranks": rank if isinstance(rank, list) else None,
                         "cache_mb": sizes["total"] / 2**20, "cache_ratio": sizes["total"] / baseline[1]["total"],
                         "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
                         "decode_ratio": step_ms / baseline[2],
-                        "flops_ratio": 1.0 if basis is None else attention_flops_ratio(
+                        "flops_ratio": 1.0 if basis in (None, FULL_STORED) else attention_flops_ratio(
                             loaded, context, args.new_tokens, rank, kind, options),
                         "kl": kl, "top1_teacher_forced": top1,
                         "greedy_agreement": float((generated == baseline[0]).double().mean()),
@@ -316,6 +338,10 @@ def main() -> None:
             json.dumps({"bandwidth_gbs": bandwidth, "options": {**options, **calibrated_on}, "rows": rows}, indent=1),
         )
 
+
+FULL_STORED = "full, stored"
+"""--storage's full-attention row: drrl's cache at rank d with storage written in place (the plain ``full`` row is
+transformers' DynamicCache, which grows by concatenation)"""
 
 HEADER = (
     "| n | B | basis | r | KV MB | KV ratio | prefill ms | decode ms/tok | decode ratio | FLOPs ratio "

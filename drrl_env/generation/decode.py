@@ -96,13 +96,14 @@ def key_cache_attention(
     sink_tokens: int = SINK_TOKENS,
     recent_tokens: int = RECENT_TOKENS,
     exact_prefill: bool = True,
+    max_tokens: int | None = None,
 ) -> tuple[LowRankKeyCache, KeyBasisAttention]:
-    """A fresh :class:`LowRankKeyCache` and the handler that fills and reads it, for one generation."""
+    """A fresh :class:`LowRankKeyCache` (``max_tokens``: its layers' storage) and the handler filling and reading it."""
     check_basis_kind(basis)
     shape = loaded.attention_shape
     table = rank_table(ranks, shape)
     calibrated = calibrated_bases(loaded, table, calibration) if basis == "calibrated" else None
-    cache = LowRankKeyCache(shape.num_layers)
+    cache = LowRankKeyCache(shape.num_layers, max_tokens)
     return cache, KeyBasisAttention(table, basis, calibrated, cache, sink_tokens, recent_tokens, exact_prefill)
 
 
@@ -118,6 +119,7 @@ def generate(
     sink_tokens: int = SINK_TOKENS,
     recent_tokens: int = RECENT_TOKENS,
     exact_prefill: bool = True,
+    preallocate: bool = True,
     **generate_kwargs: Any,
 ) -> Any:
     """``loaded.model.generate`` with each layer's keys cached at its rank in ``basis`` (module docstring).
@@ -132,6 +134,9 @@ def generate(
         sink_tokens: first tokens of each prompt whose keys stay exact (``drrl_env.generation.kv_attention``).
         recent_tokens: the window of last positions whose keys stay exact for each decode step.
         exact_prefill: attend the prompt exactly (False: through the basis too).
+        preallocate: give each cache layer storage for the prompt and ``max_new_tokens``, written in place by each
+            decode step (False: it grows by concatenation, a copy of the whole cache a token, as transformers'
+            ``DynamicCache`` does).
         **generate_kwargs: passed to ``model.generate`` (``do_sample``, ``attention_mask``, ...).
 
     Returns:
@@ -141,7 +146,10 @@ def generate(
     for name in ("cache", "past_key_values", "use_cache"):
         if name in generate_kwargs:
             raise ValueError(f"generate() makes its own low-rank key cache; do not pass {name}=")
-    cache, handler = key_cache_attention(loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill)
+    max_tokens = input_ids.shape[-1] + max_new_tokens if preallocate else None
+    cache, handler = key_cache_attention(
+        loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill, max_tokens
+    )
     with install(loaded.model).use(handler):
         return loaded.model.generate(
             input_ids=input_ids.to(loaded.device),

@@ -143,6 +143,38 @@ def test_the_cache_holds_width_r_keys_and_full_values():
     assert sizes["values"] == 2 * 2 * length * 16 * 3 * 4
 
 
+@pytest.mark.parametrize("ranks", ["full", [4, 16, 9]])
+def test_preallocated_storage_gives_the_logits_and_bytes_of_concatenation_and_is_written_in_place(ranks):
+    loaded = loaded_tiny("llama")
+    stored = greedy(loaded, prompts(), ranks, recent_tokens=4)
+    grown = greedy(loaded, prompts(), ranks, recent_tokens=4, preallocate=False)
+    assert torch.equal(stored.sequences, grown.sequences)
+    torch.testing.assert_close(torch.stack(stored.logits, 1), torch.stack(grown.logits, 1), rtol=0, atol=0)
+    assert cache_bytes(stored.cache) == cache_bytes(grown.cache)
+    for layer in stored.cache.layers:  # the keys and values are views of storage for prompt + new tokens
+        for name, tensor in (("keys", layer.keys), ("values", layer.values)):
+            storage = layer._storage[name]
+            assert tensor.data_ptr() == storage.data_ptr() and storage.shape[-2] == PROMPT_LEN + NEW_TOKENS
+    assert all(not layer._storage for layer in grown.cache.layers)
+
+
+def test_storage_outgrown_or_reordered_keeps_every_token():
+    from drrl_env.generation.kv_cache import LowRankKeyCache, LowRankKeyLayer
+
+    layer = LowRankKeyLayer(max_tokens=4)
+    chunks = [torch.randn(2, 1, n, 3, generator=torch.Generator().manual_seed(n)) for n in (3, 1, 2, 1)]
+    for chunk in chunks:
+        keys, values = layer.update(chunk, chunk + 1)
+    expected = torch.cat(chunks, dim=-2)
+    assert torch.equal(keys, expected) and torch.equal(values, expected + 1)  # 7 tokens past a storage of 4
+    layer.batch_select_indices(torch.tensor([1]))  # a copy, no longer a view: the next write makes new storage
+    keys, _ = layer.update(chunks[1][:1], chunks[1][:1])
+    assert torch.equal(keys, torch.cat([expected[1:], chunks[1][:1]], dim=-2))
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+            LowRankKeyCache(2, bad)
+
+
 def test_left_padded_rows_get_the_bases_of_their_own_tokens():
     loaded = loaded_tiny("llama", torch.float64)
     ids = prompts(batch=2)
