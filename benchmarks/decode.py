@@ -47,6 +47,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -276,10 +277,11 @@ def main() -> None:
                 f"--batches {max(args.batches)} / --quality-prompts {args.quality_prompts}: the wiki test split has "
                 f"{available} prompts of {context} tokens; ask for at most {available}"
             )
-    configs = [(None, None)] + [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
-    # --storage: full attention through drrl's cache with storage, and each low-rank row growing by concatenation
-    storage_runs = [(f"{basis} concatenated", rank) for basis, rank in configs[1:]] if args.storage else []
-    storage_runs += [(FULL_STORED, "full")] if args.storage else []
+    configs = [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
+    low_runs = [Run(basis, basis, rank, True, basis) for basis, rank in configs]
+    # --storage: each low-rank row growing by concatenation, and full attention through drrl's cache with storage
+    storage_runs = [Run(f"{basis} concatenated", basis, rank, False, basis) for basis, rank in configs]
+    storage_runs = [*storage_runs, Run(FULL_STORED, "joint", "full", True, None)] if args.storage else []
     rows = []
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
@@ -287,44 +289,41 @@ def main() -> None:
         reference, *_ = timed_generation(loaded, quality_prompts, args.new_tokens, None, None, sync, generation)
         full_logits = teacher_forced_logits(loaded, quality_prompts, reference, "full")
         quality = {}
-        for basis, rank in configs[1:]:
+        for basis, rank in configs:
             low = teacher_forced_logits(loaded, quality_prompts, reference, rank, basis, **generation)
             quality[basis, str(rank)] = kl_and_agreement(full_logits, low)
-        committed = policy_ranks(args, context)
-        for spec, per_prompt in committed.items():  # each prompt through its own ranks
+        policy_runs = []
+        for spec, per_prompt in policy_ranks(args, context).items():  # each prompt through its own ranks
             low = torch.cat([
                 teacher_forced_logits(loaded, quality_prompts[i : i + 1], reference[i : i + 1], ranks, "joint",
                                       **generation)
                 for i, ranks in enumerate(per_prompt)
             ])  # fmt: skip
             quality[f"policy {spec}", str(per_prompt[0])] = kl_and_agreement(full_logits, low)
-        runs = configs + [(f"policy {spec}", per_prompt[0]) for spec, per_prompt in committed.items()]
-        runs += storage_runs
+            policy_runs.append(Run(f"policy {spec}", "joint", per_prompt[0], True, f"policy {spec}"))
         for batch in args.batches:
             prompts = chunks[:batch]
             warm_rank = args.ranks[0] if args.ranks else loaded.attention_shape.head_dim // 2
             timed_generation(loaded, prompts[:, :64], 4, "joint", warm_rank, sync, generation)  # warm-up
             baseline = None
-            for basis, rank in runs:
-                kind = "joint" if basis is not None and basis.startswith(("policy ", FULL_STORED)) else basis
-                preallocate = basis is None or not basis.endswith(" concatenated")
-                kind = kind.removesuffix(" concatenated") if kind else kind
+            for run in [Run("full", None, None, True, None), *low_runs, *policy_runs, *storage_runs]:
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, kind, rank, sync, generation, preallocate
+                    loaded, prompts, args.new_tokens, run.kind, run.rank, sync, generation, run.preallocate
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
-                kl, top1 = quality.get((basis.removesuffix(" concatenated") if basis else basis, str(rank)), (0.0, 1.0))
+                kl, top1 = quality.get((run.quality, str(run.rank)), (0.0, 1.0))
+                full_rank = run.kind is None or run.rank == "full"
                 rows.append(
                     {
-                        "context": context, "batch": batch, "basis": basis or "full",
-                        "rank": rank if isinstance(rank, (int, str)) else rank_label(rank),
-                        "layer_ranks": rank if isinstance(rank, list) else None,
+                        "context": context, "batch": batch, "basis": run.label,
+                        "rank": run.rank if isinstance(run.rank, (int, str)) else rank_label(run.rank),
+                        "layer_ranks": run.rank if isinstance(run.rank, list) else None,
                         "cache_mb": sizes["total"] / 2**20, "cache_ratio": sizes["total"] / baseline[1]["total"],
                         "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms,
                         "decode_ratio": step_ms / baseline[2],
-                        "flops_ratio": 1.0 if basis in (None, FULL_STORED) else attention_flops_ratio(
-                            loaded, context, args.new_tokens, rank, kind, options),
+                        "flops_ratio": 1.0 if full_rank else attention_flops_ratio(
+                            loaded, context, args.new_tokens, run.rank, run.kind, options),
                         "kl": kl, "top1_teacher_forced": top1,
                         "greedy_agreement": float((generated == baseline[0]).double().mean()),
                         "reached_gbs": (parameter_bytes + sizes["total"]) / (step_ms / 1000) / 1e9,
@@ -337,6 +336,17 @@ def main() -> None:
             args.out,
             json.dumps({"bandwidth_gbs": bandwidth, "options": {**options, **calibrated_on}, "rows": rows}, indent=1),
         )
+
+
+class Run(NamedTuple):
+    """One timed row: its ``basis`` column, ``generate``'s basis (None: transformers' own ``generate``), rank, storage
+    (in place, or growth by concatenation), and the key of its quality columns (None: full attention's)."""
+
+    label: str
+    kind: str | None
+    rank: int | str | list[int] | None
+    preallocate: bool
+    quality: str | None
 
 
 FULL_STORED = "full, stored"

@@ -159,12 +159,12 @@ def profile_settings(args, common: dict) -> None:
                 low_rank_seconds.append(time.perf_counter() - start)
             batch = env._episode.batch  # noqa: SLF001 - the same batch, through the plain model
             layer_seconds.append(_forward_seconds(env, batch, all_logits=False, sync=sync) / len(calls))
-            head_seconds.append(_forward_seconds(env, batch, all_logits=True, sync=sync) / len(calls))
+            if env.needs_reference:  # only a reward on the logits needs the LM head over every position
+                head_seconds.append(_forward_seconds(env, batch, all_logits=True, sync=sync) / len(calls))
         step_ms = 1e3 * sum(episode_seconds) / steps
         layer_ms, low_ms = 1e3 * np.median(layer_seconds), 1e3 * np.median(low_rank_seconds)
         layers = 2 if env.config.reward_kind == "kl" else 1
         floor_ms = layers * layer_ms + low_ms
-        head_ms = 1e3 * np.median(head_seconds) - layer_ms  # a step's share of the LM head over every position
         device = (
             torch.cuda.get_device_name() if env.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         )
@@ -175,7 +175,8 @@ def profile_settings(args, common: dict) -> None:
             f"attention {low_ms:.2f} ms = {floor_ms:.2f} ms; ratio {step_ms / floor_ms:.2f} (target <= 1.3); "
             f"steps/s {1e3 / step_ms:.1f}"
         )
-        if env.needs_reference:  # the reward needs the (B, n, V) logits of both passes: the head is unavoidable
+        if head_seconds:  # the reward needs the (B, n, V) logits of both passes: the head is unavoidable
+            head_ms = 1e3 * np.median(head_seconds) - layer_ms  # a step's share of the LM head over every position
             with_head = floor_ms + layers * head_ms
             print(
                 f"floor with the LM head over every position (both passes, {head_ms:.2f} ms a step each): "

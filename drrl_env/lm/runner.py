@@ -11,6 +11,8 @@ An episode is stepped in the thread that started it (greenlets do not cross thre
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import greenlet
 import torch
 from transformers import PreTrainedModel
@@ -53,37 +55,35 @@ class SteppedForward:
             else:
                 self._model(input_ids=self._ids, logits_to_keep=1)
 
-    def _switch(self, value: torch.Tensor | None = None) -> AttentionCall | None:
-        """Run the forward pass until its next attention call (returned) or its end (None)."""
+    def _resume(self, switch: Callable[[], AttentionCall | None]) -> AttentionCall | None:
+        """Run ``switch`` (into the forward pass) until control comes back: the next attention call, or None at its end.
+
+        The caller's grad mode is restored however the forward pass left it.
+        """
         self._caller = greenlet.getcurrent()
         grad = torch.is_grad_enabled()
         try:
-            call = self._forward.switch() if value is None else self._forward.switch(value)
+            return switch()
         except greenlet.error as error:
             raise RuntimeError(
                 "a stepped forward pass (an episode) must be stepped in the thread that started it (reset)"
             ) from error
         finally:
             torch.set_grad_enabled(grad)
-        return call  # None when ``_run`` returned
 
     def start(self) -> AttentionCall | None:
         """Start the forward pass; return its first attention call."""
         if self._forward:  # started and not finished
             raise RuntimeError("this forward pass has already started")
-        return self._switch()
+        return self._resume(self._forward.switch)
 
     def send(self, output: torch.Tensor) -> AttentionCall | None:
         """Continue the forward pass with ``output`` for the pending call; return the next call or None."""
         if not self._forward:
             raise RuntimeError("this forward pass is not waiting for an output (not started, or finished)")
-        return self._switch(output)
+        return self._resume(lambda: self._forward.switch(output))
 
     def abort(self) -> None:
         """Abandon a forward pass that is waiting for an output; idempotent."""
         if self._forward:
-            grad = torch.is_grad_enabled()
-            try:
-                self._forward.throw(greenlet.GreenletExit)
-            finally:
-                torch.set_grad_enabled(grad)
+            self._resume(lambda: self._forward.throw(greenlet.GreenletExit))
