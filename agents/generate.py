@@ -75,6 +75,8 @@ class GenerationConfig:
     """seed of the policy's episode and of sampling"""
     no_compare: bool = False
     """skip the comparison with full attention"""
+    compile: bool = False
+    """compile the decode steps (a static cache: drrl_env.generation.static_cache)"""
 
 
 def policy_ranks(policy: RankPolicy, kwargs: dict, prompt: torch.Tensor, seed: int) -> list[list[int]]:
@@ -164,6 +166,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's episode and of sampling")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with full attention")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the decode steps through a cache of fixed shapes (CUDA graphs on a GPU; the first "
+        "prompt compiles, about a minute on a CPU; prompts of the same length reuse the graph)",
+    )  # fmt: skip
     parser.add_argument("--trust-pickle", action="store_true", help="allow loading an SB3 .zip policy (a pickle)")
     # one rank per layer and no per-input signal, as in the decode findings; None: the key basis (--basis)
     add_env_arguments(parser, env_id_of(argv, PER_LAYER_ENV_ID), spectral_mode=None, guardrail="off")
@@ -220,7 +227,7 @@ def report(
     ranks = policy_ranks(policy, kwargs, prompt, config.seed + index)
     out = generate(
         loaded, prompt, ranks, basis=config.basis, **cache_options(loaded, config),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, compiled=config.compile,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id, **sampling,
     )  # fmt: skip
     generated = out.sequences[:, prompt.shape[1] :].cpu()

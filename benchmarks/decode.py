@@ -12,6 +12,10 @@ generation of T new tokens (EOS suppressed, so every run generates T):
   the prompt attended exactly) unless told; its cache has storage for the whole generation, written in place;
 * with ``--storage``, the same rows growing by concatenation (``BASIS concatenated``), and full attention through
   drrl's cache with storage (``full, stored``): the two ways of storing a cache side by side;
+* with ``--static``, the same rows through the cache of fixed shapes (``BASIS static``,
+  :mod:`drrl_env.generation.static_cache`) and full attention through transformers' ``StaticCache`` (``full,
+  static``); with ``--compile`` also each of these with its decode steps compiled (``... compiled``, transformers'
+  compilation of ``generate``; each compiled row is generated twice and the second is timed: the first compiles);
 * each ``--policy`` of DRRL-KVCache-v0 (a rule of :mod:`oracle.kvcache` such as ``static``, or a trained agent's
   file) at ``--cache-budget``: the policy commits each quality prompt's ranks after the full model's first
   ``--observe-tokens`` tokens (one episode of the env on the prompt, ``agents.kv_generate.kv_ranks``); the quality
@@ -36,7 +40,8 @@ otherwise glibc may return the cache's per-step allocations to the OS and fault 
 which made full attention's decode time vary 2x between runs (docs/benchmarks.md).
 
     python benchmarks/decode.py [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128] [--recent-tokens 64]
-                                [--layer-ranks R,R,...] [--low-rank-prefill] [--storage] [--out FILE.json]
+                                [--layer-ranks R,R,...] [--low-rank-prefill] [--storage] [--static [--compile]]
+                                [--out FILE.json]
                                 [--policy static --policy AGENT.safetensors --cache-budget 0.75]
 """
 
@@ -56,7 +61,7 @@ from agents.kv_evaluate import check_kv_spec, make_kv_policy, policy_envs
 from agents.kv_generate import kv_ranks
 from drrl_env.attention.flops import key_cache_generation_flops
 from drrl_env.attention.kv_basis import BASIS_KINDS
-from drrl_env.generation.decode import CACHE_KEYWORD, generate, teacher_forced_logits
+from drrl_env.generation.decode import CACHE_KEYWORD, compile_config, generate, teacher_forced_logits
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS
 from drrl_env.generation.kv_cache import cache_bytes
 from drrl_env.kvcache import KVCacheConfig
@@ -107,19 +112,31 @@ def timed_generation(
     rank,
     sync,
     options: dict,
-    preallocate: bool = True,
+    cache: str = "stored",
 ):
     """One greedy generation of exactly ``new_tokens`` tokens: (sequences, cache bytes, prefill ms, decode ms/token).
 
     ``options``: ``generate``'s ``sink_tokens``, ``recent_tokens``, ``exact_prefill`` and ``calibration``;
-    ``preallocate``: ``generate``'s (storage written in place, or growth by concatenation).
+    ``cache`` (one of ``CACHES``): storage written in place, growth by concatenation, a cache of fixed shapes, or
+    that with the decode steps compiled (generated twice, the second timed). With ``basis`` None, transformers' own
+    ``generate`` with SDPA: its DynamicCache for ``stored`` (which concatenates), its StaticCache for ``static``.
     """
+    if cache == "compiled":  # the first generation compiles the decode step for these shapes, from a clean slate
+        torch._dynamo.reset()
+        timed_generation(loaded, prompts, new_tokens, basis, rank, sync, options, "compiled-once")
+    cache = cache.removesuffix("-once")
     clock = StepClock(sync)
     settings = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
     )  # fmt: skip
     if basis is None:  # transformers' own SDPA attention, not the drrl hook
+        if cache != "stored":
+            settings["cache_implementation"] = "static"
+            if cache == "compiled":
+                settings["compile_config"] = compile_config(loaded.device)
+            else:
+                settings["disable_compile"] = True
         implementation = loaded.model.config._attn_implementation
         loaded.model.set_attn_implementation("sdpa")
         try:
@@ -127,7 +144,8 @@ def timed_generation(
         finally:
             loaded.model.set_attn_implementation(implementation)
     else:
-        out = generate(loaded, prompts, rank, basis=basis, preallocate=preallocate, **settings, **options)
+        kinds = {"preallocate": cache != "concatenated", "static": cache == "static", "compiled": cache == "compiled"}
+        out = generate(loaded, prompts, rank, basis=basis, **kinds, **settings, **options)
     prefill_ms, step_ms = clock.prefill_and_step_ms()
     return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(getattr(out, CACHE_KEYWORD)), prefill_ms, step_ms
 
@@ -237,8 +255,19 @@ def main() -> None:
         help="also time full attention through drrl's cache with storage (row 'full, stored') and each low-rank row "
         "growing by concatenation ('BASIS concatenated'), beside the default rows (low rank written in place)",
     )  # fmt: skip
+    parser.add_argument(
+        "--static", action="store_true",
+        help="also time each low-rank row through the cache of fixed shapes ('BASIS static') and full attention "
+        "through transformers' StaticCache ('full, static')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="with --static: also each static row with its decode steps compiled ('... compiled'; minutes on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    if args.compile and not args.static:
+        parser.error("--compile times the static rows compiled: pass --static too")
     try:
         for spec in args.policy:
             if spec in KV_CEILINGS:
@@ -278,10 +307,15 @@ def main() -> None:
                 f"{available} prompts of {context} tokens; ask for at most {available}"
             )
     configs = [(basis, rank) for basis in args.bases for rank in args.ranks + args.layer_ranks]
-    low_runs = [Run(basis, basis, rank, True, basis) for basis, rank in configs]
+    low_runs = [Run(basis, basis, rank, "stored", basis) for basis, rank in configs]
     # --storage: each low-rank row growing by concatenation, and full attention through drrl's cache with storage
-    storage_runs = [Run(f"{basis} concatenated", basis, rank, False, basis) for basis, rank in configs]
-    storage_runs = [*storage_runs, Run(FULL_STORED, "joint", "full", True, None)] if args.storage else []
+    storage_runs = [Run(f"{basis} concatenated", basis, rank, "concatenated", basis) for basis, rank in configs]
+    storage_runs = [*storage_runs, Run(FULL_STORED, "joint", "full", "stored", None)] if args.storage else []
+    static_runs = [
+        Run(f"{basis} {cache}" if basis else f"full, {cache}", basis, rank, cache, basis)
+        for cache in ["static", "compiled"][: 1 + args.compile] if args.static
+        for basis, rank in [(None, None), *configs]
+    ]  # fmt: skip
     rows = []
     for context in args.contexts:
         chunks = sequential_chunks(tokens, context)
@@ -300,15 +334,16 @@ def main() -> None:
                 for i, ranks in enumerate(per_prompt)
             ])  # fmt: skip
             quality[f"policy {spec}", str(per_prompt[0])] = kl_and_agreement(full_logits, low)
-            policy_runs.append(Run(f"policy {spec}", "joint", per_prompt[0], True, f"policy {spec}"))
+            policy_runs.append(Run(f"policy {spec}", "joint", per_prompt[0], "stored", f"policy {spec}"))
         for batch in args.batches:
             prompts = chunks[:batch]
             warm_rank = args.ranks[0] if args.ranks else loaded.attention_shape.head_dim // 2
             timed_generation(loaded, prompts[:, :64], 4, "joint", warm_rank, sync, generation)  # warm-up
             baseline = None
-            for run in [Run("full", None, None, True, None), *low_runs, *policy_runs, *storage_runs]:
+            runs = [Run("full", None, None, "stored", None), *low_runs, *policy_runs, *storage_runs, *static_runs]
+            for run in runs:
                 generated, sizes, prefill_ms, step_ms = timed_generation(
-                    loaded, prompts, args.new_tokens, run.kind, run.rank, sync, generation, run.preallocate
+                    loaded, prompts, args.new_tokens, run.kind, run.rank, sync, generation, run.cache
                 )
                 if baseline is None:
                     baseline = (generated, sizes, step_ms)
@@ -339,14 +374,17 @@ def main() -> None:
 
 
 class Run(NamedTuple):
-    """One timed row: its ``basis`` column, ``generate``'s basis (None: transformers' own ``generate``), rank, storage
-    (in place, or growth by concatenation), and the key of its quality columns (None: full attention's)."""
+    """One timed row: its ``basis`` column, ``generate``'s basis (None: transformers' own ``generate``), rank, cache
+    (one of ``CACHES``: ``timed_generation``), and the key of its quality columns (None: full attention's)."""
 
     label: str
     kind: str | None
     rank: int | str | list[int] | None
-    preallocate: bool
+    cache: str
     quality: str | None
+
+
+CACHES = ("stored", "concatenated", "static", "compiled")
 
 
 FULL_STORED = "full, stored"

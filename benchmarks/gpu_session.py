@@ -8,7 +8,7 @@ JSON (no gensim there) and replaces ``drrl_env.lm.corpora._wiki_documents`` in t
 
     python benchmarks/gpu_session.py prepare      # here: writes .gpu/ (git-ignored) and prints the two calls
     python benchmarks/gpu_session.py first        # device call 1: packages, device, the attention core, eigh solvers
-    python benchmarks/gpu_session.py second       # device call 2: the model; env steps, vector env, decode
+    python benchmarks/gpu_session.py second       # device call 2: the model; vector env, decode (compiled), env step
     python benchmarks/gpu_session.py second --dry-run   # here, on the CPU at toy sizes: checks the script
 
 Every part runs with its own time limit and writes ``$OUT/<part>.txt``; a part that fails or runs out of time is
@@ -45,19 +45,24 @@ FIRST = {  # part: (seconds, script, arguments); the attention core needs no mod
     "attention": (150, "benchmarks/attention.py", ["--lengths", "256", "1024", "4096", "--repeats", "20"]),
 }
 SECOND = {  # the targets of issue 38, most important first
-    "vector_env_n64": (200, "benchmarks/env_step.py",
+    "vector_env_n64": (180, "benchmarks/env_step.py",
                        ["--seq-len", "128", "--batch-size", "1", "--num-envs", "64", "--episodes", "2",
                         "--vector-only"]),
-    "decode_b8_4096": (120, "benchmarks/decode.py",
+    "decode_b8_4096": (110, "benchmarks/decode.py",
                        ["--contexts", "4096", "--batches", "8", "--ranks", "32", "--bases", "joint",
-                        "--quality-prompts", "1"]),
-    "env_step": (120, "benchmarks/env_step.py", ["--episodes", "2", "--num-envs", "8"]),
+                        "--quality-prompts", "1", "--storage"]),
+    "decode_compiled": (150, "benchmarks/decode.py",  # CUDA graphs: CompileConfig mode reduce-overhead on CUDA
+                        ["--contexts", "4096", "--batches", "8", "--ranks", "32", "--bases", "joint",
+                         "--quality-prompts", "1", "--static", "--compile"]),
+    "env_step": (100, "benchmarks/env_step.py", ["--episodes", "2", "--num-envs", "8"]),
 }  # fmt: skip
 DRY_SIZES = {  # --dry-run: the same parts at toy sizes on the CPU
     "attention": ["--lengths", "64", "--ranks", "16", "--repeats", "1"],
     "vector_env_n64": ["--seq-len", "32", "--batch-size", "1", "--num-envs", "2", "--episodes", "1", "--vector-only"],
     "decode_b8_4096": ["--contexts", "96", "--batches", "1", "--ranks", "16", "--bases", "joint",
-                       "--quality-prompts", "1", "--new-tokens", "4"],
+                       "--quality-prompts", "1", "--new-tokens", "4", "--storage"],
+    "decode_compiled": ["--contexts", "96", "--batches", "1", "--ranks", "16", "--bases", "joint",
+                        "--quality-prompts", "1", "--new-tokens", "4", "--static", "--compile"],
     "env_step": ["--seq-len", "32", "--batch-size", "1", "--episodes", "1", "--num-envs", "2", "--vector-only"],
 }  # fmt: skip
 

@@ -9,6 +9,9 @@ layer call, the attention is split into segments of ``segment_len`` queries (one
 layer's post-RoPE Q, K, V, to the *handler* of the calling thread. The handler returns that
 segment's output, which replaces the full attention output in the forward pass, so later layers
 see its effect. With no handler the layer computes full attention and the model is unchanged.
+A module may instead have a cache layer bound to it (``BOUND_LAYER``, set by
+:func:`drrl_env.generation.static_cache.bind`): once that layer is ready, it attends by itself, without the
+per-context handler lookup, which ``torch.compile`` cannot trace.
 
 Handlers are per execution context (a ``contextvars.ContextVar``: each thread and each greenlet has its own):
 several environments may share one loaded model, each running its own forward pass in its own thread or greenlet
@@ -43,6 +46,8 @@ if TYPE_CHECKING:  # drrl_env.profiles.calibration imports this module
     from drrl_env.attention.kv_basis import CalibrationGrams, KeyBasis
 
 ATTENTION_NAME = "drrl"
+BOUND_LAYER = "_drrl_cache_layer"
+"""attribute of an attention module holding a cache layer that attends by itself (``generation.static_cache.bind``)"""
 
 
 class UnsupportedModelError(TypeError):
@@ -245,6 +250,12 @@ class AttentionHook:
 
     def capture_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of attention modules: keep this context's attention input for the handler."""
+        bound = getattr(module, BOUND_LAYER, None)
+        if bound is not None and bound.ready:  # no handler is called
+            return
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", ATTENTION_NAME) != ATTENTION_NAME:
+            return  # the model attends through another implementation now (e.g. sdpa): nothing reads the input
         state = self._state.get()
         if state is not None and state.handler is not None:
             state.attention_input = args[0] if args else kwargs.get("hidden_states")
@@ -311,10 +322,14 @@ def drrl_attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """The function registered as ``"drrl"`` in ``AttentionInterface`` (HF's calling convention)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    bound = getattr(module, BOUND_LAYER, None)  # no per-context lookup: what torch.compile can trace
+    if bound is not None and bound.ready:
+        output = bound.attend(query, key, value, _boolean_mask(attention_mask, query.dtype), scale)
+        return output.transpose(1, 2).contiguous(), None
     hook: AttentionHook | None = getattr(module, "_drrl_hook", None)
     if hook is None:
         raise RuntimeError("this attention module is not hooked: call drrl_env.attention.hook.install(model) first")
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     output = hook(module, query, key, value, attention_mask, scale)  # (B, Hq, m, d)
     return output.transpose(1, 2).contiguous(), None  # (B, m, Hq, d)
 

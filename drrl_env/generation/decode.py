@@ -22,17 +22,20 @@ Sampling, stopping criteria, batching with padding and beam search are transform
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import CompileConfig
 
 from drrl_env.attention.hook import install
 from drrl_env.attention.kv_basis import CalibrationGrams, KeyBasis, check_basis_kind
 from drrl_env.attention.lowrank import as_rank_vector
 from drrl_env.generation.kv_attention import RECENT_TOKENS, SINK_TOKENS, KeyBasisAttention
 from drrl_env.generation.kv_cache import LowRankKeyCache
+from drrl_env.generation.static_cache import StaticLowRankKeyCache, bind, bucket_widths
 from drrl_env.lm.models import AttentionShape, LoadedModel
 from drrl_env.lm.scoring import next_token_kl
 from drrl_env.profiles.calibration import calibration_grams
@@ -97,14 +100,37 @@ def key_cache_attention(
     recent_tokens: int = RECENT_TOKENS,
     exact_prefill: bool = True,
     max_tokens: int | None = None,
-) -> tuple[LowRankKeyCache, KeyBasisAttention]:
-    """A fresh :class:`LowRankKeyCache` (``max_tokens``: its layers' storage) and the handler filling and reading it."""
+    static: bool = False,
+) -> tuple[LowRankKeyCache | StaticLowRankKeyCache, KeyBasisAttention]:
+    """A fresh cache and the handler filling and reading it.
+
+    The cache is a :class:`LowRankKeyCache` (``max_tokens``: its layers' storage, None: grown by concatenation) or,
+    with ``static``, a :class:`~drrl_env.generation.static_cache.StaticLowRankKeyCache` of ``max_tokens`` positions
+    (required), its key widths bucketed (``static_cache.bucket_widths``).
+    """
     check_basis_kind(basis)
     shape = loaded.attention_shape
     table = rank_table(ranks, shape)
     calibrated = calibrated_bases(loaded, table, calibration) if basis == "calibrated" else None
-    cache = LowRankKeyCache(shape.num_layers, max_tokens)
+    if static:
+        if max_tokens is None:
+            raise ValueError("a static key cache needs max_tokens")
+        cache = StaticLowRankKeyCache(bucket_widths(table, shape.head_dim), max_tokens)
+    else:
+        cache = LowRankKeyCache(shape.num_layers, max_tokens)
     return cache, KeyBasisAttention(table, basis, calibrated, cache, sink_tokens, recent_tokens, exact_prefill)
+
+
+def compile_config(device: torch.device, **options: Any) -> CompileConfig:
+    """The ``CompileConfig`` (transformers') for ``generate``'s decode steps on ``device``, CPUs included.
+
+    ``mode`` defaults to ``"reduce-overhead"`` (CUDA graphs) on CUDA and ``"default"`` elsewhere; ``options`` are
+    ``CompileConfig``'s (``fullgraph``, ``mode``, ``dynamic``, ``backend``, ``options``).
+    """
+    options.setdefault("mode", "reduce-overhead" if torch.device(device).type == "cuda" else "default")
+    config = CompileConfig(**options)
+    config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    return config
 
 
 @torch.no_grad()
@@ -120,6 +146,8 @@ def generate(
     recent_tokens: int = RECENT_TOKENS,
     exact_prefill: bool = True,
     preallocate: bool = True,
+    static: bool = False,
+    compiled: bool = False,
     **generate_kwargs: Any,
 ) -> Any:
     """``loaded.model.generate`` with each layer's keys cached at its rank in ``basis`` (module docstring).
@@ -137,6 +165,11 @@ def generate(
         preallocate: give each cache layer storage for the prompt and ``max_new_tokens``, written in place by each
             decode step (False: it grows by concatenation, a copy of the whole cache a token, as transformers'
             ``DynamicCache`` does).
+        static: a cache of fixed shapes (:mod:`drrl_env.generation.static_cache`): each decode step attends over the
+            whole storage, masked; what ``compiled`` needs. Greedy, sampling and beam search.
+        compiled: ``torch.compile`` the decode steps (transformers' own compilation of ``generate``; implies
+            ``static``), with :func:`compile_config` unless ``compile_config=`` is given. The first call compiles
+            (a minute on a CPU); later calls with the same shapes and key widths reuse the graph.
         **generate_kwargs: passed to ``model.generate`` (``do_sample``, ``attention_mask``, ...).
 
     Returns:
@@ -146,11 +179,19 @@ def generate(
     for name in ("cache", "past_key_values", "use_cache"):
         if name in generate_kwargs:
             raise ValueError(f"generate() makes its own low-rank key cache; do not pass {name}=")
-    max_tokens = input_ids.shape[-1] + max_new_tokens if preallocate else None
+    static = static or compiled
+    max_tokens = input_ids.shape[-1] + max_new_tokens if preallocate or static else None
     cache, handler = key_cache_attention(
-        loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill, max_tokens
+        loaded, ranks, basis, calibration, sink_tokens, recent_tokens, exact_prefill, max_tokens, static
     )
-    with install(loaded.model).use(handler):
+    if compiled:
+        config = generate_kwargs.pop("compile_config", None) or compile_config(loaded.device)
+        config._compile_all_devices = True
+        generate_kwargs["compile_config"] = config
+    elif static:
+        generate_kwargs.setdefault("disable_compile", True)  # transformers would compile a static cache on CUDA
+    binding = bind(loaded.model, cache) if static else contextlib.nullcontext()
+    with install(loaded.model).use(handler), binding:
         return loaded.model.generate(
             input_ids=input_ids.to(loaded.device),
             max_new_tokens=max_new_tokens,

@@ -95,6 +95,7 @@ def attention_with_sinks(
     sinks: Sinks | None,
     recent: torch.Tensor | None = None,
     window: int = 0,
+    recent_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(scores * scale) v``, ``(B, Hq, m, d)``: width-``R`` scores ``q' . k'``, exact ones at the sinks.
 
@@ -102,7 +103,9 @@ def attention_with_sinks(
     ``value`` ``(B, Hkv, n, d)``; ``mask`` as in :func:`drrl_env.attention.lowrank.attend`. The ``m``
     queries are the last ``m`` positions of the ``n`` keys. ``recent`` ``(B, Hkv, w, d)``, when
     given, holds the full-width keys of the last ``w`` positions: the query at position ``p``
-    scores the keys at positions ``p - window < j <= p`` among them exactly.
+    scores the keys at positions ``p - window < j <= p`` among them exactly. ``recent_positions`` ``(w,)``, when
+    given, are the positions of ``recent``'s rows instead (a ring buffer, every one in the window of the single query:
+    ``m`` is 1; :class:`~drrl_env.generation.static_cache.StaticLowRankKeyLayer`).
     """
     B, Hq, m, d = query.shape
     kv_heads, n, width = key_low.shape[1], key_low.shape[-2], key_low.shape[-1]
@@ -134,7 +137,11 @@ def attention_with_sinks(
     if recent is not None and window > 0:
         span = recent.shape[-2]
         exact = stacked @ recent.transpose(-1, -2)  # (B, Hkv, G m, w)
-        if m == 1 and span <= window:  # a decode step: its whole recent window is exact
+        if recent_positions is not None:
+            if m != 1:
+                raise ValueError(f"recent keys at given positions serve one query at a time, got {m}")
+            scores.scatter_(-1, recent_positions.view(1, 1, 1, span).expand(B, kv_heads, groups, span), exact)
+        elif m == 1 and span <= window:  # a decode step: its whole recent window is exact
             scores[..., n - span :] = exact
         else:
             query_position = torch.arange(n - m, n, device=query.device).view(m, 1)
@@ -211,6 +218,7 @@ class KeyBasisAttention:
             keys = basis.project_keys(call.key)
         else:
             keys = layer.compress(basis, sinks, self.recent_tokens)
+            basis = layer.basis  # as the cache keeps it (a static cache pads it to its width)
             if self.exact_prefill:
                 return attend(call.query, call.key, call.value, call.scale, call.mask, causal_kernel=True)
         return attention_with_sinks(

@@ -73,8 +73,8 @@ class SteppedForward:
 
     def start(self) -> AttentionCall | None:
         """Start the forward pass; return its first attention call."""
-        if self._forward:  # started and not finished
-            raise RuntimeError("this forward pass has already started")
+        if self._forward or self._forward.dead:  # started (running or finished)
+            raise RuntimeError("this forward pass has already started (a SteppedForward runs once)")
         return self._resume(self._forward.switch)
 
     def send(self, output: torch.Tensor) -> AttentionCall | None:

@@ -111,13 +111,15 @@ class ExplicitLowRank:
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 @pytest.mark.parametrize("basis", ["joint", "separate"])
 @pytest.mark.parametrize("sinks, window, exact_prefill", [(0, 0, False), (2, 0, False), (0, 3, False), (2, 3, True)])
-def test_decode_logits_equal_an_explicit_float64_reference(name, basis, sinks, window, exact_prefill):
+@pytest.mark.parametrize("static", [False, True], ids=["stored", "static"])
+def test_decode_logits_equal_an_explicit_float64_reference(name, basis, sinks, window, exact_prefill, static):
     loaded = loaded_tiny(name, torch.float64)
     shape = loaded.attention_shape
     per_head = [[5, 3], [16, 16], [8, 2]] if shape.kv_heads == 2 else [[5] * 4, [16] * 4, [3, 8, 2, 7]]
     ranks = rank_table(per_head, shape)
     ids = prompts()
-    out = greedy(loaded, ids, ranks, basis=basis, sink_tokens=sinks, recent_tokens=window, exact_prefill=exact_prefill)
+    options = dict(sink_tokens=sinks, recent_tokens=window, exact_prefill=exact_prefill, static=static)
+    out = greedy(loaded, ids, ranks, basis=basis, **options)
     hook = install(loaded.model)
     with hook.use(ExplicitLowRank(ranks, basis, PROMPT_LEN, sinks, window, exact_prefill)):
         reference = loaded.model(input_ids=out.sequences[:, :-1]).logits[:, PROMPT_LEN - 1 :]

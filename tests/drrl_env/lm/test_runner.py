@@ -25,9 +25,12 @@ def test_stepped_logits_equal_the_plain_forward_and_each_layer_pauses_once():
     model = tiny_llama()
     hook = install(model)
     expected = model(input_ids=IDS).logits
-    logits, layers = stepped_logits(SteppedForward(model, hook, IDS, keep_logits=True))
+    runner = SteppedForward(model, hook, IDS, keep_logits=True)
+    logits, layers = stepped_logits(runner)
     assert layers == list(range(model.config.num_hidden_layers))
     assert torch.equal(logits, expected)
+    with pytest.raises(RuntimeError, match="already started"):  # finished: it does not run again
+        runner.start()
 
 
 def test_the_callers_grad_mode_is_its_own_and_the_forward_runs_without_autograd():
@@ -72,6 +75,8 @@ def test_abort_unwinds_the_pass_and_a_new_one_runs():
     runner = SteppedForward(model, hook, IDS)
     call = runner.start()
     assert call.layer == 0
+    with pytest.raises(RuntimeError, match="already started"):
+        runner.start()
     runner.abort()
     runner.abort()  # idempotent
     with pytest.raises(RuntimeError, match="not waiting"):
