@@ -205,9 +205,11 @@ class KeyBasisAttention:
         return basis.to(call.query.dtype, call.query.device), sinks
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
+        layer = None if self.cache is None else self.cache.layers[call.layer]
+        if layer is not None and layer.ready and hasattr(layer, "attend"):  # a static layer attends over its storage
+            return layer.attend(call.query, call.key, call.value, call.mask, call.scale)
         if bool((self.ranks[call.layer] == call.query.shape[-1]).all()):
             return call.full()
-        layer = None if self.cache is None else self.cache.layers[call.layer]
         if layer is not None and layer.ready:  # the cache stored the keys projected
             return attention_with_sinks(
                 call.query, layer.basis.project_queries(call.query), call.key, call.value, call.scale, call.mask,

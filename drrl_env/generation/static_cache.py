@@ -17,7 +17,8 @@ allocates, once, for ``max_tokens`` positions
 Each decode step attends over all ``max_tokens`` positions; the positions not yet written are masked (as with
 transformers' ``StaticCache``). The attention of such a layer is computed by :meth:`StaticLowRankKeyLayer.attend`,
 reached from the attention hook through the layer :func:`bind` attaches to each attention module, without the
-per-context handler lookup (a ``ContextVar``, which ``torch.compile`` cannot trace). The prefill is not compiled: it
+per-context handler lookup (a ``ContextVar``, which ``torch.compile`` cannot trace), or, in a cache not bound, from
+the handler. The prefill is not compiled: it
 runs the :class:`~drrl_env.generation.kv_attention.KeyBasisAttention` handler, which computes each layer's basis and
 calls :meth:`StaticLowRankKeyLayer.compress`.
 
@@ -191,6 +192,17 @@ class StaticLowRankKeyLayer(StaticLayer):
             selected = self.sinks.select(beam_idx)
             self.sinks.index.copy_(selected.index)
             self.sinks.keys.copy_(selected.keys)
+
+    def reset(self) -> None:
+        """Empty the layer for a new generation: positions back to 0; a low-rank layer forgets its basis and keys."""
+        if self.width is not None:
+            self.basis = self.sinks = self.recent = self.recent_positions = self._prompt_keys = None
+            self.keys = None
+            if self.is_initialized:
+                self.values.zero_()
+            self.cumulative_length.zero_()
+            return
+        super().reset()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("the static low-rank key cache does not repeat its batch (contrastive search)")

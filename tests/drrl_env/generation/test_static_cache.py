@@ -95,6 +95,28 @@ def test_beam_search_reorders_in_place_like_the_growing_cache():
     assert torch.equal(grown, static)
 
 
+def test_a_reset_cache_generates_again_and_an_unbound_one_reads_through_the_handler():
+    from drrl_env.generation.decode import cached_forward, key_cache_attention
+
+    loaded = loaded_tiny("llama", torch.float64)
+    ids, steps = prompts(), prompts(length=3, seed=5)
+
+    def token_by_token(cache, handler):  # the prompt, then one token per forward, as decode steps run
+        rows = [cached_forward(loaded, handler, cache, ids)[:, -1]]
+        rows += [cached_forward(loaded, handler, cache, steps[:, i : i + 1])[:, -1] for i in range(3)]
+        return torch.stack(rows, dim=1)
+
+    options = dict(recent_tokens=2, max_tokens=PROMPT_LEN + 3)
+    cache, handler = key_cache_attention(loaded, [5, 16, 9], "joint", static=True, **options)
+    first = token_by_token(cache, handler)  # not bound: every call goes through the handler
+    cache.reset()
+    assert int(cache.layers[0].get_seq_length()) == 0 and not cache.layers[0].ready and cache.layers[1].ready
+    again = token_by_token(cache, handler)
+    grown = token_by_token(*key_cache_attention(loaded, [5, 16, 9], "joint", **options))
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, grown, rtol=1e-12, atol=1e-12)
+
+
 def test_bind_needs_a_hooked_model_and_binds_one_cache_at_a_time():
     loaded = loaded_tiny("llama")
     with pytest.raises(RuntimeError, match="needs a hooked model"):
