@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=at_least(1), default=64, help="tokens generated after the commit")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with full attention")
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's episode")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the decode steps after the commit through a cache of fixed shapes (CUDA graphs on a GPU; "
+        "the first prompt compiles, about a minute on a CPU)",
+    )  # fmt: skip
     # the prompts: --prompt, or the first --prompts prompts of --context tokens of --split; the budget is the episode's
     add_env_arguments(parser, KVCACHE_ENV_ID, ENV_IDS, split="test", prompts=1, cache_budget=0.75)
     return parser
@@ -97,7 +102,8 @@ def report(env: DRRLKVCacheEnv, policy, prompt: torch.Tensor | None, index: int,
     options = {"sink_tokens": cfg.sink_tokens, "recent_tokens": cfg.recent_tokens, "exact_prefill": True}
     out = generate(
         loaded, prefix.to(env.device), ranks, basis=cfg.basis, **options, max_new_tokens=args.max_new_tokens,
-        do_sample=False, return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
+        compiled=args.compile, do_sample=False, return_dict_in_generate=True,
+        pad_token_id=loaded.tokenizer.eos_token_id,
     )  # fmt: skip
     generated = out.sequences[:, prefix.shape[1] :].cpu()
     keys = cache_bytes(out.cache)["keys"]

@@ -28,6 +28,12 @@ def test_generation_with_ranks_committed_after_the_observed_tokens(tiny_layered_
     assert "policy static" in capsys.readouterr().out
     assert main([*argv, "--context", "8", "--policy", "hindsight"]) == 2
     assert "a ceiling, not a policy" in capsys.readouterr().err
+    one = [*argv, "--context", "48", "--prompts", "1", "--no-compare"]
+    shown = ("ranks per layer", "text:")
+    assert main(one) == 0
+    eager = [line for line in capsys.readouterr().out.splitlines() if line.startswith(shown)]
+    assert main([*one, "--compile"]) == 0  # the decode steps compiled: the same ranks and the same text
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith(shown)] == eager
 
 
 def test_an_own_prompt_is_an_episode_that_records_and_replays(tiny_layered_model_dir):
