@@ -18,6 +18,8 @@ the :class:`~drrl_env.generation.kv_attention.KeyBasisAttention` handler on the 
 
 Layers at rank ``d`` keep full keys and full attention, so ``ranks="full"`` is plain generation.
 Sampling, stopping criteria, batching with padding and beam search are transformers' own.
+``static=True`` stores the cache in tensors of fixed shapes (:mod:`drrl_env.generation.static_cache`) and
+``compiled=True`` has transformers ``torch.compile`` the decode steps over it.
 """
 
 from __future__ import annotations
