@@ -87,12 +87,18 @@ def test_storage_keeps_its_shape_and_address_and_holds_bucketed_keys():
     assert [layer.keys.data_ptr() for layer in layers] == addresses
 
 
-def test_beam_search_reorders_in_place_like_the_growing_cache():
+def test_beam_search_and_sampling_run_as_with_the_growing_cache():
     loaded = loaded_tiny("llama", torch.float64)
     options = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, recent_tokens=3)
     grown = generate(loaded, prompts(), [5, 16, 9], **options)
     static = generate(loaded, prompts(), [5, 16, 9], static=True, **options)
     assert torch.equal(grown, static)
+    sampled = []
+    for static in (False, True):  # the same seed draws the same tokens from the same distributions
+        torch.manual_seed(3)
+        sampled.append(generate(loaded, prompts(), [5, 16, 9], static=static, max_new_tokens=8, do_sample=True,
+                                top_k=20, pad_token_id=0))  # fmt: skip
+    assert torch.equal(*sampled)
 
 
 def test_a_reset_cache_generates_again_and_an_unbound_one_reads_through_the_handler():
