@@ -123,15 +123,30 @@ def timed_generation(
     """
     if cache == "compiled":  # the first generation compiles the decode step for these shapes, from a clean slate
         torch._dynamo.reset()
-        timed_generation(loaded, prompts, new_tokens, basis, rank, sync, options, "compiled-once")
-    cache = cache.removesuffix("-once")
+        greedy_generation(loaded, prompts, new_tokens, basis, rank, options, cache, StepClock(sync))
     clock = StepClock(sync)
+    out = greedy_generation(loaded, prompts, new_tokens, basis, rank, options, cache, clock)
+    prefill_ms, step_ms = clock.prefill_and_step_ms()
+    return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(getattr(out, CACHE_KEYWORD)), prefill_ms, step_ms
+
+
+def greedy_generation(
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    basis: str | None,
+    rank,
+    options: dict,
+    cache: str,
+    clock: StepClock,
+):
+    """``generate``'s output for :func:`timed_generation`'s arguments, each token batch recorded by ``clock``."""
     settings = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
         return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id,
     )  # fmt: skip
     if basis is None:  # transformers' own SDPA attention, not the drrl hook
-        if cache != "stored":
+        if cache in ("static", "compiled"):
             settings["cache_implementation"] = "static"
             if cache == "compiled":
                 settings["compile_config"] = compile_config(loaded.device)
@@ -140,14 +155,11 @@ def timed_generation(
         implementation = loaded.model.config._attn_implementation
         loaded.model.set_attn_implementation("sdpa")
         try:
-            out = loaded.model.generate(input_ids=prompts.to(loaded.device), **settings)
+            return loaded.model.generate(input_ids=prompts.to(loaded.device), **settings)
         finally:
             loaded.model.set_attn_implementation(implementation)
-    else:
-        kinds = {"preallocate": cache != "concatenated", "static": cache == "static", "compiled": cache == "compiled"}
-        out = generate(loaded, prompts, rank, basis=basis, **kinds, **settings, **options)
-    prefill_ms, step_ms = clock.prefill_and_step_ms()
-    return out.sequences[:, prompts.shape[1] :].cpu(), cache_bytes(getattr(out, CACHE_KEYWORD)), prefill_ms, step_ms
+    kinds = {"preallocate": cache != "concatenated", "static": cache == "static", "compiled": cache == "compiled"}
+    return generate(loaded, prompts, rank, basis=basis, **kinds, **settings, **options)
 
 
 def kl_and_agreement(full_logits: torch.Tensor, low_logits: torch.Tensor) -> tuple[float, float]:

@@ -82,12 +82,10 @@ def layer_weight_statistics(model: PreTrainedModel) -> np.ndarray:
     statistics is standardised across layers (z-score) so that observations are scale-free, and
     clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``. Computed once per model.
     """
-    modules = sorted(
-        (m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "_drrl_hook")),
-        key=lambda m: m.layer_idx,
-    )
-    if not modules:
+    hook = getattr(model, "_drrl_hook", None)
+    if hook is None:
         raise RuntimeError("install the drrl hook on the model before computing layer statistics")
+    modules = hook.modules
     rows = []
     for module in modules:
         row = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -217,12 +217,14 @@ _NO_HANDLER = _HookState()
 class AttentionHook:
     """Per-model state of the hook: each thread's or greenlet's handler and segment length, and the calibration.
 
-    ``calibration`` (the Grams of the ``calibrated`` spectral mode, shared by every thread) is
-    handed to each :class:`AttentionCall`; :func:`drrl_env.profiles.calibration.attach_calibration` sets it.
+    ``modules`` are the model's hooked attention modules in layer order. ``calibration`` (the Grams of the
+    ``calibrated`` spectral mode, shared by every thread) is handed to each :class:`AttentionCall`;
+    :func:`drrl_env.profiles.calibration.attach_calibration` sets it.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.modules = sorted(modules, key=lambda module: module.layer_idx)
+        self.num_layers = len(self.modules)
         self._state: contextvars.ContextVar[_HookState | None] = contextvars.ContextVar("drrl_hook", default=None)
         self.calibration: CalibrationGrams | None = None
 
@@ -355,7 +357,6 @@ def install(model: PreTrainedModel) -> AttentionHook:
             "AttentionInterface, so drrl cannot replace its attention"
         )
     num_layers = int(model.config.num_hidden_layers)
-    hook = AttentionHook(num_layers)
     attention_modules = [
         module
         for module in model.modules()
@@ -366,6 +367,7 @@ def install(model: PreTrainedModel) -> AttentionHook:
             f"model type {model_type!r}: found {len(attention_modules)} attention modules with a layer_idx, "
             f"expected one per layer ({num_layers})"
         )
+    hook = AttentionHook(attention_modules)
     for module in attention_modules:
         module._drrl_hook = hook
         module.register_forward_pre_hook(hook.capture_input, with_kwargs=True)

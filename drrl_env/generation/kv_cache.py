@@ -136,11 +136,16 @@ class LowRankKeyCache(Cache):
     """One :class:`LowRankKeyLayer` per decoder layer; ``max_tokens``: each layer's storage (module docstring)."""
 
     def __init__(self, num_layers: int, max_tokens: int | None = None) -> None:
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-        ):
-            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        check_max_tokens(max_tokens, optional=True)
         super().__init__(layers=[LowRankKeyLayer(max_tokens) for _ in range(num_layers)])
+
+
+def check_max_tokens(max_tokens: object, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``max_tokens`` is a positive int (or, ``optional``, None): a cache's storage."""
+    if optional and max_tokens is None:
+        return
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int{' or None' if optional else ''}, got {max_tokens!r}")
 
 
 def cache_bytes(cache: Cache) -> dict[str, int]:

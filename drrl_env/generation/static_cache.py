@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from drrl_env.attention.hook import BOUND_LAYER
 from drrl_env.attention.kv_basis import KeyBasis
 from drrl_env.generation.kv_attention import Sinks, attention_with_sinks
+from drrl_env.generation.kv_cache import check_max_tokens
 
 WIDTH_STEP = 16
 
@@ -223,8 +224,7 @@ class StaticLowRankKeyCache(Cache):
     """
 
     def __init__(self, widths: Sequence[int | None], max_tokens: int) -> None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        check_max_tokens(max_tokens)
         super().__init__(layers=[StaticLowRankKeyLayer(max_tokens, width) for width in widths])
 
 
@@ -238,10 +238,10 @@ def bind(model: PreTrainedModel, cache: StaticLowRankKeyCache) -> Iterator[None]
     Raises:
         RuntimeError: the model is not hooked, or another static cache is bound to it.
     """
-    modules = [module for module in model.modules() if getattr(module, "_drrl_hook", None) is not None]
-    modules = [module for module in modules if isinstance(getattr(module, "layer_idx", None), int)]
-    if not modules:
+    hook = getattr(model, "_drrl_hook", None)
+    if hook is None:
         raise RuntimeError("bind() needs a hooked model: call drrl_env.attention.hook.install(model) first")
+    modules = hook.modules
     if any(getattr(module, BOUND_LAYER, None) is not None for module in modules):
         raise RuntimeError("another static low-rank key cache is bound to this model (one generation at a time)")
     for module in modules:
